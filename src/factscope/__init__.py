@@ -1,0 +1,9 @@
+"""factscope: how a language model recalls a fact, measured and causally checked."""
+
+import os
+
+# factscope never downloads weights at run time: make the Hugging Face libraries fail fast instead of trying.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+__version__ = "0.1.0"

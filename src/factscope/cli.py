@@ -1,0 +1,134 @@
+"""Command line: thin wrappers that load, call a stage, write its tables, and print a summary."""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .errors import FactscopeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="How a language model recalls a fact.")
+console = Console(stderr=True)
+state = {"debug": False}
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="smollm2-135m, gemma3-270m, a HF dir, a .gguf, or a cached hub id.")]
+DatasetOpt = Annotated[Optional[Path], typer.Option("--dataset", "-d", help="JSONL or CSV facts (default: the shipped set).")]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output directory (must not exist).")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, mps ...")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Prompts per forward pass.")]
+BosOpt = Annotated[
+    Optional[bool],
+    typer.Option("--bos/--no-bos", help="Prepend BOS (default: as the model's tokenizer does by default)."),
+]
+
+
+@app.callback()
+def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False) -> None:
+    state["debug"] = debug
+
+
+@contextmanager
+def progress_bar(label: str, total: int):
+    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False, disable=not console.is_terminal and total < 1) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def _prepare(model_name: str, dataset: Optional[Path], device: str, bos: Optional[bool]):
+    from .data import encode_all, load_facts
+    from .models import load_model
+
+    facts = load_facts(dataset)
+    with console.status(f"loading {model_name}"):
+        model = load_model(model_name, device=device, prepend_bos=bos)
+    return model, encode_all(facts, model.tokenizer, model.prepend_bos)
+
+
+@app.command()
+def recall(
+    model: ModelOpt = "smollm2-135m",
+    dataset: DatasetOpt = None,
+    out: OutOpt = Path("factscope-recall"),
+    overwrite: OverwriteOpt = False,
+    device: DeviceOpt = "cpu",
+    batch_size: BatchOpt = 32,
+    bos: BosOpt = None,
+) -> None:
+    """Which facts does the model know? Writes DIR/recall.csv and DIR/summary.json."""
+    from .data import shipped_dataset
+    from .outputs import output_dir, write_json
+    from .recall import accuracy_table, recall as run_recall
+
+    if out.exists() and not overwrite:
+        raise FactscopeError(f"{out}: output directory exists; pass --overwrite to replace it")
+    loaded, encoded = _prepare(model, dataset, device, bos)
+    with progress_bar("recall", len(encoded)) as advance:
+        table = run_recall(loaded, encoded, batch_size=batch_size, progress=advance)
+    table.insert(0, "model", loaded.name)
+    table["prepend_bos"] = loaded.prepend_bos
+    accuracy = accuracy_table(table)
+    with output_dir(out, overwrite) as staging:
+        table.to_csv(staging / "recall.csv", index=False)
+        write_json(
+            staging / "summary.json",
+            {
+                "model": loaded.name,
+                "weights_sha256": loaded.weights_sha256,
+                "dataset": str(dataset or shipped_dataset()),
+                "prepend_bos": loaded.prepend_bos,
+                "n_prompts": len(table),
+                "accuracy": float(accuracy.iloc[-1]["accuracy"]),
+                "accuracy_per_relation": dict(zip(accuracy["relation"], accuracy["accuracy"].astype(float))),
+            },
+        )
+    _print_accuracy(accuracy, f"{loaded.name} · BOS {'prepended' if loaded.prepend_bos else 'not prepended'}")
+    console.print(f"wrote {out}/recall.csv")
+
+
+def _print_accuracy(accuracy, title: str) -> None:
+    table = Table(title=f"recall@1 — {title}")
+    for column in ("relation", "n", "correct", "accuracy", "mean p(attribute)"):
+        table.add_column(column, justify="left" if column == "relation" else "right")
+    for row in accuracy.itertuples():
+        table.add_row(row.relation, str(row.n), str(int(row.correct)), f"{row.accuracy:.1%}", f"{row.mean_prob:.3f}")
+    Console().print(table)
+
+
+def run() -> None:
+    """Entry point: one clear line and a non-zero exit for any user error, a traceback only with --debug."""
+    try:
+        app(standalone_mode=False)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except click.exceptions.Exit as err:
+        sys.exit(err.exit_code)
+    except click.Abort:
+        sys.exit(130)
+    except FactscopeError as err:
+        _fail(err, str(err), 2)
+    except OSError as err:
+        _fail(err, f"{err.filename or ''}: {err.strerror or err}", 2)
+    except KeyboardInterrupt:
+        console.print("factscope: interrupted")
+        sys.exit(130)
+    except Exception as err:  # noqa: BLE001 — the user gets one line; --debug gives the traceback
+        _fail(err, f"internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback)", 1)
+
+
+def _fail(err: BaseException, message: str, code: int) -> None:
+    if state["debug"]:
+        raise err
+    console.print(f"[red]factscope: error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    sys.exit(code)

@@ -1,0 +1,199 @@
+"""Fact datasets and token groups.
+
+A fact is one prompt (`Fact: The Colosseum is in the country of`) whose answer is `" " + attribute`.
+This module knows nothing of torch or models: it takes any Hugging Face *fast* tokenizer (it needs
+character offsets) and returns plain Python lists.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from .errors import FactscopeError
+
+FIELDS = ("relation", "subject", "prompt", "attribute")
+GROUPS = ("bos", "prefix", "subject", "relation")
+# A leading label such as "Fact:" or "Q:" before the subject is the prompt's prefix, not its relation.
+PREFIX_PATTERN = re.compile(r"^\s*[^\s:]{1,20}:")
+
+
+def shipped_dataset() -> Path:
+    return Path(str(resources.files("factscope") / "data" / "facts.jsonl"))
+
+
+@dataclass(frozen=True)
+class Fact:
+    prompt_id: str
+    relation: str
+    subject: str
+    prompt: str
+    attribute: str
+    source: str  # the file it came from and its 1-based line, for error messages
+    line: int
+
+    @property
+    def subject_span(self) -> tuple[int, int]:
+        # The last occurrence: in "Fact: Paris is the capital of France. Paris ..." the later mention is the
+        # one the model reads last before answering.
+        start = self.prompt.rfind(self.subject)
+        return start, start + len(self.subject)
+
+    @property
+    def prefix_end(self) -> int:
+        match = PREFIX_PATTERN.match(self.prompt)
+        return match.end() if match and match.end() <= self.subject_span[0] else 0
+
+
+def load_facts(path: str | Path | None = None) -> list[Fact]:
+    """Read a JSONL or CSV fact file (rows: relation, subject, prompt, attribute, optional id)."""
+    path = Path(path) if path is not None else shipped_dataset()
+    if not path.is_file():
+        raise FactscopeError(f"{path}: dataset file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise FactscopeError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    rows = _csv_rows(path, text) if path.suffix.lower() == ".csv" else _jsonl_rows(path, text)
+    facts = [_fact(path, line, index, row) for index, (line, row) in enumerate(rows)]
+    if not facts:
+        raise FactscopeError(f"{path}: the dataset has no facts")
+    _check_unique_ids(path, facts)
+    return facts
+
+
+def _jsonl_rows(path: Path, text: str) -> list[tuple[int, dict]]:
+    rows = []
+    for line, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise FactscopeError(f"{path}:{line}: malformed JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(row, dict):
+            raise FactscopeError(f"{path}:{line}: expected a JSON object, got {type(row).__name__}")
+        rows.append((line, row))
+    return rows
+
+
+def _csv_rows(path: Path, text: str) -> list[tuple[int, dict]]:
+    reader = csv.DictReader(text.splitlines())
+    missing = [name for name in FIELDS if name not in (reader.fieldnames or [])]
+    if missing:
+        raise FactscopeError(f"{path}:1: CSV header lacks column '{missing[0]}' (needs {', '.join(FIELDS)})")
+    return [(reader.line_num, row) for row in reader]
+
+
+def _fact(path: Path, line: int, index: int, row: dict) -> Fact:
+    values = {}
+    for name in FIELDS:
+        value = row.get(name)
+        if value is None:
+            raise FactscopeError(f"{path}:{line}: field '{name}' is missing")
+        if not isinstance(value, str):
+            raise FactscopeError(f"{path}:{line}: field '{name}' must be a string, got {type(value).__name__}")
+        if not value.strip():
+            raise FactscopeError(f"{path}:{line}: field '{name}' is empty")
+        values[name] = value
+    if values["subject"] not in values["prompt"]:
+        raise FactscopeError(f"{path}:{line}: field 'subject' ({values['subject']!r}) does not occur in the prompt")
+    if not values["prompt"][values["prompt"].rfind(values["subject"]) + len(values["subject"]) :].strip():
+        raise FactscopeError(f"{path}:{line}: field 'prompt' ends with the subject; the relation must follow it")
+    row_id = row.get("id")
+    prompt_id = str(index) if row_id is None or row_id == "" else str(row_id)
+    return Fact(prompt_id=prompt_id, source=str(path), line=line, **values)
+
+
+def _check_unique_ids(path: Path, facts: list[Fact]) -> None:
+    seen: dict[str, int] = {}
+    for fact in facts:
+        if fact.prompt_id in seen:
+            raise FactscopeError(
+                f"{path}:{fact.line}: field 'id' {fact.prompt_id!r} repeats the id of line {seen[fact.prompt_id]}"
+            )
+        seen[fact.prompt_id] = fact.line
+
+
+@dataclass
+class Encoded:
+    """One fact as token ids, with the group of every token and the attribute's scored token."""
+
+    fact: Fact
+    token_ids: list[int]
+    groups: list[str]  # one of GROUPS per token
+    attribute_token: int  # first token of the attribute as it follows the prompt
+    attribute_n_tokens: int
+    tokens: list[str] = field(default_factory=list)
+
+    @property
+    def end(self) -> int:
+        return len(self.token_ids) - 1
+
+    @property
+    def multi_token(self) -> bool:
+        return self.attribute_n_tokens > 1
+
+
+def encode(fact: Fact, tokenizer, prepend_bos: bool) -> Encoded:
+    """Tokenize a fact and give each token its group from character offsets.
+
+    A token belongs to `subject` if its characters overlap the subject's, to `prefix` if it lies within the
+    leading label (`Fact:`), to `bos` if it is the prepended BOS token, else to `relation` (END included).
+    """
+    enc = tokenizer(fact.prompt, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
+    subject_start, subject_end = fact.subject_span
+    groups = []
+    for start, end in offsets:
+        if start < subject_end and end > subject_start:
+            groups.append("subject")
+        elif end <= fact.prefix_end:
+            groups.append("prefix")
+        else:
+            groups.append("relation")
+    if groups[-1] == "subject":
+        raise FactscopeError(f"{fact.source}:{fact.line}: field 'prompt' ends inside the subject's last token")
+    if prepend_bos:
+        ids, groups = [tokenizer.bos_token_id, *ids], ["bos", *groups]
+    attribute_ids = attribute_tokens(fact, tokenizer)
+    if not attribute_ids:
+        raise FactscopeError(f"{fact.source}:{fact.line}: field 'attribute' ({fact.attribute!r}) tokenizes to nothing")
+    return Encoded(
+        fact=fact,
+        token_ids=ids,
+        groups=groups,
+        attribute_token=attribute_ids[0],
+        attribute_n_tokens=len(attribute_ids),
+        tokens=tokenizer.convert_ids_to_tokens(ids),
+    )
+
+
+def attribute_tokens(fact: Fact, tokenizer) -> list[int]:
+    """The tokens the model would emit after the prompt to say ` attribute`.
+
+    Tokenizing the whole continuation and cutting off the prompt's tokens gives the token as the model
+    sees it (SentencePiece and byte-level BPE differ on how a leading space is spelled). If the
+    continuation merges across the prompt's end, fall back to tokenizing ` attribute` alone.
+    """
+    prompt_ids = tokenizer(fact.prompt, add_special_tokens=False)["input_ids"]
+    full_ids = tokenizer(fact.prompt + " " + fact.attribute, add_special_tokens=False)["input_ids"]
+    if full_ids[: len(prompt_ids)] == prompt_ids and len(full_ids) > len(prompt_ids):
+        return list(full_ids[len(prompt_ids) :])
+    return list(tokenizer(" " + fact.attribute, add_special_tokens=False)["input_ids"])
+
+
+def encode_all(facts: list[Fact], tokenizer, prepend_bos: bool) -> list[Encoded]:
+    return [encode(fact, tokenizer, prepend_bos) for fact in facts]
+
+
+def relation_targets(encoded: list[Encoded]) -> dict[str, dict[int, str]]:
+    """R_r for each relation: its distinct attribute tokens, each named by the first attribute spelling it."""
+    targets: dict[str, dict[int, str]] = {}
+    for item in encoded:
+        targets.setdefault(item.fact.relation, {}).setdefault(item.attribute_token, item.fact.attribute)
+    return targets

