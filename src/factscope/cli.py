@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import click
+import pandas as pd
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -94,6 +95,82 @@ def recall(
         )
     _print_accuracy(accuracy, f"{loaded.name} · BOS {'prepended' if loaded.prepend_bos else 'not prepended'}")
     console.print(f"wrote {out}/recall.csv")
+
+
+@app.command()
+def analyze(
+    model: ModelOpt = "smollm2-135m",
+    dataset: DatasetOpt = None,
+    out: OutOpt = Path("factscope-run"),
+    overwrite: OverwriteOpt = False,
+    device: DeviceOpt = "cpu",
+    batch_size: BatchOpt = 16,
+    bos: BosOpt = None,
+    all_prompts: Annotated[bool, typer.Option("--all-prompts", help="Analyse every prompt, not only known facts.")] = False,
+) -> None:
+    """Exact DLA of every prompt's END logits by component and source group, plus the logit lens."""
+    from .data import shipped_dataset
+    from .decompose import TOLERANCE, iter_decompose
+    from .outputs import ParquetStream, output_dir, write_json
+    from .recall import accuracy_table
+
+    if out.exists() and not overwrite:
+        raise FactscopeError(f"{out}: output directory exists; pass --overwrite to replace it")
+    loaded, encoded = _prepare(model, dataset, device, bos)
+    recalls, reconstruction, head_error = [], 0.0, 0.0
+    with output_dir(out, overwrite) as staging:
+        with ParquetStream(staging / "attributions.parquet") as attributions, ParquetStream(
+            staging / "logit_lens.parquet"
+        ) as lens, progress_bar("analyze", len(encoded)) as advance:
+            for result in iter_decompose(loaded, encoded, batch_size, advance, known_only=not all_prompts):
+                attributions.write(result.attributions)
+                lens.write(result.logit_lens)
+                recalls.append(result.recall)
+                reconstruction = max(reconstruction, result.reconstruction_error)
+                head_error = max(head_error, result.head_error)
+        recall_table = pd.concat(recalls, ignore_index=True)
+        recall_table.to_csv(staging / "recall.csv", index=False)
+        accuracy = accuracy_table(recall_table)
+        summary = {
+            "model": loaded.name,
+            "weights_sha256": loaded.weights_sha256,
+            "dataset": str(dataset or shipped_dataset()),
+            "prepend_bos": loaded.prepend_bos,
+            "known_only": not all_prompts,
+            "n_prompts": len(recall_table),
+            "n_analysed": len(recall_table) if all_prompts else int(recall_table["correct"].sum()),
+            "accuracy": float(accuracy.iloc[-1]["accuracy"]),
+            "max_abs_reconstruction_error": reconstruction,
+            "max_abs_head_error": head_error,
+            "tolerance": TOLERANCE,
+        }
+        write_json(staging / "summary.json", summary)
+        top = top_heads(staging / "attributions.parquet")
+    _print_accuracy(accuracy, f"{loaded.name} · BOS {'prepended' if loaded.prepend_bos else 'not prepended'}")
+    _print_top_heads(top)
+    console.print(
+        f"analysed {summary['n_analysed']}/{summary['n_prompts']} prompts · sum of parts = model logit within "
+        f"{reconstruction:.1e} (per head {head_error:.1e}; tolerance {TOLERANCE:g}) · wrote {out}/"
+    )
+
+
+def top_heads(path: Path, n: int = 10) -> pd.DataFrame:
+    """Heads by mean DLA to the correct attribute at END, split into the subject and relation sources."""
+    table = pd.read_parquet(path, filters=[("component", "==", "attn"), ("is_correct_target", "==", True)])
+    per_prompt = table.pivot_table(index=["layer", "head", "prompt_id"], columns="source", values="value", aggfunc="sum")
+    means = per_prompt.groupby(level=["layer", "head"]).mean().fillna(0.0)
+    means["total"] = means.sum(axis=1)
+    return means.sort_values("total", ascending=False).head(n).reset_index()
+
+
+def _print_top_heads(top: pd.DataFrame) -> None:
+    table = Table(title="heads adding most to the correct attribute's logit (mean DLA at END)")
+    for column in ("head", "total", "subject", "relation", "other"):
+        table.add_column(column, justify="left" if column == "head" else "right")
+    for row in top.itertuples():
+        other = sum(getattr(row, name, 0.0) for name in ("bos", "prefix"))
+        table.add_row(f"L{row.layer}H{row.head}", f"{row.total:+.3f}", f"{getattr(row, 'subject', 0.0):+.3f}", f"{getattr(row, 'relation', 0.0):+.3f}", f"{other:+.3f}")
+    Console().print(table)
 
 
 def _print_accuracy(accuracy, title: str) -> None:

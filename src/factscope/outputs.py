@@ -4,6 +4,7 @@ when everything in it is complete."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -23,6 +24,9 @@ def output_dir(path: str | Path, overwrite: bool = False):
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # mkdtemp's private 0700 would otherwise become the output's mode
     except OSError as err:
         raise FactscopeError(f"{path}: cannot create output directory ({err.strerror})") from None
     try:
@@ -44,3 +48,29 @@ def _replace(staging: Path, path: Path) -> None:
 
 def write_json(path: Path, payload: dict) -> None:
     path.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+
+
+class ParquetStream:
+    """Append DataFrames batch by batch to one parquet file, so a long run never holds every table in memory."""
+
+    def __init__(self, path: Path):
+        self.path, self.writer = path, None
+
+    def write(self, frame) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.path, table.schema, compression="zstd")
+        self.writer.write_table(table.cast(self.writer.schema))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

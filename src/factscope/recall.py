@@ -28,13 +28,13 @@ def recall(
     rows = []
     for batch in chunks(encoded, batch_size):
         logits = end_logits(model, [item.token_ids for item in batch])
-        rows.extend(_rows(model, batch, logits))
+        rows.extend(recall_rows(model, batch, logits))
         if progress:
             progress(len(batch))
     return pd.DataFrame(rows)
 
 
-def _rows(model: LoadedModel, batch: list[Encoded], logits: torch.Tensor) -> list[dict]:
+def recall_rows(model: LoadedModel, batch: list[Encoded], logits: torch.Tensor) -> list[dict]:
     # logits: [batch, vocab]
     probs = logits.softmax(dim=-1)
     top = logits.topk(TOP_K, dim=-1).indices

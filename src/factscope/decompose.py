@@ -1,0 +1,336 @@
+"""Exact direct logit attribution at END, by component and, for attention heads, by source token group.
+
+The residual stream at END is a sum of parts (embeddings, every head's output, attention output biases,
+MLP outputs). With the final norm's scale frozen at its clean value the map to a logit is linear, so
+each part's logit contribution is `centre(part) / scale · u_t` and the parts add up to the model's logit.
+A head's output at END is `Σ_k pattern[h, END, k] · v_k W_O[h]`, so it splits further over source
+positions k, which we sum within each token group (bos / prefix / subject / relation).
+
+Architectures whose attention output passes a post-norm (Gemma 3) have that norm's scale frozen too;
+its gain is read off the norm module itself, so the head split stays exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import einops
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+
+from .data import GROUPS, Encoded, relation_targets
+from .errors import FactscopeError
+from .models import LoadedModel, pad_batch, pad_id
+from .recall import chunks, recall_rows
+
+TOLERANCE = 1e-3
+ATTRIBUTION_COLUMNS = {
+    "prompt_id": "str", "relation": "str", "target": "str", "is_correct_target": "bool", "component": "str",
+    "layer": "int64", "head": "int64", "source": "str", "value": "float32", "logit_diff": "float32",
+}
+
+
+@dataclass
+class Decomposition:
+    """The tables of one analysis; `attributions` is tidy-long (one value per row)."""
+
+    attributions: pd.DataFrame
+    logit_lens: pd.DataFrame
+    recall: pd.DataFrame
+    max_abs_reconstruction_error: float
+    max_abs_head_error: float
+
+
+@dataclass
+class BatchResult:
+    attributions: pd.DataFrame
+    logit_lens: pd.DataFrame
+    recall: pd.DataFrame
+    reconstruction_error: float
+    head_error: float
+    prompt_ids: list[str] = field(default_factory=list)
+
+
+def decompose(
+    model: LoadedModel,
+    encoded: list[Encoded],
+    batch_size: int = 32,
+    progress: Callable[[int], None] | None = None,
+    known_only: bool = True,
+) -> Decomposition:
+    """Decompose every prompt's END logits for its correct attribute and all of R_r; keep known facts by default."""
+    results = list(iter_decompose(model, encoded, batch_size, progress, known_only))
+    return Decomposition(
+        attributions=pd.concat([r.attributions for r in results], ignore_index=True),
+        logit_lens=pd.concat([r.logit_lens for r in results], ignore_index=True),
+        recall=pd.concat([r.recall for r in results], ignore_index=True),
+        max_abs_reconstruction_error=max(r.reconstruction_error for r in results),
+        max_abs_head_error=max(r.head_error for r in results),
+    )
+
+
+def iter_decompose(
+    model: LoadedModel,
+    encoded: list[Encoded],
+    batch_size: int = 32,
+    progress: Callable[[int], None] | None = None,
+    known_only: bool = True,
+) -> Iterator[BatchResult]:
+    """One batched forward pass per batch of prompts; yields its tables so callers can stream them to disk."""
+    check_supported(model)
+    targets = relation_targets(encoded)
+    for batch in chunks(encoded, batch_size):
+        result = decompose_batch(model, batch, targets, known_only)
+        if result.reconstruction_error > TOLERANCE or result.head_error > TOLERANCE:
+            raise FactscopeError(
+                f"decomposition is not exact on prompts {result.prompt_ids[0]}…{result.prompt_ids[-1]}: "
+                f"reconstruction error {result.reconstruction_error:.2e}, head error {result.head_error:.2e} "
+                f"(tolerance {TOLERANCE}); this architecture needs a term factscope does not model"
+            )
+        if progress:
+            progress(len(batch))
+        yield result
+
+
+def check_supported(model: LoadedModel) -> None:
+    cap = getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0
+    if cap > 0:
+        raise FactscopeError(f"model {model.name!r}: soft-capped logits are not a linear function of the residual")
+
+
+def hook_names(model: LoadedModel) -> list[str]:
+    names = ["hook_embed", "ln_final.hook_scale"]
+    if model.cfg.positional_embedding_type == "standard":
+        names.append("hook_pos_embed")
+    for layer in range(model.cfg.n_layers):
+        prefix = f"blocks.{layer}"
+        names += [f"{prefix}.attn.hook_v", f"{prefix}.attn.hook_pattern", f"{prefix}.attn.hook_z"]
+        names += [f"{prefix}.hook_mlp_out", f"{prefix}.hook_resid_post"]
+        if has_attn_post_norm(model):
+            names.append(f"{prefix}.ln1_post.hook_scale")
+    return names
+
+
+def has_attn_post_norm(model: LoadedModel) -> bool:
+    return hasattr(model.bridge.blocks[0], "ln1_post")
+
+
+def decompose_batch(model: LoadedModel, batch: list[Encoded], targets: dict[str, dict[int, str]], known_only: bool) -> BatchResult:
+    bridge, cfg, device = model.bridge, model.cfg, model.device
+    tokens, mask, ends = pad_batch([item.token_ids for item in batch], pad_id(model.tokenizer))
+    target_ids, target_valid = _target_matrix(batch, targets)
+    groups = _group_onehot(batch, tokens.shape[1]).to(device)
+    rows = torch.arange(len(batch), device=device)
+    ends = ends.to(device)
+    with torch.inference_mode():
+        logits, cache = bridge.run_with_cache(
+            tokens.to(device), attention_mask=mask.to(device), names_filter=hook_names(model)
+        )
+        logits_end = logits[rows, ends].float()  # [batch, vocab]
+        scale = cache["ln_final.hook_scale"][rows, ends]  # [batch, 1]
+        unembed = einops.rearrange(bridge.W_U[:, target_ids.to(device)], "d batch t -> batch d t")
+        to_logit = _LogitMap(unembed, scale, cfg.normalization_type in ("LN", "LNPre"))
+
+        embed = to_logit(cache["hook_embed"][rows, ends])
+        pos_embed = to_logit(cache["hook_pos_embed"][rows, ends]) if "hook_pos_embed" in cache else None
+        heads, head_check, biases, mlps = [], [], [], []
+        for layer in range(cfg.n_layers):
+            by_source, whole = _head_dla(model, cache, layer, rows, ends, groups, to_logit)
+            heads.append(by_source)
+            head_check.append(whole)
+            biases.append(_attn_bias_dla(model, cache, layer, rows, ends, to_logit))
+            mlps.append(to_logit(cache[f"blocks.{layer}.hook_mlp_out"][rows, ends]))
+        heads_t = torch.stack(heads, dim=1)  # [batch, layer, head, group, target]
+        biases_t, mlps_t = torch.stack(biases, dim=1), torch.stack(mlps, dim=1)  # [batch, layer, target]
+        unembed_bias = _unembed_bias(bridge, target_ids.to(device))  # [batch, target]
+
+        total = embed + heads_t.sum((1, 2, 3)) + biases_t.sum(1) + mlps_t.sum(1) + unembed_bias
+        if pos_embed is not None:
+            total = total + pos_embed
+        model_logits = logits_end.gather(1, target_ids.to(device))
+        valid = target_valid.to(device)
+        reconstruction_error = float(((total - model_logits).abs() * valid).max())
+        head_error = float(((heads_t.sum(3) - torch.stack(head_check, dim=1)).abs() * valid[:, None, None]).max())
+        lens = _logit_lens(model, cache, batch, rows, ends)
+
+    recall = pd.DataFrame(recall_rows(model, batch, logits_end.cpu()))
+    keep = recall["correct"].to_numpy() if known_only else np.ones(len(batch), dtype=bool)
+    parts = {"embed": embed, "unembed_bias": unembed_bias}
+    if pos_embed is not None:
+        parts["pos_embed"] = pos_embed
+    attributions = _attribution_table(
+        batch, targets, target_ids, target_valid, keep, heads_t.cpu(), biases_t.cpu(), mlps_t.cpu(),
+        {name: value.cpu() for name, value in parts.items()},
+    )
+    return BatchResult(
+        attributions=attributions,
+        logit_lens=lens[lens["prompt_id"].isin(recall.loc[keep, "prompt_id"])].reset_index(drop=True),
+        recall=recall,
+        reconstruction_error=reconstruction_error,
+        head_error=head_error,
+        prompt_ids=[item.fact.prompt_id for item in batch],
+    )
+
+
+class _LogitMap:
+    """Residual-stream vector at END → its logit contribution to each target, final norm scale frozen."""
+
+    def __init__(self, unembed: Float[torch.Tensor, "batch d_model target"], scale: Float[torch.Tensor, "batch 1"], centre: bool):
+        self.unembed, self.scale, self.centre = unembed, scale, centre
+
+    def __call__(self, vectors: Float[torch.Tensor, "batch *parts d_model"]) -> Float[torch.Tensor, "batch *parts target"]:
+        if self.centre:  # LayerNorm subtracts the mean; a linear map, so it distributes over the parts
+            vectors = vectors - vectors.mean(-1, keepdim=True)
+        extra = vectors.dim() - 2
+        scale = self.scale.reshape(-1, *([1] * (extra + 1)))
+        return torch.einsum("b...d,bdt->b...t", vectors / scale, self.unembed)
+
+
+def _head_dla(model, cache, layer, rows, ends, groups, to_logit):
+    """Per head and source group DLA, and per head DLA from hook_z (an independent path) for the exactness check."""
+    bridge = model.bridge
+    pattern = cache[f"blocks.{layer}.attn.hook_pattern"][rows, :, ends]  # [batch, head, key_pos]
+    values = cache[f"blocks.{layer}.attn.hook_v"]  # [batch, key_pos, kv_head, d_head]
+    n_heads = pattern.shape[1]
+    values = values.repeat_interleave(n_heads // values.shape[2], dim=2)  # GQA: query head h reads kv head h // group
+    z_by_group = torch.einsum("bhk,bkhd,bkg->bhgd", pattern, values, groups)
+    w_o = bridge.W_O[layer]  # [head, d_head, d_model]
+    out_by_group = torch.einsum("bhgd,hdm->bhgm", z_by_group, w_o)
+    out_whole = torch.einsum("bhd,hdm->bhm", cache[f"blocks.{layer}.attn.hook_z"][rows, ends], w_o)
+    if has_attn_post_norm(model):
+        gain, post_scale = _post_norm(model, cache, layer, rows, ends)
+        out_by_group = out_by_group * gain / post_scale[:, None, None]
+        out_whole = out_whole * gain / post_scale[:, None]
+    return to_logit(out_by_group), to_logit(out_whole)
+
+
+def _attn_bias_dla(model, cache, layer, rows, ends, to_logit):
+    bias = model.bridge.blocks[layer].attn.b_O
+    if bias is None:
+        return torch.zeros(len(rows), to_logit.unembed.shape[-1], device=to_logit.unembed.device)
+    bias = bias.expand(len(rows), -1)
+    if has_attn_post_norm(model):
+        gain, post_scale = _post_norm(model, cache, layer, rows, ends)
+        bias = bias * gain / post_scale
+    return to_logit(bias)
+
+
+def _post_norm(model, cache, layer, rows, ends) -> tuple[Float[torch.Tensor, " d_model"], Float[torch.Tensor, "batch 1"]]:
+    """The attention post-norm as a frozen linear map: its per-dimension gain and its clean scale at END.
+
+    The gain is read by normalising a constant vector, whose RMS is the constant itself, so whatever
+    parametrisation the implementation uses (Gemma's `1 + w`) is taken as it is.
+    """
+    norm = model.bridge.blocks[layer].ln1_post
+    probe = torch.full((1, 1, model.cfg.d_model), 1e3, device=model.device)
+    gain = norm(probe).reshape(-1)
+    return gain, cache[f"blocks.{layer}.ln1_post.hook_scale"][rows, ends]
+
+
+def _unembed_bias(bridge, target_ids: Int[torch.Tensor, "batch target"]) -> Float[torch.Tensor, "batch target"]:
+    b_u = getattr(bridge, "b_U", None)
+    return torch.zeros(target_ids.shape, device=target_ids.device) if b_u is None else b_u[target_ids]
+
+
+def _target_matrix(batch: list[Encoded], targets) -> tuple[Int[torch.Tensor, "batch target"], torch.Tensor]:
+    """Each prompt's R_r as token ids (correct attribute first), padded to the batch's largest R."""
+    width = max(len(targets[item.fact.relation]) for item in batch)
+    ids = torch.zeros((len(batch), width), dtype=torch.long)
+    valid = torch.zeros((len(batch), width))
+    for row, item in enumerate(batch):
+        tokens = _ordered_targets(item, targets)
+        ids[row, : len(tokens)] = torch.tensor(tokens)
+        ids[row, len(tokens) :] = tokens[0]
+        valid[row, : len(tokens)] = 1
+    return ids, valid
+
+
+def _ordered_targets(item: Encoded, targets) -> list[int]:
+    others = [token for token in targets[item.fact.relation] if token != item.attribute_token]
+    return [item.attribute_token, *others]
+
+
+def _group_onehot(batch: list[Encoded], width: int) -> Float[torch.Tensor, "batch pos group"]:
+    onehot = torch.zeros((len(batch), width, len(GROUPS)))
+    for row, item in enumerate(batch):
+        for pos, group in enumerate(item.groups):
+            onehot[row, pos, GROUPS.index(group)] = 1.0
+    return onehot
+
+
+def _logit_lens(model, cache, batch, rows, ends) -> pd.DataFrame:
+    """Accumulated residual after each layer, normalised by its own scale (not frozen), read at END."""
+    cfg, bridge = model.cfg, model.bridge
+    answer = torch.tensor([item.attribute_token for item in batch], device=model.device)
+    records = []
+    for layer in range(cfg.n_layers):
+        resid = cache[f"blocks.{layer}.hook_resid_post"][rows, ends]  # [batch, d_model]
+        if cfg.normalization_type in ("LN", "LNPre"):
+            resid = resid - resid.mean(-1, keepdim=True)
+        resid = resid / (resid.pow(2).mean(-1, keepdim=True) + cfg.eps).sqrt()
+        logits = resid @ bridge.W_U + _unembed_bias(bridge, torch.arange(bridge.W_U.shape[1], device=model.device))
+        answer_logit = logits.gather(1, answer[:, None]).squeeze(1)
+        records.append(
+            {
+                "layer": np.full(len(batch), layer),
+                "rank": ((logits > answer_logit[:, None]).sum(1) + 1).cpu().numpy(),
+                "prob": logits.softmax(-1).gather(1, answer[:, None]).squeeze(1).cpu().numpy(),
+                "logit": answer_logit.cpu().numpy(),
+                "top_token": logits.argmax(-1).cpu().numpy(),
+            }
+        )
+    table = pd.DataFrame({key: np.concatenate([r[key] for r in records]) for key in records[0]})
+    table.insert(0, "prompt_id", [item.fact.prompt_id for item in batch] * cfg.n_layers)
+    table["top_token"] = [model.tokenizer.decode([t]) for t in table["top_token"]]
+    return table
+
+
+def _attribution_table(batch, targets, target_ids, target_valid, keep, heads, biases, mlps, parts) -> pd.DataFrame:
+    """Dense per-batch arrays → the tidy long table, one row per (prompt, target, component, layer, head, source)."""
+    n_layers, n_heads, n_groups = heads.shape[1:4]
+    frames = []
+    for row, item in enumerate(batch):
+        if not keep[row]:
+            continue
+        n_targets = int(target_valid[row].sum())
+        names = [targets[item.fact.relation][int(t)] for t in target_ids[row, :n_targets]]
+        blocks = [
+            _block("attn", heads[row, ..., :n_targets], ("layer", "head", "source")),
+            _block("bias", biases[row, :, :n_targets], ("layer",)),
+            _block("mlp", mlps[row, :, :n_targets], ("layer",)),
+            *(_block(name, value[row, None, :n_targets], ()) for name, value in parts.items()),
+        ]
+        frame = pd.concat(blocks, ignore_index=True)
+        frame["target"] = np.array(names)[frame.pop("target_index").to_numpy()]
+        frame["is_correct_target"] = frame["target"] == item.fact.attribute
+        frame["prompt_id"] = item.fact.prompt_id
+        frame["relation"] = item.fact.relation
+        frames.append(frame)
+    if not frames:
+        return pd.DataFrame({name: pd.Series(dtype=dtype) for name, dtype in ATTRIBUTION_COLUMNS.items()})
+    return pd.concat(frames, ignore_index=True)[list(ATTRIBUTION_COLUMNS)]
+
+
+def _block(component: str, values: torch.Tensor, axes: tuple[str, ...]) -> pd.DataFrame:
+    """values: [*axes, target] → long rows with layer/head/source filled (−1 / "all" where an axis is absent)."""
+    shape = values.shape
+    index = np.indices(shape).reshape(len(shape), -1)
+    n_targets = shape[-1]
+    # each target's value against the mean of the relation's other attributes (a − mean(R \ a) for the correct one)
+    others = (values.sum(-1, keepdim=True) - values) / (n_targets - 1) if n_targets > 1 else torch.full_like(values, float("nan"))
+    frame = pd.DataFrame(
+        {
+            "component": component,
+            "value": values.reshape(-1).numpy().astype(np.float32),
+            "logit_diff": (values - others).reshape(-1).numpy().astype(np.float32),
+        }
+    )
+    named = dict(zip(axes, index[:-1]))
+    frame["layer"] = named.get("layer", np.full(frame.shape[0], -1))
+    frame["head"] = named.get("head", np.full(frame.shape[0], -1))
+    frame["source"] = np.array(GROUPS)[named["source"]] if "source" in named else "all"
+    frame["target_index"] = index[-1]
+    return frame
