@@ -161,8 +161,10 @@ def decompose_batch(model: LoadedModel, batch: list[Encoded], targets: dict[str,
     parts = {"embed": embed, "unembed_bias": unembed_bias}
     if pos_embed is not None:
         parts["pos_embed"] = pos_embed
+    sources = [group for group in GROUPS if group != "bos" or model.prepend_bos]
+    heads_t = heads_t[:, :, :, [GROUPS.index(group) for group in sources]]
     attributions = _attribution_table(
-        batch, targets, target_ids, target_valid, keep, heads_t.cpu(), biases_t.cpu(), mlps_t.cpu(),
+        batch, targets, target_ids, target_valid, keep, sources, heads_t.cpu(), biases_t.cpu(), mlps_t.cpu(),
         {name: value.cpu() for name, value in parts.items()},
     )
     return BatchResult(
@@ -288,7 +290,7 @@ def _logit_lens(model, cache, batch, rows, ends) -> pd.DataFrame:
     return table
 
 
-def _attribution_table(batch, targets, target_ids, target_valid, keep, heads, biases, mlps, parts) -> pd.DataFrame:
+def _attribution_table(batch, targets, target_ids, target_valid, keep, sources, heads, biases, mlps, parts) -> pd.DataFrame:
     """Dense per-batch arrays → the tidy long table, one row per (prompt, target, component, layer, head, source)."""
     n_layers, n_heads, n_groups = heads.shape[1:4]
     frames = []
@@ -298,10 +300,10 @@ def _attribution_table(batch, targets, target_ids, target_valid, keep, heads, bi
         n_targets = int(target_valid[row].sum())
         names = [targets[item.fact.relation][int(t)] for t in target_ids[row, :n_targets]]
         blocks = [
-            _block("attn", heads[row, ..., :n_targets], ("layer", "head", "source")),
-            _block("bias", biases[row, :, :n_targets], ("layer",)),
-            _block("mlp", mlps[row, :, :n_targets], ("layer",)),
-            *(_block(name, value[row, None, :n_targets], ()) for name, value in parts.items()),
+            _block("attn", heads[row, ..., :n_targets], ("layer", "head", "source"), sources),
+            _block("bias", biases[row, :, :n_targets], ("layer",), sources),
+            _block("mlp", mlps[row, :, :n_targets], ("layer",), sources),
+            *(_block(name, value[row, None, :n_targets], (), sources) for name, value in parts.items()),
         ]
         frame = pd.concat(blocks, ignore_index=True)
         frame["target"] = np.array(names)[frame.pop("target_index").to_numpy()]
@@ -314,7 +316,7 @@ def _attribution_table(batch, targets, target_ids, target_valid, keep, heads, bi
     return pd.concat(frames, ignore_index=True)[list(ATTRIBUTION_COLUMNS)]
 
 
-def _block(component: str, values: torch.Tensor, axes: tuple[str, ...]) -> pd.DataFrame:
+def _block(component: str, values: torch.Tensor, axes: tuple[str, ...], sources: list[str]) -> pd.DataFrame:
     """values: [*axes, target] → long rows with layer/head/source filled (−1 / "all" where an axis is absent)."""
     shape = values.shape
     index = np.indices(shape).reshape(len(shape), -1)
@@ -331,6 +333,6 @@ def _block(component: str, values: torch.Tensor, axes: tuple[str, ...]) -> pd.Da
     named = dict(zip(axes, index[:-1]))
     frame["layer"] = named.get("layer", np.full(frame.shape[0], -1))
     frame["head"] = named.get("head", np.full(frame.shape[0], -1))
-    frame["source"] = np.array(GROUPS)[named["source"]] if "source" in named else "all"
+    frame["source"] = np.array(sources)[named["source"]] if "source" in named else "all"
     frame["target_index"] = index[-1]
     return frame

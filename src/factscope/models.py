@@ -273,6 +273,7 @@ def _wrap(model_dir: Path, hf_model, tokenizer, device: str):
         str(model_dir), hf_model=hf_model, tokenizer=tokenizer, device=device, hf_config_overrides=overrides or None
     )
     bridge.enable_compatibility_mode()
+    bridge.requires_grad_(False)  # analysis only: no autograd graph on any forward pass
     return bridge.eval()
 
 
