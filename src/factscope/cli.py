@@ -107,10 +107,14 @@ def analyze(
     batch_size: BatchOpt = 16,
     bos: BosOpt = None,
     all_prompts: Annotated[bool, typer.Option("--all-prompts", help="Analyse every prompt, not only known facts.")] = False,
+    k: Annotated[float, typer.Option("--k", min=1.0, help="Dominance ratio between subject and relation DLA.")] = 10.0,
+    z: Annotated[float, typer.Option("--z", min=0.0, help="Significance: robust z-score against all heads.")] = 3.0,
+    swap: Annotated[bool, typer.Option("--swap", help="Also rerun with subjects swapped (relation heads should not move).")] = False,
 ) -> None:
-    """Exact DLA of every prompt's END logits by component and source group, plus the logit lens."""
+    """Exact DLA by component and source group, the logit lens, head classes and mechanism shares."""
     from .data import shipped_dataset
     from .decompose import TOLERANCE, iter_decompose
+    from .mechanisms import ClassRule, subject_swap, summarize, swap_summary
     from .outputs import ParquetStream, output_dir, write_json
     from .recall import accuracy_table
 
@@ -144,33 +148,38 @@ def analyze(
             "max_abs_head_error": head_error,
             "tolerance": TOLERANCE,
         }
+        if summary["n_analysed"] == 0:
+            raise FactscopeError("no prompt is a known fact for this model; rerun with --all-prompts")
+        summary.update(summarize(staging, ClassRule(k=k, z=z)))
+        if swap:
+            # all prompts, known or not, so that every R_r is the one the analysis used
+            stats = subject_swap(loaded, encoded, pd.read_csv(staging / "heads.csv"), batch_size)
+            stats.to_csv(staging / "subject_swap.csv", index=False)
+            summary["subject_swap"] = swap_summary(stats)
         write_json(staging / "summary.json", summary)
-        top = top_heads(staging / "attributions.parquet")
     _print_accuracy(accuracy, f"{loaded.name} · BOS {'prepended' if loaded.prepend_bos else 'not prepended'}")
-    _print_top_heads(top)
+    _print_mechanisms(summary)
     console.print(
         f"analysed {summary['n_analysed']}/{summary['n_prompts']} prompts · sum of parts = model logit within "
         f"{reconstruction:.1e} (per head {head_error:.1e}; tolerance {TOLERANCE:g}) · wrote {out}/"
     )
 
 
-def top_heads(path: Path, n: int = 10) -> pd.DataFrame:
-    """Heads by mean DLA to the correct attribute at END, split into the subject and relation sources."""
-    table = pd.read_parquet(path, filters=[("component", "==", "attn"), ("is_correct_target", "==", True)])
-    per_prompt = table.pivot_table(index=["layer", "head", "prompt_id"], columns="source", values="value", aggfunc="sum")
-    means = per_prompt.groupby(level=["layer", "head"]).mean().fillna(0.0)
-    means["total"] = means.sum(axis=1)
-    return means.sort_values("total", ascending=False).head(n).reset_index()
-
-
-def _print_top_heads(top: pd.DataFrame) -> None:
-    table = Table(title="heads adding most to the correct attribute's logit (mean DLA at END)")
-    for column in ("head", "total", "subject", "relation", "other"):
-        table.add_column(column, justify="left" if column == "head" else "right")
-    for row in top.itertuples():
-        other = sum(getattr(row, name, 0.0) for name in ("bos", "prefix"))
-        table.add_row(f"L{row.layer}H{row.head}", f"{row.total:+.3f}", f"{getattr(row, 'subject', 0.0):+.3f}", f"{getattr(row, 'relation', 0.0):+.3f}", f"{other:+.3f}")
-    Console().print(table)
+def _print_mechanisms(summary: dict) -> None:
+    classes = Table(title="head classes (mean DLA to the correct attribute, by source)")
+    for column in ("class", "heads", "strongest"):
+        classes.add_column(column, justify="right" if column == "heads" else "left")
+    for name, entry in summary["head_classes"].items():
+        classes.add_row(name, str(entry["count"]), ", ".join(entry["top"]) if name != "negligible" else "")
+    shares = Table(title="share of the correct attribute's logit and of a − mean(R \\ a), by mechanism")
+    for column in ("mechanism", "logit", "a − mean(R\\a)"):
+        shares.add_column(column, justify="left" if column == "mechanism" else "right")
+    by_metric = summary["mechanism_shares"]
+    for mechanism in by_metric["logit"]:
+        shares.add_row(mechanism, f"{by_metric['logit'][mechanism]:+.1%}", f"{by_metric['logit_diff'][mechanism]:+.1%}")
+    out = Console()
+    out.print(classes)
+    out.print(shares)
 
 
 def _print_accuracy(accuracy, title: str) -> None:

@@ -298,7 +298,9 @@ def _attribution_table(batch, targets, target_ids, target_valid, keep, sources, 
         if not keep[row]:
             continue
         n_targets = int(target_valid[row].sum())
-        names = [targets[item.fact.relation][int(t)] for t in target_ids[row, :n_targets]]
+        # The correct target comes first and carries the fact's own spelling, even when another attribute of the
+        # relation shares its first token (" yen" / " yuan") and so names that token elsewhere.
+        names = [item.fact.attribute, *(targets[item.fact.relation][int(t)] for t in target_ids[row, 1:n_targets])]
         blocks = [
             _block("attn", heads[row, ..., :n_targets], ("layer", "head", "source"), sources),
             _block("bias", biases[row, :, :n_targets], ("layer",), sources),
@@ -306,8 +308,9 @@ def _attribution_table(batch, targets, target_ids, target_valid, keep, sources, 
             *(_block(name, value[row, None, :n_targets], (), sources) for name, value in parts.items()),
         ]
         frame = pd.concat(blocks, ignore_index=True)
-        frame["target"] = np.array(names)[frame.pop("target_index").to_numpy()]
-        frame["is_correct_target"] = frame["target"] == item.fact.attribute
+        target_index = frame.pop("target_index").to_numpy()
+        frame["target"] = np.array(names)[target_index]
+        frame["is_correct_target"] = target_index == 0
         frame["prompt_id"] = item.fact.prompt_id
         frame["relation"] = item.fact.relation
         frames.append(frame)

@@ -1,0 +1,501 @@
+"""Mechanism taxonomy over the attribution table: head classes, what each class extracts, and additivity.
+
+Everything here is a pure function of `attributions.parquet` (see `decompose`), except `subject_swap`, which
+reruns the model on prompts whose subject was exchanged. Conventions:
+
+- a head's *subject / relation / other DLA* is its DLA to the correct attribute `a` from the SUBJECT tokens,
+  from the RELATION tokens (END included), and from BOS + prefix;
+- *specificity* of a part is its mean `logit_diff` on `a`, i.e. DLA(a) − mean DLA(R_r \\ a);
+  *breadth* is its mean DLA over every attribute of R_r (a included): a relation head is broad, a subject
+  head specific;
+- a *mechanism* is a set of parts of the residual stream at END; the seven mechanisms partition all parts,
+  so their contributions add up exactly to the model's logit (and to its `logit_diff`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .data import Encoded, Fact, encode_all
+from .decompose import TOLERANCE, decompose
+from .errors import FactscopeError
+from .models import LoadedModel
+
+CLASSES = ("subject", "relation", "mixed", "negligible")
+# other_heads: negligible heads, every head's BOS / prefix part, and a subject (relation) head's RELATION
+# (SUBJECT) part; embed_bias: token and position embeddings, attention output biases, unembedding bias
+MECHANISMS = (
+    "subject_heads", "relation_heads", "mixed_subject", "mixed_relation", "mlps", "other_heads", "embed_bias",
+)
+DLA_COLUMNS = ("subject_dla", "relation_dla", "other_dla")
+K_SWEEP = (1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0)
+Z_SWEEP = (2.0, 3.0, 5.0)
+DOMINANCE = 0.8  # the seed's break condition: one mechanism carrying more than this share of a − mean(R \ a)
+TOP_N = 5
+MAD_TO_SIGMA = 1.4826  # MAD × this estimates the standard deviation of a normal bulk
+# (class, source) → mechanism; every other attention part is `other_heads`
+HEAD_MECHANISM = {
+    ("subject", "subject"): "subject_heads",
+    ("relation", "relation"): "relation_heads",
+    ("mixed", "subject"): "mixed_subject",
+    ("mixed", "relation"): "mixed_relation",
+}
+# the parts of the table that carry a class's signal: a mixed head is read through both of its parts
+CLASS_SOURCES = {"subject": ("subject",), "relation": ("relation",), "mixed": ("subject", "relation")}
+MEASURES = ("specificity", "breadth")
+KEYS = ["prompt_id", "relation", "target", "is_correct_target"]
+ATTN_COLUMNS = [*KEYS, "layer", "head", "source", "value", "logit_diff"]
+REST_COLUMNS = [*KEYS, "component", "layer", "value", "logit_diff"]
+
+
+@dataclass(frozen=True)
+class ClassRule:
+    """How a head's (subject DLA S, relation DLA R) becomes a class.
+
+    Significance: a value is significant if it exceeds max(floor, median + z · 1.4826 · MAD) of the same
+    quantity over all heads. Most heads write almost nothing to `a`, so the bulk of the distribution is the
+    noise floor; median and MAD describe that bulk without being pulled up by the few large heads we are looking
+    for (a mean + z·std threshold would be inflated by exactly those heads and hide the smaller ones).
+    1.4826 · MAD estimates a normal bulk's standard deviation, so z = 3 reads as "three sigma above the typical
+    head". The floor (default: the decomposition's accepted error, `decompose.TOLERANCE`) keeps a head that
+    lowers `a` from ever being significant, and a head writing numerically nothing from counting when nearly
+    all heads write exactly zero (then MAD = 0, as in hand-built models).
+
+    Classes, in the paper's spirit: both significant → subject if S ≥ k·R, relation if R ≥ k·S, else mixed;
+    only S significant → subject; only R → relation; neither → negligible.
+    """
+
+    k: float = 10.0
+    z: float = 3.0
+    floor: float = TOLERANCE
+
+    def __post_init__(self) -> None:
+        if self.k < 1:  # below 1 "S ≥ kR" and "R ≥ kS" could both hold
+            raise FactscopeError(f"class rule: the dominance ratio k must be at least 1, got {self.k}")
+        if self.z < 0:
+            raise FactscopeError(f"class rule: the significance z must be non-negative, got {self.z}")
+        if self.floor < 0:
+            raise FactscopeError(f"class rule: the significance floor must be non-negative, got {self.floor}")
+
+    def thresholds(self, means: pd.DataFrame) -> dict[str, float]:
+        """Significance threshold per source, from all heads' mean DLA (columns subject_dla, relation_dla)."""
+        return {
+            source: max(self.floor, robust_threshold(means[f"{source}_dla"], self.z))
+            for source in ("subject", "relation")
+        }
+
+    def classify(self, subject, relation, thresholds: dict[str, float]) -> np.ndarray:
+        s, r = np.asarray(subject, dtype=float), np.asarray(relation, dtype=float)
+        s_sig, r_sig = s > thresholds["subject"], r > thresholds["relation"]
+        both = s_sig & r_sig
+        conditions = [both & (s >= self.k * r), both & (r >= self.k * s), both, s_sig, r_sig]
+        return np.select(conditions, ["subject", "relation", "mixed", "subject", "relation"], default="negligible")
+
+
+def robust_threshold(values: pd.Series, z: float) -> float:
+    """median + z · 1.4826 · MAD: z robust standard deviations above the typical value."""
+    median = float(values.median())
+    mad = float((values - median).abs().median())
+    return median + z * MAD_TO_SIGMA * mad
+
+
+def head_name(layers, indices) -> list[str]:
+    return [f"L{layer}H{index}" for layer, index in zip(layers, indices)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_parts(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """DIR/attributions.parquet as (attention rows, every other row), read with a filter on the component.
+
+    Every row is needed: the classes use only the correct target, but breadth, top targets and whether a
+    mechanism alone ranks `a` first need every target of R_r. Splitting by component lets each half skip the
+    columns it does not use.
+    """
+    path = Path(run_dir) / "attributions.parquet"
+    if not path.is_file():
+        raise FactscopeError(f"{path}: not found; run `factscope analyze` first")
+    attn = pd.read_parquet(path, columns=ATTN_COLUMNS, filters=[("component", "==", "attn")])
+    rest = pd.read_parquet(path, columns=REST_COLUMNS, filters=[("component", "!=", "attn")])
+    return _checked(attn, str(path)), _as_float64(rest)
+
+
+def split_parts(attributions: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """An in-memory attribution table (`Decomposition.attributions`) split as `read_parts` splits the file."""
+    is_attn = attributions["component"] == "attn"
+    attn = attributions.loc[is_attn, ATTN_COLUMNS].reset_index(drop=True)
+    rest = attributions.loc[~is_attn, REST_COLUMNS].reset_index(drop=True)
+    return _checked(attn, "attributions"), _as_float64(rest)
+
+
+def _checked(attn: pd.DataFrame, where: str) -> pd.DataFrame:
+    if attn.empty:
+        raise FactscopeError(f"{where}: no analysed prompts (did the model know none of the facts?)")
+    return _as_float64(attn)
+
+
+def _as_float64(table: pd.DataFrame) -> pd.DataFrame:
+    # the table stores float32; sums over thousands of parts are taken in float64 so the partition stays exact
+    return table.astype({"value": "float64", "logit_diff": "float64"})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. Head classes
+
+
+def head_dla(attn: pd.DataFrame) -> pd.DataFrame:
+    """Per prompt and head: subject_dla, relation_dla, other_dla (BOS + prefix) to the correct attribute."""
+    correct = attn[attn["is_correct_target"]]
+    wide = correct.pivot_table(
+        index=["prompt_id", "relation", "layer", "head"], columns="source", values="value", aggfunc="sum"
+    )
+    wide = wide.reindex(columns=["bos", "prefix", "subject", "relation"]).fillna(0.0)
+    table = pd.DataFrame(
+        {"subject_dla": wide["subject"], "relation_dla": wide["relation"], "other_dla": wide["bos"] + wide["prefix"]}
+    )
+    return table.reset_index()
+
+
+def classify_heads(
+    per_prompt: pd.DataFrame, rule: ClassRule = ClassRule()
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, float]]:
+    """Pooled classes with stability, the per-relation classes, and the pooled significance thresholds.
+
+    per_prompt: as from `head_dla`.
+    Per-prompt and per-relation classes use the pooled thresholds, so stability asks whether a head lands in the
+    same region of the (S, R) plane on each prompt or relation, not whether a re-fitted rule agrees.
+    """
+    heads = per_prompt.groupby(["layer", "head"])[list(DLA_COLUMNS)].mean().reset_index()
+    thresholds = rule.thresholds(heads)
+    heads["class"] = rule.classify(heads["subject_dla"], heads["relation_dla"], thresholds)
+    heads.insert(2, "name", head_name(heads["layer"], heads["head"]))
+    pooled = heads.set_index(["layer", "head"])["class"]
+
+    def agreement(table: pd.DataFrame) -> pd.Series:
+        classes = rule.classify(table["subject_dla"], table["relation_dla"], thresholds)
+        same = classes == pooled.reindex(pd.MultiIndex.from_frame(table[["layer", "head"]])).to_numpy()
+        return pd.Series(same, index=table.index).groupby([table["layer"], table["head"]]).mean()
+
+    by_relation = per_prompt.groupby(["relation", "layer", "head"])[list(DLA_COLUMNS)].mean().reset_index()
+    by_relation["class"] = rule.classify(by_relation["subject_dla"], by_relation["relation_dla"], thresholds)
+    by_relation.insert(3, "name", head_name(by_relation["layer"], by_relation["head"]))
+    heads = heads.join(agreement(per_prompt).rename("stability"), on=["layer", "head"])
+    heads = heads.join(agreement(by_relation).rename("relation_stability"), on=["layer", "head"])
+    return heads, by_relation, thresholds
+
+
+def class_sweep(
+    heads: pd.DataFrame, ks: Sequence[float] = K_SWEEP, zs: Sequence[float] = Z_SWEEP, floor: float = TOLERANCE
+) -> pd.DataFrame:
+    """Class counts for every (k, z): how much the taxonomy depends on the chosen thresholds.
+
+    heads: per-head pooled means (columns subject_dla, relation_dla), as from `classify_heads`.
+    """
+    rows = []
+    for z in zs:
+        thresholds = ClassRule(z=z, floor=floor).thresholds(heads)
+        for k in ks:
+            rule = ClassRule(k=k, z=z, floor=floor)
+            classes = pd.Series(rule.classify(heads["subject_dla"], heads["relation_dla"], thresholds))
+            counts = classes.value_counts().reindex(CLASSES, fill_value=0)
+            rows += [{"k": k, "z": z, "class": name, "count": int(count)} for name, count in counts.items()]
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. What each class extracts
+
+
+def head_extraction(attn: pd.DataFrame) -> pd.DataFrame:
+    """Per head: specificity and breadth of its SUBJECT part and of its RELATION part."""
+    parts = attn[attn["source"].isin(["subject", "relation"])]
+    keys = ["layer", "head", "source"]
+    breadth = parts.groupby(["prompt_id", *keys])["value"].mean().groupby(level=keys).mean()
+    specificity = parts[parts["is_correct_target"]].groupby(keys)["logit_diff"].mean()
+    table = pd.DataFrame({"specificity": specificity, "breadth": breadth}).unstack("source")
+    table.columns = [f"{source}_{measure}" for measure, source in table.columns]
+    order = ["subject_specificity", "subject_breadth", "relation_specificity", "relation_breadth"]
+    return table[order].reset_index()
+
+
+def class_extraction(heads: pd.DataFrame) -> dict:
+    """Mean specificity and breadth of each class's own parts (a mixed head's two parts separately)."""
+    out = {}
+    for name, sources in CLASS_SOURCES.items():
+        members = heads[heads["class"] == name]
+        if not members.empty:
+            out[name] = {
+                source: {measure: float(members[f"{source}_{measure}"].mean()) for measure in MEASURES}
+                for source in sources
+            }
+    return out
+
+
+def top_targets(attn: pd.DataFrame, n: int = 3) -> pd.Series:
+    """The attributes each head boosts most: mean DLA (all sources) over the prompts whose R_r holds them."""
+    per_prompt = attn.groupby(["layer", "head", "prompt_id", "target"])["value"].sum()
+    per_target = per_prompt.groupby(level=["layer", "head", "target"]).mean()
+    best = per_target.sort_values(ascending=False).groupby(level=["layer", "head"]).head(n).reset_index()
+    return best.groupby(["layer", "head"])["target"].agg(" | ".join).rename("top_targets")
+
+
+def mlp_boosting(rest: pd.DataFrame) -> pd.DataFrame:
+    """Per MLP layer, per relation and pooled ("all"): DLA to a, breadth over R_r, specificity."""
+    mlp = rest[rest["component"] == "mlp"]
+    breadth = mlp.groupby(["relation", "layer", "prompt_id"])["value"].mean().rename("breadth")
+    correct = mlp[mlp["is_correct_target"]].set_index(["relation", "layer", "prompt_id"])
+    per_prompt = correct[["value", "logit_diff"]].join(breadth).reset_index()
+    per_prompt = per_prompt.rename(columns={"value": "correct_dla", "logit_diff": "specificity"})
+    measures = ["correct_dla", "breadth", "specificity"]
+    by_relation = per_prompt.groupby(["relation", "layer"])[measures].mean()
+    pooled = pd.concat({"all": per_prompt.groupby("layer")[measures].mean()}, names=["relation"])
+    return pd.concat([pooled, by_relation]).reset_index()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. Additivity
+
+
+def mechanism_parts(attn: pd.DataFrame, rest: pd.DataFrame, heads: pd.DataFrame) -> pd.DataFrame:
+    """Per prompt, target and mechanism: summed value and logit_diff; every part lands in exactly one mechanism.
+
+    heads: per-head classes (columns layer, head, class). Mechanisms with no parts (no mixed heads, say) get
+    explicit zeros so means over prompts are over the same prompts for every mechanism.
+    """
+    lookup = pd.DataFrame(
+        [(*key, name) for key, name in HEAD_MECHANISM.items()], columns=["class", "source", "mechanism"]
+    )
+    columns = [*KEYS, "mechanism", "value", "logit_diff"]
+    head_parts = attn.merge(heads[["layer", "head", "class"]], on=["layer", "head"], how="left").merge(
+        lookup, on=["class", "source"], how="left"
+    )
+    head_parts = head_parts.fillna({"mechanism": "other_heads"})[columns]
+    other_parts = rest.assign(mechanism=np.where(rest["component"] == "mlp", "mlps", "embed_bias"))[columns]
+    tagged = pd.concat([head_parts, other_parts], ignore_index=True)
+    sums = tagged.groupby([*KEYS, "mechanism"])[["value", "logit_diff"]].sum().reset_index()
+    full = tagged[KEYS].drop_duplicates().merge(pd.DataFrame({"mechanism": MECHANISMS}), how="cross")
+    return full.merge(sums, on=[*KEYS, "mechanism"], how="left").fillna({"value": 0.0, "logit_diff": 0.0})
+
+
+def ranks_first(parts: pd.DataFrame, by: list[str]) -> pd.Series:
+    """Per prompt (and `by`): does the summed value put `a` strictly above every other target of R_r?
+
+    NaN where R_r has no other target. `a` must lead by more than the decomposition's accepted error: a tie
+    (a mechanism writing nothing, or the same to every target) ranks nothing, whatever float rounding says.
+    """
+    index = ["prompt_id", "relation", *by]
+    totals = parts.groupby([*index, "target", "is_correct_target"])["value"].sum().reset_index()
+    correct = totals[totals["is_correct_target"]].set_index(index)["value"]
+    best_other = totals[~totals["is_correct_target"]].groupby(index)["value"].max()
+    first = (correct > best_other.reindex(correct.index) + TOLERANCE).astype(float)
+    return first.where(best_other.reindex(correct.index).notna())
+
+
+def mechanism_shares(parts: pd.DataFrame) -> pd.DataFrame:
+    """mechanisms.csv: per relation and pooled ("all"), per metric, each mechanism's mean contribution and share.
+
+    share = mean contribution / mean total, so the shares of a (relation, metric) sum to 1 exactly; a negative
+    share is destructive interference. alone_ranks_first: fraction of prompts where the mechanism alone puts `a`
+    first among R_r (the same for both metrics: logit_diff is an increasing function of the value over R_r).
+    negative_fraction: fraction of prompts where its contribution is negative.
+    """
+    correct = parts[parts["is_correct_target"]]
+    long = correct.melt(
+        id_vars=["prompt_id", "relation", "mechanism"], value_vars=["value", "logit_diff"],
+        var_name="metric", value_name="x",
+    ).replace({"metric": {"value": "logit"}})
+    long["negative"] = (long["x"] < 0).astype(float)
+    alone = ranks_first(parts, ["mechanism"]).rename("alone_ranks_first").reset_index()
+    long = long.merge(alone, on=["prompt_id", "relation", "mechanism"], how="left")
+    frames = [long.assign(relation="all"), long]
+    stats = pd.concat(frames).groupby(["relation", "metric", "mechanism"], sort=False).agg(
+        mean_value=("x", "mean"), alone_ranks_first=("alone_ranks_first", "mean"),
+        negative_fraction=("negative", "mean"), n_prompts=("prompt_id", "nunique"),
+    )
+    stats["share"] = stats["mean_value"] / stats.groupby(level=["relation", "metric"])["mean_value"].transform("sum")
+    columns = ["mean_value", "share", "alone_ranks_first", "negative_fraction", "n_prompts"]
+    return stats[columns].reset_index()
+
+
+def interference(parts: pd.DataFrame, shares: pd.DataFrame) -> dict:
+    """Pooled constructive / destructive interference and dominance, on a − mean(R \\ a)."""
+    alone = ranks_first(parts, ["mechanism"]).unstack("mechanism")
+    total = ranks_first(parts, [])
+    ranked = alone.notna().all(axis=1) & total.notna()
+    only_sum = (total[ranked] == 1) & ~(alone[ranked] == 1).any(axis=1)
+    pooled = shares[(shares["relation"] == "all") & (shares["metric"] == "logit_diff")].set_index("mechanism")
+    correct = parts[parts["is_correct_target"]].pivot_table(index="prompt_id", columns="mechanism", values="logit_diff")
+    diff_total = correct.sum(axis=1)
+    positive = diff_total > 0
+    dominated = correct[positive].gt(DOMINANCE * diff_total[positive], axis=0).any(axis=1)
+    largest = pooled["share"].idxmax()
+    return {
+        "metric": "logit_diff",
+        "n_prompts": int(len(correct)),
+        "sum_ranks_first": _fraction(total),
+        "alone_ranks_first": {name: _fraction(alone[name]) for name in MECHANISMS},
+        "only_sum_ranks_first": _fraction(only_sum),
+        "dominance_threshold": DOMINANCE,
+        "largest_share": {"mechanism": largest, "share": float(pooled.loc[largest, "share"])},
+        "dominant": [name for name in MECHANISMS if pooled.loc[name, "share"] > DOMINANCE],
+        "prompts_dominated": _fraction(dominated),
+        "destructive": [name for name in MECHANISMS if pooled.loc[name, "mean_value"] < 0],
+    }
+
+
+def _fraction(flags: pd.Series) -> float | None:
+    # None rather than NaN: summary.json must stay valid JSON when no prompt has a second target to rank against
+    mean = flags.astype(float).mean()
+    return None if pd.isna(mean) else float(mean)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. Subject swap (needs the model)
+
+
+def swap_subjects(facts: list[Fact]) -> dict[str, Fact]:
+    """Each fact with its (last) subject mention replaced by the next different subject of its relation.
+
+    The attribute is kept: R_r and the names of its targets then match the clean run target for target, and the
+    vectors compared cover all of R_r, so no target is singled out. Relations with one subject are skipped.
+    """
+    subjects: dict[str, list[str]] = {}
+    for fact in facts:
+        subjects.setdefault(fact.relation, [])
+        if fact.subject not in subjects[fact.relation]:
+            subjects[fact.relation].append(fact.subject)
+    swapped = {}
+    for fact in facts:
+        pool = subjects[fact.relation]
+        if len(pool) < 2:
+            continue
+        donor = pool[(pool.index(fact.subject) + 1) % len(pool)]
+        start, end = fact.subject_span
+        swapped[fact.prompt_id] = replace(fact, subject=donor, prompt=fact.prompt[:start] + donor + fact.prompt[end:])
+    return swapped
+
+
+def subject_swap(model: LoadedModel, encoded: list[Encoded], heads: pd.DataFrame, batch_size: int = 16) -> pd.DataFrame:
+    """How far each classified head's own parts move when the subject is swapped for another of the relation.
+
+    heads: per-head classes (layer, head, class), e.g. DIR/heads.csv. Pass the same facts the analysis used so
+    R_r is the same. Per (head, source): `rel_change` = mean |Δ DLA| / mean |DLA| over prompts × R_r and
+    `corr` = mean over prompts of the correlation across R_r of the clean and swapped DLA vectors. A relation
+    head's RELATION part should barely move (rel_change ≪ 1, corr ≈ 1); a subject head's SUBJECT part should.
+    """
+    swapped = swap_subjects([item.fact for item in encoded])
+    clean = [item for item in encoded if item.fact.prompt_id in swapped]
+    if not clean:
+        raise FactscopeError("subject swap: no relation has two subjects to swap between")
+    moved = encode_all([swapped[item.fact.prompt_id] for item in clean], model.tokenizer, model.prepend_bos)
+    watched = _watched_parts(heads)
+    before, after = (
+        _watched_values(decompose(model, items, batch_size, known_only=False).attributions, watched)
+        for items in (clean, moved)
+    )
+    return _swap_stats(before, after.reindex(before.index), watched)
+
+
+def _watched_parts(heads: pd.DataFrame) -> pd.DataFrame:
+    """(layer, head, class, source) for each classified head's own parts."""
+    rows = [
+        (layer, head, name, source)
+        for layer, head, name in heads[["layer", "head", "class"]].itertuples(index=False, name=None)
+        for source in CLASS_SOURCES.get(name, ())
+    ]
+    return pd.DataFrame(rows, columns=["layer", "head", "class", "source"])
+
+
+def _watched_values(attributions: pd.DataFrame, watched: pd.DataFrame) -> pd.Series:
+    """DLA of the watched parts, indexed by (layer, head, source, prompt_id, target)."""
+    attn = attributions[attributions["component"] == "attn"]
+    rows = attn.merge(watched[["layer", "head", "source"]], on=["layer", "head", "source"])
+    return rows.set_index(["layer", "head", "source", "prompt_id", "target"])["value"].astype("float64")
+
+
+def _swap_stats(before: pd.Series, after: pd.Series, watched: pd.DataFrame) -> pd.DataFrame:
+    part = ["layer", "head", "source"]
+    frame = pd.DataFrame({"before": before, "after": after}).reset_index()
+    frame["change"] = (frame["after"] - frame["before"]).abs()
+    frame["size"] = frame["before"].abs()
+    by_prompt = frame.groupby([*part, "prompt_id"])
+    centred_before = frame["before"] - by_prompt["before"].transform("mean")
+    centred_after = frame["after"] - by_prompt["after"].transform("mean")
+    moments = pd.DataFrame(
+        {"cross": centred_before * centred_after, "var_before": centred_before**2, "var_after": centred_after**2}
+    ).groupby([frame[name] for name in [*part, "prompt_id"]]).sum()
+    corr = moments["cross"] / np.sqrt(moments["var_before"] * moments["var_after"])
+    sums = frame.groupby(part)[["change", "size"]].mean()
+    stats = pd.DataFrame(
+        {
+            "rel_change": sums["change"] / sums["size"],
+            "corr": corr.replace([np.inf, -np.inf], np.nan).groupby(level=part).mean(),
+            "n_prompts": frame.groupby(part)["prompt_id"].nunique(),
+        }
+    ).reset_index()
+    stats = watched.merge(stats, on=part)
+    stats.insert(2, "name", head_name(stats["layer"], stats["head"]))
+    return stats
+
+
+def swap_summary(stats: pd.DataFrame) -> dict:
+    """Mean rel_change and corr per (class, source), e.g. {"relation/relation": {...}, "subject/subject": {...}}."""
+    grouped = stats.groupby(["class", "source"])[["rel_change", "corr"]].mean()
+    return {f"{name}/{source}": {k: float(v) for k, v in row.items()} for (name, source), row in grouped.iterrows()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. Everything, from a run directory
+
+
+def summarize(run_dir: Path, rule: ClassRule = ClassRule()) -> dict:
+    """Write DIR/heads.csv, head_relation_classes.csv, head_class_sweep.csv, mlp_boosting.csv, mechanisms.csv;
+    return the entries for summary.json."""
+    run_dir = Path(run_dir)
+    attn, rest = read_parts(run_dir)
+    heads, by_relation, thresholds = classify_heads(head_dla(attn), rule)
+    heads = heads.merge(head_extraction(attn), on=["layer", "head"]).join(top_targets(attn), on=["layer", "head"])
+    parts = mechanism_parts(attn, rest, heads)
+    shares = mechanism_shares(parts)
+    heads.to_csv(run_dir / "heads.csv", index=False)
+    by_relation.to_csv(run_dir / "head_relation_classes.csv", index=False)
+    sweep = class_sweep(heads, sorted({*K_SWEEP, rule.k}), sorted({*Z_SWEEP, rule.z}), rule.floor)
+    sweep.to_csv(run_dir / "head_class_sweep.csv", index=False)
+    mlp_boosting(rest).to_csv(run_dir / "mlp_boosting.csv", index=False)
+    shares.to_csv(run_dir / "mechanisms.csv", index=False)
+    pooled = shares[shares["relation"] == "all"]
+    return {
+        "head_classes": class_counts(heads),
+        "head_class_rule": {
+            "k": rule.k, "z": rule.z, "floor": rule.floor, **{f"{s}_threshold": t for s, t in thresholds.items()}
+        },
+        "head_extraction": class_extraction(heads),
+        "mechanism_shares": {
+            metric: dict(zip(group["mechanism"], group["share"].astype(float)))
+            for metric, group in pooled.groupby("metric")
+        },
+        "interference": interference(parts, shares),
+    }
+
+
+def class_counts(heads: pd.DataFrame, n: int = TOP_N) -> dict:
+    """{class: {"count": n, "top": names}}, the top ranked by the DLA that defines the class."""
+    score = {
+        "subject": heads["subject_dla"],
+        "relation": heads["relation_dla"],
+        "mixed": heads["subject_dla"] + heads["relation_dla"],
+        "negligible": heads["subject_dla"] + heads["relation_dla"],
+    }
+    out = {}
+    for name in CLASSES:
+        members = heads["class"] == name
+        order = score[name][members].sort_values(ascending=False).index[:n]
+        out[name] = {"count": int(members.sum()), "top": heads.loc[order, "name"].tolist()}
+    return out

@@ -1,0 +1,288 @@
+"""Mechanism taxonomy: the class rule on synthetic tables, the exact mechanism partition on real decompositions of
+tiny models, and a hand-built model whose subject head and relation head the classifier must find."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import handbuilt
+from factscope.data import encode_all, load_facts
+from factscope.decompose import TOLERANCE, decompose
+from factscope.errors import FactscopeError
+from factscope.mechanisms import (
+    CLASSES,
+    MECHANISMS,
+    ClassRule,
+    class_sweep,
+    classify_heads,
+    head_dla,
+    interference,
+    mechanism_parts,
+    mechanism_shares,
+    robust_threshold,
+    split_parts,
+    subject_swap,
+    summarize,
+    swap_subjects,
+)
+from factscope.models import load_model
+
+THRESHOLDS = {"subject": 0.1, "relation": 0.1}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The rule
+
+
+@pytest.mark.parametrize(
+    ("s", "r", "expected"),
+    [
+        (5.0, 0.2, "subject"),  # both significant, S ≥ 10 R
+        (0.2, 5.0, "relation"),  # both significant, R ≥ 10 S
+        (1.0, 0.5, "mixed"),  # both significant, neither dominates
+        (1.0, 0.05, "subject"),  # only S significant
+        (1.0, -3.0, "subject"),  # only S significant: a negative R is never significant
+        (0.05, 1.0, "relation"),  # only R significant
+        (0.05, 0.05, "negligible"),
+        (-2.0, -2.0, "negligible"),
+    ],
+)
+def test_rule_branches(s, r, expected):
+    assert ClassRule().classify([s], [r], THRESHOLDS).tolist() == [expected]
+
+
+def test_rule_k_is_the_dominance_ratio():
+    assert ClassRule(k=2).classify([1.0], [0.5], THRESHOLDS).tolist() == ["subject"]
+    assert ClassRule(k=2.1).classify([1.0], [0.5], THRESHOLDS).tolist() == ["mixed"]
+
+
+@pytest.mark.parametrize("rule", [dict(k=0.5), dict(z=-1), dict(floor=-0.1)])
+def test_rule_rejects_meaningless_parameters(rule):
+    with pytest.raises(FactscopeError):
+        ClassRule(**rule)
+
+
+def test_threshold_is_robust_to_the_heads_it_should_find():
+    bulk = pd.Series(np.random.default_rng(0).normal(0.0, 0.01, 200))
+    few = pd.concat([bulk, pd.Series([5.0, 3.0, 2.0])])
+    many = pd.concat([bulk, pd.Series([5.0, 3.0, 2.0] * 5)])
+    assert 0.02 < robust_threshold(bulk, 3) < 0.04  # about three standard deviations of the bulk
+    assert robust_threshold(few, 3) == pytest.approx(robust_threshold(bulk, 3), abs=0.005)
+    assert robust_threshold(many, 3) < 0.05  # a mean + 3 std rule would be above 2 here
+
+
+def test_floor_keeps_numerical_zeros_out_when_all_other_heads_are_zero():
+    means = pd.DataFrame({"subject_dla": [2.0, 1e-9, 0.0, 0.0], "relation_dla": [0.0, 0.0, 0.0, -1e-9]})
+    thresholds = ClassRule().thresholds(means)
+    assert thresholds == {"subject": TOLERANCE, "relation": TOLERANCE}
+    classes = ClassRule().classify(means["subject_dla"], means["relation_dla"], thresholds)
+    assert classes.tolist() == ["subject", "negligible", "negligible", "negligible"]
+
+
+def per_prompt_table(heads: dict[tuple[int, int], list[tuple[float, float]]], relations: list[str]) -> pd.DataFrame:
+    """heads: (layer, head) → per prompt (S, R); prompt i belongs to relations[i]."""
+    rows = [
+        {"prompt_id": f"p{i}", "relation": relations[i], "layer": layer, "head": head,
+         "subject_dla": s, "relation_dla": r, "other_dla": 0.0}
+        for (layer, head), values in heads.items() for i, (s, r) in enumerate(values)
+    ]
+    return pd.DataFrame(rows)
+
+
+def quiet_heads(n: int, n_prompts: int) -> dict:
+    return {(1, h): [(0.0, 0.0)] * n_prompts for h in range(n)}
+
+
+def test_stability_over_prompts_and_relations():
+    table = per_prompt_table(
+        {
+            (0, 0): [(1.0, 0.0), (1.0, 0.0), (1.0, 0.0), (0.0, 0.0)],  # subject on 3 of 4 prompts, both relations
+            (0, 1): [(0.0, 2.0), (0.0, 2.0), (0.0, 0.0), (0.0, 0.0)],  # relation head of relation r1 only
+            **quiet_heads(20, 4),
+        },
+        ["r1", "r1", "r2", "r2"],
+    )
+    heads, by_relation, _ = classify_heads(table)
+    named = heads.set_index("name")
+    assert named.loc["L0H0", "class"] == "subject"
+    assert named.loc["L0H0", "stability"] == 0.75 and named.loc["L0H0", "relation_stability"] == 1.0
+    assert named.loc["L0H1", "class"] == "relation"
+    assert named.loc["L0H1", "stability"] == 0.5 and named.loc["L0H1", "relation_stability"] == 0.5
+    assert (named.drop(["L0H0", "L0H1"])["class"] == "negligible").all()
+    assert (named.drop(["L0H0", "L0H1"])["stability"] == 1.0).all()
+    per_relation = by_relation.set_index(["relation", "name"])["class"]
+    assert per_relation[("r1", "L0H1")] == "relation" and per_relation[("r2", "L0H1")] == "negligible"
+
+
+def test_k_sweep_moves_heads_from_subject_to_mixed():
+    ratios = [1.2, 2.5, 4, 8, 15, 30, 100]  # S / R of seven heads where both are significant
+    table = per_prompt_table({(0, h): [(ratio, 1.0)] for h, ratio in enumerate(ratios)} | quiet_heads(30, 1), ["r"])
+    heads, _, _ = classify_heads(table)
+    sweep = class_sweep(heads, ks=[1.5, 3, 10, 50], zs=[3]).pivot(index="k", columns="class", values="count")
+    assert sweep["subject"].tolist() == [6, 5, 3, 1]
+    assert sweep["mixed"].tolist() == [1, 2, 4, 6]
+    assert (sweep["negligible"] == 30).all() and (sweep["relation"] == 0).all()
+    assert set(sweep.columns) == set(CLASSES)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Additivity on synthetic parts
+
+
+def synthetic_parts(parts: dict[tuple, dict[str, float]], correct: str = "a") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One prompt; parts: (component, layer, head, source) → {target: DLA}; returns (attn, rest) like read_parts."""
+    rows = []
+    for (component, layer, head, source), values in parts.items():
+        total = sum(values.values())
+        for target, value in values.items():
+            others = (total - value) / (len(values) - 1)
+            rows.append({"prompt_id": "p", "relation": "r", "target": target, "is_correct_target": target == correct,
+                         "component": component, "layer": layer, "head": head, "source": source,
+                         "value": value, "logit_diff": value - others})
+    table = pd.DataFrame(rows)
+    return split_parts(table)
+
+
+HEADS = pd.DataFrame({"layer": [0, 0, 0], "head": [0, 1, 2], "class": ["subject", "relation", "negligible"]})
+
+
+def test_only_the_sum_ranks_the_attribute_first():
+    attn, rest = synthetic_parts(
+        {
+            ("attn", 0, 0, "subject"): {"a": 1.0, "b": 1.5, "c": 0.0},  # alone: b first
+            ("attn", 0, 1, "relation"): {"a": 1.0, "b": 0.0, "c": 1.5},  # alone: c first
+            ("attn", 0, 2, "relation"): {"a": -0.05, "b": 0.0, "c": 0.0},  # a negligible head that hurts a
+            ("mlp", 0, -1, "all"): {"a": 0.0, "b": 0.0, "c": 0.0},
+            ("embed", -1, -1, "all"): {"a": 0.3, "b": 0.3, "c": 0.3},
+        }
+    )
+    parts = mechanism_parts(attn, rest, HEADS)
+    shares = mechanism_shares(parts)
+    stats = interference(parts, shares)
+    assert stats["sum_ranks_first"] == 1.0 and stats["only_sum_ranks_first"] == 1.0
+    assert all(value == 0.0 for value in stats["alone_ranks_first"].values())
+    assert stats["destructive"] == ["other_heads"] and stats["dominant"] == []
+    diff = shares.query("relation == 'all' and metric == 'logit_diff'").set_index("mechanism")
+    assert diff.loc["subject_heads", "mean_value"] == pytest.approx(0.25)
+    assert diff.loc["other_heads", "mean_value"] == pytest.approx(-0.05)
+    assert diff.loc["embed_bias", "mean_value"] == pytest.approx(0.0)
+    assert diff.loc["mixed_subject", "mean_value"] == 0.0  # absent mechanisms are explicit zeros
+
+
+def test_one_mechanism_dominates():
+    attn, rest = synthetic_parts(
+        {
+            ("attn", 0, 0, "subject"): {"a": 3.0, "b": 0.0, "c": 0.0},
+            ("attn", 0, 1, "relation"): {"a": 0.2, "b": 0.1, "c": 0.0},
+            ("mlp", 3, -1, "all"): {"a": 0.0, "b": 0.0, "c": 0.0},
+        }
+    )
+    parts = mechanism_parts(attn, rest, HEADS)
+    stats = interference(parts, mechanism_shares(parts))
+    assert stats["dominant"] == ["subject_heads"] and stats["prompts_dominated"] == 1.0
+    assert stats["alone_ranks_first"]["subject_heads"] == 1.0 and stats["only_sum_ranks_first"] == 0.0
+
+
+def test_swap_subjects_replaces_the_last_mention_cyclically():
+    facts = [fact for fact in load_facts() if fact.relation == "landmark_country"][:3]
+    swapped = swap_subjects(facts)
+    assert [swapped[f.prompt_id].subject for f in facts] == [facts[1].subject, facts[2].subject, facts[0].subject]
+    first = swapped[facts[0].prompt_id]
+    assert first.prompt == facts[0].prompt.replace(facts[0].subject, facts[1].subject)
+    assert first.attribute == facts[0].attribute  # kept, so R_r and its target names stay the same
+    assert swap_subjects(facts[:1]) == {}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The partition is exact on real decompositions
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3"])
+def test_mechanisms_sum_exactly_to_the_logit(model_dirs, family):
+    model = load_model(str(model_dirs[family]))
+    encoded = encode_all(load_facts(), model.tokenizer, model.prepend_bos)[::4]
+    result = decompose(model, encoded, known_only=False)
+    attn, rest = split_parts(result.attributions)
+    heads, _, _ = classify_heads(head_dla(attn))
+    assert set(heads["class"]) <= set(CLASSES) and len(heads) == model.cfg.n_layers * model.cfg.n_heads
+    heads["class"] = [CLASSES[i % len(CLASSES)] for i in range(len(heads))]  # random heads: give every class some
+    parts = mechanism_parts(attn, rest, heads)
+    assert set(parts["mechanism"]) == set(MECHANISMS)
+
+    correct = parts[parts["is_correct_target"]].groupby("prompt_id")[["value", "logit_diff"]].sum()
+    every_part = pd.concat([attn, rest]).query("is_correct_target").groupby("prompt_id")[["value", "logit_diff"]].sum()
+    pd.testing.assert_frame_equal(correct, every_part.loc[correct.index], rtol=0, atol=1e-9)  # nothing lost or doubled
+    model_logit = result.recall.set_index("prompt_id")["logit"]
+    assert np.abs(correct["value"] - model_logit.loc[correct.index]).max() < TOLERANCE
+    # a − mean(R \ a) from the summed logits equals the sum of the mechanisms' logit_diff
+    totals = parts.groupby(["prompt_id", "target", "is_correct_target"])["value"].sum().reset_index()
+    others = totals[~totals["is_correct_target"]].groupby("prompt_id")["value"].mean()
+    assert np.abs(correct["logit_diff"] - (correct["value"] - others.loc[correct.index])).max() < 1e-6
+
+    shares = mechanism_shares(parts)
+    assert np.allclose(shares.groupby(["relation", "metric"])["share"].sum(), 1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The key test: a model whose subject head and relation head are set by hand
+
+
+@pytest.fixture(scope="module")
+def handbuilt_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("handbuilt")
+    model = load_model(str(handbuilt.build_model_dir(folder / "model")))
+    encoded = encode_all(handbuilt.facts(), model.tokenizer, model.prepend_bos)
+    result = decompose(model, encoded)
+    run = folder / "run"
+    run.mkdir()
+    result.attributions.to_parquet(run / "attributions.parquet")
+    return model, encoded, result, run
+
+
+def test_handbuilt_model_knows_its_facts(handbuilt_run):
+    _, encoded, result, _ = handbuilt_run
+    assert result.recall["correct"].all() and len(result.recall) == len(encoded)
+
+
+def test_classifier_finds_exactly_the_handbuilt_heads(handbuilt_run):
+    _, _, _, run = handbuilt_run
+    summary = summarize(run)
+    heads = pd.read_csv(run / "heads.csv").set_index("name")
+    assert heads.loc["L0H0", "class"] == "subject"
+    assert heads.loc["L0H1", "class"] == "relation"
+    assert (heads.drop(["L0H0", "L0H1"])["class"] == "negligible").all()
+    assert (heads[["stability", "relation_stability"]] == 1.0).all().all()
+    assert heads.loc["L0H2", "other_dla"] > 0.5  # a large DLA, but from the prefix: not a class of its own
+    assert {name: entry["top"] for name, entry in summary["head_classes"].items() if name != "negligible"} == {
+        "subject": ["L0H0"], "relation": ["L0H1"], "mixed": [],
+    }
+    # the subject head is specific, the relation head broad
+    assert heads.loc["L0H0", "subject_specificity"] > 3 * heads.loc["L0H0", "subject_breadth"] > 0
+    assert abs(heads.loc["L0H1", "relation_specificity"]) < 1e-3 < heads.loc["L0H1", "relation_breadth"]
+    json.dumps(summary)  # summary.json can hold it
+
+
+def test_handbuilt_outputs(handbuilt_run):
+    _, _, _, run = handbuilt_run
+    summary = summarize(run)
+    diff_shares = summary["mechanism_shares"]["logit_diff"]
+    assert diff_shares["subject_heads"] == pytest.approx(1.0, abs=1e-6)  # only the subject head tells a from R_r
+    assert summary["interference"]["alone_ranks_first"]["subject_heads"] == 1.0
+    assert summary["interference"]["alone_ranks_first"]["relation_heads"] == 0.0  # a tie over R_r ranks nothing
+    sweep = pd.read_csv(run / "head_class_sweep.csv")
+    assert (sweep.groupby(["k", "z"])["count"].sum() == 4).all()
+    mlp = pd.read_csv(run / "mlp_boosting.csv")
+    assert (mlp[["correct_dla", "breadth", "specificity"]] == 0).all().all()  # the MLP is zero
+
+
+def test_subject_swap_moves_subject_heads_not_relation_heads(handbuilt_run):
+    model, encoded, _, run = handbuilt_run
+    heads = pd.read_csv(run / "heads.csv")
+    swap = subject_swap(model, encoded, heads).set_index("name")
+    assert swap.loc["L0H1", "rel_change"] < 1e-4
+    assert swap.loc["L0H0", "rel_change"] > 1.0
+    assert set(swap.index) == {"L0H0", "L0H1"}  # negligible heads are not watched
