@@ -112,7 +112,7 @@ def analyze(
     swap: Annotated[bool, typer.Option("--swap", help="Also rerun with subjects swapped (relation heads should not move).")] = False,
 ) -> None:
     """Exact DLA by component and source group, the logit lens, head classes and mechanism shares."""
-    from .data import shipped_dataset
+    from .data import shipped_dataset, token_table
     from .decompose import TOLERANCE, iter_decompose
     from .mechanisms import ClassRule, subject_swap, summarize, swap_summary
     from .outputs import ParquetStream, output_dir, write_json
@@ -134,6 +134,7 @@ def analyze(
                 head_error = max(head_error, result.head_error)
         recall_table = pd.concat(recalls, ignore_index=True)
         recall_table.to_csv(staging / "recall.csv", index=False)
+        pd.DataFrame(token_table(encoded)).to_parquet(staging / "tokens.parquet", index=False)
         accuracy = accuracy_table(recall_table)
         summary = {
             "model": loaded.name,

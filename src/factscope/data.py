@@ -169,7 +169,7 @@ def encode(fact: Fact, tokenizer, prepend_bos: bool) -> Encoded:
         groups=groups,
         attribute_token=attribute_ids[0],
         attribute_n_tokens=len(attribute_ids),
-        tokens=tokenizer.convert_ids_to_tokens(ids),
+        tokens=[tokenizer.decode([token]) for token in ids],  # readable text, not BPE's 'Ġ' spelling
     )
 
 
@@ -189,6 +189,15 @@ def attribute_tokens(fact: Fact, tokenizer) -> list[int]:
 
 def encode_all(facts: list[Fact], tokenizer, prepend_bos: bool) -> list[Encoded]:
     return [encode(fact, tokenizer, prepend_bos) for fact in facts]
+
+
+def token_table(encoded: list[Encoded]) -> list[dict]:
+    """One record per token: `prompt_id, position, token, group, is_end` (for drill-down views)."""
+    return [
+        {"prompt_id": item.fact.prompt_id, "position": pos, "token": token, "group": group, "is_end": pos == item.end}
+        for item in encoded
+        for pos, (token, group) in enumerate(zip(item.tokens, item.groups))
+    ]
 
 
 def relation_targets(encoded: list[Encoded]) -> dict[str, dict[int, str]]:
