@@ -7,7 +7,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
-import click
 import pandas as pd
 import typer
 from rich.console import Console
@@ -27,6 +26,7 @@ OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output directory (mus
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, mps ...")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Prompts per forward pass.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue a killed run into the same --out, skipping finished batches.")]
 BosOpt = Annotated[
     Optional[bool],
     typer.Option("--bos/--no-bos", help="Prepend BOS (default: as the model's tokenizer does by default)."),
@@ -47,13 +47,21 @@ def progress_bar(label: str, total: int):
 
 
 def _prepare(model_name: str, dataset: Optional[Path], device: str, bos: Optional[bool]):
-    from .data import encode_all, load_facts
+    """Validate the dataset before the (slow) model load, then tokenize it for that model."""
+    from .data import encode_all, load_facts, shipped_dataset
     from .models import load_model
 
-    facts = load_facts(dataset)
+    dataset_path = dataset or shipped_dataset()
+    facts = load_facts(dataset_path)
     with console.status(f"loading {model_name}"):
         model = load_model(model_name, device=device, prepend_bos=bos)
-    return model, encode_all(facts, model.tokenizer, model.prepend_bos)
+    return model, encode_all(facts, model.tokenizer, model.prepend_bos), dataset_path
+
+
+def _refuse_existing(out: Path, overwrite: bool, resume: bool = False) -> None:
+    """Checked before any slow work, so a wrong --out costs nothing."""
+    if out.exists() and not (overwrite or resume):
+        raise FactscopeError(f"{out}: output directory exists; pass --overwrite to replace it")
 
 
 @app.command()
@@ -67,26 +75,25 @@ def recall(
     bos: BosOpt = None,
 ) -> None:
     """Which facts does the model know? Writes DIR/recall.csv and DIR/summary.json."""
-    from .data import shipped_dataset
-    from .outputs import output_dir, write_json
+    from .outputs import manifest, output_dir, write_json
     from .recall import accuracy_table, recall as run_recall
 
-    if out.exists() and not overwrite:
-        raise FactscopeError(f"{out}: output directory exists; pass --overwrite to replace it")
-    loaded, encoded = _prepare(model, dataset, device, bos)
+    _refuse_existing(out, overwrite)
+    loaded, encoded, dataset_path = _prepare(model, dataset, device, bos)
     with progress_bar("recall", len(encoded)) as advance:
         table = run_recall(loaded, encoded, batch_size=batch_size, progress=advance)
     table.insert(0, "model", loaded.name)
     table["prepend_bos"] = loaded.prepend_bos
     accuracy = accuracy_table(table)
-    with output_dir(out, overwrite) as staging:
-        table.to_csv(staging / "recall.csv", index=False)
+    config = {"command": "recall", "batch_size": batch_size, "prepend_bos": loaded.prepend_bos, "device": device}
+    with output_dir(out, overwrite, manifest=manifest(loaded.name, loaded.weights_sha256, dataset_path, config)) as run:
+        table.to_csv(run.staging / "recall.csv", index=False)
         write_json(
-            staging / "summary.json",
+            run.staging / "summary.json",
             {
                 "model": loaded.name,
                 "weights_sha256": loaded.weights_sha256,
-                "dataset": str(dataset or shipped_dataset()),
+                "dataset": str(dataset_path),
                 "prepend_bos": loaded.prepend_bos,
                 "n_prompts": len(table),
                 "accuracy": float(accuracy.iloc[-1]["accuracy"]),
@@ -110,59 +117,39 @@ def analyze(
     k: Annotated[float, typer.Option("--k", min=1.0, help="Dominance ratio between subject and relation DLA.")] = 10.0,
     z: Annotated[float, typer.Option("--z", min=0.0, help="Significance: robust z-score against all heads.")] = 3.0,
     swap: Annotated[bool, typer.Option("--swap", help="Also rerun with subjects swapped (relation heads should not move).")] = False,
+    resume: ResumeOpt = False,
 ) -> None:
     """Exact DLA by component and source group, the logit lens, head classes and mechanism shares."""
-    from .data import shipped_dataset, token_table
-    from .decompose import TOLERANCE, iter_decompose
+    from .decompose import decompose_to_dir
     from .mechanisms import ClassRule, subject_swap, summarize, swap_summary
-    from .outputs import ParquetStream, output_dir, write_json
+    from .outputs import manifest, output_dir, write_json
     from .recall import accuracy_table
 
-    if out.exists() and not overwrite:
-        raise FactscopeError(f"{out}: output directory exists; pass --overwrite to replace it")
-    loaded, encoded = _prepare(model, dataset, device, bos)
-    recalls, reconstruction, head_error = [], 0.0, 0.0
-    with output_dir(out, overwrite) as staging:
-        with ParquetStream(staging / "attributions.parquet") as attributions, ParquetStream(
-            staging / "logit_lens.parquet"
-        ) as lens, progress_bar("analyze", len(encoded)) as advance:
-            for result in iter_decompose(loaded, encoded, batch_size, advance, known_only=not all_prompts):
-                attributions.write(result.attributions)
-                lens.write(result.logit_lens)
-                recalls.append(result.recall)
-                reconstruction = max(reconstruction, result.reconstruction_error)
-                head_error = max(head_error, result.head_error)
-        recall_table = pd.concat(recalls, ignore_index=True)
-        recall_table.to_csv(staging / "recall.csv", index=False)
-        pd.DataFrame(token_table(encoded)).to_parquet(staging / "tokens.parquet", index=False)
-        accuracy = accuracy_table(recall_table)
-        summary = {
-            "model": loaded.name,
-            "weights_sha256": loaded.weights_sha256,
-            "dataset": str(dataset or shipped_dataset()),
-            "prepend_bos": loaded.prepend_bos,
-            "known_only": not all_prompts,
-            "n_prompts": len(recall_table),
-            "n_analysed": len(recall_table) if all_prompts else int(recall_table["correct"].sum()),
-            "accuracy": float(accuracy.iloc[-1]["accuracy"]),
-            "max_abs_reconstruction_error": reconstruction,
-            "max_abs_head_error": head_error,
-            "tolerance": TOLERANCE,
-        }
+    _refuse_existing(out, overwrite, resume)
+    loaded, encoded, dataset_path = _prepare(model, dataset, device, bos)
+    config = {"command": "analyze", "batch_size": batch_size, "known_only": not all_prompts, "k": k, "z": z,
+              "swap": swap, "prepend_bos": loaded.prepend_bos, "device": device}
+    run_manifest = manifest(loaded.name, loaded.weights_sha256, dataset_path, config)
+    with output_dir(out, overwrite, resume, run_manifest) as run:
+        with progress_bar("analyze", len(encoded)) as advance:
+            summary = {"model": loaded.name, "weights_sha256": loaded.weights_sha256, "dataset": str(dataset_path)}
+            summary.update(decompose_to_dir(run, loaded, encoded, batch_size, advance, known_only=not all_prompts))
         if summary["n_analysed"] == 0:
             raise FactscopeError("no prompt is a known fact for this model; rerun with --all-prompts")
-        summary.update(summarize(staging, ClassRule(k=k, z=z)))
+        summary.update(summarize(run.staging, ClassRule(k=k, z=z)))
         if swap:
             # all prompts, known or not, so that every R_r is the one the analysis used
-            stats = subject_swap(loaded, encoded, pd.read_csv(staging / "heads.csv"), batch_size)
-            stats.to_csv(staging / "subject_swap.csv", index=False)
+            stats = subject_swap(loaded, encoded, pd.read_csv(run.staging / "heads.csv"), batch_size)
+            stats.to_csv(run.staging / "subject_swap.csv", index=False)
             summary["subject_swap"] = swap_summary(stats)
-        write_json(staging / "summary.json", summary)
+        write_json(run.staging / "summary.json", summary)
+        accuracy = accuracy_table(pd.read_csv(run.staging / "recall.csv"))
+        reconstruction, head_error, tolerance = (summary[key] for key in ("max_abs_reconstruction_error", "max_abs_head_error", "tolerance"))
     _print_accuracy(accuracy, f"{loaded.name} · BOS {'prepended' if loaded.prepend_bos else 'not prepended'}")
     _print_mechanisms(summary)
     console.print(
         f"analysed {summary['n_analysed']}/{summary['n_prompts']} prompts · sum of parts = model logit within "
-        f"{reconstruction:.1e} (per head {head_error:.1e}; tolerance {TOLERANCE:g}) · wrote {out}/"
+        f"{reconstruction:.1e} (per head {head_error:.1e}; tolerance {tolerance:g}) · wrote {out}/"
     )
 
 
@@ -196,13 +183,13 @@ def run() -> None:
     """Entry point: one clear line and a non-zero exit for any user error, a traceback only with --debug."""
     try:
         app(standalone_mode=False)
-    except click.ClickException as err:
+    except typer.Exit as err:
+        sys.exit(err.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    except typer.TyperException as err:  # usage errors: click's own message and exit code
         err.show()
         sys.exit(err.exit_code)
-    except click.exceptions.Exit as err:
-        sys.exit(err.exit_code)
-    except click.Abort:
-        sys.exit(130)
     except FactscopeError as err:
         _fail(err, str(err), 2)
     except OSError as err:

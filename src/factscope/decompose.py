@@ -21,9 +21,10 @@ import pandas as pd
 import torch
 from jaxtyping import Float, Int
 
-from .data import GROUPS, Encoded, relation_targets
+from .data import GROUPS, Encoded, relation_targets, token_table
 from .errors import FactscopeError
 from .models import LoadedModel, pad_batch, pad_id
+from .outputs import RunDir
 from .recall import chunks, recall_rows
 
 TOLERANCE = 1e-3
@@ -62,7 +63,7 @@ def decompose(
     known_only: bool = True,
 ) -> Decomposition:
     """Decompose every prompt's END logits for its correct attribute and all of R_r; keep known facts by default."""
-    results = list(iter_decompose(model, encoded, batch_size, progress, known_only))
+    results = [result for _, result in iter_decompose(model, encoded, batch_size, progress, known_only)]
     return Decomposition(
         attributions=pd.concat([r.attributions for r in results], ignore_index=True),
         logit_lens=pd.concat([r.logit_lens for r in results], ignore_index=True),
@@ -72,17 +73,56 @@ def decompose(
     )
 
 
+def decompose_to_dir(
+    run: RunDir,
+    model: LoadedModel,
+    encoded: list[Encoded],
+    batch_size: int = 32,
+    progress: Callable[[int], None] | None = None,
+    known_only: bool = True,
+) -> dict:
+    """Decompose batch by batch into a run directory, skipping batches a previous (killed) run finished.
+
+    Writes attributions.parquet, logit_lens.parquet, recall.csv, tokens.parquet; returns the summary entries.
+    """
+    done = run.done_batches()
+    if progress:
+        progress(sum(len(batch) for index, batch in enumerate(chunks(encoded, batch_size)) if index in done))
+    for index, result in iter_decompose(model, encoded, batch_size, progress, known_only, skip=set(done)):
+        tables = {"attributions": result.attributions, "logit_lens": result.logit_lens, "recall": result.recall}
+        run.write_batch(index, tables, {"reconstruction_error": result.reconstruction_error, "head_error": result.head_error})
+    run.merge("attributions")
+    run.merge("logit_lens")
+    recall = run.read_parts("recall")
+    recall.to_csv(run.staging / "recall.csv", index=False)
+    pd.DataFrame(token_table(encoded)).to_parquet(run.staging / "tokens.parquet", index=False)
+    errors = run.done_batches().values()
+    return {
+        "prepend_bos": model.prepend_bos,
+        "known_only": known_only,
+        "n_prompts": len(recall),
+        "n_analysed": int(recall["correct"].sum()) if known_only else len(recall),
+        "accuracy": float(recall["correct"].mean()),
+        "max_abs_reconstruction_error": max(meta["reconstruction_error"] for meta in errors),
+        "max_abs_head_error": max(meta["head_error"] for meta in errors),
+        "tolerance": TOLERANCE,
+    }
+
+
 def iter_decompose(
     model: LoadedModel,
     encoded: list[Encoded],
     batch_size: int = 32,
     progress: Callable[[int], None] | None = None,
     known_only: bool = True,
-) -> Iterator[BatchResult]:
-    """One batched forward pass per batch of prompts; yields its tables so callers can stream them to disk."""
+    skip: set[int] = frozenset(),
+) -> Iterator[tuple[int, BatchResult]]:
+    """One batched forward pass per batch of prompts; yields (batch index, tables) so callers can stream them."""
     check_supported(model)
     targets = relation_targets(encoded)
-    for batch in chunks(encoded, batch_size):
+    for index, batch in enumerate(chunks(encoded, batch_size)):
+        if index in skip:
+            continue
         result = decompose_batch(model, batch, targets, known_only)
         if result.reconstruction_error > TOLERANCE or result.head_error > TOLERANCE:
             raise FactscopeError(
@@ -92,7 +132,7 @@ def iter_decompose(
             )
         if progress:
             progress(len(batch))
-        yield result
+        yield index, result
 
 
 def check_supported(model: LoadedModel) -> None:
