@@ -171,7 +171,7 @@ def decompose_batch(model: LoadedModel, batch: list[Encoded], targets: dict[str,
         )
         logits_end = logits[rows, ends].float()  # [batch, vocab]
         scale = cache["ln_final.hook_scale"][rows, ends]  # [batch, 1]
-        unembed = einops.rearrange(bridge.W_U[:, target_ids.to(device)], "d batch t -> batch d t")
+        unembed = einops.rearrange(model.W_U[:, target_ids.to(device)], "d batch t -> batch d t")
         to_logit = _LogitMap(unembed, scale, cfg.normalization_type in ("LN", "LNPre"))
 
         embed = to_logit(cache["hook_embed"][rows, ends])
@@ -185,7 +185,7 @@ def decompose_batch(model: LoadedModel, batch: list[Encoded], targets: dict[str,
             mlps.append(to_logit(cache[f"blocks.{layer}.hook_mlp_out"][rows, ends]))
         heads_t = torch.stack(heads, dim=1)  # [batch, layer, head, group, target]
         biases_t, mlps_t = torch.stack(biases, dim=1), torch.stack(mlps, dim=1)  # [batch, layer, target]
-        unembed_bias = _unembed_bias(bridge, target_ids.to(device))  # [batch, target]
+        unembed_bias = model.b_U[target_ids.to(device)]  # [batch, target]
 
         total = embed + heads_t.sum((1, 2, 3)) + biases_t.sum(1) + mlps_t.sum(1) + unembed_bias
         if pos_embed is not None:
@@ -233,13 +233,12 @@ class _LogitMap:
 
 def _head_dla(model, cache, layer, rows, ends, groups, to_logit):
     """Per head and source group DLA, and per head DLA from hook_z (an independent path) for the exactness check."""
-    bridge = model.bridge
     pattern = cache[f"blocks.{layer}.attn.hook_pattern"][rows, :, ends]  # [batch, head, key_pos]
     values = cache[f"blocks.{layer}.attn.hook_v"]  # [batch, key_pos, kv_head, d_head]
     n_heads = pattern.shape[1]
     values = values.repeat_interleave(n_heads // values.shape[2], dim=2)  # GQA: query head h reads kv head h // group
     z_by_group = torch.einsum("bhk,bkhd,bkg->bhgd", pattern, values, groups)
-    w_o = bridge.W_O[layer]  # [head, d_head, d_model]
+    w_o = model.W_O[layer]  # [head, d_head, d_model]
     out_by_group = torch.einsum("bhgd,hdm->bhgm", z_by_group, w_o)
     out_whole = torch.einsum("bhd,hdm->bhm", cache[f"blocks.{layer}.attn.hook_z"][rows, ends], w_o)
     if has_attn_post_norm(model):
@@ -272,11 +271,6 @@ def _post_norm(model, cache, layer, rows, ends) -> tuple[Float[torch.Tensor, " d
     return gain, cache[f"blocks.{layer}.ln1_post.hook_scale"][rows, ends]
 
 
-def _unembed_bias(bridge, target_ids: Int[torch.Tensor, "batch target"]) -> Float[torch.Tensor, "batch target"]:
-    b_u = getattr(bridge, "b_U", None)
-    return torch.zeros(target_ids.shape, device=target_ids.device) if b_u is None else b_u[target_ids]
-
-
 def _target_matrix(batch: list[Encoded], targets) -> tuple[Int[torch.Tensor, "batch target"], torch.Tensor]:
     """Each prompt's R_r as token ids (correct attribute first), padded to the batch's largest R."""
     width = max(len(targets[item.fact.relation]) for item in batch)
@@ -304,78 +298,87 @@ def _group_onehot(batch: list[Encoded], width: int) -> Float[torch.Tensor, "batc
 
 
 def _logit_lens(model, cache, batch, rows, ends) -> pd.DataFrame:
-    """Accumulated residual after each layer, normalised by its own scale (not frozen), read at END."""
-    cfg, bridge = model.cfg, model.bridge
+    """Accumulated residual after each layer, normalised by its own scale (not frozen), read at END.
+
+    All layers go through the unembedding as one matrix product: it is the costliest step of the analysis.
+    """
+    cfg = model.cfg
     answer = torch.tensor([item.attribute_token for item in batch], device=model.device)
-    records = []
-    for layer in range(cfg.n_layers):
-        resid = cache[f"blocks.{layer}.hook_resid_post"][rows, ends]  # [batch, d_model]
-        if cfg.normalization_type in ("LN", "LNPre"):
-            resid = resid - resid.mean(-1, keepdim=True)
-        resid = resid / (resid.pow(2).mean(-1, keepdim=True) + cfg.eps).sqrt()
-        logits = resid @ bridge.W_U + _unembed_bias(bridge, torch.arange(bridge.W_U.shape[1], device=model.device))
-        answer_logit = logits.gather(1, answer[:, None]).squeeze(1)
-        records.append(
-            {
-                "layer": np.full(len(batch), layer),
-                "rank": ((logits > answer_logit[:, None]).sum(1) + 1).cpu().numpy(),
-                "prob": logits.softmax(-1).gather(1, answer[:, None]).squeeze(1).cpu().numpy(),
-                "logit": answer_logit.cpu().numpy(),
-                "top_token": logits.argmax(-1).cpu().numpy(),
-            }
-        )
-    table = pd.DataFrame({key: np.concatenate([r[key] for r in records]) for key in records[0]})
-    table.insert(0, "prompt_id", [item.fact.prompt_id for item in batch] * cfg.n_layers)
-    table["top_token"] = [model.tokenizer.decode([t]) for t in table["top_token"]]
+    resid = torch.stack([cache[f"blocks.{layer}.hook_resid_post"][rows, ends] for layer in range(cfg.n_layers)])
+    if cfg.normalization_type in ("LN", "LNPre"):
+        resid = resid - resid.mean(-1, keepdim=True)
+    resid = resid / (resid.pow(2).mean(-1, keepdim=True) + cfg.eps).sqrt()  # [layer, batch, d_model]
+    logits = resid @ model.W_U + model.b_U  # [layer, batch, vocab]
+    answer_logit = logits.gather(2, answer[None, :, None].expand(cfg.n_layers, -1, 1))  # [layer, batch, 1]
+    table = pd.DataFrame(
+        {
+            "prompt_id": [item.fact.prompt_id for item in batch] * cfg.n_layers,
+            "layer": np.repeat(np.arange(cfg.n_layers), len(batch)),
+            "rank": ((logits > answer_logit).sum(-1) + 1).flatten().cpu().numpy(),
+            "prob": (answer_logit.squeeze(-1) - logits.logsumexp(-1)).exp().flatten().cpu().numpy(),
+            "logit": answer_logit.flatten().cpu().numpy(),
+        }
+    )
+    table["top_token"] = [model.tokenizer.decode([t]) for t in logits.argmax(-1).flatten().tolist()]
     return table
 
 
 def _attribution_table(batch, targets, target_ids, target_valid, keep, sources, heads, biases, mlps, parts) -> pd.DataFrame:
-    """Dense per-batch arrays → the tidy long table, one row per (prompt, target, component, layer, head, source)."""
-    n_layers, n_heads, n_groups = heads.shape[1:4]
-    frames = []
-    for row, item in enumerate(batch):
-        if not keep[row]:
-            continue
-        n_targets = int(target_valid[row].sum())
-        # The correct target comes first and carries the fact's own spelling, even when another attribute of the
-        # relation shares its first token (" yen" / " yuan") and so names that token elsewhere.
-        names = [item.fact.attribute, *(targets[item.fact.relation][int(t)] for t in target_ids[row, 1:n_targets])]
-        blocks = [
-            _block("attn", heads[row, ..., :n_targets], ("layer", "head", "source"), sources),
-            _block("bias", biases[row, :, :n_targets], ("layer",), sources),
-            _block("mlp", mlps[row, :, :n_targets], ("layer",), sources),
-            *(_block(name, value[row, None, :n_targets], (), sources) for name, value in parts.items()),
-        ]
-        frame = pd.concat(blocks, ignore_index=True)
-        target_index = frame.pop("target_index").to_numpy()
-        frame["target"] = np.array(names)[target_index]
-        frame["is_correct_target"] = target_index == 0
-        frame["prompt_id"] = item.fact.prompt_id
-        frame["relation"] = item.fact.relation
-        frames.append(frame)
-    if not frames:
+    """Dense per-batch arrays → the tidy long table, one row per (prompt, target, component, layer, head, source).
+
+    heads: [batch, layer, head, source, target]; biases, mlps: [batch, layer, target]; parts: name → [batch, target].
+    Rows are grouped by prompt in batch order, so the table does not depend on how prompts were batched.
+    """
+    valid = target_valid.numpy().astype(bool) & np.asarray(keep, dtype=bool)[:, None]  # [batch, target]
+    if not valid.any():
         return pd.DataFrame({name: pd.Series(dtype=dtype) for name, dtype in ATTRIBUTION_COLUMNS.items()})
-    return pd.concat(frames, ignore_index=True)[list(ATTRIBUTION_COLUMNS)]
-
-
-def _block(component: str, values: torch.Tensor, axes: tuple[str, ...], sources: list[str]) -> pd.DataFrame:
-    """values: [*axes, target] → long rows with layer/head/source filled (−1 / "all" where an axis is absent)."""
-    shape = values.shape
-    index = np.indices(shape).reshape(len(shape), -1)
-    n_targets = shape[-1]
-    # each target's value against the mean of the relation's other attributes (a − mean(R \ a) for the correct one)
-    others = (values.sum(-1, keepdim=True) - values) / (n_targets - 1) if n_targets > 1 else torch.full_like(values, float("nan"))
-    frame = pd.DataFrame(
+    blocks = [
+        _block("attn", heads, ("layer", "head", "source"), sources, target_valid),
+        _block("bias", biases, ("layer",), sources, target_valid),
+        _block("mlp", mlps, ("layer",), sources, target_valid),
+        *(_block(name, value[:, None], ("",), sources, target_valid) for name, value in parts.items()),
+    ]
+    columns = {key: np.concatenate([block[key] for block in blocks]) for key in blocks[0]}
+    rows, target_index = columns.pop("row"), columns.pop("target_index")
+    kept = valid[rows, target_index]
+    order = np.argsort(rows[kept], kind="stable")
+    pick = np.flatnonzero(kept)[order]
+    rows, target_index = rows[pick], target_index[pick]
+    # The correct target comes first and carries the fact's own spelling, even when another attribute of the
+    # relation shares its first token (" yen" / " yuan") and so names that token elsewhere.
+    names = np.array(
+        [[item.fact.attribute, *(targets[item.fact.relation].get(int(t), "") for t in ids[1:])] for item, ids in zip(batch, target_ids)],
+        dtype=object,
+    )
+    table = pd.DataFrame(
         {
-            "component": component,
-            "value": values.reshape(-1).numpy().astype(np.float32),
-            "logit_diff": (values - others).reshape(-1).numpy().astype(np.float32),
+            "prompt_id": np.array([item.fact.prompt_id for item in batch], dtype=object)[rows],
+            "relation": np.array([item.fact.relation for item in batch], dtype=object)[rows],
+            "target": names[rows, target_index],
+            "is_correct_target": target_index == 0,
+            **{key: value[pick] for key, value in columns.items()},
         }
     )
-    named = dict(zip(axes, index[:-1]))
-    frame["layer"] = named.get("layer", np.full(frame.shape[0], -1))
-    frame["head"] = named.get("head", np.full(frame.shape[0], -1))
-    frame["source"] = np.array(sources)[named["source"]] if "source" in named else "all"
-    frame["target_index"] = index[-1]
-    return frame
+    return table[list(ATTRIBUTION_COLUMNS)].astype({"prompt_id": "str", "relation": "str", "target": "str", "component": "str", "source": "str"})
+
+
+def _block(component: str, values: torch.Tensor, axes: tuple[str, ...], sources: list[str], target_valid: torch.Tensor) -> dict:
+    """values: [batch, *axes, target] → flat columns; layer/head/source are −1 / "all" where an axis is absent."""
+    valid = target_valid.reshape(target_valid.shape[0], *([1] * len(axes)), -1)  # broadcast over the axes
+    n_targets = target_valid.sum(-1).reshape(valid.shape[0], *([1] * (len(axes) + 1)))
+    # each target's value against the mean of the relation's other attributes (a − mean(R \ a) for the correct one)
+    others = ((values * valid).sum(-1, keepdim=True) - values) / (n_targets - 1)
+    logit_diff = torch.where(n_targets > 1, values - others, torch.full_like(values, float("nan")))
+    index = np.indices(values.shape).reshape(values.dim(), -1)
+    named = dict(zip(axes, index[1:-1]))
+    size = index.shape[1]
+    return {
+        "row": index[0],
+        "target_index": index[-1],
+        "component": np.full(size, component, dtype=object),
+        "layer": named.get("layer", np.full(size, -1)),
+        "head": named.get("head", np.full(size, -1)),
+        "source": np.array(sources, dtype=object)[named["source"]] if "source" in named else np.full(size, "all", dtype=object),
+        "value": values.reshape(-1).numpy().astype(np.float32),
+        "logit_diff": logit_diff.reshape(-1).numpy().astype(np.float32),
+    }

@@ -16,6 +16,7 @@ import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -85,7 +86,21 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return self.bridge.W_U.device
+        return self.W_U.device
+
+    # The bridge stacks W_O across layers on every access; analyses read it per layer and per batch.
+    @cached_property
+    def W_O(self) -> Float[torch.Tensor, "layer head d_head d_model"]:
+        return self.bridge.W_O
+
+    @cached_property
+    def W_U(self) -> Float[torch.Tensor, "d_model vocab"]:
+        return self.bridge.W_U
+
+    @cached_property
+    def b_U(self) -> Float[torch.Tensor, " vocab"]:
+        b_u = getattr(self.bridge, "b_U", None)
+        return torch.zeros(self.W_U.shape[1], device=self.W_U.device) if b_u is None else b_u
 
 
 def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", prepend_bos: bool | None = None) -> LoadedModel:
