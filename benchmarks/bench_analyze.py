@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import resource
+import threading
 import time
+
+import psutil
 
 import torch
 
@@ -37,6 +39,30 @@ def prompts(model, n: int):
     facts = load_facts()
     cycled = [dataclasses.replace(facts[i % len(facts)], prompt_id=f"{i}") for i in range(n)]
     return encode_all(cycled, model.tokenizer, model.prepend_bos)
+
+
+class PeakRSS:
+    """Peak resident memory while the block runs, sampled every 5 ms (ru_maxrss would include the model load)."""
+
+    def __enter__(self):
+        self.process, self.peak, self.running = psutil.Process(), 0, True
+        self.baseline = self.process.memory_info().rss
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(0.005)
+
+    def __exit__(self, *exc) -> None:
+        self.running = False
+        self.thread.join()
+
+    @property
+    def above_baseline_mb(self) -> float:
+        return (self.peak - self.baseline) / 2**20
 
 
 def bare_forward(model, encoded, batch_size: int) -> None:
@@ -77,25 +103,28 @@ def main() -> None:
     model = load_model(args.model)
     load_seconds = time.perf_counter() - start
     encoded = prompts(model, args.prompts)
-    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-    analyze = lambda: decompose(model, encoded, batch_size=args.batch_size, known_only=False)  # noqa: E731
-    analyze()  # warm-up: first-call allocations and lazy imports are not what we measure
+    def analyze(known_only: bool = True):
+        return decompose(model, encoded, batch_size=args.batch_size, known_only=known_only)
+
+    with PeakRSS() as memory:
+        analyze()  # also the warm-up: first-call allocations and lazy imports are not what we time
     t_forward = timed(lambda: bare_forward(model, encoded, args.batch_size))
     t_analyze = timed(analyze)
-    rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t_analyze_all = timed(lambda: analyze(known_only=False))
     t_loop = timed(lambda: tl_loop(model, encoded), repeats=1)
 
     print(f"model {args.model} · {args.prompts} prompts · batch {args.batch_size} · threads {torch.get_num_threads()}")
     print(f"model load from cache      {load_seconds:7.2f} s")
     print(f"bare batched HF forward    {t_forward:7.2f} s")
-    print(f"factscope decompose        {t_analyze:7.2f} s")
+    print(f"factscope decompose        {t_analyze:7.2f} s  (known facts, the default)")
+    print(f"  … with --all-prompts     {t_analyze_all:7.2f} s  ({t_analyze_all / t_forward:.2f}× forward)")
     print(f"naive TransformerLens loop {t_loop:7.2f} s")
-    print(f"peak RSS above loaded model {rss_peak - rss_loaded:6.0f} MB")
+    print(f"peak RSS above loaded model {memory.above_baseline_mb:6.0f} MB")
     if args.scaling:
         for n in (16, 64, 128, 256, 512):
             subset = prompts(model, n)
-            seconds = timed(lambda: decompose(model, subset, batch_size=args.batch_size, known_only=False), repeats=1)
+            seconds = timed(lambda: decompose(model, subset, batch_size=args.batch_size), repeats=1)
             print(f"scaling {n:4d} prompts {seconds:7.2f} s  {1000 * seconds / n:6.1f} ms/prompt")
     print(f"analyze/forward={t_analyze / t_forward:.2f} tl_loop/analyze={t_loop / t_analyze:.2f}")
 

@@ -75,7 +75,7 @@ def recall(
     bos: BosOpt = None,
 ) -> None:
     """Which facts does the model know? Writes DIR/recall.csv and DIR/summary.json."""
-    from .outputs import manifest, output_dir, write_json
+    from .outputs import manifest, output_dir, write_csv, write_json
     from .recall import accuracy_table, recall as run_recall
 
     _refuse_existing(out, overwrite)
@@ -87,7 +87,7 @@ def recall(
     accuracy = accuracy_table(table)
     config = {"command": "recall", "batch_size": batch_size, "prepend_bos": loaded.prepend_bos, "device": device}
     with output_dir(out, overwrite, manifest=manifest(loaded.name, loaded.weights_sha256, dataset_path, config)) as run:
-        table.to_csv(run.staging / "recall.csv", index=False)
+        write_csv(table, run.staging / "recall.csv")
         write_json(
             run.staging / "summary.json",
             {
@@ -122,7 +122,7 @@ def analyze(
     """Exact DLA by component and source group, the logit lens, head classes and mechanism shares."""
     from .decompose import decompose_to_dir
     from .mechanisms import ClassRule, subject_swap, summarize, swap_summary
-    from .outputs import manifest, output_dir, write_json
+    from .outputs import manifest, output_dir, write_csv, write_json
     from .recall import accuracy_table
 
     _refuse_existing(out, overwrite, resume)
@@ -140,17 +140,44 @@ def analyze(
         if swap:
             # all prompts, known or not, so that every R_r is the one the analysis used
             stats = subject_swap(loaded, encoded, pd.read_csv(run.staging / "heads.csv"), batch_size)
-            stats.to_csv(run.staging / "subject_swap.csv", index=False)
+            write_csv(stats, run.staging / "subject_swap.csv")
             summary["subject_swap"] = swap_summary(stats)
         write_json(run.staging / "summary.json", summary)
         accuracy = accuracy_table(pd.read_csv(run.staging / "recall.csv"))
         reconstruction, head_error, tolerance = (summary[key] for key in ("max_abs_reconstruction_error", "max_abs_head_error", "tolerance"))
     _print_accuracy(accuracy, f"{loaded.name} · BOS {'prepended' if loaded.prepend_bos else 'not prepended'}")
     _print_mechanisms(summary)
+    report_command(out)  # after the analysis is safely in place: a rendering failure cannot cost it
     console.print(
         f"analysed {summary['n_analysed']}/{summary['n_prompts']} prompts · sum of parts = model logit within "
-        f"{reconstruction:.1e} (per head {head_error:.1e}; tolerance {tolerance:g}) · wrote {out}/"
+        f"{reconstruction:.1e} (per head {head_error:.1e}; tolerance {tolerance:g}) · wrote {out}/ (open report.html)"
     )
+
+
+@app.command("report")
+def report_command(
+    run_dir: Annotated[Path, typer.Argument(help="A finished `factscope analyze` output directory.", exists=True, file_okay=False)],
+    pngs: Annotated[bool, typer.Option("--pngs/--no-pngs", help="Also write DIR/figures/*.png.")] = True,
+) -> None:
+    """Write DIR/report.html (one self-contained file, opens offline) and DIR/figures/*.png from a finished run."""
+    from .report import load_run, write_report
+
+    with console.status("rendering the report"):
+        path = write_report(run_dir, pngs=pngs)
+    _print_departures(load_run(run_dir))
+    console.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)" + (f" and {run_dir}/figures/*.png" if pngs else ""))
+
+
+def _print_departures(run) -> None:
+    from .report import departures
+
+    table = Table(title="where this model departs from the paper (Pythia-2.8B)")
+    table.add_column("verdict")
+    table.add_column("this run", overflow="fold")
+    colour = {"agrees": "green", "departs": "yellow", "not run": "dim"}
+    for check in departures(run):
+        table.add_row(f"[{colour[check.status]}]{check.status}[/]", escape(check.text))
+    Console().print(table)
 
 
 def _print_mechanisms(summary: dict) -> None:

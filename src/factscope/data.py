@@ -8,6 +8,7 @@ character offsets) and returns plain Python lists.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 from dataclasses import dataclass, field
@@ -54,10 +55,12 @@ def load_facts(path: str | Path | None = None) -> list[Fact]:
     path = Path(path) if path is not None else shipped_dataset()
     if not path.is_file():
         raise FactscopeError(f"{path}: dataset file not found")
+    raw = path.read_bytes()
     try:
-        text = path.read_text(encoding="utf-8")
+        text = raw.decode("utf-8-sig")  # a byte-order mark (Excel's CSV export) is not part of the text
     except UnicodeDecodeError as err:
-        raise FactscopeError(f"{path}: not UTF-8 text (byte {err.start})") from None
+        line = raw[: err.start].count(b"\n") + 1
+        raise FactscopeError(f"{path}:{line}: not UTF-8 text (byte {err.start})") from None
     rows = _csv_rows(path, text) if path.suffix.lower() == ".csv" else _jsonl_rows(path, text)
     facts = [_fact(path, line, index, row) for index, (line, row) in enumerate(rows)]
     if not facts:
@@ -68,7 +71,8 @@ def load_facts(path: str | Path | None = None) -> list[Fact]:
 
 def _jsonl_rows(path: Path, text: str) -> list[tuple[int, dict]]:
     rows = []
-    for line, raw in enumerate(text.splitlines(), start=1):
+    # split on newlines only: str.splitlines() would also break inside strings at U+2028, form feeds, …
+    for line, raw in enumerate(text.split("\n"), start=1):
         if not raw.strip():
             continue
         try:
@@ -82,7 +86,7 @@ def _jsonl_rows(path: Path, text: str) -> list[tuple[int, dict]]:
 
 
 def _csv_rows(path: Path, text: str) -> list[tuple[int, dict]]:
-    reader = csv.DictReader(text.splitlines())
+    reader = csv.DictReader(io.StringIO(text, newline=""))
     missing = [name for name in FIELDS if name not in (reader.fieldnames or [])]
     if missing:
         raise FactscopeError(f"{path}:1: CSV header lacks column '{missing[0]}' (needs {', '.join(FIELDS)})")

@@ -24,7 +24,7 @@ from jaxtyping import Float, Int
 from .data import GROUPS, Encoded, relation_targets, token_table
 from .errors import FactscopeError
 from .models import LoadedModel, pad_batch, pad_id
-from .outputs import RunDir
+from .outputs import RunDir, write_csv
 from .recall import chunks, recall_rows
 
 TOLERANCE = 1e-3
@@ -94,7 +94,7 @@ def decompose_to_dir(
     run.merge("attributions")
     run.merge("logit_lens")
     recall = run.read_parts("recall")
-    recall.to_csv(run.staging / "recall.csv", index=False)
+    write_csv(recall, run.staging / "recall.csv")
     pd.DataFrame(token_table(encoded)).to_parquet(run.staging / "tokens.parquet", index=False)
     errors = run.done_batches().values()
     return {
@@ -194,10 +194,11 @@ def decompose_batch(model: LoadedModel, batch: list[Encoded], targets: dict[str,
         valid = target_valid.to(device)
         reconstruction_error = float(((total - model_logits).abs() * valid).max())
         head_error = float(((heads_t.sum(3) - torch.stack(head_check, dim=1)).abs() * valid[:, None, None]).max())
-        lens = _logit_lens(model, cache, batch, rows, ends)
+        recall = pd.DataFrame(recall_rows(model, batch, logits_end.cpu()))
+        keep = recall["correct"].to_numpy() if known_only else np.ones(len(batch), dtype=bool)
+        kept = torch.tensor(keep, dtype=torch.bool, device=device)
+        lens = _logit_lens(model, cache, [item for item, k in zip(batch, keep) if k], rows[kept], ends[kept])
 
-    recall = pd.DataFrame(recall_rows(model, batch, logits_end.cpu()))
-    keep = recall["correct"].to_numpy() if known_only else np.ones(len(batch), dtype=bool)
     parts = {"embed": embed, "unembed_bias": unembed_bias}
     if pos_embed is not None:
         parts["pos_embed"] = pos_embed
@@ -209,7 +210,7 @@ def decompose_batch(model: LoadedModel, batch: list[Encoded], targets: dict[str,
     )
     return BatchResult(
         attributions=attributions,
-        logit_lens=lens[lens["prompt_id"].isin(recall.loc[keep, "prompt_id"])].reset_index(drop=True),
+        logit_lens=lens,
         recall=recall,
         reconstruction_error=reconstruction_error,
         head_error=head_error,
@@ -303,24 +304,24 @@ def _logit_lens(model, cache, batch, rows, ends) -> pd.DataFrame:
     All layers go through the unembedding as one matrix product: it is the costliest step of the analysis.
     """
     cfg = model.cfg
-    answer = torch.tensor([item.attribute_token for item in batch], device=model.device)
-    resid = torch.stack([cache[f"blocks.{layer}.hook_resid_post"][rows, ends] for layer in range(cfg.n_layers)])
+    answer = torch.tensor([item.attribute_token for item in batch], dtype=torch.long, device=model.device)
+    resid = torch.stack([cache[f"blocks.{layer}.hook_resid_post"][rows, ends] for layer in range(cfg.n_layers)], dim=1)
     if cfg.normalization_type in ("LN", "LNPre"):
         resid = resid - resid.mean(-1, keepdim=True)
-    resid = resid / (resid.pow(2).mean(-1, keepdim=True) + cfg.eps).sqrt()  # [layer, batch, d_model]
-    logits = resid @ model.W_U + model.b_U  # [layer, batch, vocab]
-    answer_logit = logits.gather(2, answer[None, :, None].expand(cfg.n_layers, -1, 1))  # [layer, batch, 1]
+    resid = resid / (resid.pow(2).mean(-1, keepdim=True) + cfg.eps).sqrt()  # [batch, layer, d_model]
+    logits = resid @ model.W_U + model.b_U  # [batch, layer, vocab]
+    answer_logit = logits.gather(2, answer[:, None, None].expand(-1, cfg.n_layers, 1))  # [batch, layer, 1]
     table = pd.DataFrame(
         {
-            "prompt_id": [item.fact.prompt_id for item in batch] * cfg.n_layers,
-            "layer": np.repeat(np.arange(cfg.n_layers), len(batch)),
+            "prompt_id": np.repeat([item.fact.prompt_id for item in batch], cfg.n_layers).astype(object),
+            "layer": np.tile(np.arange(cfg.n_layers), len(batch)),
             "rank": ((logits > answer_logit).sum(-1) + 1).flatten().cpu().numpy(),
             "prob": (answer_logit.squeeze(-1) - logits.logsumexp(-1)).exp().flatten().cpu().numpy(),
             "logit": answer_logit.flatten().cpu().numpy(),
         }
     )
     table["top_token"] = [model.tokenizer.decode([t]) for t in logits.argmax(-1).flatten().tolist()]
-    return table
+    return table.astype({"prompt_id": "str", "top_token": "str"})  # typed even when no prompt of the batch is kept
 
 
 def _attribution_table(batch, targets, target_ids, target_valid, keep, sources, heads, biases, mlps, parts) -> pd.DataFrame:
@@ -332,38 +333,47 @@ def _attribution_table(batch, targets, target_ids, target_valid, keep, sources, 
     valid = target_valid.numpy().astype(bool) & np.asarray(keep, dtype=bool)[:, None]  # [batch, target]
     if not valid.any():
         return pd.DataFrame({name: pd.Series(dtype=dtype) for name, dtype in ATTRIBUTION_COLUMNS.items()})
+    components = ["attn", "bias", "mlp", *parts]
+    labels = [*sources, "all"]
     blocks = [
-        _block("attn", heads, ("layer", "head", "source"), sources, target_valid),
-        _block("bias", biases, ("layer",), sources, target_valid),
-        _block("mlp", mlps, ("layer",), sources, target_valid),
-        *(_block(name, value[:, None], ("",), sources, target_valid) for name, value in parts.items()),
+        _block(0, heads, ("layer", "head", "source"), target_valid),
+        _block(1, biases, ("layer",), target_valid),
+        _block(2, mlps, ("layer",), target_valid),
+        *(_block(3 + i, value[:, None], ("",), target_valid) for i, value in enumerate(parts.values())),
     ]
     columns = {key: np.concatenate([block[key] for block in blocks]) for key in blocks[0]}
     rows, target_index = columns.pop("row"), columns.pop("target_index")
     kept = valid[rows, target_index]
-    order = np.argsort(rows[kept], kind="stable")
-    pick = np.flatnonzero(kept)[order]
+    pick = np.flatnonzero(kept)[np.argsort(rows[kept], kind="stable")]
     rows, target_index = rows[pick], target_index[pick]
     # The correct target comes first and carries the fact's own spelling, even when another attribute of the
     # relation shares its first token (" yen" / " yuan") and so names that token elsewhere.
-    names = np.array(
-        [[item.fact.attribute, *(targets[item.fact.relation].get(int(t), "") for t in ids[1:])] for item, ids in zip(batch, target_ids)],
-        dtype=object,
-    )
+    names = [
+        name
+        for item, ids in zip(batch, target_ids.tolist())
+        for name in [item.fact.attribute, *(targets[item.fact.relation].get(t, "") for t in ids[1:])]
+    ]
     table = pd.DataFrame(
         {
-            "prompt_id": np.array([item.fact.prompt_id for item in batch], dtype=object)[rows],
-            "relation": np.array([item.fact.relation for item in batch], dtype=object)[rows],
-            "target": names[rows, target_index],
+            "prompt_id": _strings([item.fact.prompt_id for item in batch], rows),
+            "relation": _strings([item.fact.relation for item in batch], rows),
+            "target": _strings(names, rows * target_ids.shape[1] + target_index),
             "is_correct_target": target_index == 0,
+            "component": _strings(components, columns.pop("component")[pick]),
+            "source": _strings(labels, columns.pop("source")[pick]),
             **{key: value[pick] for key, value in columns.items()},
         }
     )
-    return table[list(ATTRIBUTION_COLUMNS)].astype({"prompt_id": "str", "relation": "str", "target": "str", "component": "str", "source": "str"})
+    return table[list(ATTRIBUTION_COLUMNS)]
 
 
-def _block(component: str, values: torch.Tensor, axes: tuple[str, ...], sources: list[str], target_valid: torch.Tensor) -> dict:
-    """values: [batch, *axes, target] → flat columns; layer/head/source are −1 / "all" where an axis is absent."""
+def _strings(values: list[str], index: np.ndarray) -> pd.api.extensions.ExtensionArray:
+    """values[index] as a pandas string column, gathered by Arrow: far faster than building it from Python objects."""
+    return pd.array(values, dtype="str").take(index)
+
+
+def _block(component: int, values: torch.Tensor, axes: tuple[str, ...], target_valid: torch.Tensor) -> dict:
+    """values: [batch, *axes, target] → flat columns; layer/head are −1 and source is "all" (code −1) where absent."""
     valid = target_valid.reshape(target_valid.shape[0], *([1] * len(axes)), -1)  # broadcast over the axes
     n_targets = target_valid.sum(-1).reshape(valid.shape[0], *([1] * (len(axes) + 1)))
     # each target's value against the mean of the relation's other attributes (a − mean(R \ a) for the correct one)
@@ -375,10 +385,10 @@ def _block(component: str, values: torch.Tensor, axes: tuple[str, ...], sources:
     return {
         "row": index[0],
         "target_index": index[-1],
-        "component": np.full(size, component, dtype=object),
+        "component": np.full(size, component),
         "layer": named.get("layer", np.full(size, -1)),
         "head": named.get("head", np.full(size, -1)),
-        "source": np.array(sources, dtype=object)[named["source"]] if "source" in named else np.full(size, "all", dtype=object),
+        "source": named.get("source", np.full(size, -1)),
         "value": values.reshape(-1).numpy().astype(np.float32),
         "logit_diff": logit_diff.reshape(-1).numpy().astype(np.float32),
     }

@@ -25,6 +25,7 @@ from .data import Encoded, Fact, encode_all
 from .decompose import TOLERANCE, decompose
 from .errors import FactscopeError
 from .models import LoadedModel
+from .outputs import write_csv
 
 CLASSES = ("subject", "relation", "mixed", "negligible")
 # other_heads: negligible heads, every head's BOS / prefix part, and a subject (relation) head's RELATION
@@ -464,12 +465,12 @@ def summarize(run_dir: Path, rule: ClassRule = ClassRule()) -> dict:
     heads = heads.merge(head_extraction(attn), on=["layer", "head"]).join(top_targets(attn), on=["layer", "head"])
     parts = mechanism_parts(attn, rest, heads)
     shares = mechanism_shares(parts)
-    heads.to_csv(run_dir / "heads.csv", index=False)
-    by_relation.to_csv(run_dir / "head_relation_classes.csv", index=False)
+    write_csv(heads, run_dir / "heads.csv")
+    write_csv(by_relation, run_dir / "head_relation_classes.csv")
     sweep = class_sweep(heads, sorted({*K_SWEEP, rule.k}), sorted({*Z_SWEEP, rule.z}), rule.floor)
-    sweep.to_csv(run_dir / "head_class_sweep.csv", index=False)
-    mlp_boosting(rest).to_csv(run_dir / "mlp_boosting.csv", index=False)
-    shares.to_csv(run_dir / "mechanisms.csv", index=False)
+    write_csv(sweep, run_dir / "head_class_sweep.csv")
+    write_csv(mlp_boosting(rest), run_dir / "mlp_boosting.csv")
+    write_csv(shares, run_dir / "mechanisms.csv")
     pooled = shares[shares["relation"] == "all"]
     return {
         "head_classes": class_counts(heads),

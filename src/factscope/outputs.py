@@ -157,3 +157,12 @@ def manifest(model_name: str, weights_sha256: str, dataset: Path, config: dict) 
         "config": config,
         "versions": {"python": platform.python_version(), **{name: version(name) for name in packages}},
     }
+
+
+def write_csv(frame: pd.DataFrame, path: Path) -> None:
+    """Every string quoted: decoded tokens can hold a bare '\\r', which default readers take as a line break."""
+    import csv
+
+    partial = path.with_name(f".{path.name}.tmp")
+    frame.to_csv(partial, index=False, quoting=csv.QUOTE_NONNUMERIC)
+    partial.replace(path)
