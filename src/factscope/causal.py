@@ -36,7 +36,7 @@ from jaxtyping import Bool, Float, Int
 from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
 from .data import GROUPS, Encoded, relation_targets
-from .decompose import check_supported, has_attn_post_norm
+from .decompose import check_supported, group_onehot, has_attn_post_norm
 from .errors import FactscopeError
 from .models import LoadedModel, pad_batch, pad_id
 from .recall import recall
@@ -79,10 +79,7 @@ def make_batch(model: LoadedModel, encoded: list[Encoded]) -> Batch:
         raise FactscopeError("no prompts to analyse (is the list of known facts empty?)")
     check_supported(model)
     tokens, mask, ends = pad_batch([item.token_ids for item in encoded], pad_id(model.tokenizer))
-    onehot = torch.zeros((len(encoded), tokens.shape[1], len(GROUPS)))
-    for row, item in enumerate(encoded):
-        for pos, group in enumerate(item.groups):
-            onehot[row, pos, GROUPS.index(group)] = 1.0
+    onehot = group_onehot(encoded, tokens.shape[1])
     answers = torch.tensor([item.attribute_token for item in encoded])
     device = model.device
     return Batch(encoded, tokens.to(device), mask.to(device), ends.to(device), onehot.to(device), answers.to(device))
@@ -118,12 +115,7 @@ def end_logits(
         else:
             with _without_blocks_below(bridge, start):
                 normed = bridge.run_with_hooks(resid, start_at_layer=start, attention_mask=mask, fwd_hooks=hooks)
-        return _unembed(bridge, normed)
-
-
-def _unembed(bridge, normed: Float[torch.Tensor, "batch d_model"]) -> Float[torch.Tensor, "batch vocab"]:
-    logits = normed @ bridge.W_U
-    return logits if getattr(bridge, "b_U", None) is None else logits + bridge.b_U
+        return normed @ model.W_U + model.b_U
 
 
 @contextmanager
@@ -908,7 +900,7 @@ def logit_lens(model: LoadedModel, vectors: Float[torch.Tensor, "batch d_model"]
     if model.cfg.normalization_type in ("LN", "LNPre"):
         vectors = vectors - vectors.mean(-1, keepdim=True)
     vectors = vectors / (vectors.pow(2).mean(-1, keepdim=True) + model.cfg.eps).sqrt()
-    return _unembed(model.bridge, vectors)
+    return vectors @ model.W_U + model.b_U
 
 
 def extraction_rate(model: LoadedModel, encoded: list[Encoded], top_k: int = 10, progress: Progress = None) -> pd.DataFrame:

@@ -162,7 +162,7 @@ def decompose_batch(model: LoadedModel, batch: list[Encoded], targets: dict[str,
     bridge, cfg, device = model.bridge, model.cfg, model.device
     tokens, mask, ends = pad_batch([item.token_ids for item in batch], pad_id(model.tokenizer))
     target_ids, target_valid = _target_matrix(batch, targets)
-    groups = _group_onehot(batch, tokens.shape[1]).to(device)
+    groups = group_onehot(batch, tokens.shape[1]).to(device)
     rows = torch.arange(len(batch), device=device)
     ends = ends.to(device)
     with torch.inference_mode():
@@ -290,7 +290,7 @@ def _ordered_targets(item: Encoded, targets) -> list[int]:
     return [item.attribute_token, *others]
 
 
-def _group_onehot(batch: list[Encoded], width: int) -> Float[torch.Tensor, "batch pos group"]:
+def group_onehot(batch: list[Encoded], width: int) -> Float[torch.Tensor, "batch pos group"]:
     onehot = torch.zeros((len(batch), width, len(GROUPS)))
     for row, item in enumerate(batch):
         for pos, group in enumerate(item.groups):
