@@ -36,7 +36,7 @@ from jaxtyping import Bool, Float, Int
 from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
 from .data import GROUPS, Encoded, relation_targets
-from .decompose import check_supported, group_onehot, has_attn_post_norm
+from .decompose import check_supported, group_onehot, has_attn_post_norm, post_norm_gain
 from .errors import FactscopeError
 from .models import LoadedModel, pad_batch, pad_id
 from .recall import recall
@@ -501,7 +501,7 @@ def edit_hooks(model: LoadedModel, batch: Batch, paths: PathSet, editor: Editor)
 def _head_edit(model, batch: Batch, layer: int, weights: Float[torch.Tensor, "head group"], store: dict, editor: Editor):
     rows, ends, prefix = batch.rows, batch.ends, f"blocks.{layer}"
     w_o = model.bridge.W_O[layer]  # [head, d_head, d_model]
-    gain = _post_norm_gain(model, layer) if has_attn_post_norm(model) else None
+    gain = post_norm_gain(model, layer) if has_attn_post_norm(model) else None
     w_o_norm = (w_o if gain is None else w_o * gain).flatten(1).norm(dim=-1)  # [head]
 
     def hook(out: Float[torch.Tensor, "batch pos d_model"], hook):
@@ -532,14 +532,6 @@ def _vector_edit(rows, ends, key: tuple, editor: Editor):
         return x
 
     return hook
-
-
-def _post_norm_gain(model: LoadedModel, layer: int) -> Float[torch.Tensor, " d_model"]:
-    # A constant vector's RMS is the constant, so normalising one reads off the per-dimension gain as it is
-    # parametrised (Gemma's 1 + w included), as decompose does.
-    probe = torch.full((1, 1, model.cfg.d_model), 1e3, device=model.device)
-    with torch.inference_mode():
-        return model.bridge.blocks[layer].ln1_post(probe).reshape(-1)
 
 
 def freeze_final_scale_hook(model: LoadedModel, batch: Batch) -> Hook:

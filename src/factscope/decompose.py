@@ -178,10 +178,11 @@ def decompose_batch(model: LoadedModel, batch: list[Encoded], targets: dict[str,
         pos_embed = to_logit(cache["hook_pos_embed"][rows, ends]) if "hook_pos_embed" in cache else None
         heads, head_check, biases, mlps = [], [], [], []
         for layer in range(cfg.n_layers):
-            by_source, whole = _head_dla(model, cache, layer, rows, ends, groups, to_logit)
+            post_norm = _frozen_post_norm(model, cache, layer, rows, ends)
+            by_source, whole = _head_dla(model, cache, layer, rows, ends, groups, to_logit, post_norm)
             heads.append(by_source)
             head_check.append(whole)
-            biases.append(_attn_bias_dla(model, cache, layer, rows, ends, to_logit))
+            biases.append(_attn_bias_dla(model, layer, len(rows), to_logit, post_norm))
             mlps.append(to_logit(cache[f"blocks.{layer}.hook_mlp_out"][rows, ends]))
         heads_t = torch.stack(heads, dim=1)  # [batch, layer, head, group, target]
         biases_t, mlps_t = torch.stack(biases, dim=1), torch.stack(mlps, dim=1)  # [batch, layer, target]
@@ -232,7 +233,7 @@ class _LogitMap:
         return torch.einsum("b...d,bdt->b...t", vectors / scale, self.unembed)
 
 
-def _head_dla(model, cache, layer, rows, ends, groups, to_logit):
+def _head_dla(model, cache, layer, rows, ends, groups, to_logit, post_norm):
     """Per head and source group DLA, and per head DLA from hook_z (an independent path) for the exactness check."""
     pattern = cache[f"blocks.{layer}.attn.hook_pattern"][rows, :, ends]  # [batch, head, key_pos]
     values = cache[f"blocks.{layer}.attn.hook_v"]  # [batch, key_pos, kv_head, d_head]
@@ -242,34 +243,37 @@ def _head_dla(model, cache, layer, rows, ends, groups, to_logit):
     w_o = model.W_O[layer]  # [head, d_head, d_model]
     out_by_group = torch.einsum("bhgd,hdm->bhgm", z_by_group, w_o)
     out_whole = torch.einsum("bhd,hdm->bhm", cache[f"blocks.{layer}.attn.hook_z"][rows, ends], w_o)
-    if has_attn_post_norm(model):
-        gain, post_scale = _post_norm(model, cache, layer, rows, ends)
-        out_by_group = out_by_group * gain / post_scale[:, None, None]
-        out_whole = out_whole * gain / post_scale[:, None]
-    return to_logit(out_by_group), to_logit(out_whole)
+    return to_logit(post_norm(out_by_group)), to_logit(post_norm(out_whole))
 
 
-def _attn_bias_dla(model, cache, layer, rows, ends, to_logit):
+def _attn_bias_dla(model, layer, n_prompts, to_logit, post_norm):
     bias = model.bridge.blocks[layer].attn.b_O
     if bias is None:
-        return torch.zeros(len(rows), to_logit.unembed.shape[-1], device=to_logit.unembed.device)
-    bias = bias.expand(len(rows), -1)
-    if has_attn_post_norm(model):
-        gain, post_scale = _post_norm(model, cache, layer, rows, ends)
-        bias = bias * gain / post_scale
-    return to_logit(bias)
+        return torch.zeros(n_prompts, to_logit.unembed.shape[-1], device=to_logit.unembed.device)
+    return to_logit(post_norm(bias.expand(n_prompts, -1)))
 
 
-def _post_norm(model, cache, layer, rows, ends) -> tuple[Float[torch.Tensor, " d_model"], Float[torch.Tensor, "batch 1"]]:
-    """The attention post-norm as a frozen linear map: its per-dimension gain and its clean scale at END.
+def _frozen_post_norm(model, cache, layer, rows, ends) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The attention post-norm (Gemma) as a linear map with its clean scale at END; the identity where there is none.
 
-    The gain is read by normalising a constant vector, whose RMS is the constant itself, so whatever
-    parametrisation the implementation uses (Gemma's `1 + w`) is taken as it is.
+    The returned map takes [batch, *parts, d_model] and scales each prompt's vectors by gain / scale.
     """
-    norm = model.bridge.blocks[layer].ln1_post
+    if not has_attn_post_norm(model):
+        return lambda vectors: vectors
+    gain = post_norm_gain(model, layer)
+    scale = cache[f"blocks.{layer}.ln1_post.hook_scale"][rows, ends]  # [batch, 1]
+    return lambda vectors: vectors * gain / scale.reshape(-1, *([1] * (vectors.dim() - 1)))
+
+
+def post_norm_gain(model: LoadedModel, layer: int) -> Float[torch.Tensor, " d_model"]:
+    """The per-dimension gain of a layer's attention post-norm.
+
+    Read by normalising a constant vector, whose RMS is the constant itself, so whatever parametrisation the
+    implementation uses (Gemma's `1 + w`) is taken as it is.
+    """
     probe = torch.full((1, 1, model.cfg.d_model), 1e3, device=model.device)
-    gain = norm(probe).reshape(-1)
-    return gain, cache[f"blocks.{layer}.ln1_post.hook_scale"][rows, ends]
+    with torch.inference_mode():
+        return model.bridge.blocks[layer].ln1_post(probe).reshape(-1)
 
 
 def _target_matrix(batch: list[Encoded], targets) -> tuple[Int[torch.Tensor, "batch target"], torch.Tensor]:
