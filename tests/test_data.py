@@ -21,6 +21,7 @@ from factscope.data import (
     load_facts,
     relation_targets,
     shipped_dataset,
+    single_target_relations,
 )
 from factscope.errors import FactscopeError
 
@@ -355,6 +356,54 @@ def test_prompt_ending_inside_the_subjects_last_token(tmp_path, tokenizer):
     with pytest.raises(FactscopeError) as info:
         encode(f, tokenizer, False)
     assert str(info.value).startswith(f"{path}:2:") and "'prompt'" in str(info.value)
+
+
+def dropping_tokenizer(prompt: str):
+    """A word-level fast tokenizer that splits on whitespace and deletes '§': ' §' tokenizes to nothing."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {word: i for i, word in enumerate(["[UNK]", *dict.fromkeys(prompt.replace(":", " : ").split())])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Replace("§", "")
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+
+
+def test_attribute_that_tokenizes_to_nothing(tmp_path):
+    path = write_jsonl(tmp_path / "f.jsonl", [COLOSSEUM, {**COLOSSEUM, "attribute": "§"}])
+    tokenizer = dropping_tokenizer(COLOSSEUM["prompt"])
+    good, bad = load_facts(path)  # "§" is not blank text, so loading accepts it
+    assert encode(good, tokenizer, False).attribute_token == tokenizer.unk_token_id
+    with pytest.raises(FactscopeError) as info:
+        encode_all([good, bad], tokenizer, False)
+    assert str(info.value).startswith(f"{path}:2:") and "'attribute'" in str(info.value)
+    assert "tokenizes to nothing" in str(info.value)
+
+
+@pytest.mark.parametrize("prepend_bos", [False, True])
+def test_prompt_longer_than_the_context(tmp_path, tokenizer, prepend_bos):
+    rows = [COLOSSEUM, {**EIFFEL, "id": "long", "prompt": "Fact: The Eiffel Tower is in the country of " * 3}]
+    facts = load_facts(write_jsonl(tmp_path / "f.jsonl", rows))
+    lengths = [len(encode(f, tokenizer, prepend_bos).token_ids) for f in facts]
+    limit = lengths[1] - 1
+    assert len(encode_all(facts[:1], tokenizer, prepend_bos, max_tokens=lengths[0])) == 1  # a prompt may fill it
+    with pytest.raises(FactscopeError) as info:
+        encode_all(facts, tokenizer, prepend_bos, max_tokens=limit)
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'f.jsonl'}:2:") and "'prompt'" in message and "'long'" in message
+    assert f"{lengths[1]} tokens" in message and f"context of {limit} tokens" in message
+
+
+def test_single_target_relations(tokenizer):
+    facts = [
+        fact("The Colosseum", COLOSSEUM["prompt"], "Italy", "landmark_country", "0"),
+        fact("The Eiffel Tower", EIFFEL["prompt"], "France", "landmark_country", "1"),
+        fact("France", PARIS["prompt"], "Paris", "capital_city", "2"),
+        fact("Gaul", PARIS["prompt"].replace("France", "Gaul"), "Paris", "capital_city", "3"),
+    ]
+    assert single_target_relations(encode_all(facts, tokenizer, False)) == {"capital_city": "Paris"}
+    assert single_target_relations(encode_all(facts[:2], tokenizer, False)) == {}
 
 
 def test_subject_that_is_also_the_prefix_label(tokenizer):

@@ -282,7 +282,11 @@ def mechanism_parts(attn: pd.DataFrame, rest: pd.DataFrame, heads: pd.DataFrame)
     tagged = pd.concat([head_parts, other_parts], ignore_index=True)
     sums = tagged.groupby([*KEYS, "mechanism"])[["value", "logit_diff"]].sum().reset_index()
     full = tagged[KEYS].drop_duplicates().merge(pd.DataFrame({"mechanism": MECHANISMS}), how="cross")
-    return full.merge(sums, on=[*KEYS, "mechanism"], how="left").fillna({"value": 0.0, "logit_diff": 0.0})
+    parts = full.merge(sums, on=[*KEYS, "mechanism"], how="left").fillna({"value": 0.0, "logit_diff": 0.0})
+    # a prompt whose R_r has one attribute has no a − mean(R∖a): keep it NaN, not the 0 that sum() made of it
+    undefined = tagged.loc[tagged["logit_diff"].isna(), "prompt_id"].unique()
+    parts.loc[parts["prompt_id"].isin(undefined), "logit_diff"] = np.nan
+    return parts
 
 
 def ranks_first(parts: pd.DataFrame, by: list[str]) -> pd.Series:
@@ -312,6 +316,7 @@ def mechanism_shares(parts: pd.DataFrame) -> pd.DataFrame:
         id_vars=["prompt_id", "relation", "mechanism"], value_vars=["value", "logit_diff"],
         var_name="metric", value_name="x",
     ).replace({"metric": {"value": "logit"}})
+    long = long.dropna(subset=["x"])  # logit_diff of prompts whose R_r has one attribute: undefined, not 0
     long["negative"] = (long["x"] < 0).astype(float)
     alone = ranks_first(parts, ["mechanism"]).rename("alone_ranks_first").reset_index()
     long = long.merge(alone, on=["prompt_id", "relation", "mechanism"], how="left")
@@ -461,6 +466,11 @@ def summarize(run_dir: Path, rule: ClassRule = ClassRule()) -> dict:
     return the entries for summary.json."""
     run_dir = Path(run_dir)
     attn, rest = read_parts(run_dir)
+    if attn["logit_diff"].isna().all():
+        raise FactscopeError(
+            f"{run_dir}: every analysed relation has one attribute, so a − mean(R∖a) is undefined; "
+            "the dataset needs relations with at least two different attributes"
+        )
     heads, by_relation, thresholds = classify_heads(head_dla(attn), rule)
     heads = heads.merge(head_extraction(attn), on=["layer", "head"]).join(top_targets(attn), on=["layer", "head"])
     parts = mechanism_parts(attn, rest, heads)

@@ -25,16 +25,30 @@ def write_json(path: Path, payload: dict) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+@contextmanager
+def _atomic(path: Path):
+    """Yield a sibling temporary path to write; it becomes `path` only once complete.
+
+    A failed write (a full disk, say) removes the partial file and names the file in the error.
+    """
     partial = path.with_name(f".{path.name}.tmp")
-    partial.write_text(text, encoding="utf-8")
-    partial.replace(path)
+    try:
+        yield partial
+        partial.replace(path)
+    except OSError as err:
+        raise FactscopeError(f"{path}: cannot write ({err.strerror or err})") from err
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with _atomic(path) as partial:
+        partial.write_text(text, encoding="utf-8")
 
 
 def write_parquet(frame: pd.DataFrame, path: Path) -> None:
-    partial = path.with_name(f".{path.name}.tmp")
-    frame.to_parquet(partial, index=False, compression="zstd")
-    partial.replace(path)
+    with _atomic(path) as partial:
+        frame.to_parquet(partial, index=False, compression="zstd")
 
 
 class RunDir:
@@ -61,17 +75,16 @@ class RunDir:
         import pyarrow.parquet as pq
 
         target, writer = self.staging / f"{name}.parquet", None
-        partial = target.with_name(f".{target.name}.tmp")
-        try:
-            for index in sorted(self.done_batches()):
-                table = pq.read_table(self.batches / f"{index:06d}.{name}.parquet")
-                if writer is None:
-                    writer = pq.ParquetWriter(partial, table.schema, compression="zstd")
-                writer.write_table(table.cast(writer.schema))
-        finally:
-            if writer is not None:
-                writer.close()
-        partial.replace(target)
+        with _atomic(target) as partial:
+            try:
+                for index in sorted(self.done_batches()):
+                    table = pq.read_table(self.batches / f"{index:06d}.{name}.parquet")
+                    if writer is None:
+                        writer = pq.ParquetWriter(partial, table.schema, compression="zstd")
+                    writer.write_table(table.cast(writer.schema))
+            finally:
+                if writer is not None:
+                    writer.close()
         return target
 
     def read_parts(self, name: str) -> pd.DataFrame:
@@ -93,8 +106,8 @@ def output_dir(path: str | Path, overwrite: bool = False, resume: bool = False, 
         raise FactscopeError(f"{path}: output directory exists; pass --overwrite to replace it or --resume to continue")
     staging = path.with_name(f".{path.name}.partial")
     run = RunDir(path, staging)
-    _prepare_staging(run, resume, manifest)
     try:
+        _prepare_staging(run, resume, manifest)
         yield run
     except BaseException:
         if not run.done_batches():
@@ -127,7 +140,7 @@ def _read_manifest(staging: Path) -> dict | None:
 
 def _same_run(previous: dict, current: dict | None) -> bool:
     """A resume must continue the same computation: same inputs, model, configuration and code version."""
-    keys = ("config", "dataset_sha256", "weights_sha256", "versions")
+    keys = ("config", "seed", "dataset_sha256", "weights_sha256", "versions")
     return current is not None and all(previous.get(key) == current.get(key) for key in keys)
 
 
@@ -142,8 +155,12 @@ def _replace(staging: Path, path: Path) -> None:
     shutil.rmtree(retired, ignore_errors=True)
 
 
-def manifest(model_name: str, weights_sha256: str, dataset: Path, config: dict) -> dict:
-    """What a run was: enough to reproduce it, and to refuse resuming a different one."""
+def manifest(model_name: str, weights_sha256: str, dataset: Path, config: dict, seed: int = 0) -> dict:
+    """What a run was: enough to reproduce it, and to refuse resuming a different one.
+
+    `seed` is the one the command passed to `torch.manual_seed` before any computation (the CLI seeds every
+    command, 0 unless it takes a --seed), so that a command that samples can be rerun exactly.
+    """
     import hashlib
     import platform
     from importlib.metadata import version
@@ -155,6 +172,7 @@ def manifest(model_name: str, weights_sha256: str, dataset: Path, config: dict) 
         "dataset": str(dataset),
         "dataset_sha256": hashlib.sha256(Path(dataset).read_bytes()).hexdigest(),
         "config": config,
+        "seed": seed,
         "versions": {"python": platform.python_version(), **{name: version(name) for name in packages}},
     }
 
@@ -163,6 +181,5 @@ def write_csv(frame: pd.DataFrame, path: Path) -> None:
     """Every string quoted: decoded tokens can hold a bare '\\r', which default readers take as a line break."""
     import csv
 
-    partial = path.with_name(f".{path.name}.tmp")
-    frame.to_csv(partial, index=False, quoting=csv.QUOTE_NONNUMERIC)
-    partial.replace(path)
+    with _atomic(path) as partial:
+        frame.to_csv(partial, index=False, quoting=csv.QUOTE_NONNUMERIC)
