@@ -132,8 +132,10 @@ def test_knockout_table(loaded):
     assert set(table["blocked"]) == {"subject", "relation"}
     assert table[["first_layer", "last_layer"]].to_numpy().tolist()[:3] == [[0, 0], [0, 1], [1, 2]]
     assert table["accuracy_after"].between(0, 1).all() and np.isfinite(table["rel_change_p"]).all()
-    none = causal.knockout(model, encoded, heads=[])
+    none = causal.knockout(model, encoded, heads={"empty": []}, progress=calls.append)
     assert (none["delta_logit"] == 0).all() and (none["rel_change_p"] == 0).all()
+    assert none["head_set"].tolist() == ["empty", "empty"] and (none["condition"] == "heads").all()
+    assert sum(calls) == causal.n_passes("knockout", model.cfg.n_layers) + causal.n_passes("knockout", 3, heads={"empty": []})
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +165,7 @@ def test_knocking_out_a_handbuilt_head_removes_exactly_its_dla(handbuilt_model, 
     assert float(dla.abs().max()) > 1.0
     # without the subject head the model can only guess within the relation: accuracy falls
     if source == "subject":
-        table = causal.knockout(model, encoded, blocked=["subject"], heads=[(0, head)])
+        table = causal.knockout(model, encoded, blocked=["subject"], heads={"subject_head": [(0, head)]})
         assert table["accuracy_before"].iloc[0] == 1.0 and table["accuracy_after"].iloc[0] < 0.5
 
 

@@ -3,7 +3,7 @@ figure, a self-contained report.html, valid PNGs, and generated text whose numbe
 
 Two runs are built through the CLI, as users build them:
 - a tiny random Llama (`tiny_llama_dir`), re-summarised with a permissive class rule so that every class and
-  every figure has something to show, plus subject-swap and causal tables from the library's own functions;
+  every figure has something to show, plus a subject swap from the library and the causal tables from `factscope ablate` and `trace`;
 - the hand-built one-layer GPT-2 (`handbuilt.py`), whose subject head and relation head are known, so the text
   about it can be checked against the truth.
 """
@@ -33,18 +33,21 @@ PNGS = {"additivity", "signature", "dla_heatmap", "mechanism_shares", "logit_len
 _BUILT: dict[str, Path] = {}
 
 
-def analyze(model_dir: Path, out: Path, *extra: str) -> None:
-    command = [sys.executable, "-m", "factscope", "--debug", "analyze", "--model", str(model_dir), "--out", str(out),
-               *extra]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=1200)
+def factscope(*args) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "factscope", "--debug", *map(str, args)], capture_output=True,
+                            text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def analyze(model_dir: Path, out: Path, *extra: str) -> None:
+    factscope("analyze", "--model", model_dir, "--out", out, *extra)
 
 
 def build_full_run(root: Path, model_dir: Path) -> Path:
     """A tiny-Llama run with every table the report knows about (memoised for the session)."""
     if "full" in _BUILT:
         return _BUILT["full"]
-    from factscope import causal
     from factscope.data import encode_all, load_facts
     from factscope.mechanisms import ClassRule, subject_swap, summarize, swap_summary
     from factscope.models import load_model
@@ -62,21 +65,9 @@ def build_full_run(root: Path, model_dir: Path) -> Path:
     summary["subject_swap"] = swap_summary(swap)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
 
-    few = encoded[:24]
-    mechanisms = {
-        f"{name}_heads": [("attn", int(r.layer), int(r.head), name) for r in heads[heads["class"] == name].itertuples()]
-        for name in ("subject", "relation")
-    }
-    mechanisms = {name: paths for name, paths in mechanisms.items() if paths}
-    mechanisms["mlps"] = [("mlp", layer) for layer in range(model.cfg.n_layers)]
-    causal.knockout(model, few).to_csv(out / "knockout.csv", index=False)
-    causal.ablation_grid(model, few, mechanisms).to_csv(out / "ablations.csv", index=False)
-    causal.causal_trace(model, few[:8], seeds=(0,)).to_parquet(out / "causal_trace.parquet", index=False)
-    causal.extraction_rate(model, few).to_csv(out / "extraction_rate.csv", index=False)
-    causal.subject_enrichment(model, few).to_csv(out / "enrichment.csv", index=False)
-    causal.noise_robustness(model, few, mechanisms, scales=(0.0, 1.0, 4.0), seeds=(0, 1)).to_csv(
-        out / "noise_robustness.csv", index=False
-    )
+    # the causal tables as users make them: through the CLI, on samples that cover every relation
+    factscope("ablate", out, "--limit", "24", "--noise-scales", "0,1,4", "--seeds", "0,1", "--threads", "1")
+    factscope("trace", out, "--limit", "8", "--seeds", "0", "--threads", "1")
     _BUILT["full"] = out
     return out
 

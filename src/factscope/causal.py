@@ -271,40 +271,44 @@ def knockout(
     encoded: list[Encoded],
     blocked: Sequence[GroupSpec] = ("subject", "relation"),
     window: int = 9,
-    heads: Iterable[tuple[int, int]] | None = None,
+    heads: dict[str, Iterable[tuple[int, int]]] | None = None,
     progress: Progress = None,
 ) -> pd.DataFrame:
-    """Knock out END→group attention for a window of layers slid over the model, or for a set of heads.
+    """Knock out END→group attention for a window of layers slid over the model, or for named sets of heads
+    (`heads={"subject_heads": [(23, 4), ...]}`, instead of the windows).
 
-    One row per (blocked group, window): `condition` ("window" | "heads"), `layer` (window centre; −1 for a
-    head set), `first_layer`, `last_layer`, `n_heads`, `blocked`, `n_prompts`, mean `p_before`/`p_after`,
-    `rel_change_p` (mean of (p_after − p_before)/p_before), `delta_logit` (mean change in a's logit),
-    `accuracy_before`/`accuracy_after`. "relation" means the relation tokens other than END itself.
-    Passes: 1 + len(blocked) × (n_layers, or 1 with `heads`).
+    One row per (blocked group, window or head set): `condition` ("window" | "heads"), `head_set` (the set's
+    name; "window" for windows), `layer` (window centre; −1 for a head set), `first_layer`, `last_layer`,
+    `n_heads`, `blocked`, `n_prompts`, mean `p_before`/`p_after`, `rel_change_p` (mean of
+    (p_after − p_before)/p_before), `delta_logit` (mean change in a's logit), `accuracy_before`/`accuracy_after`.
+    "relation" means the relation tokens other than END itself.
+    Passes: 1 + len(blocked) × (n_layers, or the number of head sets).
     """
     batch = make_batch(model, encoded)
     cfg = model.cfg
     before = scores(end_logits(model, batch), batch)
     _tick(progress)
     if heads is not None:
-        heads = list(heads)
-        layers = [layer for layer, _ in heads] or [-1]
-        conditions = [("heads", -1, min(layers), max(layers), heads)]
+        conditions = []
+        for name, pairs in heads.items():
+            pairs = list(pairs)
+            layers = [layer for layer, _ in pairs] or [-1]
+            conditions.append(("heads", name, -1, min(layers), max(layers), pairs))
     else:
         conditions = []
         for center in range(cfg.n_layers):
             first, last = layer_window(center, window, cfg.n_layers)
             pairs = [(layer, head) for layer in range(first, last + 1) for head in range(cfg.n_heads)]
-            conditions.append(("window", center, first, last, pairs))
+            conditions.append(("window", "window", center, first, last, pairs))
     records = []
     for spec in blocked:
-        for condition, center, first, last, pairs in conditions:
+        for condition, name, center, first, last, pairs in conditions:
             after = scores(knockout_logits(model, batch, spec, pairs), batch)
             _tick(progress)
             records.append(
                 {
-                    "condition": condition, "layer": center, "first_layer": first, "last_layer": last,
-                    "n_heads": len(pairs), "blocked": _group_name(spec), "n_prompts": len(batch),
+                    "condition": condition, "head_set": name, "layer": center, "first_layer": first,
+                    "last_layer": last, "n_heads": len(pairs), "blocked": _group_name(spec), "n_prompts": len(batch),
                     **_before_after(before, after),
                 }
             )
@@ -1038,13 +1042,69 @@ def noise_robustness(
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Choosing prompts and summarising for summary.json
+
+
+def spread(encoded: list[Encoded], limit: int | None) -> list[Encoded]:
+    """At most `limit` prompts, taken in turn from each relation (in dataset order), so a small sample still
+    covers every relation."""
+    if limit is None or limit >= len(encoded):
+        return list(encoded)
+    by_relation: dict[str, list[Encoded]] = {}
+    for item in encoded:
+        by_relation.setdefault(item.fact.relation, []).append(item)
+    queues = list(by_relation.values())
+    chosen = [queue[i] for i in range(max(map(len, queues))) for queue in queues if i < len(queue)][:limit]
+    order = {id(item): index for index, item in enumerate(encoded)}
+    return sorted(chosen, key=lambda item: order[id(item)])
+
+
+def knockout_summary(table: pd.DataFrame) -> dict:
+    """Per blocked group, the window that hurts p(a) most; and each head-set knockout."""
+    out = {}
+    for (condition, blocked), rows in table.groupby(["condition", "blocked"]):
+        worst = rows.loc[rows["rel_change_p"].idxmin()]
+        key = f"{blocked}_worst_window" if condition == "window" else f"{worst['head_set']}_to_{blocked}"
+        out[key] = {
+            "layers": [int(worst["first_layer"]), int(worst["last_layer"])], "n_heads": int(worst["n_heads"]),
+            "rel_change_p": float(worst["rel_change_p"]), "delta_logit": float(worst["delta_logit"]),
+            "accuracy_after": float(worst["accuracy_after"]),
+        }
+    return out
+
+
+def extraction_summary(table: pd.DataFrame) -> dict:
+    """The sublayer with the highest extraction rate, per sublayer kind."""
+    out = {}
+    for sublayer, rows in table.groupby("sublayer"):
+        best = rows.loc[rows["extraction_rate"].idxmax()]
+        out[sublayer] = {"layer": int(best["layer"]), "extraction_rate": float(best["extraction_rate"]),
+                         "attribute_rate": float(best["attribute_rate"])}
+    return out
+
+
+def noise_summary(table: pd.DataFrame) -> dict:
+    """Accuracy of each condition at the largest noise scale, and the area under its accuracy-vs-scale curve
+    (normalised by the scale range): the additive story predicts "all" degrades no faster than one mechanism."""
+    out = {}
+    for mechanism, rows in table.groupby("mechanism", sort=False):
+        rows = rows.sort_values("noise_scale")
+        scales, accuracy = rows["noise_scale"].to_numpy(), rows["accuracy"].to_numpy()
+        span = scales[-1] - scales[0]
+        area = float(np.trapezoid(accuracy, scales) / span) if span > 0 else float(accuracy[0])
+        out[mechanism] = {"accuracy_at_max_scale": float(accuracy[-1]), "mean_accuracy_over_scales": area}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def n_passes(analysis: str, n_layers: int, **options) -> int:
     """How many times an analysis calls `progress(1)` with these options (defaults as in its signature)."""
     if analysis == "knockout":
         blocked = options.get("blocked", ("subject", "relation"))
-        return 1 + len(blocked) * (1 if options.get("heads") is not None else n_layers)
+        heads = options.get("heads")
+        return 1 + len(blocked) * (len(heads) if heads is not None else n_layers)
     if analysis == "ablation_grid":
         n = len(options["mechanisms"])
         return len(mechanism_sets(list(range(n)))) + (options.get("mode", "mean") == "mean")

@@ -388,8 +388,8 @@ def _causal_findings(run: Run) -> list[Finding]:
     expected ones is reported as such instead of breaking the report."""
     out = []
     for name, write in (("knockout", _knockout_finding), ("ablations", _ablation_finding),
-                        ("extraction_rate", _extraction_finding), ("enrichment", _enrichment_finding),
-                        ("noise_robustness", _noise_finding)):
+                        ("causal_trace", _trace_finding), ("extraction_rate", _extraction_finding),
+                        ("enrichment", _enrichment_finding), ("noise_robustness", _noise_finding)):
         if run.has(name):
             try:
                 out += write(run)
@@ -406,6 +406,10 @@ def _knockout_finding(run: Run) -> list[Finding]:
         worst = rows.loc[rows["rel_change_p"].idxmin()]
         parts.append(f"blocking END → {blocked} in layers {int(worst['first_layer'])}–{int(worst['last_layer'])} "
                      f"changes p(a) by {pct(worst['rel_change_p'])}")
+    heads = table[table["condition"] == "heads"] if "condition" in table else table.iloc[:0]
+    for row in heads.itertuples():
+        parts.append(f"blocking END → {row.blocked} for the {row.n_heads} {row.head_set.replace('_', ' ')} only changes "
+                     f"p(a) by {pct(row.rel_change_p)} (accuracy {pct(row.accuracy_after)})")
     return [Finding("knockout", "Attention knockout: " + "; ".join(parts) + ".")] if parts else []
 
 
@@ -418,6 +422,20 @@ def _ablation_finding(run: Run) -> list[Finding]:
         f"the sum of single removals (interaction {everything['interaction_logit_diff']:+.2f}); accuracy "
         f"{pct(table.iloc[0]['accuracy'])} → {pct(everything['accuracy'])}."
     ))]
+
+
+def _trace_finding(run: Run) -> list[Finding]:
+    table = run.causal_trace
+    parts = []
+    for kind, token in (("mlp", "last_subject"), ("attn", "last_token"), ("resid", "last_subject")):
+        rows = table[(table["kind"] == kind) & (table["token"] == token)]
+        if len(rows):
+            peak = rows.loc[rows["indirect_effect"].idxmax()]
+            parts.append(f"{kind} at the {token.replace('_', ' ')} peaks at layer {int(peak['layer'])} "
+                         f"(Δp(a) {peak['indirect_effect']:+.3f})")
+    clean, corrupted = float(table["p_clean"].iloc[0]), float(table["p_corrupted"].iloc[0])
+    return [Finding("causal_trace", f"Causal tracing (noise on the subject: p(a) {clean:.3f} → {corrupted:.3f}): "
+                    + "; ".join(parts) + ".")] if parts else []
 
 
 def _extraction_finding(run: Run) -> list[Finding]:
@@ -573,6 +591,8 @@ def departures(run: Run) -> list[Check]:
     if run.has("ablations") and not needed <= set(run.ablations.columns):
         checks.append(Check("ablation", claim, "not run", f"Not checked: ablations.csv lacks "
                             f"{', '.join(sorted(needed - set(run.ablations.columns)))}."))
+    elif run.has("ablations") and run.ablations["n_mechanisms"].max() < 2:
+        checks.append(Check("ablation", claim, "not run", "Not checked: the taxonomy found only one mechanism to remove."))
     elif run.has("ablations"):
         table = run.ablations
         everything = table[table["n_mechanisms"] == table["n_mechanisms"].max()].iloc[0]
