@@ -18,11 +18,10 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from . import __version__
 from . import figures as F
 from .errors import FactscopeError
 from .outputs import atomic_write_text, write_csv
-from .report import CSS, PAPER, PLOTLY_CONFIG, Run, Section, load_run, pct
+from .report import PAPER, Run, Section, figure_div, load_run, page_html, pct
 
 REQUIRED_FILES = ("summary.json", "recall.csv", "heads.csv", "mechanisms.csv")
 EXACTNESS = ("max_abs_reconstruction_error", "max_abs_head_error", "tolerance")  # keys of summary.json
@@ -290,43 +289,13 @@ def write_compare(run_dirs: Sequence[str | Path], out: str | Path, overwrite: bo
 
 
 def render_html(comparison: Comparison) -> str:
-    from plotly.offline import get_plotlyjs
-
     esc = html.escape
-    sections = []
-    for section in SECTIONS:
-        config = {**PLOTLY_CONFIG, "toImageButtonOptions": {**PLOTLY_CONFIG["toImageButtonOptions"], "filename": section.id}}
-        div = section.figure(comparison).to_html(full_html=False, include_plotlyjs=False,
-                                                 div_id=f"fig-{section.id}", config=config)
-        sections.append(f'<section id="{section.id}"><h2>{esc(section.title)}</h2><p class="intro">{section.intro}</p>'
-                        f'<div class="figure" data-figure="{section.id}">{div}</div></section>')
+    sections = [f'<section id="{section.id}"><h2>{esc(section.title)}</h2><p class="intro">{section.intro}</p>'
+                f"{figure_div(section.figure(comparison), section.id)}</section>" for section in SECTIONS]
     toc = '<li><a href="#runs">Runs</a></li>' + "".join(f'<li><a href="#{s.id}">{esc(s.title)}</a></li>' for s in SECTIONS)
     title = f"factscope · {len(comparison.runs)} runs compared"
-    plotly_js = get_plotlyjs().replace("</script", "<\\/script")
-    return f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="generator" content="factscope {esc(__version__)}">
-<title>{esc(title)}</title>
-<style>{CSS}</style>
-<script type="text/javascript">window.PlotlyConfig = {{MathJaxConfig: 'local'}};</script>
-<script type="text/javascript">{plotly_js}</script>
-</head>
-<body>
-<header><h1>{esc(title)}</h1>
-<p class="sub">Direct logit attribution across models, after {esc(PAPER)}.</p></header>
-<div class="layout">
-<nav class="toc" aria-label="Contents"><h2>Contents</h2><ol>{toc}</ol></nav>
-<main>
-{_runs_html(comparison)}
-{''.join(sections)}
-</main>
-</div>
-</body>
-</html>
-"""
+    return page_html(title, f"Direct logit attribution across models, after {PAPER}.", toc,
+                     _runs_html(comparison) + "".join(sections))
 
 
 def _runs_html(comparison: Comparison) -> str:

@@ -9,7 +9,6 @@ final tables are the parts concatenated in batch order, so they are byte-identic
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path

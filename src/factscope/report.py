@@ -673,8 +673,6 @@ def _available(run: Run, needs: tuple[str, ...]) -> bool:
 
 def render_html(run: Run) -> str:
     """report.html as a string: one file, plotly.js inlined once, nothing fetched."""
-    from plotly.offline import get_plotlyjs
-
     esc = html.escape
     rendered, missing = [], []
     for section in SECTIONS:
@@ -689,9 +687,7 @@ def render_html(run: Run) -> str:
             what = f"column {err} missing" if isinstance(err, KeyError) else str(err)
             rendered.append((section, f'<p class="note">Not available: {esc(what)}</p>'))
             continue
-        config = {**PLOTLY_CONFIG, "toImageButtonOptions": {**PLOTLY_CONFIG["toImageButtonOptions"], "filename": section.id}}
-        div = fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig-{section.id}", config=config)
-        rendered.append((section, f'<div class="figure" data-figure="{section.id}">{div}</div>'))
+        rendered.append((section, figure_div(fig, section.id)))
 
     summary = run.summary
     model, dataset = summary.get("model", "?"), Path(str(summary.get("dataset", "?"))).name
@@ -703,10 +699,7 @@ def render_html(run: Run) -> str:
 
     body = [_headline_html(run)]
     if run.has("mechanisms"):
-        fig = F.fig_headline(run)
-        body.append('<div class="figure" data-figure="headline">'
-                    + fig.to_html(full_html=False, include_plotlyjs=False, div_id="fig-headline", config=PLOTLY_CONFIG)
-                    + "</div>")
+        body.append(figure_div(F.fig_headline(run), "headline"))
     body.append("</section>")
     body.append(_findings_html(run))
     body.append(_departures_html(run))
@@ -716,6 +709,22 @@ def render_html(run: Run) -> str:
     causal_missing = [name for name in CAUSAL_TABLES if not run.has(name)]
     body.append(_about_html(run, causal_missing))
 
+    subtitle = f"Direct logit attribution by component and source token, after {PAPER}."
+    return page_html(title, subtitle, "".join(toc), "".join(body))
+
+
+def figure_div(fig, figure_id: str) -> str:
+    """A figure for a page that inlines plotly.js once; its PNG button saves under the figure's own name."""
+    config = {**PLOTLY_CONFIG, "toImageButtonOptions": {**PLOTLY_CONFIG["toImageButtonOptions"], "filename": figure_id}}
+    div = fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig-{figure_id}", config=config)
+    return f'<div class="figure" data-figure="{figure_id}">{div}</div>'
+
+
+def page_html(title: str, subtitle: str, toc: str, body: str) -> str:
+    """One self-contained page: plotly.js inlined once, nothing fetched (report.html, compare.html)."""
+    from plotly.offline import get_plotlyjs
+
+    esc = html.escape
     plotly_js = get_plotlyjs().replace("</script", "<\\/script")
     return f"""<!DOCTYPE html>
 <html lang="en">
@@ -730,11 +739,11 @@ def render_html(run: Run) -> str:
 </head>
 <body>
 <header><h1>{esc(title)}</h1>
-<p class="sub">Direct logit attribution by component and source token, after {esc(PAPER)}.</p></header>
+<p class="sub">{esc(subtitle)}</p></header>
 <div class="layout">
-<nav class="toc" aria-label="Contents"><h2>Contents</h2><ol>{''.join(toc)}</ol></nav>
+<nav class="toc" aria-label="Contents"><h2>Contents</h2><ol>{toc}</ol></nav>
 <main>
-{''.join(body)}
+{body}
 </main>
 </div>
 </body>
