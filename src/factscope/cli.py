@@ -350,7 +350,7 @@ def _write_causal(run_dir: Path, tables: dict, summary: dict) -> None:
     run_summary = _read_json(run_dir / "summary.json")
     run_summary["causal"] = {**run_summary.get("causal", {}), **summary}
     write_json(run_dir / "summary.json", run_summary)
-    _print_causal(run_summary["causal"])
+    _print_causal(summary)
     report_command(run_dir)
 
 
