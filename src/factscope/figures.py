@@ -21,6 +21,7 @@ import plotly.io as pio
 from plotly.subplots import make_subplots
 
 from .errors import FactscopeError
+from .outputs import atomic_path
 
 if TYPE_CHECKING:  # report imports this module; the reverse import is for type checkers only
     from .report import Run
@@ -1042,7 +1043,8 @@ def save_pngs(run: Run, folder: Path, dpi: int = 200) -> list[Path]:
                 continue
             fig = maker(run, plt)
             path = folder / f"{name}.png"
-            fig.savefig(path, dpi=dpi, facecolor="white")
+            with atomic_path(path) as partial:
+                fig.savefig(partial, format="png", dpi=dpi, facecolor="white")
             plt.close(fig)
             written.append(path)
     return written

@@ -25,7 +25,7 @@ def write_json(path: Path, payload: dict) -> None:
 
 
 @contextmanager
-def _atomic(path: Path):
+def atomic_path(path: Path):
     """Yield a sibling temporary path to write; it becomes `path` only once complete.
 
     A failed write (a full disk, say) removes the partial file and names the file in the error.
@@ -41,12 +41,12 @@ def _atomic(path: Path):
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    with _atomic(path) as partial:
+    with atomic_path(path) as partial:
         partial.write_text(text, encoding="utf-8")
 
 
 def write_parquet(frame: pd.DataFrame, path: Path) -> None:
-    with _atomic(path) as partial:
+    with atomic_path(path) as partial:
         frame.to_parquet(partial, index=False, compression="zstd")
 
 
@@ -74,7 +74,7 @@ class RunDir:
         import pyarrow.parquet as pq
 
         target, writer = self.staging / f"{name}.parquet", None
-        with _atomic(target) as partial:
+        with atomic_path(target) as partial:
             try:
                 for index in sorted(self.done_batches()):
                     table = pq.read_table(self.batches / f"{index:06d}.{name}.parquet")
@@ -180,5 +180,5 @@ def write_csv(frame: pd.DataFrame, path: Path) -> None:
     """Every string quoted: decoded tokens can hold a bare '\\r', which default readers take as a line break."""
     import csv
 
-    with _atomic(path) as partial:
+    with atomic_path(path) as partial:
         frame.to_csv(partial, index=False, quoting=csv.QUOTE_NONNUMERIC)
