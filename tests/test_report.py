@@ -142,7 +142,7 @@ def test_missing_tables_are_none_and_missing_summary_is_an_error(tmp_path, full_
         report.load_run(tmp_path / "nowhere")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "summary.json").write_text("{")
-    with pytest.raises(FactscopeError, match="not valid JSON"):
+    with pytest.raises(FactscopeError, match="malformed JSON"):
         report.load_run(tmp_path / "bad")
 
 

@@ -313,14 +313,11 @@ def _causal_inputs(run_dir: Path, outputs: tuple[str, ...], overwrite: bool, dev
 
 
 def _read_json(path: Path) -> dict:
-    import json
+    from .data import read_json
 
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FactscopeError(f"{path}: missing; is {path.parent} a finished `factscope analyze` run?") from None
-    except ValueError as err:
-        raise FactscopeError(f"{path}: not valid JSON ({err})") from None
+    if not path.is_file():
+        raise FactscopeError(f"{path}: missing; is {path.parent} a finished `factscope analyze` run?")
+    return read_json(path)
 
 
 def _check_same(dataset: Path, manifest: dict) -> None:

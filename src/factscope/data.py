@@ -277,15 +277,20 @@ def facts_jsonl(rows: list[dict]) -> str:
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
-def _json_records(path: Path) -> list:
+def read_json(path: Path):
+    """A JSON file, or one error line naming the file (and the line of a syntax error)."""
     if not path.is_file():
         raise FactscopeError(f"{path}: file not found")
     try:
-        records = json.loads(path.read_text(encoding="utf-8-sig"))
+        return json.loads(path.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError as err:
         raise FactscopeError(f"{path}: not UTF-8 text (byte {err.start})") from None
     except json.JSONDecodeError as err:
         raise FactscopeError(f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
+
+
+def _json_records(path: Path) -> list:
+    records = read_json(path)
     if not isinstance(records, list):
         raise FactscopeError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
     if not records:

@@ -9,7 +9,6 @@ The figures themselves are in `figures` (one function per figure, each returning
 from __future__ import annotations
 
 import html
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ import pandas as pd
 
 from . import __version__
 from . import figures as F
+from .data import read_json
 from .errors import FactscopeError
 from .outputs import atomic_write_text
 
@@ -107,10 +107,7 @@ def load_run(run_dir: str | Path) -> Run:
     summary_path = path / "summary.json"
     if not summary_path.is_file():
         raise FactscopeError(f"{path}: no summary.json; is this a finished `factscope analyze` run directory?")
-    try:
-        summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    except ValueError as err:
-        raise FactscopeError(f"{summary_path}: not valid JSON ({err})") from None
+    summary = read_json(summary_path)
     tables = {}
     for name, filename in TABLES.items():
         file = path / filename
