@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import handbuilt
-from factscope import causal
+from factscope import causal, models
 from factscope.data import GROUPS, encode_all, load_facts, relation_targets
 from factscope.decompose import decompose
 from factscope.errors import FactscopeError
@@ -78,7 +78,7 @@ def test_starting_in_the_middle_reproduces_the_full_pass(loaded):
     batch = causal.make_batch(model, encoded)
     store = {}
     full = causal.end_logits(model, batch, [causal.capture(store, "blocks.2.hook_resid_pre")])
-    resumed = causal.end_logits(model, batch, resid=store["blocks.2.hook_resid_pre"], start=2)
+    resumed = models.end_logits(model, None, batch.mask, batch.ends, resid=store["blocks.2.hook_resid_pre"], start=2)
     torch.testing.assert_close(resumed, full, atol=1e-5, rtol=0)
     assert len(model.bridge.original_model.model.layers) == model.cfg.n_layers  # the skipped blocks are back
     torch.testing.assert_close(causal.end_logits(model, batch), full, atol=0, rtol=0)

@@ -24,20 +24,18 @@ the tests); for Gemma's post-norm it also keeps the norm from rescaling the head
 from __future__ import annotations
 
 import itertools
-import warnings
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Bool, Float, Int
-from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
 from .data import GROUPS, Encoded, relation_targets
 from .decompose import check_supported, group_onehot, has_attn_post_norm, post_norm_gain
 from .errors import FactscopeError
+from . import models
 from .models import LoadedModel, pad_batch, pad_id
 from .recall import recall
 
@@ -85,68 +83,9 @@ def make_batch(model: LoadedModel, encoded: list[Encoded]) -> Batch:
     return Batch(encoded, tokens.to(device), mask.to(device), ends.to(device), onehot.to(device), answers.to(device))
 
 
-def end_logits(
-    model: LoadedModel,
-    batch: Batch,
-    hooks: Sequence[Hook] = (),
-    resid: Float[torch.Tensor, "batch pos d_model"] | None = None,
-    start: int = 0,
-    mask: Int[torch.Tensor, "batch pos"] | None = None,
-    ends: Int[torch.Tensor, " batch"] | None = None,
-) -> Float[torch.Tensor, "batch vocab"]:
-    """One forward pass → logits at END (bridge's centred unembedding, as everywhere in factscope).
-
-    With `resid`, the pass starts at block `start` from that residual stream; the blocks below it are taken
-    out of the model for the call, because TransformerBridge's `start_at_layer` would still run them and
-    throw their output away. The pass stops at the final norm: only END rows are unembedded.
-    """
-    mask = batch.mask if mask is None else mask
-    ends = batch.ends if ends is None else ends
-    rows = torch.arange(len(ends), device=ends.device)
-
-    def stop(normed: Float[torch.Tensor, "batch pos d_model"], hook) -> None:
-        raise StopAtLayerException(normed[rows, ends])
-
-    hooks = [*hooks, ("ln_final.hook_out", stop)]
-    bridge = model.bridge
-    with torch.inference_mode(), _quiet_norm_edits():
-        if resid is None:
-            normed = bridge.run_with_hooks(batch.tokens, attention_mask=mask, fwd_hooks=hooks)
-        else:
-            with _without_blocks_below(bridge, start):
-                normed = bridge.run_with_hooks(resid, start_at_layer=start, attention_mask=mask, fwd_hooks=hooks)
-        return normed @ model.W_U + model.b_U
-
-
-@contextmanager
-def _without_blocks_below(bridge, start: int):
-    """Drop blocks 0..start-1 from the HF model's layer list for one call (their output would be discarded)."""
-    if start == 0:
-        yield
-        return
-    hf_model = bridge.original_model
-    name = next(
-        (n for n, mod in hf_model.named_modules() if isinstance(mod, torch.nn.ModuleList) and len(mod) and mod[0] is bridge.blocks[0]),
-        None,
-    )
-    if name is None:
-        raise FactscopeError("cannot find the model's list of blocks to start a pass in the middle")
-    parent_name, _, attr = name.rpartition(".")
-    parent = hf_model.get_submodule(parent_name) if parent_name else hf_model
-    full = getattr(parent, attr)
-    setattr(parent, attr, torch.nn.ModuleList(list(full)[start:]))
-    try:
-        yield
-    finally:
-        setattr(parent, attr, full)
-
-
-@contextmanager
-def _quiet_norm_edits():
-    # Freezing ln_final's scale makes TransformerLens rebuild the norm from the hooked values and say so.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="A forward hook edited hook_scale")
-        yield
+def end_logits(model: LoadedModel, batch: Batch, hooks: Sequence[Hook] = ()) -> Float[torch.Tensor, "batch vocab"]:
+    """One forward pass of the whole batch with `hooks` → logits at END (see models.end_logits)."""
+    return models.end_logits(model, batch.tokens, batch.mask, batch.ends, hooks)
 
 
 def capture(store: dict, name: str, at_end: Int[torch.Tensor, " batch"] | None = None) -> Hook:
@@ -841,7 +780,7 @@ def _restored_probs(model, batch: Batch, kind: str, layer: int, window: int, pro
         else:
             name = "hook_attn_out" if kind == "attn" else "hook_mlp_out"
             hooks = [(f"blocks.{j}.{name}", _restore(clean[f"blocks.{j}.{name}"], p, i, local)) for j in range(first, last + 1)]
-        logits = end_logits(model, batch, hooks, resid=resid, start=first, mask=batch.mask[p, :width], ends=batch.ends[p])
+        logits = models.end_logits(model, None, batch.mask[p, :width], batch.ends[p], hooks, resid=resid, start=first)
         out[chunk] = logits.softmax(-1)[local, batch.answers[p]]
     return out
 

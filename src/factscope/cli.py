@@ -25,7 +25,7 @@ ModelOpt = Annotated[str, typer.Option("--model", "-m", help="smollm2-135m, gemm
 DatasetOpt = Annotated[Optional[Path], typer.Option("--dataset", "-d", help="JSONL or CSV facts (default: the shipped set).")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output directory (must not exist).")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, mps ...")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, mps ..., or auto: split the layers over all GPUs (device_map=\"auto\").")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Prompts per forward pass.")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue a killed run into the same --out, skipping finished batches.")]
 BosOpt = Annotated[

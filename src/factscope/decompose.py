@@ -24,7 +24,7 @@ from jaxtyping import Float, Int
 from .data import GROUPS, Encoded, relation_targets, token_table
 from .errors import FactscopeError
 from .models import LoadedModel, pad_batch, pad_id
-from .outputs import RunDir, write_csv
+from .outputs import RunDir, write_csv, write_parquet
 from .recall import chunks, recall_rows
 
 TOLERANCE = 1e-3
@@ -95,7 +95,7 @@ def decompose_to_dir(
     run.merge("logit_lens")
     recall = run.read_parts("recall")
     write_csv(recall, run.staging / "recall.csv")
-    pd.DataFrame(token_table(encoded)).to_parquet(run.staging / "tokens.parquet", index=False)
+    write_parquet(pd.DataFrame(token_table(encoded)), run.staging / "tokens.parquet")
     errors = run.done_batches().values()
     return {
         "prepend_bos": model.prepend_bos,
@@ -166,10 +166,14 @@ def decompose_batch(model: LoadedModel, batch: list[Encoded], targets: dict[str,
     rows = torch.arange(len(batch), device=device)
     ends = ends.to(device)
     with torch.inference_mode():
+        # logits_to_keep: the model unembeds END only; every position over the whole vocabulary is wasted work
         logits, cache = bridge.run_with_cache(
-            tokens.to(device), attention_mask=mask.to(device), names_filter=hook_names(model)
+            tokens.to(device), attention_mask=mask.to(device), names_filter=hook_names(model),
+            logits_to_keep=ends[:, None],
         )
-        logits_end = logits[rows, ends].float()  # [batch, vocab]
+        logits_end = logits[:, 0].float()  # [batch, vocab]
+        # with device_map="auto" each layer's activations stay on the GPU that ran it; the einsums need one device
+        cache = {name: activation.to(device) for name, activation in cache.items()}
         scale = cache["ln_final.hook_scale"][rows, ends]  # [batch, 1]
         unembed = einops.rearrange(model.W_U[:, target_ids.to(device)], "d batch t -> batch d t")
         to_logit = _LogitMap(unembed, scale, cfg.normalization_type in ("LN", "LNPre"))
@@ -240,7 +244,7 @@ def _head_dla(model, cache, layer, rows, ends, groups, to_logit, post_norm):
     n_heads = pattern.shape[1]
     values = values.repeat_interleave(n_heads // values.shape[2], dim=2)  # GQA: query head h reads kv head h // group
     z_by_group = torch.einsum("bhk,bkhd,bkg->bhgd", pattern, values, groups)
-    w_o = model.W_O[layer]  # [head, d_head, d_model]
+    w_o = model.W_O[layer].to(values.device)  # [head, d_head, d_model]; stacked on the embedding's device
     out_by_group = torch.einsum("bhgd,hdm->bhgm", z_by_group, w_o)
     out_whole = torch.einsum("bhd,hdm->bhm", cache[f"blocks.{layer}.attn.hook_z"][rows, ends], w_o)
     return to_logit(post_norm(out_by_group)), to_logit(post_norm(out_whole))
@@ -250,7 +254,7 @@ def _attn_bias_dla(model, layer, n_prompts, to_logit, post_norm):
     bias = model.bridge.blocks[layer].attn.b_O
     if bias is None:
         return torch.zeros(n_prompts, to_logit.unembed.shape[-1], device=to_logit.unembed.device)
-    return to_logit(post_norm(bias.expand(n_prompts, -1)))
+    return to_logit(post_norm(bias.to(to_logit.unembed.device).expand(n_prompts, -1)))
 
 
 def _frozen_post_norm(model, cache, layer, rows, ends) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -271,9 +275,10 @@ def post_norm_gain(model: LoadedModel, layer: int) -> Float[torch.Tensor, " d_mo
     Read by normalising a constant vector, whose RMS is the constant itself, so whatever parametrisation the
     implementation uses (Gemma's `1 + w`) is taken as it is.
     """
-    probe = torch.full((1, 1, model.cfg.d_model), 1e3, device=model.device)
+    norm = model.bridge.blocks[layer].ln1_post
+    probe = torch.full((1, 1, model.cfg.d_model), 1e3, device=next(norm.parameters()).device)  # the layer's device
     with torch.inference_mode():
-        return model.bridge.blocks[layer].ln1_post(probe).reshape(-1)
+        return norm(probe).reshape(-1).to(model.device)
 
 
 def _target_matrix(batch: list[Encoded], targets) -> tuple[Int[torch.Tensor, "batch target"], torch.Tensor]:
@@ -303,29 +308,62 @@ def group_onehot(batch: list[Encoded], width: int) -> Float[torch.Tensor, "batch
 
 
 def _logit_lens(model, cache, batch, rows, ends) -> pd.DataFrame:
-    """Accumulated residual after each layer, normalised by its own scale (not frozen), read at END.
-
-    All layers go through the unembedding as one matrix product: it is the costliest step of the analysis.
-    """
+    """Accumulated residual after each layer, normalised by its own scale (not frozen), read at END."""
     cfg = model.cfg
     answer = torch.tensor([item.attribute_token for item in batch], dtype=torch.long, device=model.device)
     resid = torch.stack([cache[f"blocks.{layer}.hook_resid_post"][rows, ends] for layer in range(cfg.n_layers)], dim=1)
     if cfg.normalization_type in ("LN", "LNPre"):
         resid = resid - resid.mean(-1, keepdim=True)
     resid = resid / (resid.pow(2).mean(-1, keepdim=True) + cfg.eps).sqrt()  # [batch, layer, d_model]
-    logits = resid @ model.W_U + model.b_U  # [batch, layer, vocab]
-    answer_logit = logits.gather(2, answer[:, None, None].expand(-1, cfg.n_layers, 1))  # [batch, layer, 1]
+    rank, log_prob, logit, top = _lens_stats(
+        resid.reshape(-1, cfg.d_model), answer.repeat_interleave(cfg.n_layers), model.W_U, model.b_U
+    )
     table = pd.DataFrame(
         {
             "prompt_id": np.repeat([item.fact.prompt_id for item in batch], cfg.n_layers).astype(object),
             "layer": np.tile(np.arange(cfg.n_layers), len(batch)),
-            "rank": ((logits > answer_logit).sum(-1) + 1).flatten().cpu().numpy(),
-            "prob": (answer_logit.squeeze(-1) - logits.logsumexp(-1)).exp().flatten().cpu().numpy(),
-            "logit": answer_logit.flatten().cpu().numpy(),
+            "rank": rank.cpu().numpy(),
+            "prob": log_prob.exp().cpu().numpy(),
+            "logit": logit.cpu().numpy(),
         }
     )
-    table["top_token"] = [model.tokenizer.decode([t]) for t in logits.argmax(-1).flatten().tolist()]
+    table["top_token"] = [model.tokenizer.decode([t]) for t in top.tolist()]
     return table.astype({"prompt_id": "str", "top_token": "str"})  # typed even when no prompt of the batch is kept
+
+
+LENS_CHUNK = 1024  # vocabulary entries per step: 1024 × (batch · layers) logits stay in cache while they are reduced
+
+
+def _lens_stats(
+    resid: Float[torch.Tensor, "row d_model"],
+    answer: Int[torch.Tensor, " row"],
+    w_u: Float[torch.Tensor, "d_model vocab"],
+    b_u: Float[torch.Tensor, " vocab"],
+) -> tuple[Int[torch.Tensor, " row"], Float[torch.Tensor, " row"], Float[torch.Tensor, " row"], Int[torch.Tensor, " row"]]:
+    """The answer's rank, log-probability and logit, and the top token, in one sweep over the vocabulary.
+
+    The full [row, vocab] logits never exist: each chunk is unembedded, then counted against the answer, max-reduced
+    and added to a running logsumexp while it is still in cache. Materialising them and making one pass per
+    statistic cost more than the matrix product itself (it is the costliest step of the analysis).
+    """
+    logit = (resid * w_u[:, answer].T).sum(-1) + b_u[answer]
+    above = torch.zeros_like(answer)
+    top_logit = torch.full_like(logit, -torch.inf)
+    top = torch.zeros_like(answer)
+    sum_exp = torch.zeros_like(logit)  # Σ exp(logit − top_logit) so far
+    for start in range(0, w_u.shape[1], LENS_CHUNK):
+        chunk = torch.addmm(b_u[start : start + LENS_CHUNK], resid, w_u[:, start : start + LENS_CHUNK])
+        higher = chunk > logit[:, None]
+        # the answer's own entry comes from another summation order than `logit`: it must not count as above itself
+        own = (answer - start).clamp(0, chunk.shape[1] - 1)
+        is_own = (answer >= start) & (answer < start + chunk.shape[1]) & higher.gather(1, own[:, None]).squeeze(1)
+        above += higher.sum(-1) - is_own.long()
+        chunk_max, chunk_top = chunk.max(-1)
+        top = torch.where(chunk_max > top_logit, chunk_top + start, top)  # strict: the first maximum wins, as in argmax
+        new_top = torch.maximum(top_logit, chunk_max)
+        sum_exp = sum_exp * (top_logit - new_top).exp() + chunk.sub_(new_top[:, None]).exp_().sum(-1)
+        top_logit = new_top
+    return above + 1, logit - top_logit - sum_exp.log(), logit, top
 
 
 def _attribution_table(batch, targets, target_ids, target_valid, keep, sources, heads, biases, mlps, parts) -> pd.DataFrame:

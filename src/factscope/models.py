@@ -15,6 +15,8 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -116,14 +118,21 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", prepend_bos: bool
 
     `prepend_bos=None` follows the tokenizer's own convention (does `tokenizer("x")` start with BOS?):
     SmolLM2 does not prepend one, Gemma does. Whatever is chosen is recorded in every output.
+
+    `device="auto"` lets accelerate place the layers (`device_map="auto"`): a model bigger than one GPU is split
+    over all of them, layer by layer. Every layer must land on a GPU (TransformerLens folds weights in place and
+    cannot fold CPU- or disk-offloaded ones); the decomposition gathers each layer's tensors onto the
+    unembedding's device.
     """
     model_dir, weights_sha = _resolve(name)
-    hf_model, tokenizer = _load_hf(model_dir, name)
+    hf_model, tokenizer = _load_hf(model_dir, name, device_map="auto" if device == "auto" else None)
     if prepend_bos is None:
         prepend_bos = tokenizer_prepends_bos(tokenizer)
     if prepend_bos and tokenizer.bos_token_id is None:
         raise FactscopeError(f"model {name!r}: its tokenizer has no BOS token to prepend")
-    bridge = _wrap(model_dir, hf_model, tokenizer, device)
+    if device == "auto":
+        _check_placement(hf_model, name)
+    bridge = _wrap(model_dir, hf_model, tokenizer, None if device == "auto" else device, weights_sha)
     return LoadedModel(name=name, bridge=bridge, tokenizer=tokenizer, prepend_bos=prepend_bos, weights_sha256=weights_sha)
 
 
@@ -320,21 +329,36 @@ def _load_hf_gguf(gguf_path: Path):
     return model.eval(), tokenizer
 
 
-def _load_hf(model_dir: Path, name: str):
+def _load_hf(model_dir: Path, name: str, device_map: str | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
+    placement = {"device_map": device_map} if device_map else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32, **placement)
+    except (OSError, ValueError, KeyError, RuntimeError, ImportError) as err:
         raise FactscopeError(f"model {name!r}: cannot load {model_dir} ({str(err).splitlines()[0]})") from None
     if not tokenizer.is_fast:
         raise FactscopeError(f"model {name!r}: factscope needs a fast tokenizer (character offsets for token groups)")
     return model.eval(), tokenizer
 
 
-def _wrap(model_dir: Path, hf_model, tokenizer, device: str):
+def _check_placement(hf_model, name: str) -> None:
+    """After device_map="auto": refuse offloading, and drop a map that put everything on one device (no split)."""
+    placed = {str(where) for where in (getattr(hf_model, "hf_device_map", None) or {}).values()}
+    if len(placed) == 1:
+        # TransformerLens would take a single-device map for CPU offloading and refuse to fold; it is a plain model
+        del hf_model.hf_device_map
+    elif placed & {"cpu", "disk"}:
+        raise FactscopeError(
+            f"model {name!r} does not fit on the GPUs (device_map put {sorted(placed & {'cpu', 'disk'})} layers "
+            "off them); factscope needs every layer on a GPU to fold its weights"
+        )
+
+
+def _wrap(model_dir: Path, hf_model, tokenizer, device: str | None, weights_sha: str):
+    """The bridge in compatibility mode; `device=None` keeps the placement device_map gave the model."""
     from transformer_lens.model_bridge import TransformerBridge
 
     overrides = {}
@@ -343,9 +367,80 @@ def _wrap(model_dir: Path, hf_model, tokenizer, device: str):
     bridge = TransformerBridge.boot_transformers(
         str(model_dir), hf_model=hf_model, tokenizer=tokenizer, device=device, hf_config_overrides=overrides or None
     )
-    bridge.enable_compatibility_mode()
+    with _folded_weights_cache(f"{weights_sha}:{hf_model.config.to_json_string()}"):
+        bridge.enable_compatibility_mode()
     bridge.requires_grad_(False)  # analysis only: no autograd graph on any forward pass
     return bridge.eval()
+
+
+@contextmanager
+def _folded_weights_cache(model_key: str):
+    """While active, TransformerLens's weight folding is read from the factscope cache once it has been written.
+
+    Folding (fold_ln, centring, value biases into b_O) clones the whole state dict three times: about 1 s of a
+    3.5 s SmolLM2 load (measured), on every load. Its result depends only on the model (`model_key`: its weights'
+    hash and its configuration), the folding options and the library versions, so it is saved once as safetensors
+    and later memory-mapped instead of recomputed.
+    """
+    from transformer_lens.weight_processing import ProcessWeights
+
+    fold = ProcessWeights.process_weights
+
+    def cached_fold(state_dict: dict, cfg, **options) -> dict:
+        devices = {tensor.device for tensor in state_dict.values() if isinstance(tensor, torch.Tensor)}
+        if len(devices) != 1:  # layers split over GPUs: fold where they are, as TransformerLens does
+            return fold(state_dict, cfg, **options)
+        path = _folded_path(model_key, options)
+        folded = _read_folded(path, str(devices.pop()))
+        if folded is None:
+            folded = fold(state_dict, cfg, **options)
+            _save_folded(folded, path)
+        return folded
+
+    ProcessWeights.process_weights = staticmethod(cached_fold)
+    try:
+        yield
+    finally:
+        ProcessWeights.process_weights = staticmethod(fold)
+
+
+def _folded_path(model_key: str, options: dict) -> Path:
+    from importlib.metadata import version
+
+    settings = sorted((key, value) for key, value in options.items() if key != "adapter")  # the adapter is an object
+    key = f"{model_key}:{version('transformer-lens')}:{version('transformers')}:{settings}"
+    return cache_root() / "folded" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
+
+
+def _read_folded(path: Path, device: str) -> dict | None:
+    """The cached folded weights, memory-mapped; None if absent or unreadable (they are then folded and rewritten).
+
+    The file only ever appears whole (renamed into place), and a truncated or garbled one fails safetensors' header
+    check. Its bytes are not hashed like the model entry's: that would cost about as much as the folding it saves.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        return None
+    try:
+        return load_file(path, device=device)
+    except (OSError, SafetensorError):
+        return None
+
+
+def _save_folded(folded: dict, path: Path) -> None:
+    """Write atomically (a concurrent load reads a whole file or none); a read-only cache only costs the speed-up."""
+    from safetensors.torch import save_file
+
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # safetensors stores neither views nor shared storage: every tensor gets its own contiguous copy
+        save_file({key: tensor.detach().cpu().contiguous().clone() for key, tensor in folded.items()}, partial)
+        partial.replace(path)
+    except OSError:
+        partial.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -372,9 +467,74 @@ def pad_id(tokenizer) -> int:
     return 0
 
 
-def end_logits(model: LoadedModel, token_lists: list[list[int]]) -> Float[torch.Tensor, "batch vocab"]:
-    """The model's logits at each prompt's END (centred unembedding: softmax and ranks are unchanged)."""
-    tokens, mask, ends = pad_batch(token_lists, pad_id(model.tokenizer))
-    with torch.inference_mode():
-        logits = model.bridge(tokens.to(model.device), attention_mask=mask.to(model.device))
-    return logits[torch.arange(len(ends)), ends.to(logits.device)].float().cpu()
+def end_logits(
+    model: LoadedModel,
+    tokens: Int[torch.Tensor, "batch pos"] | None,
+    mask: Int[torch.Tensor, "batch pos"],
+    ends: Int[torch.Tensor, " batch"],
+    hooks: Sequence[tuple[str, Callable]] = (),
+    resid: Float[torch.Tensor, "batch pos d_model"] | None = None,
+    start: int = 0,
+) -> Float[torch.Tensor, "batch vocab"]:
+    """One forward pass → the logits at each prompt's END only (centred unembedding: softmax and ranks are
+    unchanged). The pass stops at the final norm, so vocabulary-sized logits are never built for other positions.
+
+    `hooks` are TransformerLens (name, function) pairs. With `resid` (and no `tokens`), the pass starts at block `start` from that
+    residual stream; the blocks below it are taken out of the model for the call, because TransformerBridge's
+    `start_at_layer` would still run them and throw their output away.
+    """
+    from transformer_lens.model_bridge.exceptions import StopAtLayerException
+
+    rows = torch.arange(len(ends), device=ends.device)
+
+    def stop(normed: Float[torch.Tensor, "batch pos d_model"], hook) -> None:
+        raise StopAtLayerException(normed[rows, ends])
+
+    hooks = [*hooks, ("ln_final.hook_out", stop)]
+    bridge = model.bridge
+    with torch.inference_mode(), _quiet_norm_edits():
+        if resid is None:
+            normed = bridge.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=hooks)
+        else:
+            with _without_blocks_below(bridge, start):
+                normed = bridge.run_with_hooks(resid, start_at_layer=start, attention_mask=mask, fwd_hooks=hooks)
+        return normed @ model.W_U + model.b_U
+
+
+def prompt_end_logits(model: LoadedModel, token_lists: list[list[int]]) -> Float[torch.Tensor, "batch vocab"]:
+    """END logits of prompts given as token ids: right-padded into one batch, returned on the CPU."""
+    tokens, mask, ends = (t.to(model.device) for t in pad_batch(token_lists, pad_id(model.tokenizer)))
+    return end_logits(model, tokens, mask, ends).float().cpu()
+
+
+@contextmanager
+def _without_blocks_below(bridge, start: int):
+    """Drop blocks 0..start-1 from the HF model's layer list for one call (their output would be discarded)."""
+    if start == 0:
+        yield
+        return
+    hf_model = bridge.original_model
+    name = next(
+        (n for n, mod in hf_model.named_modules() if isinstance(mod, torch.nn.ModuleList) and len(mod) and mod[0] is bridge.blocks[0]),
+        None,
+    )
+    if name is None:
+        raise FactscopeError("cannot find the model's list of blocks to start a pass in the middle")
+    parent_name, _, attr = name.rpartition(".")
+    parent = hf_model.get_submodule(parent_name) if parent_name else hf_model
+    full = getattr(parent, attr)
+    setattr(parent, attr, torch.nn.ModuleList(list(full)[start:]))
+    try:
+        yield
+    finally:
+        setattr(parent, attr, full)
+
+
+@contextmanager
+def _quiet_norm_edits():
+    # Freezing ln_final's scale makes TransformerLens rebuild the norm from the hooked values and say so.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="A forward hook edited hook_scale")
+        yield

@@ -8,7 +8,7 @@ import pandas as pd
 import torch
 
 from .data import Encoded
-from .models import LoadedModel, end_logits
+from .models import LoadedModel, prompt_end_logits
 
 TOP_K = 5
 
@@ -27,7 +27,7 @@ def recall(
     """One row per prompt: `prompt_id, relation, subject, prompt, attribute, rank, prob, logit, correct, ...`."""
     rows = []
     for batch in chunks(encoded, batch_size):
-        logits = end_logits(model, [item.token_ids for item in batch])
+        logits = prompt_end_logits(model, [item.token_ids for item in batch])
         rows.extend(recall_rows(model, batch, logits))
         if progress:
             progress(len(batch))
