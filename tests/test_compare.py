@@ -58,6 +58,8 @@ def written(run_dirs) -> Path:
     result = cli("compare", *run_dirs, "--out", out)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"compared 3 runs · wrote {out}" in " ".join(result.stderr.split())
+    # one summary row per run on stdout (long labels fold over several lines)
+    assert "runs compared" in result.stdout and result.stdout.count("3 × 4") == 3
     return out
 
 

@@ -398,7 +398,22 @@ def compare(
 
     with console.status("comparing runs"):
         html_path, csv_path = write_compare(run_dirs, out, overwrite)
+    _print_comparison(pd.read_csv(csv_path, dtype={"run": str, "part": str}).fillna({"part": ""}))
     console.print(f"compared {len(run_dirs)} runs · wrote {html_path} ({html_path.stat().st_size / 1e6:.1f} MB) and {csv_path}")
+
+
+def _print_comparison(tidy: pd.DataFrame) -> None:
+    """One row per run from compare.csv: size, recall, head classes, exactness."""
+    overall = tidy[tidy["relation"] == "all"]
+    value = overall.set_index(["run", "metric", "part"])["value"]
+    table = Table(title="runs compared (compare.csv)")
+    for column in ("run", "model", "layers × heads", "recall@1", "subject / relation / mixed heads", "max |error|"):
+        table.add_column(column, justify="left" if column in ("run", "model") else "right", overflow="fold")
+    for run, model in overall[["run", "model"]].drop_duplicates().itertuples(index=False):
+        classes = " / ".join(f"{value.get((run, 'head_count', name), 0):.0f}" for name in ("subject", "relation", "mixed"))
+        table.add_row(run, model, f"{value[(run, 'n_layers', '')]:.0f} × {value[(run, 'n_heads', '')]:.0f}",
+                      f"{value[(run, 'accuracy', '')]:.1%}", classes, f"{value[(run, 'max_abs_reconstruction_error', '')]:.1e}")
+    Console().print(table)
 
 
 class FactFormat(str, Enum):
