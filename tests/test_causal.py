@@ -357,8 +357,8 @@ def test_stacked_restorations_match_one_forward_per_restoration(loaded, family):
 def test_trace_table(loaded):
     model, encoded = loaded("gpt2")
     calls = []
-    table = causal.causal_trace(model, encoded, seeds=(0, 1), progress=calls.append)
-    assert sum(calls) == causal.n_passes("causal_trace", 3, seeds=(0, 1))
+    table = causal.trace_table(causal.trace_effects(model, encoded, seeds=(0, 1), progress=calls.append))
+    assert sum(calls) == causal.n_passes("trace_effects", 3, seeds=(0, 1))
     tokens = {"first_subject", "last_subject", "further_tokens", "last_token", "subject", "relation", "prefix", "bos"}
     assert tokens <= set(table["token"]) and set(table["kind"]) == {"resid", "attn", "mlp"}
     assert not table.duplicated(["kind", "layer", "token"]).any()
@@ -398,7 +398,7 @@ def test_subject_enrichment(loaded):
     vocab = model.bridge.W_U.shape[1]
     assert list(table["layer"]) == list(range(model.cfg.n_layers))
     assert table["mean_rank_a"].between(1, vocab).all() and table["mean_rank_others"].between(1, vocab).all()
-    summary = causal.enrichment_summary(table, causal.causal_trace(model, encoded[:3], seeds=(0,), kinds=("mlp",)))
+    summary = causal.enrichment_summary(table, causal.trace_table(causal.trace_effects(model, encoded[:3], seeds=(0,), kinds=("mlp",))))
     assert 0 <= summary["mlp_trace_peak_layer"] < model.cfg.n_layers
 
 

@@ -5,7 +5,7 @@ what happens to the attribute's probability, logit and top-1 accuracy:
 
 - `knockout`            attention knockout (Geva et al. 2023): END may not attend to a token group;
 - `ablation_grid`       remove paths (a head's END←group contribution, an MLP at END) alone, in pairs, together;
-- `causal_trace`        causal tracing (Meng et al. 2022): noise on the subject, restore one clean state;
+- `trace_effects`       causal tracing (Meng et al. 2022): noise on the subject, restore one clean state;
 - `extraction_rate`     attribute extraction rate (Geva et al. 2023) of every attention / MLP sublayer;
 - `subject_enrichment`  logit lens at the last subject token: from which layer is `a` decodable there;
 - `noise_robustness`    accuracy as Gaussian noise on each mechanism's contribution grows.
@@ -700,17 +700,8 @@ def trace_effects(
     return TraceEffects(effects, clean["p"].cpu(), torch.stack(p_corrupted), noise * std, tuple(kinds), window, batch)
 
 
-def causal_trace(
-    model: LoadedModel,
-    encoded: list[Encoded],
-    noise: float = 3.0,
-    seeds: Sequence[int] = SEEDS,
-    window: int = 10,
-    kinds: Sequence[str] = TRACE_KINDS,
-    max_rows: int = 1024,
-    progress: Progress = None,
-) -> pd.DataFrame:
-    """Causal tracing (see `trace_effects`) as a tidy table (causal_trace.parquet).
+def trace_table(trace: TraceEffects) -> pd.DataFrame:
+    """Causal tracing results as a tidy table (causal_trace.parquet).
 
     One row per (kind, layer, token): `token` is a position kind (`level="position"`: first_subject,
     mid_subject, last_subject, first_subsequent, further_tokens, last_token, after Meng et al.) or a token
@@ -718,10 +709,6 @@ def causal_trace(
     the seed-averaged effect averaged over the prompt's positions of that kind, `sem` its standard error
     over prompts; `first_layer`..`last_layer` is the restored window; `p_clean` and `p_corrupted` are means.
     """
-    return trace_table(trace_effects(model, encoded, noise, seeds, window, kinds, max_rows, progress))
-
-
-def trace_table(trace: TraceEffects) -> pd.DataFrame:
     n_layers = trace.effects.shape[2]
     table = _trace_table(trace.effects, trace_labels(trace.batch), trace.kinds, trace.window, n_layers)
     table["p_clean"] = float(trace.p_clean.mean())
@@ -1047,7 +1034,7 @@ def n_passes(analysis: str, n_layers: int, **options) -> int:
     if analysis == "ablation_grid":
         n = len(options["mechanisms"])
         return len(mechanism_sets(list(range(n)))) + (options.get("mode", "mean") == "mean")
-    if analysis == "causal_trace":
+    if analysis == "trace_effects":
         seeds, kinds = options.get("seeds", SEEDS), options.get("kinds", TRACE_KINDS)
         return 1 + len(seeds) * (1 + len(kinds) * n_layers)
     if analysis in ("extraction_rate", "subject_enrichment"):

@@ -250,8 +250,8 @@ def trace(
 
     seed_list = _numbers(seeds, int, "--seeds")
     model, known, _ = _causal_inputs(run_dir, TRACE_TABLES, overwrite, device, threads, limit)
-    with progress_bar("causal trace", causal.n_passes("causal_trace", model.cfg.n_layers, seeds=seed_list)) as advance:
-        table = causal.causal_trace(model, known, noise, seed_list, window, progress=advance)
+    with progress_bar("causal trace", causal.n_passes("trace_effects", model.cfg.n_layers, seeds=seed_list)) as advance:
+        table = causal.trace_table(causal.trace_effects(model, known, noise, seed_list, window, progress=advance))
     peaks = causal.trace_peaks(table)
     summary = {
         "trace": {"noise": noise, "window": window, "seeds": seed_list, "n_prompts": len(known),
