@@ -202,10 +202,9 @@ def ablate(
 
     scales, seed_list = _numbers(noise_scales, float, "--noise-scales"), _numbers(seeds, int, "--seeds")
     model, known, heads = _causal_inputs(run_dir, ABLATE_TABLES, overwrite, device, threads, limit)
-    head_classes = dict(tuple(heads.groupby("class")[["layer", "head"]]))
     mechanisms = causal.taxonomy_paths(heads, model.cfg.n_layers)
-    head_sets = {f"{name}_heads": list(zip(head_classes[name]["layer"], head_classes[name]["head"]))
-                 for name in ("subject", "relation") if name in head_classes}
+    head_sets = {f"{name}_heads": list(zip(rows["layer"], rows["head"]))
+                 for name, rows in heads.groupby("class") if name in ("subject", "relation")}
     n_layers = model.cfg.n_layers
     with progress_bar("knockout", causal.n_passes("knockout", n_layers) + causal.n_passes("knockout", n_layers, heads=head_sets)) as advance:
         knockout = pd.concat([causal.knockout(model, known, window=window, progress=advance),
@@ -309,7 +308,9 @@ def _causal_inputs(run_dir: Path, outputs: tuple[str, ...], overwrite: bool, dev
     known = spread(encoded, limit)
     if not known:
         raise FactscopeError(f"{manifest['model']} knows none of the facts in {dataset}: nothing to check causally")
-    return model, known, _optional_csv(run_dir / "heads.csv")
+    from .report import read_csv
+
+    return model, known, read_csv(run_dir / "heads.csv")
 
 
 def _read_json(path: Path) -> dict:
@@ -321,9 +322,9 @@ def _read_json(path: Path) -> dict:
 
 
 def _check_same(dataset: Path, manifest: dict) -> None:
-    import hashlib
+    from .outputs import dataset_sha256
 
-    if hashlib.sha256(dataset.read_bytes()).hexdigest() != manifest.get("dataset_sha256"):
+    if dataset_sha256(dataset) != manifest.get("dataset_sha256"):
         raise FactscopeError(f"{dataset}: changed since the run that wrote run.json; rerun `factscope analyze`")
 
 

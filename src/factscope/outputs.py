@@ -154,13 +154,19 @@ def _replace(staging: Path, path: Path) -> None:
     shutil.rmtree(retired, ignore_errors=True)
 
 
+def dataset_sha256(dataset: str | Path) -> str:
+    """The hash a run's manifest records, and later commands check, of its dataset file."""
+    import hashlib
+
+    return hashlib.sha256(Path(dataset).read_bytes()).hexdigest()
+
+
 def manifest(model_name: str, weights_sha256: str, dataset: Path, config: dict, seed: int = 0) -> dict:
     """What a run was: enough to reproduce it, and to refuse resuming a different one.
 
     `seed` is the one the command passed to `torch.manual_seed` before any computation (the CLI seeds every
     command, 0 unless it takes a --seed), so that a command that samples can be rerun exactly.
     """
-    import hashlib
     import platform
     from importlib.metadata import version
 
@@ -169,7 +175,7 @@ def manifest(model_name: str, weights_sha256: str, dataset: Path, config: dict, 
         "model": model_name,
         "weights_sha256": weights_sha256,
         "dataset": str(dataset),
-        "dataset_sha256": hashlib.sha256(Path(dataset).read_bytes()).hexdigest(),
+        "dataset_sha256": dataset_sha256(dataset),
         "config": config,
         "seed": seed,
         "versions": {"python": platform.python_version(), **{name: version(name) for name in packages}},
