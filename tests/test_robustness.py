@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from factscope import models
 from factscope.errors import FactscopeError
@@ -234,6 +236,14 @@ def test_full_disk_during_analyze_keeps_finished_batches(tiny_llama_dir, tmp_pat
 
 # ---------------------------------------------------------------------------------------------------------------
 # The weights cache: every file recorded with its size and sha256, checked on load, rebuilt when corrupted
+
+
+@given(content=st.binary(max_size=1 << 16))
+@settings(max_examples=25, deadline=None)
+def test_sha256_file_is_the_sha256_of_the_bytes(tmp_path_factory, content):
+    path = tmp_path_factory.mktemp("hash") / "file.bin"
+    path.write_bytes(content)
+    assert models.sha256_file(path) == hashlib.sha256(content).hexdigest()
 
 
 @pytest.fixture
