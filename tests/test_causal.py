@@ -296,6 +296,8 @@ def test_ablation_grid(loaded):
     assert grid.iloc[0]["delta_logit"] == 0 and np.isfinite(grid["mean_logit_diff"]).all()
     summary = causal.robustness_summary(grid)
     assert set(summary["accuracy_single_removed"]) == set(mechanisms)
+    everything, alone_diff = grid.iloc[-1], grid.set_index("mechanism_set")["delta_logit_diff"]
+    assert summary["interaction_logit_diff_all"] == pytest.approx(everything["delta_logit_diff"] - alone_diff[list(mechanisms)].sum())
     mean_grid = causal.ablation_grid(model, encoded, mechanisms)  # mean mode differs from zero mode
     assert not np.allclose(mean_grid["mean_logit"][1:], grid["mean_logit"][1:])
 

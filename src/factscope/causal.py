@@ -594,6 +594,7 @@ def robustness_summary(grid: pd.DataFrame) -> dict:
         "accuracy_all_removed": float(everything["accuracy"]),
         "all_removed_set": str(everything["mechanism_set"]),
         "interaction_logit_all": float(everything["interaction_logit"]),
+        "interaction_logit_diff_all": float(everything["interaction_logit_diff"]),
     }
 
 

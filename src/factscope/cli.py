@@ -360,7 +360,8 @@ def _print_causal(summary: dict) -> None:
         ablations = summary["ablations"]
         singles = ", ".join(f"{name} {acc:.0%}" for name, acc in ablations["accuracy_single_removed"].items())
         table.add_row("accuracy, one mechanism removed", f"clean {ablations['accuracy_clean']:.0%}; {singles}")
-        table.add_row("accuracy, all removed", f"{ablations['accuracy_all_removed']:.0%} (interaction {ablations['interaction_logit_all']:+.2f} logits)")
+        interaction = f"interaction {ablations['interaction_logit_diff_all']:+.2f} logits of a − mean(R∖a)"
+        table.add_row("accuracy, all removed", f"{ablations['accuracy_all_removed']:.0%} ({interaction})")
     for key, entry in summary.get("knockout", {}).items():
         layers = entry["layers"]
         table.add_row(f"knockout {key}", f"layers {layers[0]}–{layers[1]}: p(a) {entry['rel_change_p']:+.0%}, accuracy → {entry['accuracy_after']:.0%}")
