@@ -63,7 +63,6 @@ QUALITATIVE = ("#88CCEE", "#CC6677", "#DDCC77", "#117733", "#332288", "#AA4499",
                "#661100", "#6699CC", "#888888")
 DASHES = ("solid", "dash", "dot", "dashdot")
 DIVERGING = "RdBu"  # ColorBrewer, colour-blind safe; blue = raises the logit, red = lowers it
-SEQUENTIAL = "Viridis"
 METRIC_LABELS = {"logit_diff": "a − mean(R∖a)", "logit": "logit of a"}
 
 TEMPLATE = go.layout.Template(pio.templates["simple_white"])
