@@ -145,8 +145,8 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", prepend_bos: bool
 def _import_libraries_in_background() -> threading.Thread:
     """Import transformers and TransformerLens in a thread while `_resolve` checks the cache entry's sha256.
 
-    In a fresh process the imports take about 2 s and the check about 0.4 s (SmolLM2, measured); hashlib and file
-    reads release the GIL, so on two cores the check costs no wall time. A failed import is left for the main
+    In a fresh process the imports take about 2.3 s and the check about 0.5 s (SmolLM2, measured); hashing a memory
+    map releases the GIL, so on two cores the check costs no wall time. A failed import is left for the main
     thread's own import of the same module to raise, with its usual message.
     """
 
@@ -192,8 +192,8 @@ def _cached(key: str, fetch_gguf) -> tuple[Path, str]:
     """Dequantize a GGUF once and keep the fp32 weights as safetensors: the next load skips the 15 s dequantization.
 
     The entry records every file's size and sha256, checked on every load: hashing SmolLM2's 540 MB of weights
-    takes about 0.4 s (measured), hidden behind the library imports of a fresh process. A corrupted, partial or unrecorded entry is
-    deleted and rebuilt from its GGUF.
+    takes about 0.5 s (measured), hidden behind the library imports of a fresh process. A corrupted, partial or
+    unrecorded entry is deleted and rebuilt from its GGUF.
     """
     target = cache_root() / "models" / key
     if target.exists():
