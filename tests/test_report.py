@@ -319,6 +319,16 @@ def percent(x: float) -> str:
     return f"{round(100 * x):.0f}%"
 
 
+def test_every_finding_has_a_title(full_run):
+    keys = [f.key for f in report.findings(full_run)]
+    assert {"knockout", "ablations", "causal_trace", "noise"} <= set(keys)
+    assert set(keys) <= set(report.FINDING_TITLES)
+
+
+def test_a_change_that_rounds_to_nothing_is_not_negative():
+    assert report.pct(-0.004) == "0%" and report.pct(-0.006) == "-1%" and report.pct(0.4707) == "47%"
+
+
 def test_findings_numbers_match_the_tables(full_dir, full_run):
     recall = pd.read_csv(full_dir / "recall.csv")
     text = finding(full_run, "recall")

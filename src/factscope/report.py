@@ -159,8 +159,9 @@ class Check:
 
 
 def pct(x: float) -> str:
-    """A share as a whole percentage: 0.4707 → "47%"."""
-    return f"{x:.0%}"
+    """A share as a whole percentage: 0.4707 → "47%"; a change that rounds to nothing is "0%", not "-0%"."""
+    text = f"{x:.0%}"
+    return "0%" if text == "-0%" else text
 
 
 def plural(count: int, noun: str) -> str:
@@ -793,7 +794,7 @@ FINDING_TITLES = {
     "recall": "Recall", "exactness": "Exactness", "classes": "Head classes and their shares",
     "interference": "Interference", "specificity": "Specificity", "mlps": "MLP boosting", "logit_lens": "Logit lens",
     "thresholds": "Thresholds", "subject_swap": "Subject swap", "knockout": "Knockout", "ablations": "Ablation",
-    "extraction_rate": "Extraction", "enrichment": "Enrichment", "noise": "Noise",
+    "causal_trace": "Causal tracing", "extraction_rate": "Extraction", "enrichment": "Enrichment", "noise": "Noise",
 }
 
 
