@@ -503,9 +503,9 @@ def end_logits(
     """One forward pass → the logits at each prompt's END only (centred unembedding: softmax and ranks are
     unchanged). The pass stops at the final norm, so vocabulary-sized logits are never built for other positions.
 
-    `hooks` are TransformerLens (name, function) pairs. With `resid` (and no `tokens`), the pass starts at block `start` from that
-    residual stream; the blocks below it are taken out of the model for the call, because TransformerBridge's
-    `start_at_layer` would still run them and throw their output away.
+    `hooks` are TransformerLens (name, function) pairs. With `resid` (and no `tokens`), the pass starts at block
+    `start` from that residual stream; the blocks below it are taken out of the model for the call, because
+    TransformerBridge's `start_at_layer` would still run them and throw their output away.
     """
     from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
