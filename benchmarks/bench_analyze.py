@@ -26,7 +26,7 @@ import torch
 from factscope.data import GROUPS, encode_all, load_facts
 from factscope.decompose import decompose, decompose_to_dir
 from factscope.models import _resolve, load_model, pad_batch, pad_id
-from factscope.outputs import RunDir
+from factscope.rundir import RunDir
 from factscope.recall import chunks
 
 

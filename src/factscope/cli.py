@@ -50,7 +50,7 @@ def progress_bar(label: str, total: int):
 def _prepare(model_name: str, dataset: Optional[Path], device: str, bos: Optional[bool], seed: int = 0):
     """Validate the dataset before the (slow) model load, then tokenize it for that model.
 
-    Seeds torch with `seed`, the value the command records in run.json (`outputs.manifest`).
+    Seeds torch with `seed`, the value the command records in run.json (`rundir.manifest`).
     """
     import torch
 
@@ -88,7 +88,7 @@ def recall(
     bos: BosOpt = None,
 ) -> None:
     """Which facts does the model know? Writes DIR/recall.csv and DIR/summary.json."""
-    from .outputs import manifest, output_dir, write_csv, write_json
+    from .rundir import manifest, output_dir, write_csv, write_json
     from .recall import accuracy_table, recall as run_recall
 
     _refuse_existing(out, overwrite)
@@ -135,7 +135,7 @@ def analyze(
     """Exact DLA by component and source group, the logit lens, head classes and mechanism shares."""
     from .decompose import decompose_to_dir
     from .mechanisms import ClassRule, subject_swap, summarize, swap_summary
-    from .outputs import manifest, output_dir, write_csv, write_json
+    from .rundir import manifest, output_dir, write_csv, write_json
     from .recall import accuracy_table
 
     _refuse_existing(out, overwrite, resume)
@@ -308,7 +308,7 @@ def _causal_inputs(run_dir: Path, outputs: tuple[str, ...], overwrite: bool, dev
     known = spread(encoded, limit)
     if not known:
         raise FactscopeError(f"{manifest['model']} knows none of the facts in {dataset}: nothing to check causally")
-    from .report import read_csv
+    from .rundir import read_csv
 
     return model, known, read_csv(run_dir / "heads.csv")
 
@@ -322,14 +322,14 @@ def _read_json(path: Path) -> dict:
 
 
 def _check_same(dataset: Path, manifest: dict) -> None:
-    from .outputs import dataset_sha256
+    from .rundir import dataset_sha256
 
     if dataset_sha256(dataset) != manifest.get("dataset_sha256"):
         raise FactscopeError(f"{dataset}: changed since the run that wrote run.json; rerun `factscope analyze`")
 
 
 def _optional_csv(path: Path):
-    from .report import read_csv
+    from .rundir import read_csv
 
     return read_csv(path) if path.is_file() else None
 
@@ -341,7 +341,7 @@ def _optional_parquet(path: Path):
 def _write_causal(run_dir: Path, tables: dict, summary: dict) -> None:
     """Every table, then summary.json, each replaced atomically; the report is re-rendered last, so a rendering
     failure cannot cost the tables."""
-    from .outputs import write_csv, write_json, write_parquet
+    from .rundir import write_csv, write_json, write_parquet
 
     for name, table in tables.items():
         (write_csv if name.endswith(".csv") else write_parquet)(table, run_dir / name)
@@ -436,7 +436,7 @@ def import_facts_command(
 ) -> None:
     """Convert known_1000 or CounterFact prompts into factscope's facts (JSONL), for --dataset."""
     from .data import facts_jsonl, import_facts
-    from .outputs import atomic_write_text
+    from .rundir import atomic_write_text
 
     if out.exists() and not overwrite:
         raise FactscopeError(f"{out}: exists; pass --overwrite to replace it")

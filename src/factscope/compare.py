@@ -20,8 +20,9 @@ import plotly.graph_objects as go
 
 from . import figures as F
 from .errors import FactscopeError
-from .outputs import atomic_write_text, write_csv
-from .report import PAPER, Run, Section, figure_div, load_run, page_html, pct
+from .rundir import atomic_write_text, write_csv
+from .report import PAPER, Section, figure_div, page_html, pct
+from .rundir import Run, load_run
 
 REQUIRED_FILES = ("summary.json", "recall.csv", "heads.csv", "mechanisms.csv")
 EXACTNESS = ("max_abs_reconstruction_error", "max_abs_head_error", "tolerance")  # keys of summary.json

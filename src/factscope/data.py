@@ -16,9 +16,9 @@ from importlib import resources
 from pathlib import Path
 
 from .errors import FactscopeError
+from .taxonomy import GROUPS
 
 FIELDS = ("relation", "subject", "prompt", "attribute")
-GROUPS = ("bos", "prefix", "subject", "relation")
 # A leading label such as "Fact:" or "Q:" before the subject is the prompt's prefix, not its relation.
 PREFIX_PATTERN = re.compile(r"^\s*[^\s:]{1,20}:")
 

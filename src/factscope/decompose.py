@@ -24,7 +24,7 @@ from jaxtyping import Float, Int
 from .data import GROUPS, Encoded, relation_targets, token_table
 from .errors import FactscopeError
 from .models import LoadedModel, pad_batch, pad_id
-from .outputs import RunDir, write_csv, write_parquet
+from .rundir import RunDir, write_csv, write_parquet
 from .recall import chunks, recall_rows
 
 TOLERANCE = 1e-3

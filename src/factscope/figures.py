@@ -21,10 +21,11 @@ import plotly.io as pio
 from plotly.subplots import make_subplots
 
 from .errors import FactscopeError
-from .outputs import atomic_path
+from .rundir import atomic_path
+from .taxonomy import CLASSES, HEAD_MECHANISM, MECHANISM_ORDER
 
 if TYPE_CHECKING:  # report imports this module; the reverse import is for type checkers only
-    from .report import Run
+    from .rundir import Run
 
 # ---------------------------------------------------------------------------------------------------------------
 # Style: one palette and one font for every figure
@@ -32,21 +33,9 @@ if TYPE_CHECKING:  # report imports this module; the reverse import is for type 
 FONT = 'system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", "Noto Sans", "Liberation Sans", Arial, sans-serif'
 MONO = 'ui-monospace, "SFMono-Regular", Menlo, Consolas, "DejaVu Sans Mono", "Liberation Mono", monospace'
 
-CLASSES = ("subject", "relation", "mixed", "negligible")
 CLASS_COLORS = {"subject": "#0072B2", "relation": "#D55E00", "mixed": "#CC79A7", "negligible": "#B4B4B4"}
 CLASS_LETTERS = {"subject": "S", "relation": "R", "mixed": "M", "negligible": ""}
 
-# Same names and order as mechanisms.MECHANISMS (checked in the tests; importing mechanisms would import torch).
-MECHANISMS = (
-    "subject_heads", "relation_heads", "mixed_subject", "mixed_relation", "mlps", "other_heads", "embed_bias",
-)
-HEAD_MECHANISM = {
-    ("subject", "subject"): "subject_heads",
-    ("relation", "relation"): "relation_heads",
-    ("mixed", "subject"): "mixed_subject",
-    ("mixed", "relation"): "mixed_relation",
-}
-MECHANISM_ORDER = ("subject_heads", "mixed_subject", "mixed_relation", "relation_heads", "mlps", "other_heads", "embed_bias")
 MECHANISM_COLORS = {
     "subject_heads": "#0072B2", "mixed_subject": "#56B4E9", "mixed_relation": "#E69F00", "relation_heads": "#D55E00",
     "mlps": "#009E73", "other_heads": "#A6A6A6", "embed_bias": "#4D4D4D",

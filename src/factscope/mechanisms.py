@@ -25,29 +25,15 @@ from .data import Encoded, Fact, encode_all
 from .decompose import TOLERANCE, decompose
 from .errors import FactscopeError
 from .models import LoadedModel
-from .outputs import write_csv
+from .rundir import write_csv
+from .taxonomy import CLASS_SOURCES, CLASSES, HEAD_MECHANISM, MECHANISMS
 
-CLASSES = ("subject", "relation", "mixed", "negligible")
-# other_heads: negligible heads, every head's BOS / prefix part, and a subject (relation) head's RELATION
-# (SUBJECT) part; embed_bias: token and position embeddings, attention output biases, unembedding bias
-MECHANISMS = (
-    "subject_heads", "relation_heads", "mixed_subject", "mixed_relation", "mlps", "other_heads", "embed_bias",
-)
 DLA_COLUMNS = ("subject_dla", "relation_dla", "other_dla")
 K_SWEEP = (1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0)
 Z_SWEEP = (2.0, 3.0, 5.0)
 DOMINANCE = 0.8  # the seed's break condition: one mechanism carrying more than this share of a − mean(R \ a)
 TOP_N = 5
 MAD_TO_SIGMA = 1.4826  # MAD × this estimates the standard deviation of a normal bulk
-# (class, source) → mechanism; every other attention part is `other_heads`
-HEAD_MECHANISM = {
-    ("subject", "subject"): "subject_heads",
-    ("relation", "relation"): "relation_heads",
-    ("mixed", "subject"): "mixed_subject",
-    ("mixed", "relation"): "mixed_relation",
-}
-# the parts of the table that carry a class's signal: a mixed head is read through both of its parts
-CLASS_SOURCES = {"subject": ("subject",), "relation": ("relation",), "mixed": ("subject", "relation")}
 MEASURES = ("specificity", "breadth")
 KEYS = ["prompt_id", "relation", "target", "is_correct_target"]
 ATTN_COLUMNS = [*KEYS, "layer", "head", "source", "value", "logit_diff"]

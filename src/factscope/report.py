@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import html
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,122 +20,11 @@ from . import __version__
 from . import figures as F
 from .data import read_json
 from .errors import FactscopeError
-from .outputs import atomic_write_text
+from .rundir import TABLES, Run, atomic_write_text, load_run
 
-# attribute of Run → file in the run directory; all optional except summary.json
-TABLES = {
-    "recall": "recall.csv",
-    "heads": "heads.csv",
-    "head_relation_classes": "head_relation_classes.csv",
-    "class_sweep": "head_class_sweep.csv",
-    "mlp_boosting": "mlp_boosting.csv",
-    "mechanisms": "mechanisms.csv",
-    "logit_lens": "logit_lens.parquet",
-    "tokens": "tokens.parquet",
-    "subject_swap": "subject_swap.csv",
-    # causal checks (written by the causal stage when it was run)
-    "knockout": "knockout.csv",
-    "ablations": "ablations.csv",
-    "causal_trace": "causal_trace.parquet",
-    "extraction_rate": "extraction_rate.csv",
-    "enrichment": "enrichment.csv",
-    "noise_robustness": "noise_robustness.csv",
-}
-CORRECT_COLUMNS = ["prompt_id", "relation", "target", "component", "layer", "head", "source", "value", "logit_diff"]
 SWAP_MOVES = 0.5  # a relation head whose RELATION part changes by more than this under subject swap depends on the subject
 ONLY_SUM_NONE = 0.05  # below this fraction of prompts, "only the sum ranks a first" counts as absent
 PAPER = "Chughtai, Cooney & Nanda (2024), “Summing Up the Facts”, arXiv:2402.07321"
-
-
-@dataclass
-class Run:
-    """The saved tables of one run directory. Absent files are None; attributions are read on demand."""
-
-    path: Path
-    summary: dict
-    recall: pd.DataFrame | None = None
-    heads: pd.DataFrame | None = None
-    head_relation_classes: pd.DataFrame | None = None
-    class_sweep: pd.DataFrame | None = None
-    mlp_boosting: pd.DataFrame | None = None
-    mechanisms: pd.DataFrame | None = None
-    logit_lens: pd.DataFrame | None = None
-    tokens: pd.DataFrame | None = None
-    subject_swap: pd.DataFrame | None = None
-    knockout: pd.DataFrame | None = None
-    ablations: pd.DataFrame | None = None
-    causal_trace: pd.DataFrame | None = None
-    extraction_rate: pd.DataFrame | None = None
-    enrichment: pd.DataFrame | None = None
-    noise_robustness: pd.DataFrame | None = None
-    _correct: pd.DataFrame | None = field(default=None, repr=False)
-
-    @property
-    def attributions_path(self) -> Path:
-        return self.path / "attributions.parquet"
-
-    def has(self, name: str) -> bool:
-        table = getattr(self, name)
-        return table is not None and not table.empty
-
-    def attributions(self, columns: list[str] | None = None, filters: list | None = None) -> pd.DataFrame:
-        """Rows of attributions.parquet, read with pyarrow filters (the file has ~10⁶ rows: ask for what you need),
-        e.g. `run.attributions(["prompt_id", "value"], [("component", "==", "mlp"), ("layer", "in", [27, 28])])`."""
-        if not self.attributions_path.is_file():
-            raise FactscopeError(f"{self.attributions_path}: not found; run `factscope analyze` first")
-        table = pd.read_parquet(self.attributions_path, columns=columns, filters=filters)
-        return table.astype({"prompt_id": str}) if "prompt_id" in table else table
-
-    def correct_parts(self) -> pd.DataFrame | None:
-        """Every part's contribution to each analysed prompt's correct attribute (cached); None without attributions."""
-        if self._correct is None and self.attributions_path.is_file():
-            self._correct = self.attributions(CORRECT_COLUMNS, [("is_correct_target", "==", True)])
-        return self._correct
-
-    @property
-    def n_layers(self) -> int | None:
-        return int(self.heads["layer"].max()) + 1 if self.has("heads") else None
-
-    @property
-    def n_heads(self) -> int | None:
-        return int(self.heads["head"].max()) + 1 if self.has("heads") else None
-
-
-def load_run(run_dir: str | Path) -> Run:
-    """The tables of a finished run directory as DataFrames, and summary.json as a dict."""
-    path = Path(run_dir)
-    summary_path = path / "summary.json"
-    if not summary_path.is_file():
-        raise FactscopeError(f"{path}: no summary.json; is this a finished `factscope analyze` run directory?")
-    summary = read_json(summary_path)
-    tables = {}
-    for name, filename in TABLES.items():
-        file = path / filename
-        if not file.is_file():
-            continue
-        if filename.endswith(".csv"):
-            table = read_csv(file)
-        else:
-            table = pd.read_parquet(file)
-            if "prompt_id" in table:
-                table = table.astype({"prompt_id": str})
-        tables[name] = table
-    return Run(path=path, summary=summary, **tables)
-
-
-def read_csv(path: Path) -> pd.DataFrame:
-    """A run's CSV. Rows end in "\n" only: pandas writes a bare "\r" inside a field (a token such as the top-5
-    predictions of a small model) unquoted, and the default reader would split the row there."""
-    table = pd.read_csv(path, dtype={"prompt_id": str})
-    last = str(table.columns[-1]) if len(table.columns) else ""
-    if last.endswith("\r"):  # written with "\r\n" line ends (Windows): strip them from the last column
-        table = table.rename(columns={last: last[:-1]})
-        column = table[last[:-1]].astype(str).str.rstrip("\r")
-        try:
-            table[last[:-1]] = pd.to_numeric(column)
-        except ValueError:
-            table[last[:-1]] = column
-    return table
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,350 @@
+"""The run directory, both ways: what it holds (`TABLES`, the one registry of its file names), how a stage writes
+it (never half-written, resumable) and how it is read back (`load_run` → `Run`). Torch-free: the report and
+notebooks read runs without loading a model.
+
+Output directories are never half-written, and runs resume after a crash.
+
+A run writes into a staging folder `.DIR.partial` beside DIR, which replaces DIR only when everything in it is
+complete. Long runs write each finished batch there as its own parquet parts plus a `.done` marker (both
+renamed into place, so a kill -9 leaves either a whole batch or none); `--resume` skips those batches and the
+final tables are the parts concatenated in batch order, so they are byte-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import pandas as pd
+
+from .errors import FactscopeError
+
+MANIFEST = "run.json"
+SUMMARY = "summary.json"
+# name → file of every table a run directory can hold; the name is the attribute of `Run` that reads it back
+TABLES = {
+    "recall": "recall.csv",
+    "tokens": "tokens.parquet",
+    "attributions": "attributions.parquet",
+    "logit_lens": "logit_lens.parquet",
+    "heads": "heads.csv",
+    "head_relation_classes": "head_relation_classes.csv",
+    "class_sweep": "head_class_sweep.csv",
+    "mlp_boosting": "mlp_boosting.csv",
+    "mechanisms": "mechanisms.csv",
+    "subject_swap": "subject_swap.csv",
+    # causal checks (written by `ablate` and `trace` when they were run)
+    "knockout": "knockout.csv",
+    "ablations": "ablations.csv",
+    "noise_robustness": "noise_robustness.csv",
+    "extraction_rate": "extraction_rate.csv",
+    "enrichment": "enrichment.csv",
+    "causal_trace": "causal_trace.parquet",
+    "trace_peaks": "trace_peaks.csv",
+}
+LAZY_TABLES = ("attributions",)  # ~10⁶ rows: read on demand with filters (`Run.attributions`)
+
+
+def write_json(path: Path, payload: dict) -> None:
+    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+
+
+@contextmanager
+def atomic_path(path: Path):
+    """Yield a sibling temporary path to write; it becomes `path` only once complete.
+
+    A failed write (a full disk, say) removes the partial file and names the file in the error.
+    """
+    partial = path.with_name(f".{path.name}.tmp")
+    try:
+        yield partial
+        partial.replace(path)
+    except OSError as err:
+        raise FactscopeError(f"{path}: cannot write ({err.strerror or err})") from err
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as partial:
+        partial.write_text(text, encoding="utf-8")
+
+
+def write_parquet(frame: pd.DataFrame, path: Path) -> None:
+    with atomic_path(path) as partial:
+        frame.to_parquet(partial, index=False, compression="zstd")
+
+
+class RunDir:
+    """The staging folder of one run. `path` is where the finished run will be."""
+
+    def __init__(self, path: Path, staging: Path):
+        self.path, self.staging = path, staging
+        self.batches = staging / "batches"
+
+    def done_batches(self) -> dict[int, dict]:
+        """Finished batches and the metadata each recorded (its exactness errors)."""
+        if not self.batches.is_dir():
+            return {}
+        return {int(marker.stem): json.loads(marker.read_text()) for marker in sorted(self.batches.glob("*.done"))}
+
+    def write_batch(self, index: int, tables: dict[str, pd.DataFrame], meta: dict) -> None:
+        self.batches.mkdir(exist_ok=True)
+        for name, frame in tables.items():
+            write_parquet(frame, self.batches / f"{index:06d}.{name}.parquet")
+        write_json(self.batches / f"{index:06d}.done", meta)
+
+    def merge(self, name: str) -> Path:
+        """Concatenate a table's batch parts, in batch order, into `name.parquet`, streaming part by part."""
+        import pyarrow.parquet as pq
+
+        target, writer = self.staging / f"{name}.parquet", None
+        with atomic_path(target) as partial:
+            try:
+                for index in sorted(self.done_batches()):
+                    table = pq.read_table(self.batches / f"{index:06d}.{name}.parquet")
+                    if writer is None:
+                        writer = pq.ParquetWriter(partial, table.schema, compression="zstd")
+                    writer.write_table(table.cast(writer.schema))
+            finally:
+                if writer is not None:
+                    writer.close()
+        return target
+
+    def read_parts(self, name: str) -> pd.DataFrame:
+        frames = [pd.read_parquet(self.batches / f"{i:06d}.{name}.parquet") for i in sorted(self.done_batches())]
+        return pd.concat(frames, ignore_index=True)
+
+
+@contextmanager
+def output_dir(path: str | Path, overwrite: bool = False, resume: bool = False, manifest: dict | None = None):
+    """Yield a RunDir; on success its staging folder becomes `path`.
+
+    On failure the staging folder is removed, unless it holds finished batches that `--resume` can reuse.
+    With `resume`, a staging folder whose manifest matches this run's is continued; otherwise it starts anew.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FactscopeError(f"{path}: exists and is not a directory")
+    if path.exists() and not (overwrite or resume):
+        raise FactscopeError(f"{path}: output directory exists; pass --overwrite to replace it or --resume to continue")
+    staging = path.with_name(f".{path.name}.partial")
+    run = RunDir(path, staging)
+    try:
+        _prepare_staging(run, resume, manifest)
+        yield run
+    except BaseException:
+        if not run.done_batches():
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(run.batches, ignore_errors=True)
+    _replace(staging, path)
+
+
+def _prepare_staging(run: RunDir, resume: bool, manifest: dict | None) -> None:
+    staging = run.staging
+    if staging.exists():
+        previous = _read_manifest(staging)
+        if not (resume and previous is not None and _same_run(previous, manifest)):
+            shutil.rmtree(staging)
+    try:
+        staging.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise FactscopeError(f"{run.path}: cannot create output directory ({err.strerror})") from None
+    if manifest is not None and not (staging / MANIFEST).exists():
+        write_json(staging / MANIFEST, manifest)
+
+
+def _read_manifest(staging: Path) -> dict | None:
+    try:
+        return json.loads((staging / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _same_run(previous: dict, current: dict | None) -> bool:
+    """A resume must continue the same computation: same inputs, model, configuration and code version."""
+    keys = ("config", "seed", "dataset_sha256", "weights_sha256", "versions")
+    return current is not None and all(previous.get(key) == current.get(key) for key in keys)
+
+
+def _replace(staging: Path, path: Path) -> None:
+    if not path.exists():
+        staging.rename(path)
+        return
+    retired = path.with_name(f".{path.name}.old")
+    shutil.rmtree(retired, ignore_errors=True)
+    path.rename(retired)
+    staging.rename(path)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def dataset_sha256(dataset: str | Path) -> str:
+    """The hash a run's manifest records, and later commands check, of its dataset file."""
+    import hashlib
+
+    return hashlib.sha256(Path(dataset).read_bytes()).hexdigest()
+
+
+def manifest(model_name: str, weights_sha256: str, dataset: Path, config: dict, seed: int = 0) -> dict:
+    """What a run was: enough to reproduce it, and to refuse resuming a different one.
+
+    `seed` is the one the command passed to `torch.manual_seed` before any computation (the CLI seeds every
+    command, 0 unless it takes a --seed), so that a command that samples can be rerun exactly.
+    """
+    import platform
+    from importlib.metadata import version
+
+    packages = ("factscope", "torch", "transformers", "transformer-lens", "pandas", "pyarrow", "numpy")
+    return {
+        "model": model_name,
+        "weights_sha256": weights_sha256,
+        "dataset": str(dataset),
+        "dataset_sha256": dataset_sha256(dataset),
+        "config": config,
+        "seed": seed,
+        "versions": {"python": platform.python_version(), **{name: version(name) for name in packages}},
+    }
+
+
+def write_csv(frame: pd.DataFrame, path: Path) -> None:
+    """Every string quoted: decoded tokens can hold a bare '\\r', which default readers take as a line break."""
+    import csv
+
+    with atomic_path(path) as partial:
+        frame.to_csv(partial, index=False, quoting=csv.QUOTE_NONNUMERIC)
+
+
+def table_path(run_dir: str | Path, name: str) -> Path:
+    return Path(run_dir) / TABLES[name]
+
+
+def write_table(frame: pd.DataFrame, run_dir: str | Path, name: str) -> Path:
+    """A registered table into a run (or staging) directory, atomically, as CSV or parquet by its file name."""
+    path = table_path(run_dir, name)
+    (write_csv if path.suffix == ".csv" else write_parquet)(frame, path)
+    return path
+
+
+def read_table(run_dir: str | Path, name: str, required: bool = False) -> pd.DataFrame | None:
+    """A registered table of a run directory; None where it is absent (an error naming it when `required`)."""
+    path = table_path(run_dir, name)
+    if not path.is_file():
+        if required:
+            raise FactscopeError(f"{path}: missing; is {path.parent} a finished `factscope analyze` run?")
+        return None
+    if path.suffix == ".csv":
+        return read_csv(path)
+    try:
+        table = pd.read_parquet(path)
+    except Exception as err:  # noqa: BLE001 — pyarrow raises several types for a damaged file
+        raise FactscopeError(f"{path}: not a readable parquet table ({type(err).__name__}: {err})") from None
+    return table.astype({"prompt_id": str}) if "prompt_id" in table else table
+
+
+def read_csv(path: Path) -> pd.DataFrame:
+    """A run's CSV. Rows end in "\\n" only: pandas writes a bare "\\r" inside a field (a token such as the top-5
+    predictions of a small model) unquoted, and the default reader would split the row there."""
+    table = pd.read_csv(path, dtype={"prompt_id": str})
+    last = str(table.columns[-1]) if len(table.columns) else ""
+    if last.endswith("\r"):  # written with "\r\n" line ends (Windows): strip them from the last column
+        table = table.rename(columns={last: last[:-1]})
+        column = table[last[:-1]].astype(str).str.rstrip("\r")
+        try:
+            table[last[:-1]] = pd.to_numeric(column)
+        except ValueError:
+            table[last[:-1]] = column
+    return table
+
+
+CORRECT_COLUMNS = ["prompt_id", "relation", "target", "component", "layer", "head", "source", "value", "logit_diff"]
+
+
+class Run:
+    """A finished run directory read back: `run.summary` (summary.json), `run.manifest` (run.json) and every
+    table of `TABLES` as an attribute (`run.heads`, `run.knockout`, ...; None where absent). Attributions are
+    read on demand (`run.attributions(columns, filters)`). Displayed in Jupyter, a run shows its summary."""
+
+    def __init__(self, path: Path, summary: dict, tables: dict[str, pd.DataFrame], manifest: dict | None = None):
+        self.path, self.summary, self.manifest = path, summary, manifest or {}
+        self.tables = tables
+        self._correct: pd.DataFrame | None = None
+
+    def __getattr__(self, name: str):
+        if name in TABLES and name not in LAZY_TABLES:
+            return self.__dict__["tables"].get(name)
+        raise AttributeError(name)
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r}: {', '.join(self.tables)})"
+
+    @property
+    def attributions_path(self) -> Path:
+        return table_path(self.path, "attributions")
+
+    def has(self, name: str) -> bool:
+        table = self.tables.get(name)
+        return table is not None and not table.empty
+
+    def attributions(self, columns: list[str] | None = None, filters: list | None = None) -> pd.DataFrame:
+        """Rows of attributions.parquet, read with pyarrow filters (the file has ~10⁶ rows: ask for what you need),
+        e.g. `run.attributions(["prompt_id", "value"], [("component", "==", "mlp"), ("layer", "in", [27, 28])])`."""
+        if not self.attributions_path.is_file():
+            raise FactscopeError(f"{self.attributions_path}: not found; run `factscope analyze` first")
+        table = pd.read_parquet(self.attributions_path, columns=columns, filters=filters)
+        return table.astype({"prompt_id": str}) if "prompt_id" in table else table
+
+    def correct_parts(self) -> pd.DataFrame | None:
+        """Every part's contribution to each analysed prompt's correct attribute (cached); None without attributions."""
+        if self._correct is None and self.attributions_path.is_file():
+            self._correct = self.attributions(CORRECT_COLUMNS, [("is_correct_target", "==", True)])
+        return self._correct
+
+    @property
+    def n_layers(self) -> int | None:
+        return int(self.heads["layer"].max()) + 1 if self.has("heads") else None
+
+    @property
+    def n_heads(self) -> int | None:
+        return int(self.heads["head"].max()) + 1 if self.has("heads") else None
+
+    def _repr_html_(self) -> str:
+        import html
+
+        summary, rows = self.summary, []
+        if "accuracy" in summary or self.has("recall"):
+            accuracy = summary.get("accuracy", float(self.recall["correct"].mean()) if self.has("recall") else None)
+            rows.append(("recall@1", f"{accuracy:.1%} of {summary.get('n_prompts', '?')} prompts"))
+        if "n_analysed" in summary:
+            rows.append(("analysed", f"{summary['n_analysed']} prompts"))
+        if "max_abs_reconstruction_error" in summary:
+            rows.append(("sum of parts = logit", f"within {summary['max_abs_reconstruction_error']:.1e} "
+                                                 f"(tolerance {summary.get('tolerance', '?')})"))
+        for name, entry in summary.get("head_classes", {}).items():
+            top = ", ".join(entry.get("top", [])) if name != "negligible" else ""
+            rows.append((f"{name} heads", f"{entry['count']}" + (f" · strongest {top}" if top else "")))
+        for name, share in summary.get("mechanism_shares", {}).get("logit_diff", {}).items():
+            rows.append((f"share · {name}", f"{share:+.1%} of a − mean(R∖a)"))
+        causal = ", ".join(name for name in ("knockout", "ablations", "noise_robustness", "extraction_rate",
+                                             "enrichment", "causal_trace") if self.has(name))
+        rows.append(("causal checks", causal or "not run (factscope ablate / trace)"))
+        body = "".join(f"<tr><th style='text-align:left'>{html.escape(k)}</th><td style='text-align:left'>"
+                       f"{html.escape(str(v))}</td></tr>" for k, v in rows)
+        title = html.escape(f"factscope run · {summary.get('model', '?')} · {self.path}")
+        return f"<div><strong>{title}</strong><table>{body}</table></div>"
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """The tables of a finished run directory as DataFrames, and summary.json as a dict."""
+    from .data import read_json
+
+    path = Path(run_dir)
+    summary_path = path / SUMMARY
+    if not summary_path.is_file():
+        raise FactscopeError(f"{path}: no summary.json; is this a finished `factscope analyze` run directory?")
+    summary = read_json(summary_path)
+    manifest = read_json(path / MANIFEST) if (path / MANIFEST).is_file() else None
+    tables = {name: read_table(path, name) for name in TABLES if name not in LAZY_TABLES}
+    return Run(path, summary, {name: table for name, table in tables.items() if table is not None}, manifest)
