@@ -9,7 +9,7 @@ import sys
 import pandas as pd
 import pytest
 import torch
-from conftest import FAMILIES
+from tiny_models import FAMILIES
 
 from factscope.data import GROUPS, load_facts, encode_all, relation_targets
 from factscope.decompose import decompose

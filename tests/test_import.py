@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import build_tokenizer
+from tiny_models import build_tokenizer
 
 from factscope.cli import FactFormat
 from factscope.data import IMPORT_FORMATS, encode_all, import_facts, load_facts

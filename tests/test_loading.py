@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
-from conftest import FAMILIES
+from tiny_models import FAMILIES
 
 from factscope.data import encode_all, load_facts
 from factscope.decompose import decompose

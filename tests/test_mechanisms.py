@@ -11,8 +11,9 @@ import pytest
 
 import handbuilt
 from factscope.data import encode_all, load_facts
-from factscope.decompose import TOLERANCE, decompose
+from factscope.decompose import decompose
 from factscope.errors import FactscopeError
+from factscope.taxonomy import TOLERANCE
 from factscope.mechanisms import (
     CLASSES,
     MECHANISMS,
@@ -25,9 +26,7 @@ from factscope.mechanisms import (
     mechanism_shares,
     robust_threshold,
     split_parts,
-    subject_swap,
     summarize,
-    swap_subjects,
 )
 from factscope.models import load_model
 
@@ -187,16 +186,6 @@ def test_one_mechanism_dominates():
     assert stats["alone_ranks_first"]["subject_heads"] == 1.0 and stats["only_sum_ranks_first"] == 0.0
 
 
-def test_swap_subjects_replaces_the_last_mention_cyclically():
-    facts = [fact for fact in load_facts() if fact.relation == "landmark_country"][:3]
-    swapped = swap_subjects(facts)
-    assert [swapped[f.prompt_id].subject for f in facts] == [facts[1].subject, facts[2].subject, facts[0].subject]
-    first = swapped[facts[0].prompt_id]
-    assert first.prompt == facts[0].prompt.replace(facts[0].subject, facts[1].subject)
-    assert first.attribute == facts[0].attribute  # kept, so R_r and its target names stay the same
-    assert swap_subjects(facts[:1]) == {}
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The partition is exact on real decompositions
 
@@ -229,18 +218,6 @@ def test_mechanisms_sum_exactly_to_the_logit(model_dirs, family):
 
 # ---------------------------------------------------------------------------------------------------------------
 # The key test: a model whose subject head and relation head are set by hand
-
-
-@pytest.fixture(scope="module")
-def handbuilt_run(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("handbuilt")
-    model = load_model(str(handbuilt.build_model_dir(folder / "model")))
-    encoded = encode_all(handbuilt.facts(), model.tokenizer, model.prepend_bos)
-    result = decompose(model, encoded)
-    run = folder / "run"
-    run.mkdir()
-    result.attributions.to_parquet(run / "attributions.parquet")
-    return model, encoded, result, run
 
 
 def test_handbuilt_model_knows_its_facts(handbuilt_run):
@@ -277,12 +254,3 @@ def test_handbuilt_outputs(handbuilt_run):
     assert (sweep.groupby(["k", "z"])["count"].sum() == 4).all()
     mlp = pd.read_csv(run / "mlp_boosting.csv")
     assert (mlp[["correct_dla", "breadth", "specificity"]] == 0).all().all()  # the MLP is zero
-
-
-def test_subject_swap_moves_subject_heads_not_relation_heads(handbuilt_run):
-    model, encoded, _, run = handbuilt_run
-    heads = pd.read_csv(run / "heads.csv")
-    swap = subject_swap(model, encoded, heads).set_index("name")
-    assert swap.loc["L0H1", "rel_change"] < 1e-4
-    assert swap.loc["L0H0", "rel_change"] > 1.0
-    assert set(swap.index) == {"L0H0", "L0H1"}  # negligible heads are not watched

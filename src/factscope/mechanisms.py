@@ -1,7 +1,7 @@
 """Mechanism taxonomy over the attribution table: head classes, what each class extracts, and additivity.
 
-Everything here is a pure function of `attributions.parquet` (see `decompose`), except `subject_swap`, which
-reruns the model on prompts whose subject was exchanged. Conventions:
+Everything here is a pure function of `attributions.parquet` (see `decompose`): pandas only, no model, no torch
+(the subject swap, which reruns the model, is in `swap`). Conventions:
 
 - a head's *subject / relation / other DLA* is its DLA to the correct attribute `a` from the SUBJECT tokens,
   from the RELATION tokens (END included), and from BOS + prefix;
@@ -15,18 +15,15 @@ reruns the model on prompts whose subject was exchanged. Conventions:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .data import Encoded, Fact, encode_all
-from .decompose import TOLERANCE, decompose
 from .errors import FactscopeError
-from .models import LoadedModel
-from .rundir import write_csv
-from .taxonomy import CLASS_SOURCES, CLASSES, HEAD_MECHANISM, MECHANISMS
+from .rundir import table_path, write_table
+from .taxonomy import CLASS_SOURCES, CLASSES, HEAD_MECHANISM, MECHANISMS, TOLERANCE
 
 DLA_COLUMNS = ("subject_dla", "relation_dla", "other_dla")
 K_SWEEP = (1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0)
@@ -49,7 +46,7 @@ class ClassRule:
     noise floor; median and MAD describe that bulk without being pulled up by the few large heads we are looking
     for (a mean + z·std threshold would be inflated by exactly those heads and hide the smaller ones).
     1.4826 · MAD estimates a normal bulk's standard deviation, so z = 3 reads as "three sigma above the typical
-    head". The floor (default: the decomposition's accepted error, `decompose.TOLERANCE`) keeps a head that
+    head". The floor (default: the decomposition's accepted error, `taxonomy.TOLERANCE`) keeps a head that
     lowers `a` from ever being significant, and a head writing numerically nothing from counting when nearly
     all heads write exactly zero (then MAD = 0, as in hand-built models).
 
@@ -106,7 +103,7 @@ def read_parts(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     mechanism alone ranks `a` first need every target of R_r. Splitting by component lets each half skip the
     columns it does not use.
     """
-    path = Path(run_dir) / "attributions.parquet"
+    path = table_path(run_dir, "attributions")
     if not path.is_file():
         raise FactscopeError(f"{path}: not found; run `factscope analyze` first")
     attn = pd.read_parquet(path, columns=ATTN_COLUMNS, filters=[("component", "==", "attn")])
@@ -349,102 +346,7 @@ def _fraction(flags: pd.Series) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 4. Subject swap (needs the model)
-
-
-def swap_subjects(facts: list[Fact]) -> dict[str, Fact]:
-    """Each fact with its (last) subject mention replaced by the next different subject of its relation.
-
-    The attribute is kept: R_r and the names of its targets then match the clean run target for target, and the
-    vectors compared cover all of R_r, so no target is singled out. Relations with one subject are skipped.
-    """
-    subjects: dict[str, list[str]] = {}
-    for fact in facts:
-        subjects.setdefault(fact.relation, [])
-        if fact.subject not in subjects[fact.relation]:
-            subjects[fact.relation].append(fact.subject)
-    swapped = {}
-    for fact in facts:
-        pool = subjects[fact.relation]
-        if len(pool) < 2:
-            continue
-        donor = pool[(pool.index(fact.subject) + 1) % len(pool)]
-        start, end = fact.subject_span
-        swapped[fact.prompt_id] = replace(fact, subject=donor, prompt=fact.prompt[:start] + donor + fact.prompt[end:])
-    return swapped
-
-
-def subject_swap(model: LoadedModel, encoded: list[Encoded], heads: pd.DataFrame, batch_size: int = 16) -> pd.DataFrame:
-    """How far each classified head's own parts move when the subject is swapped for another of the relation.
-
-    heads: per-head classes (layer, head, class), e.g. DIR/heads.csv. Pass the same facts the analysis used so
-    R_r is the same. Per (head, source): `rel_change` = mean |Δ DLA| / mean |DLA| over prompts × R_r and
-    `corr` = mean over prompts of the correlation across R_r of the clean and swapped DLA vectors. A relation
-    head's RELATION part should barely move (rel_change ≪ 1, corr ≈ 1); a subject head's SUBJECT part should.
-    """
-    swapped = swap_subjects([item.fact for item in encoded])
-    clean = [item for item in encoded if item.fact.prompt_id in swapped]
-    if not clean:
-        raise FactscopeError("subject swap: no relation has two subjects to swap between")
-    moved = encode_all([swapped[item.fact.prompt_id] for item in clean], model.tokenizer, model.prepend_bos)
-    watched = _watched_parts(heads)
-    before, after = (
-        _watched_values(decompose(model, items, batch_size, known_only=False).attributions, watched)
-        for items in (clean, moved)
-    )
-    return _swap_stats(before, after.reindex(before.index), watched)
-
-
-def _watched_parts(heads: pd.DataFrame) -> pd.DataFrame:
-    """(layer, head, class, source) for each classified head's own parts."""
-    rows = [
-        (layer, head, name, source)
-        for layer, head, name in heads[["layer", "head", "class"]].itertuples(index=False, name=None)
-        for source in CLASS_SOURCES.get(name, ())
-    ]
-    return pd.DataFrame(rows, columns=["layer", "head", "class", "source"])
-
-
-def _watched_values(attributions: pd.DataFrame, watched: pd.DataFrame) -> pd.Series:
-    """DLA of the watched parts, indexed by (layer, head, source, prompt_id, target)."""
-    attn = attributions[attributions["component"] == "attn"]
-    rows = attn.merge(watched[["layer", "head", "source"]], on=["layer", "head", "source"])
-    return rows.set_index(["layer", "head", "source", "prompt_id", "target"])["value"].astype("float64")
-
-
-def _swap_stats(before: pd.Series, after: pd.Series, watched: pd.DataFrame) -> pd.DataFrame:
-    part = ["layer", "head", "source"]
-    frame = pd.DataFrame({"before": before, "after": after}).reset_index()
-    frame["change"] = (frame["after"] - frame["before"]).abs()
-    frame["size"] = frame["before"].abs()
-    by_prompt = frame.groupby([*part, "prompt_id"])
-    centred_before = frame["before"] - by_prompt["before"].transform("mean")
-    centred_after = frame["after"] - by_prompt["after"].transform("mean")
-    moments = pd.DataFrame(
-        {"cross": centred_before * centred_after, "var_before": centred_before**2, "var_after": centred_after**2}
-    ).groupby([frame[name] for name in [*part, "prompt_id"]]).sum()
-    corr = moments["cross"] / np.sqrt(moments["var_before"] * moments["var_after"])
-    sums = frame.groupby(part)[["change", "size"]].mean()
-    stats = pd.DataFrame(
-        {
-            "rel_change": sums["change"] / sums["size"],
-            "corr": corr.replace([np.inf, -np.inf], np.nan).groupby(level=part).mean(),
-            "n_prompts": frame.groupby(part)["prompt_id"].nunique(),
-        }
-    ).reset_index()
-    stats = watched.merge(stats, on=part)
-    stats.insert(2, "name", head_name(stats["layer"], stats["head"]))
-    return stats
-
-
-def swap_summary(stats: pd.DataFrame) -> dict:
-    """Mean rel_change and corr per (class, source), e.g. {"relation/relation": {...}, "subject/subject": {...}}."""
-    grouped = stats.groupby(["class", "source"])[["rel_change", "corr"]].mean()
-    return {f"{name}/{source}": {k: float(v) for k, v in row.items()} for (name, source), row in grouped.iterrows()}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# 5. Everything, from a run directory
+# 4. Everything, from a run directory
 
 
 def summarize(run_dir: Path, rule: ClassRule = ClassRule()) -> dict:
@@ -461,12 +363,12 @@ def summarize(run_dir: Path, rule: ClassRule = ClassRule()) -> dict:
     heads = heads.merge(head_extraction(attn), on=["layer", "head"]).join(top_targets(attn), on=["layer", "head"])
     parts = mechanism_parts(attn, rest, heads)
     shares = mechanism_shares(parts)
-    write_csv(heads, run_dir / "heads.csv")
-    write_csv(by_relation, run_dir / "head_relation_classes.csv")
+    write_table(heads, run_dir, "heads")
+    write_table(by_relation, run_dir, "head_relation_classes")
     sweep = class_sweep(heads, sorted({*K_SWEEP, rule.k}), sorted({*Z_SWEEP, rule.z}), rule.floor)
-    write_csv(sweep, run_dir / "head_class_sweep.csv")
-    write_csv(mlp_boosting(rest), run_dir / "mlp_boosting.csv")
-    write_csv(shares, run_dir / "mechanisms.csv")
+    write_table(sweep, run_dir, "class_sweep")
+    write_table(mlp_boosting(rest), run_dir, "mlp_boosting")
+    write_table(shares, run_dir, "mechanisms")
     pooled = shares[shares["relation"] == "all"]
     return {
         "head_classes": class_counts(heads),

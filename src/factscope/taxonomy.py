@@ -30,3 +30,7 @@ HEAD_MECHANISM = {
 # reading order in tables and figures: subject-side mechanisms first, relation-side next, then the rest
 MECHANISM_ORDER = ("subject_heads", "mixed_subject", "mixed_relation", "relation_heads", "mlps", "other_heads", "embed_bias")
 assert set(MECHANISM_ORDER) == set(MECHANISMS)
+
+# the accepted |sum of parts − the model's logit| of the decomposition in fp32; also the floor below which a head's
+# DLA never counts as significant (mechanisms.ClassRule)
+TOLERANCE = 1e-3
