@@ -1,4 +1,12 @@
-"""factscope: how a language model recalls a fact, measured and causally checked."""
+"""factscope: how a language model recalls a fact, measured and causally checked.
+
+Every command is a library call with the same options (see `stages`):
+
+    import factscope
+    run = factscope.analyze("smollm2-135m", out="runs/smollm2")   # → rundir.Run; shows its summary in Jupyter
+    factscope.ablate(run.path, limit=24)
+    factscope.load_run("runs/smollm2").heads
+"""
 
 import os
 
@@ -8,11 +16,21 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 __version__ = "0.1.0"
 
+# name → module that defines it; imported on first use, so `import factscope` stays fast and torch-free.
+# (`recall` is `factscope.stages.recall`: the name `factscope.recall` is the recall module.)
+_EXPORTS = {
+    "analyze": "stages", "ablate": "stages", "trace": "stages", "compare": "stages",
+    "import_facts": "stages", "write_report": "stages", "load_run": "rundir", "Run": "rundir",
+}
+
 
 def __getattr__(name: str):
-    """`factscope.load_run(DIR)` and `factscope.write_report(DIR)` without importing the report at start-up."""
-    if name in ("load_run", "write_report"):
-        from . import report
+    if name in _EXPORTS:
+        from importlib import import_module
 
-        return getattr(report, name)
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
     raise AttributeError(f"module 'factscope' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -1,4 +1,4 @@
-"""Command line: thin wrappers that load, call a stage, write its tables, and print a summary."""
+"""Command line: each command calls one library stage (`stages`) and prints what it returned."""
 
 from __future__ import annotations
 
@@ -15,7 +15,10 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from . import stages
 from .errors import FactscopeError
+from .models import DEFAULT_MODEL
+from .stages import Reporter
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="How a language model recalls a fact.")
 console = Console(stderr=True)
@@ -39,47 +42,29 @@ def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")
     state["debug"] = debug
 
 
-@contextmanager
-def progress_bar(label: str, total: int):
-    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=False, disable=not console.is_terminal and total < 1) as bar:
-        task = bar.add_task(label, total=total)
-        yield lambda n: bar.advance(task, n)
+class RichReporter(Reporter):
+    """Spinners, progress bars and warnings on stderr, so stdout keeps only the result tables."""
+
+    def status(self, text: str):
+        return console.status(text)
+
+    @contextmanager
+    def progress(self, label: str, total: int):
+        columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=console, transient=False, disable=not console.is_terminal and total < 1) as bar:
+            task = bar.add_task(label, total=total)
+            yield lambda n: bar.advance(task, n)
+
+    def warn(self, text: str) -> None:
+        console.print(escape(text), highlight=False, soft_wrap=True)
 
 
-def _prepare(model_name: str, dataset: Optional[Path], device: str, bos: Optional[bool], seed: int = 0):
-    """Validate the dataset before the (slow) model load, then tokenize it for that model.
-
-    Seeds torch with `seed`, the value the command records in run.json (`rundir.manifest`).
-    """
-    import torch
-
-    from .data import encode_all, load_facts, shipped_dataset, single_target_relations
-    from .models import load_model
-
-    dataset_path = dataset or shipped_dataset()
-    facts = load_facts(dataset_path)
-    with console.status(f"loading {model_name}"):
-        model = load_model(model_name, device=device, prepend_bos=bos)
-    encoded = encode_all(facts, model.tokenizer, model.prepend_bos, max_tokens=model.max_tokens)
-    single = single_target_relations(encoded)
-    if single:
-        which = ", ".join(f"relation {relation!r} has one attribute ({attribute!r})" for relation, attribute in single.items())
-        skipped = "it" if len(single) == 1 else "them"
-        console.print(escape(f"warning: {which}; analyses of a − mean(R∖a) skip {skipped}"), highlight=False, soft_wrap=True)
-    torch.manual_seed(seed)
-    return model, encoded, dataset_path
-
-
-def _refuse_existing(out: Path, overwrite: bool, resume: bool = False) -> None:
-    """Checked before any slow work, so a wrong --out costs nothing."""
-    if out.exists() and not (overwrite or resume):
-        raise FactscopeError(f"{out}: output directory exists; pass --overwrite to replace it")
+REPORTER = RichReporter()
 
 
 @app.command()
 def recall(
-    model: ModelOpt = "smollm2-135m",
+    model: ModelOpt = DEFAULT_MODEL,
     dataset: DatasetOpt = None,
     out: OutOpt = Path("factscope-recall"),
     overwrite: OverwriteOpt = False,
@@ -88,38 +73,17 @@ def recall(
     bos: BosOpt = None,
 ) -> None:
     """Which facts does the model know? Writes DIR/recall.csv and DIR/summary.json."""
-    from .rundir import manifest, output_dir, write_csv, write_json
-    from .recall import accuracy_table, recall as run_recall
+    from .recall import accuracy_table
 
-    _refuse_existing(out, overwrite)
-    loaded, encoded, dataset_path = _prepare(model, dataset, device, bos)
-    with progress_bar("recall", len(encoded)) as advance:
-        table = run_recall(loaded, encoded, batch_size=batch_size, progress=advance)
-    table.insert(0, "model", loaded.name)
-    table["prepend_bos"] = loaded.prepend_bos
-    accuracy = accuracy_table(table)
-    config = {"command": "recall", "batch_size": batch_size, "prepend_bos": loaded.prepend_bos, "device": device}
-    with output_dir(out, overwrite, manifest=manifest(loaded.name, loaded.weights_sha256, dataset_path, config)) as run:
-        write_csv(table, run.staging / "recall.csv")
-        write_json(
-            run.staging / "summary.json",
-            {
-                "model": loaded.name,
-                "weights_sha256": loaded.weights_sha256,
-                "dataset": str(dataset_path),
-                "prepend_bos": loaded.prepend_bos,
-                "n_prompts": len(table),
-                "accuracy": float(accuracy.iloc[-1]["accuracy"]),
-                "accuracy_per_relation": dict(zip(accuracy["relation"], accuracy["accuracy"].astype(float))),
-            },
-        )
-    _print_accuracy(accuracy, f"{loaded.name} · BOS {'prepended' if loaded.prepend_bos else 'not prepended'}")
+    run = stages.recall(model, dataset, out, overwrite=overwrite, device=device, batch_size=batch_size, bos=bos,
+                        reporter=REPORTER)
+    _print_accuracy(accuracy_table(run.recall), _model_title(run))
     console.print(f"wrote {out}/recall.csv")
 
 
 @app.command()
 def analyze(
-    model: ModelOpt = "smollm2-135m",
+    model: ModelOpt = DEFAULT_MODEL,
     dataset: DatasetOpt = None,
     out: OutOpt = Path("factscope-run"),
     overwrite: OverwriteOpt = False,
@@ -133,34 +97,15 @@ def analyze(
     resume: ResumeOpt = False,
 ) -> None:
     """Exact DLA by component and source group, the logit lens, head classes and mechanism shares."""
-    from .decompose import decompose_to_dir
-    from .mechanisms import ClassRule, subject_swap, summarize, swap_summary
-    from .rundir import manifest, output_dir, write_csv, write_json
     from .recall import accuracy_table
 
-    _refuse_existing(out, overwrite, resume)
-    loaded, encoded, dataset_path = _prepare(model, dataset, device, bos)
-    config = {"command": "analyze", "batch_size": batch_size, "known_only": not all_prompts, "k": k, "z": z,
-              "swap": swap, "prepend_bos": loaded.prepend_bos, "device": device}
-    run_manifest = manifest(loaded.name, loaded.weights_sha256, dataset_path, config)
-    with output_dir(out, overwrite, resume, run_manifest) as run:
-        with progress_bar("analyze", len(encoded)) as advance:
-            summary = {"model": loaded.name, "weights_sha256": loaded.weights_sha256, "dataset": str(dataset_path)}
-            summary.update(decompose_to_dir(run, loaded, encoded, batch_size, advance, known_only=not all_prompts))
-        if summary["n_analysed"] == 0:
-            raise FactscopeError("no prompt is a known fact for this model; rerun with --all-prompts")
-        summary.update(summarize(run.staging, ClassRule(k=k, z=z)))
-        if swap:
-            # all prompts, known or not, so that every R_r is the one the analysis used
-            stats = subject_swap(loaded, encoded, pd.read_csv(run.staging / "heads.csv"), batch_size)
-            write_csv(stats, run.staging / "subject_swap.csv")
-            summary["subject_swap"] = swap_summary(stats)
-        write_json(run.staging / "summary.json", summary)
-        accuracy = accuracy_table(pd.read_csv(run.staging / "recall.csv"))
-        reconstruction, head_error, tolerance = (summary[key] for key in ("max_abs_reconstruction_error", "max_abs_head_error", "tolerance"))
-    _print_accuracy(accuracy, f"{loaded.name} · BOS {'prepended' if loaded.prepend_bos else 'not prepended'}")
+    run = stages.analyze(model, dataset, out, overwrite=overwrite, device=device, batch_size=batch_size, bos=bos,
+                         all_prompts=all_prompts, k=k, z=z, swap=swap, resume=resume, reporter=REPORTER)
+    summary = run.summary
+    _print_accuracy(accuracy_table(run.recall), _model_title(run))
     _print_mechanisms(summary)
-    report_command(out)  # after the analysis is safely in place: a rendering failure cannot cost it
+    _print_report(run)
+    reconstruction, head_error, tolerance = (summary[key] for key in ("max_abs_reconstruction_error", "max_abs_head_error", "tolerance"))
     console.print(
         f"analysed {summary['n_analysed']}/{summary['n_prompts']} prompts · sum of parts = model logit within "
         f"{reconstruction:.1e} (per head {head_error:.1e}; tolerance {tolerance:g}) · wrote {out}/ (open report.html)"
@@ -169,7 +114,7 @@ def analyze(
 
 RunArg = Annotated[Path, typer.Argument(help="A finished `factscope analyze` output directory.", exists=True, file_okay=False)]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="torch CPU threads (default: torch's own choice).")]
-SeedsOpt = Annotated[str, typer.Option("--seeds", help="Comma-separated random seeds.")]
+SeedsOpt = Annotated[Optional[str], typer.Option("--seeds", help="Comma-separated random seeds (default: the check's own, 0,1,2).")]
 LimitOpt = Annotated[Optional[int], typer.Option("--limit", min=1, help="At most N known facts, taken in turn from each relation.")]
 CausalOverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace causal tables this command wrote before.")]
 
@@ -179,17 +124,13 @@ class AblationMode(str, Enum):
     zero = "zero"
 
 
-ABLATE_TABLES = ("knockout.csv", "ablations.csv", "noise_robustness.csv", "extraction_rate.csv", "enrichment.csv")
-TRACE_TABLES = ("causal_trace.parquet", "trace_peaks.csv")
-
-
 @app.command()
 def ablate(
     run_dir: RunArg,
     mode: Annotated[AblationMode, typer.Option("--mode", help="Replace a removed path by its dataset mean, or by zero.")] = AblationMode.mean,
     window: Annotated[int, typer.Option("--window", min=1, help="Layers per attention-knockout window.")] = 9,
-    noise_scales: Annotated[str, typer.Option("--noise-scales", help="Comma-separated noise scales (× each path's norm).")] = "0,0.5,1,2,4,8",
-    seeds: SeedsOpt = "0,1,2",
+    noise_scales: Annotated[Optional[str], typer.Option("--noise-scales", help="Comma-separated noise scales (× each path's norm; default: the noise check's own, 0,0.5,1,2,4,8).")] = None,
+    seeds: SeedsOpt = None,
     limit: LimitOpt = None,
     device: DeviceOpt = "cpu",
     threads: ThreadsOpt = None,
@@ -198,36 +139,11 @@ def ablate(
     """Causal checks of a finished run on its model's known facts: attention knockout, mechanism ablations (alone,
     in pairs, together), noise robustness, attribute extraction rate, subject enrichment. Adds their tables and
     summary.json["causal"] to RUN_DIR and re-renders the report."""
-    from . import causal
-
-    scales, seed_list = _numbers(noise_scales, float, "--noise-scales"), _numbers(seeds, int, "--seeds")
-    model, known, heads = _causal_inputs(run_dir, ABLATE_TABLES, overwrite, device, threads, limit)
-    mechanisms = causal.taxonomy_paths(heads, model.cfg.n_layers)
-    head_sets = {f"{name}_heads": list(zip(rows["layer"], rows["head"]))
-                 for name, rows in heads.groupby("class") if name in ("subject", "relation")}
-    n_layers = model.cfg.n_layers
-    with progress_bar("knockout", causal.n_passes("knockout", n_layers) + causal.n_passes("knockout", n_layers, heads=head_sets)) as advance:
-        knockout = pd.concat([causal.knockout(model, known, window=window, progress=advance),
-                              causal.knockout(model, known, heads=head_sets, progress=advance)], ignore_index=True)
-    with progress_bar("ablations", causal.n_passes("ablation_grid", n_layers, mechanisms=mechanisms, mode=mode.value)) as advance:
-        ablations = causal.ablation_grid(model, known, mechanisms, mode.value, progress=advance)
-    passes = causal.n_passes("noise_robustness", n_layers, mechanisms=mechanisms, scales=scales, seeds=seed_list)
-    with progress_bar("noise robustness", passes) as advance:
-        noise = causal.noise_robustness(model, known, mechanisms, scales, seed_list, progress=advance)
-    with progress_bar("extraction, enrichment", 2) as advance:
-        extraction = causal.extraction_rate(model, known, progress=advance)
-        enrichment = causal.subject_enrichment(model, known, progress=advance)
-    trace = _optional_parquet(run_dir / "causal_trace.parquet")
-    summary = {
-        "ablate": {"mode": mode.value, "window": window, "noise_scales": scales, "seeds": seed_list, "n_prompts": len(known)},
-        "knockout": causal.knockout_summary(knockout),
-        "ablations": causal.robustness_summary(ablations),
-        "noise_robustness": causal.noise_summary(noise),
-        "extraction_rate": causal.extraction_summary(extraction),
-        "enrichment": causal.enrichment_summary(enrichment, trace),
-    }
-    tables = dict(zip(ABLATE_TABLES, (knockout, ablations, noise, extraction, enrichment)))
-    _write_causal(run_dir, tables, summary)
+    run = stages.ablate(run_dir, mode=mode.value, window=window, noise_scales=_numbers(noise_scales, float, "--noise-scales"),
+                        seeds=_numbers(seeds, int, "--seeds"), limit=limit, device=device, threads=threads,
+                        overwrite=overwrite, reporter=REPORTER)
+    _print_causal(run.summary["causal"], ("ablate", "knockout", "ablations", "noise_robustness", "extraction_rate", "enrichment"))
+    _print_report(run)
 
 
 @app.command()
@@ -235,7 +151,7 @@ def trace(
     run_dir: RunArg,
     noise: Annotated[float, typer.Option("--noise", min=0.0, help="Noise std, in units of the std of the subjects' token embeddings.")] = 3.0,
     window: Annotated[int, typer.Option("--window", min=1, help="Layers per restored attention / MLP window.")] = 10,
-    seeds: SeedsOpt = "0,1,2",
+    seeds: SeedsOpt = None,
     limit: LimitOpt = None,
     device: DeviceOpt = "cpu",
     threads: ThreadsOpt = None,
@@ -245,25 +161,15 @@ def trace(
     clean state restored per (layer, position). Writes RUN_DIR/causal_trace.parquet and trace_peaks.csv, adds
     summary.json["causal"]["trace"] and re-renders the report. Costs about 1 + seeds × (1 + 3 × layers) passes,
     each over every (prompt, position from the subject on)."""
-    from . import causal
-
-    seed_list = _numbers(seeds, int, "--seeds")
-    model, known, _ = _causal_inputs(run_dir, TRACE_TABLES, overwrite, device, threads, limit)
-    with progress_bar("causal trace", causal.n_passes("trace_effects", model.cfg.n_layers, seeds=seed_list)) as advance:
-        table = causal.trace_table(causal.trace_effects(model, known, noise, seed_list, window, progress=advance))
-    peaks = causal.trace_peaks(table)
-    summary = {
-        "trace": {"noise": noise, "window": window, "seeds": seed_list, "n_prompts": len(known),
-                  "p_clean": float(table["p_clean"].iloc[0]), "p_corrupted": float(table["p_corrupted"].iloc[0]),
-                  "peaks": peaks.to_dict(orient="records")},
-    }
-    enrichment = _optional_csv(run_dir / "enrichment.csv")
-    if enrichment is not None:
-        summary["enrichment"] = causal.enrichment_summary(enrichment, table)
-    _write_causal(run_dir, dict(zip(TRACE_TABLES, (table, peaks))), summary)
+    run = stages.trace(run_dir, noise=noise, window=window, seeds=_numbers(seeds, int, "--seeds"), limit=limit,
+                       device=device, threads=threads, overwrite=overwrite, reporter=REPORTER)
+    _print_causal(run.summary["causal"], ("trace",))
+    _print_report(run)
 
 
-def _numbers(text: str, kind: type, option: str) -> list:
+def _numbers(text: Optional[str], kind: type, option: str) -> list | None:
+    if text is None:
+        return None
     try:
         values = [kind(part) for part in text.split(",") if part.strip()]
     except ValueError:
@@ -273,86 +179,9 @@ def _numbers(text: str, kind: type, option: str) -> list:
     return values
 
 
-def _causal_inputs(run_dir: Path, outputs: tuple[str, ...], overwrite: bool, device: str, threads: Optional[int], limit: Optional[int]):
-    """The run's model (same weights, same BOS) and the prompts it analysed (its known facts, or all of them
-    after `analyze --all-prompts`), checked before the slow work."""
-    from .causal import known_facts, spread
-    from .data import encode_all, load_facts
-    from .models import load_model
-
-    existing = [name for name in outputs if (run_dir / name).exists()]
-    if existing and not overwrite:
-        raise FactscopeError(f"{run_dir / existing[0]}: exists; pass --overwrite to replace it")
-    manifest = _read_json(run_dir / "run.json")
-    for name in ("summary.json", "heads.csv"):
-        if not (run_dir / name).is_file():
-            raise FactscopeError(f"{run_dir / name}: missing; is {run_dir} a finished `factscope analyze` run?")
-    dataset = Path(manifest.get("dataset", ""))
-    if not dataset.is_file():
-        raise FactscopeError(f"{run_dir / 'run.json'}: its dataset {dataset} is not there (run from the directory the analysis ran in)")
-    _check_same(dataset, manifest)
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-    facts = load_facts(dataset)
-    prepend_bos = manifest.get("config", {}).get("prepend_bos")
-    with console.status(f"loading {manifest['model']}"):
-        model = load_model(manifest["model"], device=device, prepend_bos=prepend_bos)
-    if model.weights_sha256 != manifest.get("weights_sha256"):
-        raise FactscopeError(f"{run_dir / 'run.json'}: the weights of {manifest['model']} changed since the run")
-    encoded = encode_all(facts, model.tokenizer, model.prepend_bos, max_tokens=model.max_tokens)
-    if manifest.get("config", {}).get("known_only", True):  # the same prompts the analysis used
-        with console.status("finding the known facts"):
-            encoded = known_facts(model, encoded)
-    known = spread(encoded, limit)
-    if not known:
-        raise FactscopeError(f"{manifest['model']} knows none of the facts in {dataset}: nothing to check causally")
-    from .rundir import read_csv
-
-    return model, known, read_csv(run_dir / "heads.csv")
-
-
-def _read_json(path: Path) -> dict:
-    from .data import read_json
-
-    if not path.is_file():
-        raise FactscopeError(f"{path}: missing; is {path.parent} a finished `factscope analyze` run?")
-    return read_json(path)
-
-
-def _check_same(dataset: Path, manifest: dict) -> None:
-    from .rundir import dataset_sha256
-
-    if dataset_sha256(dataset) != manifest.get("dataset_sha256"):
-        raise FactscopeError(f"{dataset}: changed since the run that wrote run.json; rerun `factscope analyze`")
-
-
-def _optional_csv(path: Path):
-    from .rundir import read_csv
-
-    return read_csv(path) if path.is_file() else None
-
-
-def _optional_parquet(path: Path):
-    return pd.read_parquet(path) if path.is_file() else None
-
-
-def _write_causal(run_dir: Path, tables: dict, summary: dict) -> None:
-    """Every table, then summary.json, each replaced atomically; the report is re-rendered last, so a rendering
-    failure cannot cost the tables."""
-    from .rundir import write_csv, write_json, write_parquet
-
-    for name, table in tables.items():
-        (write_csv if name.endswith(".csv") else write_parquet)(table, run_dir / name)
-    run_summary = _read_json(run_dir / "summary.json")
-    run_summary["causal"] = {**run_summary.get("causal", {}), **summary}
-    write_json(run_dir / "summary.json", run_summary)
-    _print_causal(summary)
-    report_command(run_dir)
-
-
-def _print_causal(summary: dict) -> None:
+def _print_causal(causal: dict, keys: tuple[str, ...]) -> None:
+    """The entries of summary.json["causal"] this command wrote."""
+    summary = {key: causal[key] for key in keys if key in causal}
     table = Table(title="causal checks (summary.json[\"causal\"])")
     table.add_column("check")
     table.add_column("result", overflow="fold")
@@ -377,16 +206,21 @@ def _print_causal(summary: dict) -> None:
 
 @app.command("report")
 def report_command(
-    run_dir: Annotated[Path, typer.Argument(help="A finished `factscope analyze` output directory.", exists=True, file_okay=False)],
+    run_dir: RunArg,
     pngs: Annotated[bool, typer.Option("--pngs/--no-pngs", help="Also write DIR/figures/*.png.")] = True,
 ) -> None:
     """Write DIR/report.html (one self-contained file, opens offline) and DIR/figures/*.png from a finished run."""
-    from .report import load_run, write_report
+    from .rundir import load_run
 
-    with console.status("rendering the report"):
-        path = write_report(run_dir, pngs=pngs)
-    _print_departures(load_run(run_dir))
-    console.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)" + (f" and {run_dir}/figures/*.png" if pngs else ""))
+    stages.write_report(run_dir, pngs=pngs, reporter=REPORTER)
+    _print_report(load_run(run_dir), pngs)
+
+
+def _print_report(run, pngs: bool = True) -> None:
+    """The paper verdicts of a run whose report was just written, and where the report is."""
+    _print_departures(run)
+    path = run.path / "report.html"
+    console.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)" + (f" and {run.path}/figures/*.png" if pngs else ""))
 
 
 @app.command()
@@ -396,10 +230,8 @@ def compare(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")] = False,
 ) -> None:
     """Runs side by side: recall, head classes per model size, their depth, mechanism shares, exactness."""
-    from .compare import write_compare
-
     with console.status("comparing runs"):
-        html_path, csv_path = write_compare(run_dirs, out, overwrite)
+        html_path, csv_path = stages.compare(run_dirs, out, overwrite)
     _print_comparison(pd.read_csv(csv_path, dtype={"run": str, "part": str}).fillna({"part": ""}))
     console.print(f"compared {len(run_dirs)} runs · wrote {html_path} ({html_path.stat().st_size / 1e6:.1f} MB) and {csv_path}")
 
@@ -435,15 +267,7 @@ def import_facts_command(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
 ) -> None:
     """Convert known_1000 or CounterFact prompts into factscope's facts (JSONL), for --dataset."""
-    from .data import facts_jsonl, import_facts
-    from .rundir import atomic_write_text
-
-    if out.exists() and not overwrite:
-        raise FactscopeError(f"{out}: exists; pass --overwrite to replace it")
-    if out.suffix.lower() == ".csv":
-        raise FactscopeError(f"{out}: import-facts writes JSONL; name the output .jsonl")
-    rows = import_facts(source, format.value, prefix, limit)
-    atomic_write_text(out, facts_jsonl(rows))
+    rows = stages.import_facts(source, format.value, out, prefix, limit, overwrite)
     console.print(f"imported {len(rows)} facts over {len({row['relation'] for row in rows})} relations · wrote {out}")
 
 
@@ -454,8 +278,8 @@ def _print_departures(run) -> None:
     table.add_column("verdict")
     table.add_column("this run", overflow="fold")
     colour = {"agrees": "green", "departs": "yellow", "not run": "dim"}
-    for check in departures(run):
-        table.add_row(f"[{colour[check.status]}]{check.status}[/]", escape(check.text))
+    for verdict in departures(run):
+        table.add_row(f"[{colour[verdict.status]}]{verdict.status}[/]", escape(verdict.text))
     Console().print(table)
 
 
@@ -474,6 +298,11 @@ def _print_mechanisms(summary: dict) -> None:
     out = Console()
     out.print(classes)
     out.print(shares)
+
+
+def _model_title(run) -> str:
+    bos = run.summary.get("prepend_bos")
+    return f"{run.summary['model']} · BOS {'prepended' if bos else 'not prepended'}"
 
 
 def _print_accuracy(accuracy, title: str) -> None:

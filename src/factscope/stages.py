@@ -1,0 +1,323 @@
+"""The library's entry points: one function per command, taking the command's options as arguments and returning
+the finished run (`rundir.Run`, which shows its summary when displayed in Jupyter).
+
+    import factscope
+    run = factscope.analyze("smollm2-135m", out="runs/smollm2")
+    run = factscope.ablate(run.path, limit=24)
+    run = factscope.trace(run.path, limit=6, seeds=[0])
+
+Each stage checks its inputs before any model work, writes its run directory atomically (see `rundir`), and
+re-renders the report last, so a rendering failure cannot cost the tables. How a stage talks to a person —
+spinners, progress bars, warnings — is a `Reporter`; the default says nothing, the CLI's draws with rich.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+
+from . import rundir
+from .errors import FactscopeError
+from .models import DEFAULT_MODEL
+
+Advance = Callable[[int], None]
+
+
+class Reporter:
+    """What a stage tells the person running it. Subclass it to show progress; this one is silent."""
+
+    def status(self, text: str) -> AbstractContextManager:
+        """Around a step of unknown length (loading a model)."""
+        return nullcontext()
+
+    def progress(self, label: str, total: int) -> AbstractContextManager[Advance]:
+        """Around `total` steps; the context yields `advance(n)`."""
+        return nullcontext(lambda n: None)
+
+    def warn(self, text: str) -> None:
+        """Something the person should know that does not stop the stage."""
+
+
+QUIET = Reporter()
+
+
+def recall(
+    model: str = DEFAULT_MODEL,
+    dataset: str | Path | None = None,
+    out: str | Path = "factscope-recall",
+    *,
+    overwrite: bool = False,
+    device: str = "cpu",
+    batch_size: int = 32,
+    bos: bool | None = None,
+    reporter: Reporter = QUIET,
+) -> rundir.Run:
+    """Which facts does the model know? Writes OUT/recall.csv and OUT/summary.json."""
+    from .recall import accuracy_table, recall as recall_table
+
+    out = Path(out)
+    _refuse_existing(out, overwrite)
+    loaded, encoded, dataset_path = _prepare(model, dataset, device, bos, reporter)
+    with reporter.progress("recall", len(encoded)) as advance:
+        table = recall_table(loaded, encoded, batch_size=batch_size, progress=advance)
+    table.insert(0, "model", loaded.name)
+    table["prepend_bos"] = loaded.prepend_bos
+    accuracy = accuracy_table(table)
+    config = {"command": "recall", "batch_size": batch_size, "prepend_bos": loaded.prepend_bos, "device": device}
+    manifest = rundir.manifest(loaded.name, loaded.weights_sha256, dataset_path, config)
+    with rundir.output_dir(out, overwrite, manifest=manifest) as run:
+        rundir.write_table(table, run.staging, "recall")
+        rundir.write_json(
+            run.staging / rundir.SUMMARY,
+            {
+                "model": loaded.name,
+                "weights_sha256": loaded.weights_sha256,
+                "dataset": str(dataset_path),
+                "prepend_bos": loaded.prepend_bos,
+                "n_prompts": len(table),
+                "accuracy": float(accuracy.iloc[-1]["accuracy"]),
+                "accuracy_per_relation": dict(zip(accuracy["relation"], accuracy["accuracy"].astype(float))),
+            },
+        )
+    return rundir.load_run(out)
+
+
+def analyze(
+    model: str = DEFAULT_MODEL,
+    dataset: str | Path | None = None,
+    out: str | Path = "factscope-run",
+    *,
+    overwrite: bool = False,
+    device: str = "cpu",
+    batch_size: int = 16,
+    bos: bool | None = None,
+    all_prompts: bool = False,
+    k: float = 10.0,
+    z: float = 3.0,
+    swap: bool = False,
+    resume: bool = False,
+    report: bool = True,
+    reporter: Reporter = QUIET,
+) -> rundir.Run:
+    """Exact DLA by component and source group, the logit lens, head classes and mechanism shares (and, with
+    `swap`, the subject swap). `k` and `z` are the head-class rule's dominance ratio and significance."""
+    from .decompose import decompose_to_dir
+    from .mechanisms import ClassRule, summarize
+
+    out = Path(out)
+    _refuse_existing(out, overwrite, resume)
+    rule = ClassRule(k=k, z=z)  # invalid k or z is refused before the model loads
+    loaded, encoded, dataset_path = _prepare(model, dataset, device, bos, reporter)
+    config = {"command": "analyze", "batch_size": batch_size, "known_only": not all_prompts, "k": k, "z": z,
+              "swap": swap, "prepend_bos": loaded.prepend_bos, "device": device}
+    manifest = rundir.manifest(loaded.name, loaded.weights_sha256, dataset_path, config)
+    with rundir.output_dir(out, overwrite, resume, manifest) as run:
+        with reporter.progress("analyze", len(encoded)) as advance:
+            summary = {"model": loaded.name, "weights_sha256": loaded.weights_sha256, "dataset": str(dataset_path)}
+            summary.update(decompose_to_dir(run, loaded, encoded, batch_size, advance, known_only=not all_prompts))
+        if summary["n_analysed"] == 0:
+            raise FactscopeError("no prompt is a known fact for this model; rerun with --all-prompts")
+        summary.update(summarize(run.staging, rule))
+        if swap:
+            from .swap import subject_swap, swap_summary
+
+            # all prompts, known or not, so that every R_r is the one the analysis used
+            stats = subject_swap(loaded, encoded, rundir.read_table(run.staging, "heads", required=True), batch_size)
+            rundir.write_table(stats, run.staging, "subject_swap")
+            summary["subject_swap"] = swap_summary(stats)
+        rundir.write_json(run.staging / rundir.SUMMARY, summary)
+    if report:  # after the analysis is safely in place: a rendering failure cannot cost it
+        write_report(out, reporter=reporter)
+    return rundir.load_run(out)
+
+
+def ablate(
+    run_dir: str | Path,
+    *,
+    mode: str = "mean",
+    window: int = 9,
+    noise_scales: Sequence[float] | None = None,
+    seeds: Sequence[int] | None = None,
+    limit: int | None = None,
+    device: str = "cpu",
+    threads: int | None = None,
+    overwrite: bool = False,
+    report: bool = True,
+    reporter: Reporter = QUIET,
+) -> rundir.Run:
+    """Causal checks of a finished run on its model's known facts: attention knockout (windows of `window`
+    layers), mechanism ablations (`mode` "mean" or "zero"; alone, in pairs, together), noise robustness
+    (`noise_scales` × `seeds`), attribute extraction rate, subject enrichment. `limit`: at most N known facts,
+    taken in turn from each relation. Adds their tables and summary.json["causal"] to the run."""
+    from . import causal
+
+    if mode not in ("mean", "zero"):
+        raise FactscopeError(f"ablation mode {mode!r}: use 'mean' or 'zero'")
+    options = {"mode": mode, "window": window}
+    if noise_scales is not None:
+        options["noise_scales"] = list(noise_scales)
+    if seeds is not None:
+        options["seeds"] = list(seeds)
+    model, known, heads = _causal_inputs(run_dir, "ablate", overwrite, device, threads, limit, reporter)
+    trace = rundir.read_table(run_dir, "causal_trace")
+    tables, summary = causal.ablate_checks(model, known, heads, **options, trace=trace, progress=reporter.progress)
+    return _write_causal(Path(run_dir), tables, summary, report, reporter)
+
+
+def trace(
+    run_dir: str | Path,
+    *,
+    noise: float = 3.0,
+    window: int = 10,
+    seeds: Sequence[int] | None = None,
+    limit: int | None = None,
+    device: str = "cpu",
+    threads: int | None = None,
+    overwrite: bool = False,
+    report: bool = True,
+    reporter: Reporter = QUIET,
+) -> rundir.Run:
+    """Causal tracing (Meng et al. 2022) on a finished run's known facts: noise of `noise` × the std of the
+    subjects' token embeddings on the subject, one clean state restored per (layer, position); attention and
+    MLP outputs restored over `window` layers. Adds causal_trace.parquet, trace_peaks.csv and
+    summary.json["causal"]["trace"] to the run."""
+    from . import causal
+
+    options = {"noise": noise, "window": window}
+    if seeds is not None:
+        options["seeds"] = list(seeds)
+    model, known, _ = _causal_inputs(run_dir, "trace", overwrite, device, threads, limit, reporter)
+    enrichment = rundir.read_table(run_dir, "enrichment")
+    tables, summary = causal.trace_checks(model, known, **options, enrichment=enrichment, progress=reporter.progress)
+    return _write_causal(Path(run_dir), tables, summary, report, reporter)
+
+
+def write_report(run_dir: str | Path, pngs: bool = True, reporter: Reporter = QUIET) -> Path:
+    """DIR/report.html (one self-contained file, opens offline) and DIR/figures/*.png from a finished run."""
+    from .report import write_report as render
+
+    with reporter.status("rendering the report"):
+        return render(run_dir, pngs=pngs)
+
+
+def compare(run_dirs: Sequence[str | Path], out: str | Path = "compare.html", overwrite: bool = False) -> tuple[Path, Path]:
+    """Runs side by side (recall, head classes per model size, their depth, mechanism shares, exactness):
+    writes OUT (HTML) and the tidy table beside it as .csv; returns both paths."""
+    from .report.compare import write_compare
+
+    return write_compare(run_dirs, out, overwrite)
+
+
+def import_facts(source: str | Path, format: str, out: str | Path = "facts.jsonl", prefix: str = "",
+                 limit: int | None = None, overwrite: bool = False) -> list[dict]:
+    """Convert known_1000 or CounterFact records into factscope's facts (JSONL) at OUT; returns the rows."""
+    from .data import facts_jsonl, import_facts as read_records
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FactscopeError(f"{out}: exists; pass --overwrite to replace it")
+    if out.suffix.lower() == ".csv":
+        raise FactscopeError(f"{out}: import-facts writes JSONL; name the output .jsonl")
+    rows = read_records(source, format, prefix, limit)
+    rundir.atomic_write_text(out, facts_jsonl(rows))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shared steps
+
+
+def _prepare(model_name: str, dataset: str | Path | None, device: str, bos: bool | None, reporter: Reporter, seed: int = 0):
+    """Validate the dataset before the (slow) model load, then tokenize it for that model.
+
+    Seeds torch with `seed`, the value the command records in run.json (`rundir.manifest`).
+    """
+    import torch
+
+    from .data import encode_all, load_facts, shipped_dataset, single_target_relations
+    from .models import load_model
+
+    dataset_path = Path(dataset) if dataset is not None else shipped_dataset()
+    facts = load_facts(dataset_path)
+    with reporter.status(f"loading {model_name}"):
+        model = load_model(model_name, device=device, prepend_bos=bos)
+    encoded = encode_all(facts, model.tokenizer, model.prepend_bos, max_tokens=model.max_tokens)
+    single = single_target_relations(encoded)
+    if single:
+        which = ", ".join(f"relation {relation!r} has one attribute ({attribute!r})" for relation, attribute in single.items())
+        skipped = "it" if len(single) == 1 else "them"
+        reporter.warn(f"warning: {which}; analyses of a − mean(R∖a) skip {skipped}")
+    torch.manual_seed(seed)
+    return model, encoded, dataset_path
+
+
+def _refuse_existing(out: Path, overwrite: bool, resume: bool = False) -> None:
+    """Checked before any slow work, so a wrong --out costs nothing."""
+    if out.exists() and not (overwrite or resume):
+        raise FactscopeError(f"{out}: output directory exists; pass --overwrite to replace it")
+
+
+def _causal_inputs(run_dir: str | Path, command: str, overwrite: bool, device: str, threads: int | None,
+                   limit: int | None, reporter: Reporter):
+    """The run's model (same weights, same BOS) and the prompts it analysed (its known facts, or all of them
+    after `analyze --all-prompts`), checked before the slow work."""
+    from .causal import CHECKS, known_facts, spread
+    from .data import encode_all, load_facts, read_json
+    from .models import load_model
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FactscopeError(f"{run_dir}: not a directory; give a finished `factscope analyze` run")
+    written = [name for check in CHECKS if check.command == command for name in check.tables]
+    existing = [rundir.table_path(run_dir, name) for name in written if rundir.table_path(run_dir, name).exists()]
+    if existing and not overwrite:
+        raise FactscopeError(f"{existing[0]}: exists; pass --overwrite to replace it")
+    manifest = _run_json(run_dir / rundir.MANIFEST, read_json)
+    if not (run_dir / rundir.SUMMARY).is_file():
+        raise FactscopeError(f"{run_dir / rundir.SUMMARY}: missing; is {run_dir} a finished `factscope analyze` run?")
+    heads = rundir.read_table(run_dir, "heads", required=True)
+    dataset = Path(manifest.get("dataset", ""))
+    if not dataset.is_file():
+        raise FactscopeError(f"{run_dir / rundir.MANIFEST}: its dataset {dataset} is not there (run from the directory the analysis ran in)")
+    if rundir.dataset_sha256(dataset) != manifest.get("dataset_sha256"):
+        raise FactscopeError(f"{dataset}: changed since the run that wrote run.json; rerun `factscope analyze`")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    facts = load_facts(dataset)
+    prepend_bos = manifest.get("config", {}).get("prepend_bos")
+    with reporter.status(f"loading {manifest['model']}"):
+        model = load_model(manifest["model"], device=device, prepend_bos=prepend_bos)
+    if model.weights_sha256 != manifest.get("weights_sha256"):
+        raise FactscopeError(f"{run_dir / rundir.MANIFEST}: the weights of {manifest['model']} changed since the run")
+    encoded = encode_all(facts, model.tokenizer, model.prepend_bos, max_tokens=model.max_tokens)
+    if manifest.get("config", {}).get("known_only", True):  # the same prompts the analysis used
+        with reporter.status("finding the known facts"):
+            encoded = known_facts(model, encoded)
+    known = spread(encoded, limit)
+    if not known:
+        raise FactscopeError(f"{manifest['model']} knows none of the facts in {dataset}: nothing to check causally")
+    return model, known, heads
+
+
+def _run_json(path: Path, read_json) -> dict:
+    if not path.is_file():
+        raise FactscopeError(f"{path}: missing; is {path.parent} a finished `factscope analyze` run?")
+    return read_json(path)
+
+
+def _write_causal(run_dir: Path, tables: dict, summary: dict, report: bool, reporter: Reporter) -> rundir.Run:
+    """Every table, then summary.json, each replaced atomically; the report is re-rendered last, so a rendering
+    failure cannot cost the tables."""
+    from .data import read_json
+
+    for name, table in tables.items():
+        rundir.write_table(table, run_dir, name)
+    run_summary = _run_json(run_dir / rundir.SUMMARY, read_json)
+    run_summary["causal"] = {**run_summary.get("causal", {}), **summary}
+    rundir.write_json(run_dir / rundir.SUMMARY, run_summary)
+    if report:
+        write_report(run_dir, reporter=reporter)
+    return rundir.load_run(run_dir)
