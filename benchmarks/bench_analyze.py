@@ -25,7 +25,8 @@ import torch
 
 from factscope.data import GROUPS, encode_all, load_facts
 from factscope.decompose import decompose, decompose_to_dir
-from factscope.models import _resolve, load_model, pad_batch, pad_id
+from factscope.forward import act_name, pad_batch, pad_id
+from factscope.models import _resolve, load_model
 from factscope.rundir import RunDir
 from factscope.recall import chunks
 
@@ -131,13 +132,13 @@ def tl_loop(model, encoded) -> None:
     with torch.inference_mode():
         for item in encoded:
             _, cache = bridge.run_with_cache(torch.tensor([item.token_ids], device=device))
-            u = bridge.W_U[:, item.attribute_token] / cache["ln_final.hook_scale"][0, -1].to(device)
+            u = bridge.W_U[:, item.attribute_token] / cache[act_name("final_scale")][0, -1].to(device)
             groups = torch.nn.functional.one_hot(
                 torch.tensor([GROUPS.index(g) for g in item.groups], device=device), len(GROUPS)
             ).float()
             for layer in range(model.cfg.n_layers):
-                pattern = cache[f"blocks.{layer}.attn.hook_pattern"][0, :, -1].to(device)  # [head, key]
-                values = cache[f"blocks.{layer}.attn.hook_v"][0].to(device)
+                pattern = cache[act_name("pattern", layer)][0, :, -1].to(device)  # [head, key]
+                values = cache[act_name("v", layer)][0].to(device)
                 values = values.repeat_interleave(model.cfg.n_heads // values.shape[1], dim=1)
                 per_key = torch.einsum("hk,khd,hdm,m->hk", pattern, values, w_o[layer], u)
                 (per_key @ groups).tolist()

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from factscope import models
+from factscope.forward import prompt_end_logits
 from factscope.data import encode, encode_all, load_facts
 from factscope.recall import accuracy_table, recall
 
@@ -73,7 +74,7 @@ def test_colosseum_is_in_italy(table):
 def test_bridge_end_logits_match_plain_transformers(smollm, encoded, bare_hf):
     sample = encoded[::12]  # one prompt per relation, padded together in one batch of different lengths
     assert len({len(item.token_ids) for item in sample}) > 1
-    bridge = models.prompt_end_logits(smollm, [item.token_ids for item in sample])
+    bridge = prompt_end_logits(smollm, [item.token_ids for item in sample])
     for row, item in enumerate(sample):
         with torch.no_grad():
             plain = bare_hf(torch.tensor([item.token_ids])).logits[0, -1]
@@ -86,7 +87,7 @@ def test_bridge_end_logits_match_plain_transformers(smollm, encoded, bare_hf):
 def test_colosseum_logits_match_plain_transformers(smollm, bare_hf):
     fact = next(f for f in load_facts() if f.prompt == COLOSSEUM)
     item = encode(fact, smollm.tokenizer, smollm.prepend_bos)
-    ours = models.prompt_end_logits(smollm, [item.token_ids])[0]
+    ours = prompt_end_logits(smollm, [item.token_ids])[0]
     with torch.no_grad():
         plain = bare_hf(torch.tensor([item.token_ids])).logits[0, -1]
     torch.testing.assert_close(ours - ours.mean(), plain - plain.mean(), atol=1e-3, rtol=0)

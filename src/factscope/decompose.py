@@ -21,13 +21,17 @@ import pandas as pd
 import torch
 from jaxtyping import Float, Int
 
-from .data import GROUPS, Encoded, relation_targets, token_table
+from .data import Encoded, relation_targets, token_table
 from .errors import FactscopeError
-from .models import LoadedModel, pad_batch, pad_id
+from .forward import (
+    act_name, check_supported, frozen_post_norm, group_onehot, has_attn_post_norm, head_group_z, heads_to_resid,
+    lens_normalise, pad_batch, pad_id, post_norm_gain, target_ids,
+)
+from .models import LoadedModel
 from .rundir import RunDir, write_csv, write_parquet
 from .recall import chunks, recall_rows
+from .taxonomy import GROUPS, TOLERANCE
 
-TOLERANCE = 1e-3
 ATTRIBUTION_COLUMNS = {
     "prompt_id": "str", "relation": "str", "target": "str", "is_correct_target": "bool", "component": "str",
     "layer": "int64", "head": "int64", "source": "str", "value": "float32", "logit_diff": "float32",
@@ -135,33 +139,21 @@ def iter_decompose(
         yield index, result
 
 
-def check_supported(model: LoadedModel) -> None:
-    cap = getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0
-    if cap > 0:
-        raise FactscopeError(f"model {model.name!r}: soft-capped logits are not a linear function of the residual")
-
-
 def hook_names(model: LoadedModel) -> list[str]:
-    names = ["hook_embed", "ln_final.hook_scale"]
+    names = [act_name("embed"), act_name("final_scale")]
     if model.cfg.positional_embedding_type == "standard":
-        names.append("hook_pos_embed")
+        names.append(act_name("pos_embed"))
     for layer in range(model.cfg.n_layers):
-        prefix = f"blocks.{layer}"
-        names += [f"{prefix}.attn.hook_v", f"{prefix}.attn.hook_pattern", f"{prefix}.attn.hook_z"]
-        names += [f"{prefix}.hook_mlp_out", f"{prefix}.hook_resid_post"]
+        names += [act_name(kind, layer) for kind in ("v", "pattern", "z", "mlp_out", "resid_post")]
         if has_attn_post_norm(model):
-            names.append(f"{prefix}.ln1_post.hook_scale")
+            names.append(act_name("post_norm_scale", layer))
     return names
-
-
-def has_attn_post_norm(model: LoadedModel) -> bool:
-    return hasattr(model.bridge.blocks[0], "ln1_post")
 
 
 def decompose_batch(model: LoadedModel, batch: list[Encoded], targets: dict[str, dict[int, str]], known_only: bool) -> BatchResult:
     bridge, cfg, device = model.bridge, model.cfg, model.device
     tokens, mask, ends = pad_batch([item.token_ids for item in batch], pad_id(model.tokenizer))
-    target_ids, target_valid = _target_matrix(batch, targets)
+    target_tokens, target_valid = target_ids(batch, targets, with_answer=True)
     groups = group_onehot(batch, tokens.shape[1]).to(device)
     rows = torch.arange(len(batch), device=device)
     ends = ends.to(device)
@@ -174,12 +166,12 @@ def decompose_batch(model: LoadedModel, batch: list[Encoded], targets: dict[str,
         logits_end = logits[:, 0].float()  # [batch, vocab]
         # with device_map="auto" each layer's activations stay on the GPU that ran it; the einsums need one device
         cache = {name: activation.to(device) for name, activation in cache.items()}
-        scale = cache["ln_final.hook_scale"][rows, ends]  # [batch, 1]
-        unembed = einops.rearrange(model.W_U[:, target_ids.to(device)], "d batch t -> batch d t")
+        scale = cache[act_name("final_scale")][rows, ends]  # [batch, 1]
+        unembed = einops.rearrange(model.W_U[:, target_tokens.to(device)], "d batch t -> batch d t")
         to_logit = _LogitMap(unembed, scale, cfg.normalization_type in ("LN", "LNPre"))
 
-        embed = to_logit(cache["hook_embed"][rows, ends])
-        pos_embed = to_logit(cache["hook_pos_embed"][rows, ends]) if "hook_pos_embed" in cache else None
+        embed = to_logit(cache[act_name("embed")][rows, ends])
+        pos_embed = to_logit(cache[act_name("pos_embed")][rows, ends]) if act_name("pos_embed") in cache else None
         heads, head_check, biases, mlps = [], [], [], []
         for layer in range(cfg.n_layers):
             post_norm = _frozen_post_norm(model, cache, layer, rows, ends)
@@ -187,15 +179,15 @@ def decompose_batch(model: LoadedModel, batch: list[Encoded], targets: dict[str,
             heads.append(by_source)
             head_check.append(whole)
             biases.append(_attn_bias_dla(model, layer, len(rows), to_logit, post_norm))
-            mlps.append(to_logit(cache[f"blocks.{layer}.hook_mlp_out"][rows, ends]))
+            mlps.append(to_logit(cache[act_name("mlp_out", layer)][rows, ends]))
         heads_t = torch.stack(heads, dim=1)  # [batch, layer, head, group, target]
         biases_t, mlps_t = torch.stack(biases, dim=1), torch.stack(mlps, dim=1)  # [batch, layer, target]
-        unembed_bias = model.b_U[target_ids.to(device)]  # [batch, target]
+        unembed_bias = model.b_U[target_tokens.to(device)]  # [batch, target]
 
         total = embed + heads_t.sum((1, 2, 3)) + biases_t.sum(1) + mlps_t.sum(1) + unembed_bias
         if pos_embed is not None:
             total = total + pos_embed
-        model_logits = logits_end.gather(1, target_ids.to(device))
+        model_logits = logits_end.gather(1, target_tokens.to(device))
         valid = target_valid.to(device)
         reconstruction_error = float(((total - model_logits).abs() * valid).max())
         head_error = float(((heads_t.sum(3) - torch.stack(head_check, dim=1)).abs() * valid[:, None, None]).max())
@@ -210,7 +202,7 @@ def decompose_batch(model: LoadedModel, batch: list[Encoded], targets: dict[str,
     sources = [group for group in GROUPS if group != "bos" or model.prepend_bos]
     heads_t = heads_t[:, :, :, [GROUPS.index(group) for group in sources]]
     attributions = _attribution_table(
-        batch, targets, target_ids, target_valid, keep, sources, heads_t.cpu(), biases_t.cpu(), mlps_t.cpu(),
+        batch, targets, target_tokens, target_valid, keep, sources, heads_t.cpu(), biases_t.cpu(), mlps_t.cpu(),
         {name: value.cpu() for name, value in parts.items()},
     )
     return BatchResult(
@@ -237,84 +229,55 @@ class _LogitMap:
         return torch.einsum("b...d,bdt->b...t", vectors / scale, self.unembed)
 
 
-def _head_dla(model, cache, layer, rows, ends, groups, to_logit, post_norm):
+def _head_dla(
+    model: LoadedModel,
+    cache: dict[str, torch.Tensor],
+    layer: int,
+    rows: Int[torch.Tensor, " batch"],
+    ends: Int[torch.Tensor, " batch"],
+    groups: Float[torch.Tensor, "batch pos group"],
+    to_logit: _LogitMap,
+    post_norm: Callable[[torch.Tensor], torch.Tensor],
+) -> tuple[Float[torch.Tensor, "batch head group target"], Float[torch.Tensor, "batch head target"]]:
     """Per head and source group DLA, and per head DLA from hook_z (an independent path) for the exactness check."""
-    pattern = cache[f"blocks.{layer}.attn.hook_pattern"][rows, :, ends]  # [batch, head, key_pos]
-    values = cache[f"blocks.{layer}.attn.hook_v"]  # [batch, key_pos, kv_head, d_head]
-    n_heads = pattern.shape[1]
-    values = values.repeat_interleave(n_heads // values.shape[2], dim=2)  # GQA: query head h reads kv head h // group
-    z_by_group = torch.einsum("bhk,bkhd,bkg->bhgd", pattern, values, groups)
-    w_o = model.W_O[layer].to(values.device)  # [head, d_head, d_model]; stacked on the embedding's device
-    out_by_group = torch.einsum("bhgd,hdm->bhgm", z_by_group, w_o)
-    out_whole = torch.einsum("bhd,hdm->bhm", cache[f"blocks.{layer}.attn.hook_z"][rows, ends], w_o)
+    z_by_group = head_group_z(cache[act_name("pattern", layer)], cache[act_name("v", layer)], groups, rows, ends)
+    w_o = model.W_O[layer].to(z_by_group.device)  # [head, d_head, d_model]; stacked on the embedding's device
+    out_by_group = heads_to_resid(z_by_group, w_o)
+    out_whole = torch.einsum("bhd,hdm->bhm", cache[act_name("z", layer)][rows, ends], w_o)
     return to_logit(post_norm(out_by_group)), to_logit(post_norm(out_whole))
 
 
-def _attn_bias_dla(model, layer, n_prompts, to_logit, post_norm):
+def _attn_bias_dla(
+    model: LoadedModel, layer: int, n_prompts: int, to_logit: _LogitMap, post_norm: Callable[[torch.Tensor], torch.Tensor]
+) -> Float[torch.Tensor, "batch target"]:
     bias = model.bridge.blocks[layer].attn.b_O
     if bias is None:
         return torch.zeros(n_prompts, to_logit.unembed.shape[-1], device=to_logit.unembed.device)
     return to_logit(post_norm(bias.to(to_logit.unembed.device).expand(n_prompts, -1)))
 
 
-def _frozen_post_norm(model, cache, layer, rows, ends) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The attention post-norm (Gemma) as a linear map with its clean scale at END; the identity where there is none.
-
-    The returned map takes [batch, *parts, d_model] and scales each prompt's vectors by gain / scale.
-    """
+def _frozen_post_norm(
+    model: LoadedModel, cache: dict[str, torch.Tensor], layer: int, rows: Int[torch.Tensor, " batch"], ends: Int[torch.Tensor, " batch"]
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The attention post-norm (Gemma) with its clean scale at END (`forward.frozen_post_norm`); the identity
+    where there is none."""
     if not has_attn_post_norm(model):
         return lambda vectors: vectors
-    gain = post_norm_gain(model, layer)
-    scale = cache[f"blocks.{layer}.ln1_post.hook_scale"][rows, ends]  # [batch, 1]
-    return lambda vectors: vectors * gain / scale.reshape(-1, *([1] * (vectors.dim() - 1)))
+    return frozen_post_norm(post_norm_gain(model, layer), cache[act_name("post_norm_scale", layer)][rows, ends])
 
 
-def post_norm_gain(model: LoadedModel, layer: int) -> Float[torch.Tensor, " d_model"]:
-    """The per-dimension gain of a layer's attention post-norm.
-
-    Read by normalising a constant vector, whose RMS is the constant itself, so whatever parametrisation the
-    implementation uses (Gemma's `1 + w`) is taken as it is.
-    """
-    norm = model.bridge.blocks[layer].ln1_post
-    probe = torch.full((1, 1, model.cfg.d_model), 1e3, device=next(norm.parameters()).device)  # the layer's device
-    with torch.inference_mode():
-        return norm(probe).reshape(-1).to(model.device)
-
-
-def _target_matrix(batch: list[Encoded], targets) -> tuple[Int[torch.Tensor, "batch target"], torch.Tensor]:
-    """Each prompt's R_r as token ids (correct attribute first), padded to the batch's largest R."""
-    width = max(len(targets[item.fact.relation]) for item in batch)
-    ids = torch.zeros((len(batch), width), dtype=torch.long)
-    valid = torch.zeros((len(batch), width))
-    for row, item in enumerate(batch):
-        tokens = _ordered_targets(item, targets)
-        ids[row, : len(tokens)] = torch.tensor(tokens)
-        ids[row, len(tokens) :] = tokens[0]
-        valid[row, : len(tokens)] = 1
-    return ids, valid
-
-
-def _ordered_targets(item: Encoded, targets) -> list[int]:
-    others = [token for token in targets[item.fact.relation] if token != item.attribute_token]
-    return [item.attribute_token, *others]
-
-
-def group_onehot(batch: list[Encoded], width: int) -> Float[torch.Tensor, "batch pos group"]:
-    onehot = torch.zeros((len(batch), width, len(GROUPS)))
-    for row, item in enumerate(batch):
-        for pos, group in enumerate(item.groups):
-            onehot[row, pos, GROUPS.index(group)] = 1.0
-    return onehot
-
-
-def _logit_lens(model, cache, batch, rows, ends) -> pd.DataFrame:
+def _logit_lens(
+    model: LoadedModel,
+    cache: dict[str, torch.Tensor],
+    batch: list[Encoded],
+    rows: Int[torch.Tensor, " batch"],
+    ends: Int[torch.Tensor, " batch"],
+) -> pd.DataFrame:
     """Accumulated residual after each layer, normalised by its own scale (not frozen), read at END."""
     cfg = model.cfg
     answer = torch.tensor([item.attribute_token for item in batch], dtype=torch.long, device=model.device)
-    resid = torch.stack([cache[f"blocks.{layer}.hook_resid_post"][rows, ends] for layer in range(cfg.n_layers)], dim=1)
-    if cfg.normalization_type in ("LN", "LNPre"):
-        resid = resid - resid.mean(-1, keepdim=True)
-    resid = resid / (resid.pow(2).mean(-1, keepdim=True) + cfg.eps).sqrt()  # [batch, layer, d_model]
+    resid = torch.stack([cache[act_name("resid_post", layer)][rows, ends] for layer in range(cfg.n_layers)], dim=1)
+    resid = lens_normalise(model, resid)  # [batch, layer, d_model]
     rank, log_prob, logit, top = _lens_stats(
         resid.reshape(-1, cfg.d_model), answer.repeat_interleave(cfg.n_layers), model.W_U, model.b_U
     )
@@ -366,10 +329,20 @@ def _lens_stats(
     return above + 1, logit - top_logit - sum_exp.log(), logit, top
 
 
-def _attribution_table(batch, targets, target_ids, target_valid, keep, sources, heads, biases, mlps, parts) -> pd.DataFrame:
+def _attribution_table(
+    batch: list[Encoded],
+    targets: dict[str, dict[int, str]],
+    target_ids: Int[torch.Tensor, "batch target"],
+    target_valid: Float[torch.Tensor, "batch target"],
+    keep: np.ndarray,
+    sources: list[str],
+    heads: Float[torch.Tensor, "batch layer head source target"],
+    biases: Float[torch.Tensor, "batch layer target"],
+    mlps: Float[torch.Tensor, "batch layer target"],
+    parts: dict[str, Float[torch.Tensor, "batch target"]],
+) -> pd.DataFrame:
     """Dense per-batch arrays → the tidy long table, one row per (prompt, target, component, layer, head, source).
 
-    heads: [batch, layer, head, source, target]; biases, mlps: [batch, layer, target]; parts: name → [batch, target].
     Rows are grouped by prompt in batch order, so the table does not depend on how prompts were batched.
     """
     valid = target_valid.numpy().astype(bool) & np.asarray(keep, dtype=bool)[:, None]  # [batch, target]
@@ -414,7 +387,9 @@ def _strings(values: list[str], index: np.ndarray) -> pd.api.extensions.Extensio
     return pd.array(values, dtype="str").take(index)
 
 
-def _block(component: int, values: torch.Tensor, axes: tuple[str, ...], target_valid: torch.Tensor) -> dict:
+def _block(
+    component: int, values: Float[torch.Tensor, "batch *axes target"], axes: tuple[str, ...], target_valid: Float[torch.Tensor, "batch target"]
+) -> dict:
     """values: [batch, *axes, target] → flat columns; layer/head are −1 and source is "all" (code −1) where absent."""
     valid = target_valid.reshape(target_valid.shape[0], *([1] * len(axes)), -1)  # broadcast over the axes
     n_targets = target_valid.sum(-1).reshape(valid.shape[0], *([1] * (len(axes) + 1)))

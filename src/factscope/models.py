@@ -1,8 +1,8 @@
 """Resolve a model name, fetch its weights offline-safely, cache them, and wrap them for hooks.
 
 Every analysis sees the model through TransformerLens's `TransformerBridge` in compatibility mode
-(norm weights folded, unembedding centred), so one hook vocabulary (`blocks.3.attn.hook_pattern`, ...)
-serves all architectures. Weights are only ever read from GGUF or safetensors; nothing is unpickled.
+(norm weights folded, unembedding centred), so one hook vocabulary (`blocks.3.attn.hook_pattern`, ...; see
+`forward.act_name`) serves all architectures; `forward` runs the passes. Weights are only ever read from GGUF or safetensors; nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -17,14 +17,13 @@ import sys
 import tempfile
 import threading
 import zipfile
-from collections.abc import Callable, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 
 from .errors import FactscopeError
 
@@ -465,100 +464,3 @@ def _save_folded(folded: dict, path: Path) -> None:
         partial.replace(path)
     except OSError:
         partial.unlink(missing_ok=True)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Batched forward passes. Right padding with a causal mask: real tokens never attend to padding, so every
-# prompt's END is simply its own last real position.
-
-
-def pad_batch(token_lists: list[list[int]], pad_id: int) -> tuple[Int[torch.Tensor, "batch pos"], Int[torch.Tensor, "batch pos"], Int[torch.Tensor, " batch"]]:
-    """Right-padded token ids, attention mask, and END index per prompt."""
-    width = max(len(ids) for ids in token_lists)
-    tokens = torch.full((len(token_lists), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(token_lists), width), dtype=torch.long)
-    for row, ids in enumerate(token_lists):
-        tokens[row, : len(ids)] = torch.tensor(ids)
-        mask[row, : len(ids)] = 1
-    ends = torch.tensor([len(ids) - 1 for ids in token_lists])
-    return tokens, mask, ends
-
-
-def pad_id(tokenizer) -> int:
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if candidate is not None:
-            return candidate
-    return 0
-
-
-def end_logits(
-    model: LoadedModel,
-    tokens: Int[torch.Tensor, "batch pos"] | None,
-    mask: Int[torch.Tensor, "batch pos"],
-    ends: Int[torch.Tensor, " batch"],
-    hooks: Sequence[tuple[str, Callable]] = (),
-    resid: Float[torch.Tensor, "batch pos d_model"] | None = None,
-    start: int = 0,
-) -> Float[torch.Tensor, "batch vocab"]:
-    """One forward pass → the logits at each prompt's END only (centred unembedding: softmax and ranks are
-    unchanged). The pass stops at the final norm, so vocabulary-sized logits are never built for other positions.
-
-    `hooks` are TransformerLens (name, function) pairs. With `resid` (and no `tokens`), the pass starts at block
-    `start` from that residual stream; the blocks below it are taken out of the model for the call, because
-    TransformerBridge's `start_at_layer` would still run them and throw their output away.
-    """
-    from transformer_lens.model_bridge.exceptions import StopAtLayerException
-
-    rows = torch.arange(len(ends), device=ends.device)
-
-    def stop(normed: Float[torch.Tensor, "batch pos d_model"], hook) -> None:
-        raise StopAtLayerException(normed[rows, ends])
-
-    hooks = [*hooks, ("ln_final.hook_out", stop)]
-    bridge = model.bridge
-    with torch.inference_mode(), _quiet_norm_edits():
-        if resid is None:
-            normed = bridge.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=hooks)
-        else:
-            with _without_blocks_below(bridge, start):
-                normed = bridge.run_with_hooks(resid, start_at_layer=start, attention_mask=mask, fwd_hooks=hooks)
-        return normed @ model.W_U + model.b_U
-
-
-def prompt_end_logits(model: LoadedModel, token_lists: list[list[int]]) -> Float[torch.Tensor, "batch vocab"]:
-    """END logits of prompts given as token ids: right-padded into one batch, returned on the CPU."""
-    tokens, mask, ends = (t.to(model.device) for t in pad_batch(token_lists, pad_id(model.tokenizer)))
-    return end_logits(model, tokens, mask, ends).float().cpu()
-
-
-@contextmanager
-def _without_blocks_below(bridge, start: int):
-    """Drop blocks 0..start-1 from the HF model's layer list for one call (their output would be discarded)."""
-    if start == 0:
-        yield
-        return
-    hf_model = bridge.original_model
-    name = next(
-        (n for n, mod in hf_model.named_modules() if isinstance(mod, torch.nn.ModuleList) and len(mod) and mod[0] is bridge.blocks[0]),
-        None,
-    )
-    if name is None:
-        raise FactscopeError("cannot find the model's list of blocks to start a pass in the middle")
-    parent_name, _, attr = name.rpartition(".")
-    parent = hf_model.get_submodule(parent_name) if parent_name else hf_model
-    full = getattr(parent, attr)
-    setattr(parent, attr, torch.nn.ModuleList(list(full)[start:]))
-    try:
-        yield
-    finally:
-        setattr(parent, attr, full)
-
-
-@contextmanager
-def _quiet_norm_edits():
-    # Freezing ln_final's scale makes TransformerLens rebuild the norm from the hooked values and say so.
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="A forward hook edited hook_scale")
-        yield

@@ -8,7 +8,8 @@ import pandas as pd
 import torch
 
 from .data import Encoded
-from .models import LoadedModel, prompt_end_logits
+from .forward import prompt_end_logits
+from .models import LoadedModel
 
 TOP_K = 5
 

@@ -1,0 +1,114 @@
+"""Causal checks of the additive story: does what DLA reads off the model also move its output?
+
+DLA is correlational. Here we intervene at END (and, for causal tracing, at every position) and measure
+what happens to the attribute's probability, logit and top-1 accuracy. One module per check:
+
+- `knockout`    attention knockout (Geva et al. 2023): END may not attend to a token group;
+- `ablation`    remove paths (a head's END←group contribution, an MLP at END) alone, in pairs, together;
+- `noise`       accuracy as Gaussian noise on each mechanism's contribution grows;
+- `extraction`  attribute extraction rate (Geva et al. 2023) of every attention / MLP sublayer;
+- `enrichment`  logit lens at the last subject token: from which layer is `a` decodable there;
+- `trace`       causal tracing (Meng et al. 2022): noise on the subject, restore one clean state.
+
+`sites` says WHERE an intervention acts (typed paths, head masks, layer windows), `edits` WHAT it does there
+(record, ablate, add noise), `scores` what is measured. Every condition is ONE batched forward pass over all
+prompts (causal tracing stacks its restorations into the batch dimension). Passes stop at the final norm and
+unembed END only, so the vocabulary-sized logits of every position are never materialised.
+
+A new check is its own module defining `CHECK` (a `CausalCheck`), plus its entry in `CHECKS`; `ablate_checks`
+and `trace_checks` run the checks of each command in that order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+
+import pandas as pd
+
+from ..data import Encoded
+from ..models import LoadedModel
+from . import ablation, enrichment, extraction, knockout, noise, trace
+from .ablation import robustness_summary
+from .check import CausalCheck
+from .enrichment import enrichment_summary
+from .extraction import extraction_summary
+from .knockout import knockout_summary
+from .noise import NOISE_SCALES, SEEDS, noise_summary
+from .scores import known_facts, spread
+from .sites import taxonomy_paths
+from .trace import trace_peaks
+
+__all__ = [
+    "CHECKS", "CausalCheck", "NOISE_SCALES", "SEEDS", "ablate_checks", "enrichment_summary", "extraction_summary",
+    "knockout_summary", "known_facts", "noise_summary", "robustness_summary", "spread", "taxonomy_paths",
+    "trace_checks", "trace_peaks",
+]
+
+CHECKS: tuple[CausalCheck, ...] = (knockout.CHECK, ablation.CHECK, noise.CHECK, extraction.CHECK, enrichment.CHECK, trace.CHECK)
+
+# progress(label, total) → a context manager yielding advance(n) (or None), around each check's passes
+ProgressBars = Callable[[str, int], AbstractContextManager[Callable[[int], None] | None]] | None
+
+
+def ablate_checks(
+    model: LoadedModel,
+    known: list[Encoded],
+    heads: pd.DataFrame,
+    *,
+    mode: str = ablation.MODE,
+    window: int = knockout.WINDOW,
+    noise_scales: Sequence[float] = NOISE_SCALES,
+    seeds: Sequence[int] = SEEDS,
+    progress: ProgressBars = None,
+    trace: pd.DataFrame | None = None,
+) -> tuple[dict[str, pd.DataFrame], dict]:
+    """The `ablate` command's checks on the known facts, for the head classes of `heads` (columns layer, head,
+    class): tables by rundir.TABLES name, and the entries of summary.json["causal"]. `trace` is the run's
+    causal_trace table, if it has one: the enrichment summary then names the MLP tracing peak."""
+    options = {
+        "window": window, "head_sets": knockout.class_head_sets(heads),
+        "mechanisms": taxonomy_paths(heads, model.cfg.n_layers), "mode": mode,
+        "noise_scales": noise_scales, "seeds": seeds,
+    }
+    tables = _run("ablate", model, known, options, progress)
+    earlier = {"causal_trace": trace} if trace is not None else {}
+    summary = {"ablate": {"mode": mode, "window": window, "noise_scales": list(noise_scales), "seeds": list(seeds),
+                          "n_prompts": len(known)}}
+    summary.update((check.name, check.summarize({**earlier, **tables})) for check in _of("ablate"))
+    return tables, summary
+
+
+def trace_checks(
+    model: LoadedModel,
+    known: list[Encoded],
+    *,
+    noise: float = trace.NOISE,
+    window: int = trace.WINDOW,
+    seeds: Sequence[int] = trace.SEEDS,
+    progress: ProgressBars = None,
+    enrichment: pd.DataFrame | None = None,
+) -> tuple[dict[str, pd.DataFrame], dict]:
+    """The `trace` command's checks on the known facts: tables by rundir.TABLES name, and the entries of
+    summary.json["causal"]. `enrichment` is the run's enrichment table, if it has one: its summary is redone
+    with the new tracing peak."""
+    tables = _run("trace", model, known, {"noise": noise, "window": window, "seeds": seeds}, progress)
+    settings = {"noise": noise, "window": window, "seeds": list(seeds), "n_prompts": len(known)}
+    summary = {check.name: {**settings, **check.summarize(tables)} for check in _of("trace")}
+    if enrichment is not None:
+        summary["enrichment"] = enrichment_summary(enrichment, tables["causal_trace"])
+    return tables, summary
+
+
+def _of(command: str) -> list[CausalCheck]:
+    return [check for check in CHECKS if check.command == command]
+
+
+def _run(command: str, model: LoadedModel, known: list[Encoded], options: dict, progress: ProgressBars) -> dict[str, pd.DataFrame]:
+    tables: dict[str, pd.DataFrame] = {}
+    for check in _of(command):
+        chosen = {name: options[name] for name in check.options}
+        bar = progress(check.name, check.n_passes(model.cfg.n_layers, **chosen)) if progress else nullcontext()
+        with bar as advance:
+            tables.update(check.run(model, known, progress=advance, **chosen))
+    return tables

@@ -1,0 +1,176 @@
+"""Attention knockout (Geva et al. 2023): END may not attend to a token group, in a window of layers slid over
+the model or in a named set of heads; how much do p(a), a's logit and accuracy fall?"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import pandas as pd
+import torch
+from jaxtyping import Bool, Float
+
+from ..data import Encoded
+from ..errors import FactscopeError
+from ..forward import Batch, Hook, act_name, make_batch
+from ..models import LoadedModel
+from ..taxonomy import GROUPS
+from .check import CausalCheck
+from .edits import freeze_final_scale_hook
+from .scores import Progress, finite_mean, scores, tick
+from .sites import head_mask, layer_window
+
+GroupSpec = str | tuple[str, ...]
+BLOCKED = ("subject", "relation")
+WINDOW = 9
+
+
+def blocked_keys(batch: Batch, blocked: GroupSpec) -> Bool[torch.Tensor, "batch pos"]:
+    """Key positions of the blocked groups. END itself is never blocked, so END always keeps a key to attend to."""
+    names = (blocked,) if isinstance(blocked, str) else tuple(blocked)
+    unknown = [name for name in names if name not in GROUPS]
+    if unknown:
+        raise FactscopeError(f"unknown token group {unknown[0]!r} (use {', '.join(GROUPS)})")
+    keys = batch.onehot[..., [GROUPS.index(name) for name in names]].sum(-1) > 0
+    keys[batch.rows, batch.ends] = False
+    return keys
+
+
+def knockout_hooks(model: LoadedModel, batch: Batch, blocked: GroupSpec, heads: Bool[torch.Tensor, "layer head"]) -> list[Hook]:
+    """−inf on the scores END→blocked keys of the chosen heads, before the softmax. Every layer gets a hook
+    (a no-op where no head is chosen), so an empty head set exercises the same code path."""
+    keys = blocked_keys(batch, blocked)  # [batch, key]
+    query_is_end = torch.zeros_like(keys)
+    query_is_end[batch.rows, batch.ends] = True
+
+    def make(layer_heads: Bool[torch.Tensor, " head"]):
+        def hook(scores: Float[torch.Tensor, "batch head query key"], hook):
+            block = layer_heads[None, :, None, None] & query_is_end[:, None, :, None] & keys[:, None, None, :]
+            return scores.masked_fill(block, float("-inf"))
+
+        return hook
+
+    return [(act_name("attn_scores", layer), make(heads[layer])) for layer in range(model.cfg.n_layers)]
+
+
+def knockout_logits(
+    model: LoadedModel,
+    encoded: list[Encoded] | Batch,
+    blocked: GroupSpec,
+    heads: Iterable[tuple[int, int]],
+    freeze_final_scale: bool = False,
+) -> Float[torch.Tensor, "batch vocab"]:
+    """END logits with END→`blocked` attention cut for the given (layer, head) pairs (optionally with the
+    final norm's scale pinned to its clean value, to compare with DLA)."""
+    batch = encoded if isinstance(encoded, Batch) else make_batch(model, encoded)
+    hooks = knockout_hooks(model, batch, blocked, head_mask(model, heads))
+    if freeze_final_scale:
+        hooks.append(freeze_final_scale_hook(model, batch))
+    return batch.logits(model, hooks)
+
+
+def knockout(
+    model: LoadedModel,
+    encoded: list[Encoded],
+    blocked: Sequence[GroupSpec] = BLOCKED,
+    window: int = WINDOW,
+    heads: dict[str, Iterable[tuple[int, int]]] | None = None,
+    progress: Progress = None,
+) -> pd.DataFrame:
+    """Knock out END→group attention for a window of layers slid over the model, or for named sets of heads
+    (`heads={"subject_heads": [(23, 4), ...]}`, instead of the windows).
+
+    One row per (blocked group, window or head set): `condition` ("window" | "heads"), `head_set` (the set's
+    name; "window" for windows), `layer` (window centre; −1 for a head set), `first_layer`, `last_layer`,
+    `n_heads`, `blocked`, `n_prompts`, mean `p_before`/`p_after`, `rel_change_p` (mean of
+    (p_after − p_before)/p_before), `delta_logit` (mean change in a's logit), `accuracy_before`/`accuracy_after`.
+    "relation" means the relation tokens other than END itself.
+    Passes: `knockout_passes`.
+    """
+    batch = make_batch(model, encoded)
+    cfg = model.cfg
+    before = scores(batch.logits(model), batch)
+    tick(progress)
+    if heads is not None:
+        conditions = []
+        for name, pairs in heads.items():
+            pairs = list(pairs)
+            layers = [layer for layer, _ in pairs] or [-1]
+            conditions.append(("heads", name, -1, min(layers), max(layers), pairs))
+    else:
+        conditions = []
+        for center in range(cfg.n_layers):
+            first, last = layer_window(center, window, cfg.n_layers)
+            pairs = [(layer, head) for layer in range(first, last + 1) for head in range(cfg.n_heads)]
+            conditions.append(("window", "window", center, first, last, pairs))
+    records = []
+    for spec in blocked:
+        for condition, name, center, first, last, pairs in conditions:
+            after = scores(knockout_logits(model, batch, spec, pairs), batch)
+            tick(progress)
+            records.append(
+                {
+                    "condition": condition, "head_set": name, "layer": center, "first_layer": first,
+                    "last_layer": last, "n_heads": len(pairs), "blocked": _group_name(spec), "n_prompts": len(batch),
+                    **_before_after(before, after),
+                }
+            )
+    return pd.DataFrame.from_records(records)
+
+
+def knockout_passes(n_layers: int, blocked: Sequence[GroupSpec] = BLOCKED, heads: dict | None = None) -> int:
+    """How many times `knockout` calls `progress(1)` with these arguments."""
+    return 1 + len(blocked) * (len(heads) if heads is not None else n_layers)
+
+
+def _group_name(spec: GroupSpec) -> str:
+    return spec if isinstance(spec, str) else "+".join(spec)
+
+
+def _before_after(before: dict, after: dict) -> dict:
+    return {
+        "p_before": finite_mean(before["prob"]),
+        "p_after": finite_mean(after["prob"]),
+        "rel_change_p": finite_mean((after["prob"] - before["prob"]) / before["prob"]),
+        "delta_logit": finite_mean(after["logit"] - before["logit"]),
+        "accuracy_before": finite_mean(before["correct"]),
+        "accuracy_after": finite_mean(after["correct"]),
+    }
+
+
+def knockout_summary(table: pd.DataFrame) -> dict:
+    """Per blocked group, the window that hurts p(a) most; and each head-set knockout."""
+    out = {}
+    for (condition, blocked), rows in table.groupby(["condition", "blocked"]):
+        worst = rows.loc[rows["rel_change_p"].idxmin()]
+        key = f"{blocked}_worst_window" if condition == "window" else f"{worst['head_set']}_to_{blocked}"
+        out[key] = {
+            "layers": [int(worst["first_layer"]), int(worst["last_layer"])], "n_heads": int(worst["n_heads"]),
+            "rel_change_p": float(worst["rel_change_p"]), "delta_logit": float(worst["delta_logit"]),
+            "accuracy_after": float(worst["accuracy_after"]),
+        }
+    return out
+
+
+# --- as the `ablate` command runs it: every window, then the run's subject and relation heads as sets
+
+
+def class_head_sets(heads: pd.DataFrame) -> dict[str, list[tuple[int, int]]]:
+    """The subject heads and the relation heads of a head table (columns layer, head, class) as two head sets."""
+    return {f"{name}_heads": list(zip(rows["layer"], rows["head"]))
+            for name, rows in heads.groupby("class") if name in ("subject", "relation")}
+
+
+def _run(model: LoadedModel, known: list[Encoded], *, window: int, head_sets: dict, progress: Progress) -> dict[str, pd.DataFrame]:
+    table = pd.concat([knockout(model, known, window=window, progress=progress),
+                       knockout(model, known, heads=head_sets, progress=progress)], ignore_index=True)
+    return {"knockout": table}
+
+
+def _passes(n_layers: int, *, window: int, head_sets: dict) -> int:
+    return knockout_passes(n_layers) + knockout_passes(n_layers, heads=head_sets)
+
+
+CHECK = CausalCheck(
+    "knockout", "ablate", ("knockout",), ("window", "head_sets"), _passes, _run,
+    lambda tables: knockout_summary(tables["knockout"]),
+)
