@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from factscope import report
+from factscope.report import write_report
 
 REPO = Path(__file__).resolve().parents[1]
 BROWSERS = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
@@ -78,10 +78,10 @@ def report_file(tmp_path_factory, tiny_llama_dir) -> Path:
         run_dir = tmp_path_factory.mktemp("browser") / "run"
         shutil.copytree(existing, run_dir, ignore=shutil.ignore_patterns("report.html", "figures"))
     else:
-        from test_report import build_full_run
+        from report_runs import build_full_run
 
         run_dir = build_full_run(tmp_path_factory.mktemp("browser"), tiny_llama_dir)
-    return report.write_report(run_dir)
+    return write_report(run_dir)
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,10 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 
-from factscope import compare
+from factscope.report import compare
 from factscope.data import load_facts
 from factscope.errors import FactscopeError
-
-CLASSES = ("subject", "relation", "mixed", "negligible")
-
+from factscope.taxonomy import CLASSES
 
 def cli(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "factscope", *map(str, args)], capture_output=True, text=True,
@@ -191,7 +189,7 @@ def test_existing_outputs_are_refused_unless_overwrite(run_dirs, tmp_path):
 def test_compare_needs_no_model(run_dirs, tmp_path):
     """Like the report, the comparison reads saved tables only: it renders where no model or torch is."""
     code = (
-        "import sys; from factscope.compare import write_compare; write_compare(sys.argv[1:3], sys.argv[3]); "
+        "import sys; from factscope.report.compare import write_compare; write_compare(sys.argv[1:3], sys.argv[3]); "
         "loaded = [m for m in ('torch', 'transformer_lens', 'transformers') if m in sys.modules]; "
         "assert not loaded, loaded"
     )

@@ -1,7 +1,7 @@
 """Finished runs side by side: `write_compare(DIRS, OUT)` writes OUT (one self-contained HTML file, plotly.js inlined
 once) and beside it OUT with suffix .csv, the tidy table of every number the page shows.
 
-Like `report`, only saved tables are read (summary.json, recall.csv, heads.csv, mechanisms.csv of each
+Like the report, only saved tables are read (summary.json, recall.csv, heads.csv, mechanisms.csv of each
 `factscope analyze` directory), never a model. A run is named by its directory, so one model analysed twice
 (another dataset, BOS choice or class rule) compares like two models. Models differ in depth and width, so head
 counts are fractions of the model's heads and layers are relative depths.
@@ -18,16 +18,17 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from . import figures as F
-from .errors import FactscopeError
-from .rundir import atomic_write_text, write_csv
-from .report import PAPER, Section, figure_div, page_html, pct
-from .rundir import Run, load_run
+from ..errors import FactscopeError
+from ..rundir import SUMMARY, TABLES, Run, atomic_write_text, load_run, write_csv
+from ..taxonomy import CLASSES, MECHANISM_ORDER
+from .page import PAPER, Section, figure_div, page_html
+from .style import (CLASS_COLORS, CLASS_LETTERS, MECHANISM_COLORS, MECHANISM_LABELS, METRIC_LABELS, SHOWN_CLASSES,
+                    dropdown, series_color, style_figure)
+from .text import pct
 
-REQUIRED_FILES = ("summary.json", "recall.csv", "heads.csv", "mechanisms.csv")
+REQUIRED_FILES = (SUMMARY, *(TABLES[name] for name in ("recall", "heads", "mechanisms")))
 EXACTNESS = ("max_abs_reconstruction_error", "max_abs_head_error", "tolerance")  # keys of summary.json
 COLUMNS = ["run", "model", "metric", "relation", "part", "value"]
-SHOWN_CLASSES = ("subject", "relation", "mixed")  # negligible heads are most heads: they would flatten the rest
 
 
 @dataclass
@@ -66,7 +67,7 @@ def load_runs(run_dirs: Sequence[str | Path]) -> dict[str, Run]:
     for run in runs.values():
         missing = [key for key in EXACTNESS if key not in run.summary]
         if missing:
-            raise FactscopeError(f"{run.path / 'summary.json'}: no '{missing[0]}'; was it written by `factscope analyze`?")
+            raise FactscopeError(f"{run.path / SUMMARY}: no '{missing[0]}'; was it written by `factscope analyze`?")
     return runs
 
 
@@ -88,10 +89,6 @@ def head_depths(label: str, run: Run) -> pd.DataFrame:
     return heads.assign(run=label, relative_depth=(heads["layer"] + 0.5) / run.n_layers)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The tidy table: one row per run × metric (× relation, × class or mechanism where the metric has them)
-
-
 def run_metrics(label: str, run: Run, depths: pd.DataFrame) -> pd.DataFrame:
     """compare.csv's rows for one run; `relation` is "all" where pooled, `part` empty where the metric has none."""
     summary = run.summary
@@ -103,12 +100,12 @@ def run_metrics(label: str, run: Run, depths: pd.DataFrame) -> pd.DataFrame:
     correct = run.recall.groupby("relation")["correct"].mean()
     accuracy = pd.DataFrame({"metric": "accuracy", "relation": ["all", *correct.index],
                              "value": [run.recall["correct"].mean(), *correct]})
-    by_class = depths.groupby("class")["relative_depth"].agg(["size", "mean"]).reindex(F.CLASSES)
+    by_class = depths.groupby("class")["relative_depth"].agg(["size", "mean"]).reindex(CLASSES)
     classes = pd.concat([
-        pd.DataFrame({"metric": "head_count", "part": F.CLASSES, "value": by_class["size"].fillna(0).to_numpy()}),
-        pd.DataFrame({"metric": "head_fraction", "part": F.CLASSES,
+        pd.DataFrame({"metric": "head_count", "part": CLASSES, "value": by_class["size"].fillna(0).to_numpy()}),
+        pd.DataFrame({"metric": "head_fraction", "part": CLASSES,
                       "value": by_class["size"].fillna(0).to_numpy() / len(depths)}),
-        pd.DataFrame({"metric": "mean_relative_depth", "part": F.CLASSES, "value": by_class["mean"].to_numpy()}),
+        pd.DataFrame({"metric": "mean_relative_depth", "part": CLASSES, "value": by_class["mean"].to_numpy()}),
     ])
     mechanisms = run.mechanisms
     shares = pd.DataFrame({"metric": "share_" + mechanisms["metric"], "relation": mechanisms["relation"],
@@ -126,20 +123,16 @@ def relation_order(relations) -> list[str]:
     return ["all", *sorted(set(relations) - {"all"})]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Figures: each takes the Comparison and returns a plotly Figure
-
-
 def fig_accuracy(comparison: Comparison) -> go.Figure:
     rows = metric(comparison, "accuracy")
     relations = relation_order(rows["relation"])
     fig = go.Figure()
     for index, label in enumerate(comparison.labels):
         values = rows[rows["run"] == label].set_index("relation")["value"].reindex(relations)
-        fig.add_bar(x=relations, y=values, name=label, marker_color=F._color(index),
+        fig.add_bar(x=relations, y=values, name=label, marker_color=series_color(index),
                     hovertemplate=f"<b>{html.escape(label)}</b> · %{{x}}<br>recall@1 %{{y:.0%}}<extra></extra>")
-    F._style(fig, "Recall@1 by relation", "Fraction of facts whose attribute's first token is the model's top "
-             "prediction; \"all\" pools every relation. A gap means the run's dataset lacks the relation.", height=480)
+    style_figure(fig, "Recall@1 by relation", "Fraction of facts whose attribute's first token is the model's top "
+                 "prediction; \"all\" pools every relation. A gap means the run's dataset lacks the relation.", height=480)
     fig.update_layout(barmode="group", bargap=0.2, legend=dict(title_text="run"))
     fig.update_yaxes(title_text="recall@1", tickformat=".0%", range=[0, 1.02])
     fig.update_xaxes(showgrid=False)
@@ -155,14 +148,14 @@ def fig_head_classes(comparison: Comparison) -> go.Figure:
     for name in SHOWN_CLASSES:
         keys = [(label, name) for label in labels]
         fig.add_bar(
-            x=labels, y=fractions.reindex(keys).to_numpy(), name=name, marker_color=F.CLASS_COLORS[name],
+            x=labels, y=fractions.reindex(keys).to_numpy(), name=name, marker_color=CLASS_COLORS[name],
             customdata=np.stack([counts.reindex(keys).to_numpy(), totals.reindex(labels).to_numpy()], axis=1),
             hovertemplate=f"<b>%{{x}}</b> · {name} heads<br>%{{customdata[0]:.0f}} of %{{customdata[1]:.0f}} heads "
                           "(%{y:.1%})<extra></extra>",
         )
-    F._style(fig, "Head classes, as a fraction of each model's heads",
-             "Each run's own class rule (summary.json: head_class_rule); the rest of the heads are negligible.",
-             height=460)
+    style_figure(fig, "Head classes, as a fraction of each model's heads",
+                 "Each run's own class rule (summary.json: head_class_rule); the rest of the heads are negligible.",
+                 height=460)
     fig.update_layout(barmode="group", bargap=0.25, legend=dict(title_text="class"))
     fig.update_yaxes(title_text="fraction of all heads", tickformat=".0%", rangemode="tozero")
     fig.update_xaxes(showgrid=False, categoryorder="array", categoryarray=labels)
@@ -177,7 +170,7 @@ def fig_depths(comparison: Comparison) -> go.Figure:
         if members.empty:
             continue
         fig.add_box(
-            x=members["run"], y=members["relative_depth"], name=name, marker_color=F.CLASS_COLORS[name],
+            x=members["run"], y=members["relative_depth"], name=name, marker_color=CLASS_COLORS[name],
             boxpoints="all", jitter=0.6, pointpos=0, marker=dict(size=6, opacity=0.7), line=dict(width=1.5),
             customdata=members[["name", "layer"]].to_numpy(),
             hovertemplate="<b>%{customdata[0]}</b> (%{x})<br>layer %{customdata[1]} · relative depth %{y:.2f}"
@@ -186,9 +179,9 @@ def fig_depths(comparison: Comparison) -> go.Figure:
     if not fig.data:
         fig.add_annotation(text="no run has subject, relation or mixed heads", showarrow=False, x=0.5, y=0.5,
                            xref="paper", yref="paper", font=dict(size=15, color="#555555"))
-    F._style(fig, "Where each class sits in depth",
-             "Every classified head as a point at (layer + ½) / number of layers: 0 is the embedding, 1 the "
-             "unembedding. Boxes give the median and quartiles per run and class.", height=500)
+    style_figure(fig, "Where each class sits in depth",
+                 "Every classified head as a point at (layer + ½) / number of layers: 0 is the embedding, 1 the "
+                 "unembedding. Boxes give the median and quartiles per run and class.", height=500)
     fig.update_layout(boxmode="group", legend=dict(title_text="class"))
     fig.update_yaxes(title_text="relative depth", range=[0, 1])
     fig.update_xaxes(showgrid=False, categoryorder="array", categoryarray=comparison.labels,
@@ -204,7 +197,7 @@ def fig_shares(comparison: Comparison) -> go.Figure:
     for metric_name in metrics:
         rows = metric(comparison, f"share_{metric_name}")
         order = pd.MultiIndex.from_product([relation_order(rows["relation"]), comparison.labels])
-        for mechanism in F.MECHANISM_ORDER:
+        for mechanism in MECHANISM_ORDER:
             part = rows[rows["part"] == mechanism].set_index(["relation", "run"])["value"]
             part = part.reindex(order).dropna()
             if part.empty:
@@ -212,21 +205,21 @@ def fig_shares(comparison: Comparison) -> go.Figure:
             relations, runs = part.index.get_level_values(0), part.index.get_level_values(1)
             fig.add_bar(
                 y=[list(relations), list(runs)], x=part.to_numpy(), orientation="h", legendgroup=mechanism,
-                name=F.MECHANISM_LABELS[mechanism], marker_color=F.MECHANISM_COLORS[mechanism],
+                name=MECHANISM_LABELS[mechanism], marker_color=MECHANISM_COLORS[mechanism],
                 visible=metric_name == "logit_diff", showlegend=True,
-                hovertemplate="<b>%{y}</b> · " + F.MECHANISM_LABELS[mechanism] + "<br>share %{x:.1%}<extra></extra>",
+                hovertemplate="<b>%{y}</b> · " + MECHANISM_LABELS[mechanism] + "<br>share %{x:.1%}<extra></extra>",
             )
             n_traces[metric_name] += 1
     buttons = [
-        dict(label=f"share of {F.METRIC_LABELS[m]}", method="update",
+        dict(label=f"share of {METRIC_LABELS[m]}", method="update",
              args=[{"visible": [shown == m for shown in metrics for _ in range(n_traces[shown])]}])
         for m in metrics
     ]
     n_bars = len(relation_order(metric(comparison, "share_logit_diff")["relation"])) * len(comparison.labels)
-    F._style(fig, "Mechanism shares by relation and run",
-             "Mean contribution / mean total per relation, one bar per run; shares add to 100% (dotted line), a "
-             "negative share is destructive interference.", height=max(460, 22 * n_bars + 200), menu=True)
-    fig.update_layout(barmode="relative", bargap=0.25, updatemenus=[F._menu(buttons)],
+    style_figure(fig, "Mechanism shares by relation and run",
+                 "Mean contribution / mean total per relation, one bar per run; shares add to 100% (dotted line), a "
+                 "negative share is destructive interference.", height=max(460, 22 * n_bars + 200), menu=True)
+    fig.update_layout(barmode="relative", bargap=0.25, updatemenus=[dropdown(buttons)],
                       legend=dict(orientation="v", y=1, x=1.01, xanchor="left", yanchor="top", traceorder="normal"))
     fig.add_vline(x=1.0, line=dict(color="#444444", dash="dot", width=1))
     fig.update_xaxes(title_text="share", tickformat=".0%", zeroline=True, zerolinecolor="#444444", zerolinewidth=1)
@@ -246,11 +239,11 @@ def fig_exactness(comparison: Comparison) -> go.Figure:
                     hovertemplate="<b>%{x}</b><br>" + text + ": %{y:.2e}<extra></extra>")
     tolerance = metric(comparison, "tolerance").set_index("run")["value"].reindex(labels)
     fig.add_scatter(x=labels, y=tolerance, mode="markers", name="tolerance", marker=dict(
-        symbol="line-ew-open", size=60, color=F.CLASS_COLORS["relation"], line=dict(width=2.5)),
+        symbol="line-ew-open", size=60, color=CLASS_COLORS["relation"], line=dict(width=2.5)),
         hovertemplate="<b>%{x}</b><br>tolerance %{y:g}<extra></extra>")
-    F._style(fig, "Exactness of each decomposition",
-             "Largest |error| over the run's analysed prompts and targets; a run fails if either exceeds its "
-             "tolerance (the red mark).", height=440)
+    style_figure(fig, "Exactness of each decomposition",
+                 "Largest |error| over the run's analysed prompts and targets; a run fails if either exceeds its "
+                 "tolerance (the red mark).", height=440)
     fig.update_layout(barmode="group", bargap=0.3)
     fig.update_yaxes(type="log", title_text="max |error| (logits)", dtick=1, exponentformat="power")
     fig.update_xaxes(showgrid=False)
@@ -268,10 +261,6 @@ SECTIONS = (
             "and run. The dropdown switches to the logit of <i>a</i> itself.", fig_shares, ()),
     Section("exactness", "Exactness", "The sum of parts against the model's own logit, per run.", fig_exactness, ()),
 )
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The page
 
 
 def write_compare(run_dirs: Sequence[str | Path], out: str | Path, overwrite: bool = False) -> tuple[Path, Path]:
@@ -310,7 +299,7 @@ def _runs_html(comparison: Comparison) -> str:
             f"{run.n_layers} × {run.n_heads}",
             f"{value[label, 'n_analysed', '']:.0f} of {value[label, 'n_prompts', '']:.0f}",
             pct(value[label, "accuracy", ""]),
-            " · ".join(f"{value[label, 'head_count', c]:.0f} {F.CLASS_LETTERS[c]}" for c in SHOWN_CLASSES),
+            " · ".join(f"{value[label, 'head_count', c]:.0f} {CLASS_LETTERS[c]}" for c in SHOWN_CLASSES),
             "yes" if summary.get("prepend_bos") else "no",
             f"{value[label, 'max_abs_reconstruction_error', '']:.1e}",
         ]

@@ -1,0 +1,146 @@
+"""The figures of the causal checks (the tables `factscope ablate` and `trace` add to a run), one function per
+figure, each taking a `rundir.Run` and returning a plotly Figure. The causal tables are young: each function is
+small so it can follow their columns."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from .style import (CLASS_COLORS, MECHANISM_COLORS, MECHANISM_LABELS, METRIC_LABELS, SOURCE_COLORS, layer_ticks,
+                    log_dtick, require, series_color, style_figure)
+
+if TYPE_CHECKING:
+    from ..rundir import Run
+
+def fig_knockout(run: Run) -> go.Figure:
+    """knockout.csv: relative change of p(a) when END may not attend to a group, for a window of layers."""
+    table = require(run, "knockout")
+    windows = table[table["condition"] == "window"] if "condition" in table else table
+    fig = go.Figure()
+    for index, (blocked, rows) in enumerate(windows.groupby("blocked", sort=True)):
+        rows = rows.sort_values("layer")
+        color = SOURCE_COLORS.get(blocked, series_color(index))
+        fig.add_scatter(
+            x=rows["layer"], y=100 * rows["rel_change_p"], mode="lines+markers", name=f"END ↛ {blocked}",
+            line=dict(color=color, width=2.5), customdata=np.stack([rows["first_layer"], rows["last_layer"]], axis=1),
+            hovertemplate="layers %{customdata[0]}–%{customdata[1]} blocked<br>Δp(a) %{y:+.1f}%<extra>" + blocked + "</extra>",
+        )
+    fig.add_hline(y=0, line=dict(color="#444444", width=1))
+    width = int((windows["last_layer"] - windows["first_layer"]).max() + 1) if len(windows) else 0
+    style_figure(fig, "Attention knockout", f"Mean relative change of p(a) when END's attention to a token group is cut "
+                 f"in a window of {width} layers centred on the layer on the x axis.", height=440)
+    fig.update_xaxes(title_text="window centre (layer)", **layer_ticks(windows["layer"]))
+    fig.update_yaxes(title_text="relative change of p(a) (%)")
+    return fig
+
+
+def fig_ablations(run: Run, metric: str = "logit_diff") -> go.Figure:
+    """ablations.csv: change of a − mean(R∖a) when mechanisms are removed alone, in pairs and together, against
+    the sum of their single effects (the gap is the interaction term)."""
+    table = require(run, "ablations")
+    table = table[table["mechanism_set"] != "none"]
+    fig = go.Figure()
+    fig.add_bar(
+        x=table["mechanism_set"], y=table[f"delta_{metric}"], name="observed change", marker_color="#0072B2",
+        customdata=np.stack([table["accuracy"], table.get(f"interaction_{metric}", np.nan)], axis=1),
+        hovertemplate="<b>%{x}</b><br>Δ %{y:+.3f} logits<br>accuracy %{customdata[0]:.0%}"
+        "<br>interaction %{customdata[1]:+.3f}<extra></extra>",
+    )
+    if f"sum_alone_delta_{metric}" in table:
+        fig.add_scatter(x=table["mechanism_set"], y=table[f"sum_alone_delta_{metric}"], mode="markers",
+                        name="sum of single removals", marker=dict(symbol="diamond", size=12, color="#D55E00"),
+                        hovertemplate="sum of single effects %{y:+.3f}<extra></extra>")
+    style_figure(fig, "Ablations: are the mechanisms additive?", f"Change of {METRIC_LABELS.get(metric, metric)} when the "
+                 "mechanisms are removed; where the diamond meets the bar the effects add up (interaction ≈ 0).", height=480)
+    fig.update_yaxes(title_text=f"Δ {METRIC_LABELS.get(metric, metric)} (logits)")
+    fig.update_xaxes(tickangle=-30)
+    fig.update_layout(legend=dict(orientation="h", y=1.02, x=1, xanchor="right", yanchor="bottom"))
+    return fig
+
+
+TRACE_ORDER = ("first_subject", "mid_subject", "last_subject", "first_subsequent", "further_tokens", "last_token",
+               "bos", "prefix", "subject", "relation")
+
+
+def fig_causal_trace(run: Run) -> go.Figure:
+    """causal_trace.parquet: indirect effect of restoring one clean state (residual, attention or MLP window)."""
+    table = require(run, "causal_trace")
+    if "level" in table and (table["level"] == "position").any():
+        table = table[table["level"] == "position"]
+    kinds = [k for k in ("resid", "attn", "mlp") if k in set(table["kind"])]
+    fig = make_subplots(rows=1, cols=len(kinds), shared_yaxes=True, horizontal_spacing=0.03,
+                        subplot_titles=[{"resid": "residual stream", "attn": "attention (window)", "mlp": "MLP (window)"}[k] for k in kinds])
+    tokens = [t for t in TRACE_ORDER if t in set(table["token"])] + sorted(set(table["token"]) - set(TRACE_ORDER))
+    top = float(table["indirect_effect"].max()) or 1.0
+    for col, kind in enumerate(kinds, start=1):
+        grid = table[table["kind"] == kind].pivot_table(index="token", columns="layer", values="indirect_effect").reindex(tokens)
+        fig.add_heatmap(z=grid.to_numpy(), x=grid.columns, y=tokens, coloraxis="coloraxis",
+                        hovertemplate="%{y} · layer %{x}<br>indirect effect %{z:.3f}<extra>" + kind + "</extra>", row=1, col=col)
+        fig.update_xaxes(title_text="layer", row=1, col=col, **layer_ticks(table["layer"]))
+    fig.update_yaxes(autorange="reversed", showgrid=False)
+    fig.update_layout(coloraxis=dict(colorscale="Purples", cmin=0, cmax=top, colorbar=dict(title=dict(text="Δp(a)", side="top"))))
+    style_figure(fig, "Causal tracing", "Noise on the subject embeddings, one clean state restored: the recovered p(a).",
+                 height=max(360, 40 * len(tokens) + 200), extra_top=24)
+    return fig
+
+
+def fig_extraction_rate(run: Run) -> go.Figure:
+    """extraction_rate.csv: fraction of prompts whose sublayer output at END, through the logit lens, has the
+    model's top-1 prediction (solid) or the attribute a (dotted) at top-1."""
+    table = require(run, "extraction_rate")
+    fig = go.Figure()
+    colors = {"attn": CLASS_COLORS["relation"], "mlp": MECHANISM_COLORS["mlps"]}
+    for sublayer, rows in table.groupby("sublayer"):
+        rows = rows.sort_values("layer")
+        color = colors.get(sublayer, "#444444")
+        fig.add_scatter(x=rows["layer"], y=rows["extraction_rate"], mode="lines+markers", name=f"{sublayer}: prediction",
+                        line=dict(color=color, width=2.5))
+        if "attribute_rate" in rows:
+            fig.add_scatter(x=rows["layer"], y=rows["attribute_rate"], mode="lines", name=f"{sublayer}: a",
+                            line=dict(color=color, width=1.5, dash="dot"))
+    style_figure(fig, "Attribute extraction rate", "Fraction of prompts where one sublayer's END output alone, "
+                 "unembedded, puts the prediction at top-1.", height=420)
+    fig.update_xaxes(title_text="layer", **layer_ticks(table["layer"]))
+    fig.update_yaxes(title_text="extraction rate", tickformat=".0%", rangemode="tozero")
+    return fig
+
+
+def fig_enrichment(run: Run) -> go.Figure:
+    """enrichment.csv: logit lens at the last SUBJECT token — median rank of a and of the rest of R_r by layer."""
+    table = require(run, "enrichment").sort_values("layer")
+    fig = go.Figure()
+    fig.add_scatter(x=table["layer"], y=table["median_rank_a"], mode="lines+markers", name="a",
+                    line=dict(color=CLASS_COLORS["subject"], width=2.5))
+    if "median_rank_others" in table:
+        fig.add_scatter(x=table["layer"], y=table["median_rank_others"], mode="lines", name="R_r ∖ a (mean per prompt)",
+                        line=dict(color="#777777", width=2, dash="dash"))
+    style_figure(fig, "Subject enrichment", "Logit lens on the residual stream at the last subject token: median rank "
+                 "(1 = top) of the attribute.", height=420)
+    fig.update_xaxes(title_text="layer", **layer_ticks(table["layer"]))
+    ranks = pd.concat([table["median_rank_a"], table.get("median_rank_others", table["median_rank_a"])])
+    fig.update_yaxes(type="log", autorange="reversed", dtick=log_dtick(ranks), title_text="median rank (log scale)")
+    return fig
+
+
+def fig_noise_robustness(run: Run) -> go.Figure:
+    """noise_robustness.csv: accuracy as Gaussian noise on one mechanism's contribution (or on all) grows."""
+    table = require(run, "noise_robustness")
+    fig = go.Figure()
+    for index, (mechanism, rows) in enumerate(table.groupby("mechanism", sort=False)):
+        rows = rows.sort_values("noise_scale")
+        color = "#111111" if mechanism == "all" else MECHANISM_COLORS.get(mechanism, series_color(index))
+        fig.add_scatter(
+            x=rows["noise_scale"], y=rows["accuracy"], mode="lines+markers", name=MECHANISM_LABELS.get(mechanism, mechanism),
+            line=dict(color=color, width=3 if mechanism == "all" else 2),
+            error_y=dict(type="data", array=rows["accuracy_std"], visible=True) if "accuracy_std" in rows else None,
+        )
+    style_figure(fig, "Robustness to noise", "Accuracy as Gaussian noise (norm = scale × the part's own norm) is added "
+                 "to one mechanism's contribution at END.", height=440)
+    fig.update_xaxes(title_text="noise scale (× the part's norm)")
+    fig.update_yaxes(title_text="recall@1", tickformat=".0%", range=[0, 1.02])
+    return fig

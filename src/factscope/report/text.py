@@ -1,0 +1,510 @@
+"""The report's prose, written from a run's tables: the findings, paragraph by paragraph, and the verdicts on the
+paper's claims (`departures`). Every number in it is read from the tables (or from what a stage summarised into
+summary.json); where a table is missing the text says the check was not run."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from ..errors import FactscopeError
+from ..rundir import SUMMARY, TABLES
+from ..taxonomy import HEAD_MECHANISM
+from .figures_dla import lens_table
+from .figures_heads import top_heads
+from .style import MECHANISM_LABELS, SHOWN_CLASSES
+
+if TYPE_CHECKING:
+    from ..rundir import Run
+
+WORST_WINDOW = "_worst_window"  # causal.knockout_summary names a blocked group's worst window "{group}_worst_window"
+SWAP_MOVES = 0.5  # a relation head whose RELATION part changes by more than this under subject swap depends on the subject
+ONLY_SUM_NONE = 0.05  # below this fraction of prompts, "only the sum ranks a first" counts as absent
+
+
+@dataclass
+class Finding:
+    key: str
+    text: str
+
+
+@dataclass
+class Verdict:
+    """One of the paper's claims held against this run: `status` is "agrees", "departs" or "not run"."""
+
+    key: str
+    claim: str
+    status: str
+    text: str
+
+
+def pct(x: float) -> str:
+    """A share as a whole percentage: 0.4707 → "47%"; a change that rounds to nothing is "0%", not "-0%"."""
+    text = f"{x:.0%}"
+    return "0%" if text == "-0%" else text
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
+def verb(count: int, stem: str) -> str:
+    """Third person: "supply" → "supplies" for one subject, "supply" for several."""
+    if count != 1:
+        return stem
+    return stem[:-1] + "ies" if stem.endswith("y") else stem + "s"
+
+
+def names_list(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (", …" if len(names) > n else "")
+
+
+def pooled_shares(run: Run, metric: str = "logit_diff") -> pd.DataFrame:
+    """mechanisms.csv, relation "all", one metric, indexed by mechanism."""
+    table = run.mechanisms
+    return table[(table["relation"] == "all") & (table["metric"] == metric)].set_index("mechanism")
+
+
+def attention_share(shares: pd.DataFrame) -> float:
+    heads = [*HEAD_MECHANISM.values(), "other_heads"]
+    return float(shares.reindex(heads)["share"].fillna(0).sum())
+
+
+def class_extraction(heads: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """Mean specificity and breadth of each class's own part (a mixed head: both parts), from heads.csv."""
+    out = {}
+    for name, source in (("subject", "subject"), ("relation", "relation")):
+        members = heads[heads["class"] == name]
+        if len(members) and f"{source}_specificity" in members:
+            out[name] = {"specificity": float(members[f"{source}_specificity"].mean()),
+                         "breadth": float(members[f"{source}_breadth"].mean())}
+    return out
+
+
+def lens_milestones(run: Run) -> dict:
+    """Pooled logit lens: first layer where the median rank of a is 1 and where mean p(a) exceeds 0.5."""
+    table = lens_table(run)
+    pooled = table[table["relation"] == "all"].sort_values("layer")
+    top = pooled[pooled["median_rank"] <= 1]
+    half = pooled[pooled["mean_prob"] > 0.5]
+    return {
+        "n_layers": int(pooled["layer"].max()) + 1,
+        "rank1_layer": int(top["layer"].min()) if len(top) else None,
+        "half_layer": int(half["layer"].min()) if len(half) else None,
+        "final_prob": float(pooled["mean_prob"].iloc[-1]),
+    }
+
+
+FINDING_TITLES = {
+    "recall": "Recall", "exactness": "Exactness", "classes": "Head classes and their shares",
+    "interference": "Interference", "specificity": "Specificity", "mlps": "MLP boosting", "logit_lens": "Logit lens",
+    "thresholds": "Thresholds", "subject_swap": "Subject swap", "knockout": "Knockout", "ablations": "Ablation",
+    "causal_trace": "Causal tracing", "extraction_rate": "Extraction", "enrichment": "Enrichment", "noise": "Noise",
+}
+
+
+def findings(run: Run) -> list[Finding]:
+    """The findings paragraph by paragraph; each sentence only states what a table holds."""
+    out: list[Finding] = []
+    summary = run.summary
+    model = summary.get("model", "the model")
+    if run.has("recall"):
+        recall = run.recall
+        by_relation = recall.groupby("relation")["correct"].mean().sort_values(kind="stable")
+        correct, n = int(recall["correct"].sum()), len(recall)
+        analysed = summary.get("n_analysed")
+        scope = "the facts it knows" if summary.get("known_only", True) else "every prompt, known or not"
+        spread = (
+            f"best: {by_relation.index[-1]} {pct(by_relation.iloc[-1])}; worst: {by_relation.index[0]} {pct(by_relation.iloc[0])}"
+            if by_relation.iloc[-1] > by_relation.iloc[0] else f"{pct(by_relation.iloc[0])} on every relation"
+        )
+        out.append(Finding("recall", (
+            f"{model} recalls {correct} of {n} facts ({pct(correct / n)}) at top-1 across {len(by_relation)} relations "
+            f"({spread}). {analysed} prompts are analysed: {scope}."
+        )))
+    if "max_abs_reconstruction_error" in summary:
+        out.append(Finding("exactness", (
+            f"The decomposition is exact: on every analysed prompt the parts add up to the model's own logit within "
+            f"{summary['max_abs_reconstruction_error']:.1e} (tolerance {summary['tolerance']:g}), and each head's "
+            f"per-source split matches its DLA computed from hook_z within {summary['max_abs_head_error']:.1e}."
+        )))
+    if run.has("heads") and run.has("mechanisms"):
+        out += _class_findings(run)
+    if "interference" in summary:
+        out.append(_interference_finding(summary["interference"]))
+    if run.has("heads"):
+        extraction = class_extraction(run.heads)
+        if extraction:
+            parts = [
+                f"{name} heads' {name.upper()} parts raise a by {e['specificity']:.3f} logits more than the mean other "
+                f"attribute of R_r (specificity) while raising R_r by {e['breadth']:.3f} on average (breadth)"
+                for name, e in extraction.items()
+            ]
+            out.append(Finding("specificity", "Specificity against breadth: " + "; ".join(parts) + "."))
+    if run.has("mlp_boosting"):
+        mlp = run.mlp_boosting[run.mlp_boosting["relation"] == "all"]
+        peak = mlp.loc[mlp["correct_dla"].idxmax()]
+        out.append(Finding("mlps", (
+            f"MLPs at END, summed over layers: DLA to a {mlp['correct_dla'].sum():.2f} logits, breadth "
+            f"{mlp['breadth'].sum():.2f}, specificity {mlp['specificity'].sum():.2f}; the largest DLA to a is MLP "
+            f"{int(peak['layer'])} ({peak['correct_dla']:.2f} logits)."
+        )))
+    if run.has("logit_lens") and run.has("recall"):
+        lens = lens_milestones(run)
+        rank1 = (f"the median rank of a reaches 1 after layer {lens['rank1_layer']}" if lens["rank1_layer"] is not None
+                 else "the median rank of a never reaches 1")
+        half = (f"mean p(a) first exceeds 0.5 after layer {lens['half_layer']}" if lens["half_layer"] is not None
+                else "mean p(a) never exceeds 0.5")
+        out.append(Finding("logit_lens", (
+            f"Logit lens at END ({lens['n_layers']} layers): {rank1}; {half}; after the last layer it is "
+            f"{lens['final_prob']:.2f}."
+        )))
+    if run.has("class_sweep"):
+        out.append(_sweep_finding(run))
+    if run.has("subject_swap"):
+        out.append(_swap_finding(run))
+    out += _causal_findings(run)
+    return out
+
+
+def _class_findings(run: Run) -> list[Finding]:
+    heads = run.heads
+    diff, logit = pooled_shares(run, "logit_diff"), pooled_shares(run, "logit")
+    rule = run.summary.get("head_class_rule", {})
+    counts = heads["class"].value_counts()
+    total = float(diff["mean_value"].sum())
+    n_prompts = int(diff["n_prompts"].max())
+    sentences = [
+        f"Of {len(heads)} heads ({run.n_layers} layers × {run.n_heads}), {int(counts.get('subject', 0))} are subject "
+        f"heads, {int(counts.get('relation', 0))} relation heads, {int(counts.get('mixed', 0))} mixed and "
+        f"{int(counts.get('negligible', 0))} negligible (k = {rule.get('k', float('nan')):g}, "
+        f"z = {rule.get('z', float('nan')):g}). Against a − mean(R∖a), which averages {total:.2f} logits over "
+        f"{n_prompts} prompts:"
+    ]
+    for name in ("subject", "relation"):
+        mechanism, count = HEAD_MECHANISM[name, name], int(counts.get(name, 0))
+        if count:
+            sentences.append(
+                f"{plural(count, f'{name} head')} ({names_list(top_heads(heads, name))}) {verb(count, 'supply')} "
+                f"{pct(diff.loc[mechanism, 'share'])} of it ({pct(logit.loc[mechanism, 'share'])} of the logit of a);"
+            )
+    if counts.get("mixed", 0):
+        mixed = diff.loc["mixed_subject", "share"] + diff.loc["mixed_relation", "share"]
+        sentences.append(
+            f"{plural(int(counts['mixed']), 'mixed head')} ({names_list(top_heads(heads, 'mixed'))}) "
+            f"{verb(int(counts['mixed']), 'supply')} {pct(mixed)} "
+            f"(SUBJECT part {pct(diff.loc['mixed_subject', 'share'])}, RELATION part "
+            f"{pct(diff.loc['mixed_relation', 'share'])});"
+        )
+    sentences.append(
+        f"MLPs supply {pct(diff.loc['mlps', 'share'])} ({pct(logit.loc['mlps', 'share'])} of the logit); the other "
+        f"head parts (negligible heads, BOS/prefix parts, off-class parts) {pct(diff.loc['other_heads', 'share'])}; "
+        f"embeddings and biases {pct(diff.loc['embed_bias', 'share'])}."
+    )
+    return [Finding("classes", " ".join(sentences))]
+
+
+def _interference_finding(interference: dict) -> Finding:
+    alone = interference.get("alone_ranks_first", {})
+    best = sorted(((v, k) for k, v in alone.items() if v is not None), reverse=True)[:3]
+    best_text = ", ".join(f"{MECHANISM_LABELS.get(k, k)} {pct(v)}" for v, k in best)
+    largest = interference.get("largest_share", {})
+    dominant = interference.get("dominant", [])
+    destructive = interference.get("destructive", [])
+    text = (
+        f"The sum of all parts ranks a first among R_r on {pct(interference['sum_ranks_first'])} of prompts; "
+        f"single mechanisms alone do so on up to {best_text}. On {pct(interference['only_sum_ranks_first'])} of "
+        f"prompts only the sum ranks a first. The largest pooled share is "
+        f"{MECHANISM_LABELS.get(largest.get('mechanism'), largest.get('mechanism'))} ({pct(largest.get('share', 0))}); "
+        + (f"{', '.join(MECHANISM_LABELS.get(d, d) for d in dominant)} exceed"
+           if dominant else "no mechanism exceeds")
+        + f" {pct(interference['dominance_threshold'])} of the pooled total, and on {pct(interference['prompts_dominated'])}"
+        f" of prompts a single mechanism carries more than {pct(interference['dominance_threshold'])} of that prompt's"
+        " a − mean(R∖a). "
+        + (f"Destructive on average: {', '.join(MECHANISM_LABELS.get(d, d) for d in destructive)}."
+           if destructive else "No mechanism is destructive on average.")
+    )
+    return Finding("interference", text)
+
+
+def _sweep_finding(run: Run) -> Finding:
+    sweep, rule = run.class_sweep, run.summary.get("head_class_rule", {})
+    z = rule.get("z", float(sweep["z"].median()))
+    rows = sweep[np.isclose(sweep["z"], z)]
+    ks = sorted(rows["k"].unique())
+    ranges = []
+    for name in SHOWN_CLASSES:
+        counts = rows[rows["class"] == name]["count"]
+        ranges.append(f"{name} {int(counts.min())}–{int(counts.max())}")
+    k = rule.get("k", ks[len(ks) // 2])
+    at_k = sweep[np.isclose(sweep["k"], k)]
+    zs = sorted(at_k["z"].unique())
+    z_ranges = []
+    for name in ("subject", "relation"):
+        counts = at_k[at_k["class"] == name]["count"]
+        z_ranges.append(f"{name} {int(counts.min())}–{int(counts.max())}")
+    return Finding("thresholds", (
+        f"Thresholds: for k from {ks[0]:g} to {ks[-1]:g} at z = {z:g} the class counts range over "
+        f"{', '.join(ranges)}; for z from {zs[0]:g} to {zs[-1]:g} at k = {k:g}: {', '.join(z_ranges)}."
+    ))
+
+
+def strongest_relation_head(run: Run) -> str | None:
+    names = top_heads(run.heads, "relation", 1) if run.has("heads") else []
+    return names[0] if names else None
+
+
+def _swap_finding(run: Run) -> Finding:
+    swap = run.subject_swap
+    grouped = swap.groupby(["class", "source"])[["rel_change", "corr"]].mean()
+    parts = [
+        f"{name} heads' {source.upper()} parts change by {row['rel_change']:.2f} of their size (corr {row['corr']:.2f})"
+        for (name, source), row in grouped.iterrows()
+    ]
+    text = "Subject swap (each subject replaced by another of its relation): " + "; ".join(parts) + "."
+    head = strongest_relation_head(run)
+    row = swap[(swap["name"] == head) & (swap["source"] == "relation")] if head else swap.iloc[:0]
+    if len(row):
+        text += f" The strongest relation head, {head}, changes by {row['rel_change'].iloc[0]:.2f}."
+    return Finding("subject_swap", text)
+
+
+def _causal_findings(run: Run) -> list[Finding]:
+    """One sentence per causal table present. The causal tables are young: a table whose columns are not the
+    expected ones is reported as such instead of breaking the report."""
+    out = []
+    for name, write in CAUSAL_FINDINGS.items():
+        if run.has(name):
+            try:
+                out += write(run)
+            except KeyError as err:
+                out.append(Finding(name, f"{TABLES[name]} does not have the expected column {err}; not summarised."))
+            except FactscopeError as err:
+                out.append(Finding(name, f"{err}; not summarised."))
+    return out
+
+
+def causal_summary(run: Run, check: str) -> dict:
+    """What a causal command summarised into summary.json["causal"][check]: read, not recomputed, by the text."""
+    entry = run.summary.get("causal", {}).get(check)
+    if entry is None:
+        raise FactscopeError(f"{SUMMARY} has no causal entry {check!r}")
+    return entry
+
+
+def _knockout_finding(run: Run) -> list[Finding]:
+    worst = {key.removesuffix(WORST_WINDOW): entry for key, entry in causal_summary(run, "knockout").items()
+             if key.endswith(WORST_WINDOW)}
+    parts = [f"blocking END → {blocked} in layers {worst[blocked]['layers'][0]}–{worst[blocked]['layers'][1]} "
+             f"changes p(a) by {pct(worst[blocked]['rel_change_p'])}" for blocked in sorted(worst)]
+    # the summary keeps the worst head set per blocked group; the table has every set, in the order they were run
+    table = run.knockout
+    for row in table[table["condition"] == "heads"].itertuples():
+        parts.append(f"blocking END → {row.blocked} for the {row.n_heads} {row.head_set.replace('_', ' ')} only changes "
+                     f"p(a) by {pct(row.rel_change_p)} (accuracy {pct(row.accuracy_after)})")
+    return [Finding("knockout", "Attention knockout: " + "; ".join(parts) + ".")] if parts else []
+
+
+def _ablation_finding(run: Run) -> list[Finding]:
+    table = run.ablations
+    everything = table[table["n_mechanisms"] == table["n_mechanisms"].max()].iloc[0]
+    return [Finding("ablations", (
+        f"Ablation: removing {everything['mechanism_set']} changes a − mean(R∖a) by "
+        f"{everything['delta_logit_diff']:+.2f} logits against {everything['sum_alone_delta_logit_diff']:+.2f} for "
+        f"the sum of single removals (interaction {everything['interaction_logit_diff']:+.2f}); accuracy "
+        f"{pct(table.iloc[0]['accuracy'])} → {pct(everything['accuracy'])}."
+    ))]
+
+
+def _trace_finding(run: Run) -> list[Finding]:
+    table = run.causal_trace
+    parts = []
+    for kind, token in (("mlp", "last_subject"), ("attn", "last_token"), ("resid", "last_subject")):
+        rows = table[(table["kind"] == kind) & (table["token"] == token)]
+        if len(rows):
+            peak = rows.loc[rows["indirect_effect"].idxmax()]
+            parts.append(f"{kind} at the {token.replace('_', ' ')} peaks at layer {int(peak['layer'])} "
+                         f"(Δp(a) {peak['indirect_effect']:+.3f})")
+    clean, corrupted = float(table["p_clean"].iloc[0]), float(table["p_corrupted"].iloc[0])
+    return [Finding("causal_trace", f"Causal tracing (noise on the subject: p(a) {clean:.3f} → {corrupted:.3f}): "
+                    + "; ".join(parts) + ".")] if parts else []
+
+
+def _extraction_finding(run: Run) -> list[Finding]:
+    table = run.extraction_rate
+    best = table.loc[table["extraction_rate"].idxmax()]
+    return [Finding("extraction_rate", (
+        f"Attribute extraction: the highest rate is {pct(best['extraction_rate'])} for the {best['sublayer']} "
+        f"sublayer of layer {int(best['layer'])}."
+    ))]
+
+
+def _enrichment_finding(run: Run) -> list[Finding]:
+    table = run.enrichment.sort_values("layer")
+    best = table.loc[table["median_rank_a"].idxmin()]
+    return [Finding("enrichment", (
+        f"Subject enrichment: at the last subject token the median rank of a is lowest ({best['median_rank_a']:g}) "
+        f"after layer {int(best['layer'])}."
+    ))]
+
+
+def _noise_finding(run: Run) -> list[Finding]:
+    table = run.noise_robustness
+    top = table[table["noise_scale"] == table["noise_scale"].max()].set_index("mechanism")["accuracy"]
+    return [Finding("noise", (
+        f"Noise robustness at scale {table['noise_scale'].max():g}: accuracy "
+        + ", ".join(f"{MECHANISM_LABELS.get(m, m)} {pct(a)}" for m, a in top.items()) + "."
+    ))]
+
+
+# causal table → the finding written from it, in the order the findings list them
+CAUSAL_FINDINGS = {
+    "knockout": _knockout_finding, "ablations": _ablation_finding, "causal_trace": _trace_finding,
+    "extraction_rate": _extraction_finding, "enrichment": _enrichment_finding, "noise_robustness": _noise_finding,
+}
+
+
+def departures(run: Run) -> list[Verdict]:
+    """Where this model agrees with or departs from the paper's account (Pythia-2.8B), check by check."""
+    verdicts: list[Verdict] = []
+    summary = run.summary
+    interference = summary.get("interference")
+    have_shares = run.has("mechanisms")
+
+    # 1. relation heads do not depend on the subject
+    claim = "Relation heads extract attributes of the relation whatever the subject."
+    head = strongest_relation_head(run)
+    if not run.has("subject_swap"):
+        verdicts.append(Verdict("swap", claim, "not run", f"Not checked: no {TABLES['subject_swap']} (run `factscope analyze --swap`)."))
+    elif head is None:
+        verdicts.append(Verdict("swap", claim, "not run", "Not checked: the model has no relation head."))
+    else:
+        swap = run.subject_swap
+        row = swap[(swap["name"] == head) & (swap["source"] == "relation")]
+        rel = swap[(swap["class"] == "relation") & (swap["source"] == "relation")]["rel_change"]
+        if row.empty:
+            verdicts.append(Verdict("swap", claim, "not run", f"Not checked: {TABLES['subject_swap']} has no row for {head}."))
+        else:
+            change = float(row["rel_change"].iloc[0])
+            moves = change > SWAP_MOVES
+            verdicts.append(Verdict("swap", claim, "departs" if moves else "agrees", (
+                f"The strongest relation head, {head}, changes its RELATION DLA by {change:.2f} of its size when the "
+                f"subject is swapped ({'more' if moves else 'less'} than {SWAP_MOVES:g}); relation heads on average "
+                f"by {rel.mean():.2f}."
+                + (" Here relation heads depend on the subject." if moves else "")
+            )))
+
+    # 2. MLPs against attention
+    claim = "Three of the four mechanisms are attention heads; MLPs boost relation attributes."
+    if have_shares:
+        shares = pooled_shares(run)
+        mlp, attention = float(shares.loc["mlps", "share"]), attention_share(shares)
+        more = mlp > attention
+        verdicts.append(Verdict("mlp_vs_attention", claim, "departs" if more else "agrees", (
+            f"MLPs at END supply {pct(mlp)} of a − mean(R∖a), all attention heads together {pct(attention)}"
+            + (": the MLPs carry more than the heads." if more else ".")
+        )))
+    else:
+        verdicts.append(Verdict("mlp_vs_attention", claim, "not run", f"Not checked: no {TABLES['mechanisms']}."))
+
+    # 3. constructive interference: the sum is needed
+    claim = "The mechanisms constructively interfere: together they rank the correct attribute first."
+    if interference:
+        only = interference.get("only_sum_ranks_first")
+        best = max((v for v in interference["alone_ranks_first"].values() if v is not None), default=float("nan"))
+        best_name = max(interference["alone_ranks_first"], key=lambda k: interference["alone_ranks_first"][k] or -1)
+        if only is None:
+            verdicts.append(Verdict("only_sum", claim, "not run", "Not checked: no relation has a second attribute to rank against."))
+        else:
+            absent = only < ONLY_SUM_NONE
+            verdicts.append(Verdict("only_sum", claim, "departs" if absent else "agrees", (
+                f"The sum ranks a first on {pct(interference['sum_ranks_first'])} of prompts, but only the sum (no "
+                f"single mechanism) does so on {pct(only)}: "
+                + (f"on every other prompt where the sum ranks a first, some single mechanism alone already does "
+                   f"({MECHANISM_LABELS.get(best_name, best_name)} alone on {pct(best)} of prompts), so the "
+                   "mechanisms are redundant rather than needed together."
+                   if absent else "on those prompts the mechanisms are needed together.")
+            )))
+    else:
+        verdicts.append(Verdict("only_sum", claim, "not run", f"Not checked: {SUMMARY} has no interference entry."))
+
+    # 4. no single mechanism dominates
+    claim = "No single mechanism dominates."
+    if interference:
+        dominant = interference.get("dominant", [])
+        largest = interference["largest_share"]
+        verdicts.append(Verdict("dominance", claim, "departs" if dominant else "agrees", (
+            f"Largest pooled share: {MECHANISM_LABELS.get(largest['mechanism'], largest['mechanism'])} "
+            f"{pct(largest['share'])} (threshold {pct(interference['dominance_threshold'])}); on "
+            f"{pct(interference['prompts_dominated'])} of prompts one mechanism alone exceeds it."
+        )))
+
+    # 5. destructive parts
+    claim = "The mechanisms add up constructively on the correct attribute."
+    if have_shares:
+        shares = pooled_shares(run)
+        negative = shares[shares["mean_value"] < 0]
+        if len(negative):
+            parts = ", ".join(
+                f"{MECHANISM_LABELS.get(m, m)} {row['mean_value']:+.2f} logits ({pct(row['share'])}, negative on "
+                f"{pct(row['negative_fraction'])} of prompts)" for m, row in negative.iterrows()
+            )
+            verdicts.append(Verdict("destructive", claim, "departs", f"Destructive on average: {parts}."))
+        else:
+            verdicts.append(Verdict("destructive", claim, "agrees", "Every mechanism's mean contribution is positive or zero."))
+
+    # 6. subject heads specific, relation heads broad
+    claim = "Subject heads are specific to the correct attribute; relation heads boost many attributes of R."
+    extraction = class_extraction(run.heads) if run.has("heads") else {}
+    if {"subject", "relation"} <= extraction.keys():
+        ratio = {name: e["specificity"] / e["breadth"] if e["breadth"] > 0 else math.inf for name, e in extraction.items()}
+        agrees = ratio["subject"] > ratio["relation"]
+        verdicts.append(Verdict("specificity", claim, "agrees" if agrees else "departs", (
+            f"Specificity / breadth: subject heads {ratio['subject']:.1f}, relation heads {ratio['relation']:.1f} "
+            f"({'subject heads more specific' if agrees else 'relation heads are at least as specific as subject heads'})."
+        )))
+    else:
+        verdicts.append(Verdict("specificity", claim, "not run", "Not checked: the model lacks subject or relation heads."))
+
+    # 7. mixed heads exist
+    claim = "Mixed heads read from both SUBJECT and RELATION."
+    if run.has("heads"):
+        count = int((run.heads["class"] == "mixed").sum())
+        verdicts.append(Verdict("mixed", claim, "agrees" if count else "departs",
+                            f"{count} mixed heads at the chosen thresholds." if count else "No mixed head at the chosen thresholds."))
+
+    # 8. MLP boosting is broad
+    claim = "MLPs boost the attributes of the relation (broadly, not only the correct one)."
+    if run.has("mlp_boosting"):
+        mlp = run.mlp_boosting[run.mlp_boosting["relation"] == "all"]
+        breadth, specificity = float(mlp["breadth"].sum()), float(mlp["specificity"].sum())
+        broad = breadth > specificity
+        verdicts.append(Verdict("mlp_breadth", claim, "agrees" if broad else "departs", (
+            f"Summed over layers, MLP breadth {breadth:.2f} against specificity {specificity:.2f} logits"
+            + (": broad boosting." if broad else ": the MLPs are more specific than broad.")
+        )))
+
+    # 9. additivity under ablation
+    claim = "The mechanisms are additive: removing several does what removing each does, summed."
+    needed = {"n_mechanisms", "mechanism_set", "sum_alone_delta_logit_diff", "interaction_logit_diff"}
+    if run.has("ablations") and not needed <= set(run.ablations.columns):
+        verdicts.append(Verdict("ablation", claim, "not run", f"Not checked: {TABLES['ablations']} lacks "
+                            f"{', '.join(sorted(needed - set(run.ablations.columns)))}."))
+    elif run.has("ablations") and run.ablations["n_mechanisms"].max() < 2:
+        verdicts.append(Verdict("ablation", claim, "not run", "Not checked: the taxonomy found only one mechanism to remove."))
+    elif run.has("ablations"):
+        table = run.ablations
+        everything = table[table["n_mechanisms"] == table["n_mechanisms"].max()].iloc[0]
+        summed, interaction = float(everything["sum_alone_delta_logit_diff"]), float(everything["interaction_logit_diff"])
+        relative = abs(interaction) / abs(summed) if summed else math.inf
+        verdicts.append(Verdict("ablation", claim, "agrees" if relative < 0.25 else "departs", (
+            f"Removing {everything['mechanism_set']}: interaction {interaction:+.2f} logits, {relative:.0%} of the "
+            f"summed single effects ({summed:+.2f})."
+        )))
+    else:
+        verdicts.append(Verdict("ablation", claim, "not run", f"Not checked: no {TABLES['ablations']} (causal checks not run)."))
+    return verdicts
