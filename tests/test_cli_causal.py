@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from test_report import build_full_run
+from report_runs import build_full_run
 
 from factscope import causal
 from factscope.data import encode_all, load_facts, shipped_dataset
-from factscope.report import read_csv
+from factscope.rundir import read_csv
 
 
 @pytest.fixture(scope="module")
