@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from contextlib import contextmanager
 from enum import Enum
@@ -314,12 +315,29 @@ def _print_accuracy(accuracy, title: str) -> None:
     Console().print(table)
 
 
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM, raised in the main thread. Not a KeyboardInterrupt: typer turns that into a return value,
+    which exited 0 after Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum: int, frame) -> None:
+    raise Interrupted(signum)
+
+
 def run() -> None:
-    """Entry point: one clear line and a non-zero exit for any user error, a traceback only with --debug."""
+    """Entry point: one clear line and a non-zero exit for any user error, a traceback only with --debug;
+    128 + the signal's number after SIGINT (130) or SIGTERM (143), once the run has cleaned up."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) is not signal.SIG_IGN:  # nohup and `cmd &` ask for the signal to be ignored
+            signal.signal(signum, _interrupt)
     try:
-        app(standalone_mode=False)
-    except typer.Exit as err:
-        sys.exit(err.exit_code)
+        # standalone_mode=False: click's Exit (--help, usage) comes back as a return value, not an exception
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
     except typer.Abort:
         sys.exit(130)
     except typer.TyperException as err:  # usage errors: click's own message and exit code
@@ -330,9 +348,10 @@ def run() -> None:
     except OSError as err:
         reason = err.strerror or str(err)
         _fail(err, f"{err.filename}: {reason}" if err.filename else reason, 2)
-    except KeyboardInterrupt:
-        console.print("factscope: interrupted")
-        sys.exit(130)
+    except Interrupted as err:
+        for signum in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C while exiting ends at once
+            signal.signal(signum, signal.SIG_DFL)
+        _fail(err, f"interrupted by {err}", 128 + err.signum)
     except Exception as err:  # noqa: BLE001 — the user gets one line; --debug gives the traceback
         _fail(err, f"internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback)", 1)
 
@@ -340,5 +359,6 @@ def run() -> None:
 def _fail(err: BaseException, message: str, code: int) -> None:
     if state["debug"]:
         raise err
+    message = "; ".join([message, *getattr(err, "__notes__", ())])
     console.print(f"[red]factscope: error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     sys.exit(code)

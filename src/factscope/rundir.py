@@ -13,6 +13,7 @@ final tables are the parts concatenated in batch order, so they are byte-identic
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -135,12 +136,53 @@ def output_dir(path: str | Path, overwrite: bool = False, resume: bool = False, 
     try:
         _prepare_staging(run, resume, manifest)
         yield run
-    except BaseException:
-        if not run.done_batches():
+    except BaseException as err:
+        kept = len(run.done_batches())
+        if kept:
+            # the one place that knows the folder was kept: the CLI prints notes after the error line
+            err.add_note(f"kept {kept} finished batches in {staging}: rerun with --resume to continue, "
+                         f"or rm -rf {staging} to discard them")
+        else:
             shutil.rmtree(staging, ignore_errors=True)
         raise
     shutil.rmtree(run.batches, ignore_errors=True)
     _replace(staging, path)
+
+
+@contextmanager
+def locked(path: str | Path):
+    """Hold `.DIR.lock` beside `path` for one process at a time: a second process writing the same output (or the
+    same run directory) is refused at once instead of interleaving its files with the first's.
+
+    The lock file is removed on release; a process that locked a file since unlinked retries on the new one.
+    """
+    import fcntl
+
+    path = Path(path)
+    lock = path.with_name(f".{path.name}.lock")
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise FactscopeError(f"{path}: another factscope process is writing it (it holds {lock}); "
+                                     "wait for it to finish or choose another --out") from None
+            try:
+                if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+    except OSError as err:
+        raise FactscopeError(f"{lock}: cannot create the lock file ({err.strerror or err})") from None
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def _prepare_staging(run: RunDir, resume: bool, manifest: dict | None) -> None:
@@ -237,17 +279,30 @@ def read_table(run_dir: str | Path, name: str, required: bool = False) -> pd.Dat
         return None
     if path.suffix == ".csv":
         return read_csv(path)
+    return read_parquet(path)
+
+
+def read_parquet(path: Path, **options) -> pd.DataFrame:
+    """A run's parquet table, or one error line naming the file."""
     try:
-        table = pd.read_parquet(path)
+        table = pd.read_parquet(path, **options)
     except Exception as err:  # noqa: BLE001 — pyarrow raises several types for a damaged file
-        raise FactscopeError(f"{path}: not a readable parquet table ({type(err).__name__}: {err})") from None
+        raise FactscopeError(f"{path}: not a readable parquet table ({type(err).__name__}: {_first_line(err)})") from None
     return table.astype({"prompt_id": str}) if "prompt_id" in table else table
 
 
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [""])[0]
+
+
 def read_csv(path: Path) -> pd.DataFrame:
-    """A run's CSV. Rows end in "\\n" only: pandas writes a bare "\\r" inside a field (a token such as the top-5
-    predictions of a small model) unquoted, and the default reader would split the row there."""
-    table = pd.read_csv(path, dtype={"prompt_id": str})
+    """A run's CSV, or one error line naming the file. Rows end in "\\n" only: pandas writes a bare "\\r" inside
+    a field (a token such as the top-5 predictions of a small model) unquoted, and the default reader would split
+    the row there."""
+    try:
+        table = pd.read_csv(path, dtype={"prompt_id": str})
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise FactscopeError(f"{path}: not a readable CSV table ({type(err).__name__}: {_first_line(err)})") from None
     last = str(table.columns[-1]) if len(table.columns) else ""
     if last.endswith("\r"):  # written with "\r\n" line ends (Windows): strip them from the last column
         table = table.rename(columns={last: last[:-1]})
@@ -293,8 +348,7 @@ class Run:
         e.g. `run.attributions(["prompt_id", "value"], [("component", "==", "mlp"), ("layer", "in", [27, 28])])`."""
         if not self.attributions_path.is_file():
             raise FactscopeError(f"{self.attributions_path}: not found; run `factscope analyze` first")
-        table = pd.read_parquet(self.attributions_path, columns=columns, filters=filters)
-        return table.astype({"prompt_id": str}) if "prompt_id" in table else table
+        return read_parquet(self.attributions_path, columns=columns, filters=filters)
 
     def correct_parts(self) -> pd.DataFrame | None:
         """Every part's contribution to each analysed prompt's correct attribute (cached); None without attributions."""
@@ -338,13 +392,21 @@ class Run:
 
 def load_run(run_dir: str | Path) -> Run:
     """The tables of a finished run directory as DataFrames, and summary.json as a dict."""
-    from .data import read_json
-
     path = Path(run_dir)
     summary_path = path / SUMMARY
     if not summary_path.is_file():
         raise FactscopeError(f"{path}: no summary.json; is this a finished `factscope analyze` run directory?")
-    summary = read_json(summary_path)
-    manifest = read_json(path / MANIFEST) if (path / MANIFEST).is_file() else None
+    summary = read_json_object(summary_path)
+    manifest = read_json_object(path / MANIFEST) if (path / MANIFEST).is_file() else None
     tables = {name: read_table(path, name) for name in TABLES if name not in LAZY_TABLES}
     return Run(path, summary, {name: table for name, table in tables.items() if table is not None}, manifest)
+
+
+def read_json_object(path: Path) -> dict:
+    """summary.json or run.json: a JSON object, or one error line naming the file."""
+    from .data import read_json
+
+    payload = read_json(path)
+    if not isinstance(payload, dict):
+        raise FactscopeError(f"{path}: expected a JSON object, got {type(payload).__name__}")
+    return payload
