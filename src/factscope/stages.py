@@ -57,30 +57,32 @@ def recall(
     from .recall import accuracy_table, recall as recall_table
 
     out = Path(out)
-    _refuse_existing(out, overwrite)
-    loaded, encoded, dataset_path = _prepare(model, dataset, device, bos, reporter)
-    with reporter.progress("recall", len(encoded)) as advance:
-        table = recall_table(loaded, encoded, batch_size=batch_size, progress=advance)
-    table.insert(0, "model", loaded.name)
-    table["prepend_bos"] = loaded.prepend_bos
-    accuracy = accuracy_table(table)
-    config = {"command": "recall", "batch_size": batch_size, "prepend_bos": loaded.prepend_bos, "device": device}
-    manifest = rundir.manifest(loaded.name, loaded.weights_sha256, dataset_path, config)
-    with rundir.output_dir(out, overwrite, manifest=manifest) as run:
-        rundir.write_table(table, run.staging, "recall")
-        rundir.write_json(
-            run.staging / rundir.SUMMARY,
-            {
-                "model": loaded.name,
-                "weights_sha256": loaded.weights_sha256,
-                "dataset": str(dataset_path),
-                "prepend_bos": loaded.prepend_bos,
-                "n_prompts": len(table),
-                "accuracy": float(accuracy.iloc[-1]["accuracy"]),
-                "accuracy_per_relation": dict(zip(accuracy["relation"], accuracy["accuracy"].astype(float))),
-            },
-        )
-    return rundir.load_run(out)
+    with rundir.locked(out):
+        _refuse_existing(out, overwrite)
+        loaded, encoded, dataset_path = _prepare(model, dataset, device, bos, reporter)
+        with reporter.progress("recall", len(encoded)) as advance:
+            table = recall_table(loaded, encoded, batch_size=batch_size, progress=advance)
+        table.insert(0, "model", loaded.name)
+        table["prepend_bos"] = loaded.prepend_bos
+        accuracy = accuracy_table(table)
+        config = {"command": "recall", "batch_size": batch_size, "prepend_bos": loaded.prepend_bos,
+                  "device": _used_device(loaded, device)}
+        manifest = rundir.manifest(loaded.name, loaded.weights_sha256, dataset_path, config)
+        with rundir.output_dir(out, overwrite, manifest=manifest) as run:
+            rundir.write_table(table, run.staging, "recall")
+            rundir.write_json(
+                run.staging / rundir.SUMMARY,
+                {
+                    "model": loaded.name,
+                    "weights_sha256": loaded.weights_sha256,
+                    "dataset": str(dataset_path),
+                    "prepend_bos": loaded.prepend_bos,
+                    "n_prompts": len(table),
+                    "accuracy": float(accuracy.iloc[-1]["accuracy"]),
+                    "accuracy_per_relation": dict(zip(accuracy["relation"], accuracy["accuracy"].astype(float))),
+                },
+            )
+        return rundir.load_run(out)
 
 
 def analyze(
@@ -106,30 +108,31 @@ def analyze(
     from .mechanisms import ClassRule, summarize
 
     out = Path(out)
-    _refuse_existing(out, overwrite, resume)
-    rule = ClassRule(k=k, z=z)  # invalid k or z is refused before the model loads
-    loaded, encoded, dataset_path = _prepare(model, dataset, device, bos, reporter)
-    config = {"command": "analyze", "batch_size": batch_size, "known_only": not all_prompts, "k": k, "z": z,
-              "swap": swap, "prepend_bos": loaded.prepend_bos, "device": device}
-    manifest = rundir.manifest(loaded.name, loaded.weights_sha256, dataset_path, config)
-    with rundir.output_dir(out, overwrite, resume, manifest) as run:
-        with reporter.progress("analyze", len(encoded)) as advance:
-            summary = {"model": loaded.name, "weights_sha256": loaded.weights_sha256, "dataset": str(dataset_path)}
-            summary.update(decompose_to_dir(run, loaded, encoded, batch_size, advance, known_only=not all_prompts))
-        if summary["n_analysed"] == 0:
-            raise FactscopeError("no prompt is a known fact for this model; rerun with --all-prompts")
-        summary.update(summarize(run.staging, rule))
-        if swap:
-            from .swap import subject_swap, swap_summary
+    with rundir.locked(out):
+        _refuse_existing(out, overwrite, resume)
+        rule = ClassRule(k=k, z=z)  # invalid k or z is refused before the model loads
+        loaded, encoded, dataset_path = _prepare(model, dataset, device, bos, reporter)
+        config = {"command": "analyze", "batch_size": batch_size, "known_only": not all_prompts, "k": k, "z": z,
+                  "swap": swap, "prepend_bos": loaded.prepend_bos, "device": _used_device(loaded, device)}
+        manifest = rundir.manifest(loaded.name, loaded.weights_sha256, dataset_path, config)
+        with rundir.output_dir(out, overwrite, resume, manifest) as run:
+            with reporter.progress("analyze", len(encoded)) as advance:
+                summary = {"model": loaded.name, "weights_sha256": loaded.weights_sha256, "dataset": str(dataset_path)}
+                summary.update(decompose_to_dir(run, loaded, encoded, batch_size, advance, known_only=not all_prompts))
+            if summary["n_analysed"] == 0:
+                raise FactscopeError("no prompt is a known fact for this model; rerun with --all-prompts")
+            summary.update(summarize(run.staging, rule))
+            if swap:
+                from .swap import subject_swap, swap_summary
 
-            # all prompts, known or not, so that every R_r is the one the analysis used
-            stats = subject_swap(loaded, encoded, rundir.read_table(run.staging, "heads", required=True), batch_size)
-            rundir.write_table(stats, run.staging, "subject_swap")
-            summary["subject_swap"] = swap_summary(stats)
-        rundir.write_json(run.staging / rundir.SUMMARY, summary)
-    if report:  # after the analysis is safely in place: a rendering failure cannot cost it
-        write_report(out, reporter=reporter)
-    return rundir.load_run(out)
+                # all prompts, known or not, so that every R_r is the one the analysis used
+                stats = subject_swap(loaded, encoded, rundir.read_table(run.staging, "heads", required=True), batch_size)
+                rundir.write_table(stats, run.staging, "subject_swap")
+                summary["subject_swap"] = swap_summary(stats)
+            rundir.write_json(run.staging / rundir.SUMMARY, summary)
+        if report:  # after the analysis is safely in place: a rendering failure cannot cost it
+            write_report(out, reporter=reporter)
+        return rundir.load_run(out)
 
 
 def ablate(
@@ -159,10 +162,12 @@ def ablate(
         options["noise_scales"] = list(noise_scales)
     if seeds is not None:
         options["seeds"] = list(seeds)
-    model, known, heads = _causal_inputs(run_dir, "ablate", overwrite, device, threads, limit, reporter)
-    trace = rundir.read_table(run_dir, "causal_trace")
-    tables, summary = causal.ablate_checks(model, known, heads, **options, trace=trace, progress=reporter.progress)
-    return _write_causal(Path(run_dir), tables, summary, report, reporter)
+    run_dir = _finished_run(run_dir)
+    with rundir.locked(run_dir):
+        trace = rundir.read_table(run_dir, "causal_trace")
+        model, known, heads = _causal_inputs(run_dir, "ablate", overwrite, device, threads, limit, reporter)
+        tables, summary = causal.ablate_checks(model, known, heads, **options, trace=trace, progress=reporter.progress)
+        return _write_causal(run_dir, tables, summary, report, reporter)
 
 
 def trace(
@@ -187,10 +192,12 @@ def trace(
     options = {"noise": noise, "window": window}
     if seeds is not None:
         options["seeds"] = list(seeds)
-    model, known, _ = _causal_inputs(run_dir, "trace", overwrite, device, threads, limit, reporter)
-    enrichment = rundir.read_table(run_dir, "enrichment")
-    tables, summary = causal.trace_checks(model, known, **options, enrichment=enrichment, progress=reporter.progress)
-    return _write_causal(Path(run_dir), tables, summary, report, reporter)
+    run_dir = _finished_run(run_dir)
+    with rundir.locked(run_dir):
+        enrichment = rundir.read_table(run_dir, "enrichment")
+        model, known, _ = _causal_inputs(run_dir, "trace", overwrite, device, threads, limit, reporter)
+        tables, summary = causal.trace_checks(model, known, **options, enrichment=enrichment, progress=reporter.progress)
+        return _write_causal(run_dir, tables, summary, report, reporter)
 
 
 def write_report(run_dir: str | Path, pngs: bool = True, reporter: Reporter = QUIET) -> Path:
@@ -240,6 +247,7 @@ def _prepare(model_name: str, dataset: str | Path | None, device: str, bos: bool
 
     dataset_path = Path(dataset) if dataset is not None else shipped_dataset()
     facts = load_facts(dataset_path)
+    _check_device(device)
     with reporter.status(f"loading {model_name}"):
         model = load_model(model_name, device=device, prepend_bos=bos)
     encoded = encode_all(facts, model.tokenizer, model.prepend_bos, max_tokens=model.max_tokens)
@@ -250,6 +258,45 @@ def _prepare(model_name: str, dataset: str | Path | None, device: str, bos: bool
         reporter.warn(f"warning: {which}; analyses of a − mean(R∖a) skip {skipped}")
     torch.manual_seed(seed)
     return model, encoded, dataset_path
+
+
+def _check_device(device: str) -> None:
+    """`device` in one line before the model loads: a device torch knows, on hardware this machine has. Without
+    the check `--device cuda` on a machine with no GPU ran on the CPU and recorded "cuda"."""
+    import torch
+
+    if device == "auto":
+        if not torch.cuda.is_available():
+            raise FactscopeError("--device auto splits the layers over the GPUs, and torch sees no CUDA GPU; use --device cpu")
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise FactscopeError(f"--device {device!r}: unknown device; use cpu, cuda, cuda:N, mps or auto") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise FactscopeError(f"--device {device}: torch sees no CUDA GPU (torch {torch.__version__}); use --device cpu")
+        if parsed.index is not None and parsed.index >= count:
+            raise FactscopeError(f"--device {device}: torch sees {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    elif parsed.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise FactscopeError(f"--device {device}: MPS (Apple GPU) is not available here; use --device cpu")
+    elif parsed.type != "cpu":
+        raise FactscopeError(f"--device {device!r}: factscope runs on cpu, cuda, cuda:N, mps or auto")
+
+
+def _used_device(model, requested: str) -> str:
+    """What run.json records: where the weights are, not only what was asked for."""
+    return requested if requested == "auto" else str(model.device)
+
+
+def _finished_run(run_dir: str | Path) -> Path:
+    """Checked before the run directory is locked, so that locking never creates a folder."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FactscopeError(f"{run_dir}: not a directory; give a finished `factscope analyze` run")
+    return run_dir
 
 
 def _refuse_existing(out: Path, overwrite: bool, resume: bool = False) -> None:
@@ -263,20 +310,21 @@ def _causal_inputs(run_dir: str | Path, command: str, overwrite: bool, device: s
     """The run's model (same weights, same BOS) and the prompts it analysed (its known facts, or all of them
     after `analyze --all-prompts`), checked before the slow work."""
     from .causal import CHECKS, known_facts, spread
-    from .data import encode_all, load_facts, read_json
+    from .data import encode_all, load_facts
     from .models import load_model
 
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FactscopeError(f"{run_dir}: not a directory; give a finished `factscope analyze` run")
     written = [name for check in CHECKS if check.command == command for name in check.tables]
     existing = [rundir.table_path(run_dir, name) for name in written if rundir.table_path(run_dir, name).exists()]
     if existing and not overwrite:
         raise FactscopeError(f"{existing[0]}: exists; pass --overwrite to replace it")
-    manifest = _run_json(run_dir / rundir.MANIFEST, read_json)
-    if not (run_dir / rundir.SUMMARY).is_file():
-        raise FactscopeError(f"{run_dir / rundir.SUMMARY}: missing; is {run_dir} a finished `factscope analyze` run?")
+    manifest = _run_json(run_dir / rundir.MANIFEST)
+    _run_json(run_dir / rundir.SUMMARY)  # rewritten after the checks ran: a damaged one must stop them first
     heads = rundir.read_table(run_dir, "heads", required=True)
+    lacking = sorted({"layer", "head", "class"} - set(heads.columns))
+    if lacking:
+        raise FactscopeError(f"{rundir.table_path(run_dir, 'heads')}: lacks column {lacking[0]!r}; rerun `factscope analyze`")
+    if "model" not in manifest:
+        raise FactscopeError(f"{run_dir / rundir.MANIFEST}: names no model; rerun `factscope analyze`")
     dataset = Path(manifest.get("dataset", ""))
     if not dataset.is_file():
         raise FactscopeError(f"{run_dir / rundir.MANIFEST}: its dataset {dataset} is not there (run from the directory the analysis ran in)")
@@ -287,6 +335,7 @@ def _causal_inputs(run_dir: str | Path, command: str, overwrite: bool, device: s
 
         torch.set_num_threads(threads)
     facts = load_facts(dataset)
+    _check_device(device)
     prepend_bos = manifest.get("config", {}).get("prepend_bos")
     with reporter.status(f"loading {manifest['model']}"):
         model = load_model(manifest["model"], device=device, prepend_bos=prepend_bos)
@@ -302,20 +351,18 @@ def _causal_inputs(run_dir: str | Path, command: str, overwrite: bool, device: s
     return model, known, heads
 
 
-def _run_json(path: Path, read_json) -> dict:
+def _run_json(path: Path) -> dict:
     if not path.is_file():
         raise FactscopeError(f"{path}: missing; is {path.parent} a finished `factscope analyze` run?")
-    return read_json(path)
+    return rundir.read_json_object(path)
 
 
 def _write_causal(run_dir: Path, tables: dict, summary: dict, report: bool, reporter: Reporter) -> rundir.Run:
     """Every table, then summary.json, each replaced atomically; the report is re-rendered last, so a rendering
     failure cannot cost the tables."""
-    from .data import read_json
-
+    run_summary = _run_json(run_dir / rundir.SUMMARY)
     for name, table in tables.items():
         rundir.write_table(table, run_dir, name)
-    run_summary = _run_json(run_dir / rundir.SUMMARY, read_json)
     run_summary["causal"] = {**run_summary.get("causal", {}), **summary}
     rundir.write_json(run_dir / rundir.SUMMARY, run_summary)
     if report:
