@@ -131,6 +131,8 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", prepend_bos: bool
     model_dir, weights_sha = _resolve(name)
     importing.join()
     hf_model, tokenizer = _load_hf(model_dir, name, device_map="auto" if device == "auto" else None)
+    if device != "auto":
+        hf_model.to(device)  # the bridge keeps a model handed to it where it is: on the CPU
     if prepend_bos is None:
         prepend_bos = tokenizer_prepends_bos(tokenizer)
     if prepend_bos and tokenizer.bos_token_id is None:
@@ -177,7 +179,7 @@ def _resolve(name: str) -> tuple[Path, str]:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FactscopeError(f"{path}: not a Hugging Face model directory (no config.json)")
-        return path, _dir_fingerprint(path)
+        return _safetensors_dir(path), _dir_fingerprint(path)
     if name.count("/") == 1 and not name.startswith((".", "/")):
         return _hub_snapshot(name)
     known = ", ".join(NAMED_MODELS)
@@ -323,7 +325,24 @@ def _hub_snapshot(repo_id: str) -> tuple[Path, str]:
             f"model {repo_id!r} is not in the local Hugging Face cache and factscope never downloads at run time; "
             f"fetch it first where you have network (huggingface-cli download {repo_id})"
         ) from None
-    return path, _dir_fingerprint(path)
+    return _safetensors_dir(path), _dir_fingerprint(path)
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def _safetensors_dir(path: Path) -> Path:
+    """Refuse a directory whose weights are only pickled: unpickling a file can run any code in it."""
+    if any(path.glob("*.safetensors")):
+        return path
+    pickled = sorted(file.name for file in path.iterdir() if file.suffix in PICKLE_SUFFIXES)
+    if pickled:
+        raise FactscopeError(
+            f"{path / pickled[0]}: pickled weights, which factscope never loads (unpickling can run code); convert "
+            f"them once, from a source you trust: AutoModelForCausalLM.from_pretrained('{path}')"
+            f".save_pretrained('{path}', safe_serialization=True)"
+        )
+    raise FactscopeError(f"{path}: no *.safetensors weights")
 
 
 def _dir_fingerprint(path: Path) -> str:
@@ -359,7 +378,8 @@ def _load_hf(model_dir: Path, name: str, device_map: str | None = None):
     placement = {"device_map": device_map} if device_map else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32, **placement)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, use_safetensors=True,
+                                                     dtype=torch.float32, **placement)
     except (OSError, ValueError, KeyError, RuntimeError, ImportError) as err:
         raise FactscopeError(f"model {name!r}: cannot load {model_dir} ({str(err).splitlines()[0]})") from None
     if not tokenizer.is_fast:
