@@ -8,6 +8,8 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import handbuilt
 from factscope.data import encode_all, load_facts
@@ -30,7 +32,7 @@ from factscope.mechanisms import (
 )
 from factscope.models import load_model
 
-THRESHOLDS = {"subject": 0.1, "relation": 0.1}
+THRESHOLD = 0.1
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -51,12 +53,55 @@ THRESHOLDS = {"subject": 0.1, "relation": 0.1}
     ],
 )
 def test_rule_branches(s, r, expected):
-    assert ClassRule().classify([s], [r], THRESHOLDS).tolist() == [expected]
+    assert ClassRule().classify([s], [r], THRESHOLD).tolist() == [expected]
 
 
 def test_rule_k_is_the_dominance_ratio():
-    assert ClassRule(k=2).classify([1.0], [0.5], THRESHOLDS).tolist() == ["subject"]
-    assert ClassRule(k=2.1).classify([1.0], [0.5], THRESHOLDS).tolist() == ["mixed"]
+    assert ClassRule(k=2).classify([1.0], [0.5], THRESHOLD).tolist() == ["subject"]
+    assert ClassRule(k=2.1).classify([1.0], [0.5], THRESHOLD).tolist() == ["mixed"]
+
+
+finite = st.floats(min_value=-10, max_value=10, allow_nan=False)
+
+
+@given(s=finite, r=finite, threshold=st.floats(min_value=0, max_value=5), k=st.floats(min_value=1, max_value=50))
+def test_rule_is_symmetric_and_never_calls_a_head_with_r_above_s_a_subject_head(s, r, threshold, k):
+    rule = ClassRule(k=k)
+    mirror = {"subject": "relation", "relation": "subject", "mixed": "mixed", "negligible": "negligible"}
+    forward, backward = rule.classify([s], [r], threshold)[0], rule.classify([r], [s], threshold)[0]
+    assert backward == mirror[forward]
+    if r >= s:
+        assert forward != "subject"
+
+
+def test_one_scale_for_both_sources():
+    """The review's case: R's bulk is wider than S's, and a head with R > S missed R's own bar — one τ for both."""
+    rng = np.random.default_rng(0)
+    subject_bulk, relation_bulk = rng.normal(0, 0.002, 200), rng.normal(0, 0.015, 200)
+    subject = np.concatenate([subject_bulk, [0.018]])
+    relation = np.concatenate([relation_bulk, [0.041]])
+    rule = ClassRule()
+    threshold = rule.threshold(subject, relation)
+    assert robust_threshold(pd.Series(subject_bulk), 3) < threshold < robust_threshold(pd.Series(relation_bulk), 3)
+    # per-source bars would pass S (0.018 > S's bar) and not R (0.041 < R's bar): a "subject head" with R > S
+    assert robust_threshold(pd.Series(subject), 3) < 0.018 and robust_threshold(pd.Series(relation), 3) > 0.041
+    assert rule.classify(subject[-1:], relation[-1:], threshold).tolist() in (["relation"], ["mixed"])
+
+
+def test_bootstrap_intervals_cover_the_means_and_are_reproducible():
+    rng = np.random.default_rng(1)
+    values = {(0, 0): [(1.0 + e, 0.0) for e in rng.normal(0, 0.3, 40)],  # a clear subject head
+              (0, 1): [(0.0, 1.0 + e) for e in rng.normal(0, 0.3, 40)],  # a clear relation head
+              **{(1, h): [(e, f) for e, f in rng.normal(0, 0.01, (40, 2))] for h in range(30)}}
+    per_prompt = per_prompt_table(values, ["r"] * 40)
+    heads, _, _ = classify_heads(per_prompt)
+    again, _, _ = classify_heads(per_prompt)
+    pd.testing.assert_frame_equal(heads, again)  # seeded
+    assert (heads["subject_dla_low"] <= heads["subject_dla"]).all() and (heads["subject_dla"] <= heads["subject_dla_high"]).all()
+    clear = heads.set_index("name").loc[["L0H0", "L0H1"]]
+    assert (clear["class_agreement"] == 1.0).all() and clear["class"].tolist() == ["subject", "relation"]
+    other, _, _ = classify_heads(per_prompt, seed=1)
+    assert not np.allclose(other["subject_dla_low"], heads["subject_dla_low"])  # the seed is what fixes them
 
 
 @pytest.mark.parametrize("rule", [dict(k=0.5), dict(z=-1), dict(floor=-0.1)])
@@ -76,9 +121,9 @@ def test_threshold_is_robust_to_the_heads_it_should_find():
 
 def test_floor_keeps_numerical_zeros_out_when_all_other_heads_are_zero():
     means = pd.DataFrame({"subject_dla": [2.0, 1e-9, 0.0, 0.0], "relation_dla": [0.0, 0.0, 0.0, -1e-9]})
-    thresholds = ClassRule().thresholds(means)
-    assert thresholds == {"subject": TOLERANCE, "relation": TOLERANCE}
-    classes = ClassRule().classify(means["subject_dla"], means["relation_dla"], thresholds)
+    threshold = ClassRule().threshold(means["subject_dla"], means["relation_dla"])
+    assert threshold == TOLERANCE
+    classes = ClassRule().classify(means["subject_dla"], means["relation_dla"], threshold)
     assert classes.tolist() == ["subject", "negligible", "negligible", "negligible"]
 
 

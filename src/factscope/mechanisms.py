@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from . import bootstrap
 from .errors import FactscopeError
 from .rundir import table_path, write_table
 from .taxonomy import CLASS_SOURCES, CLASSES, HEAD_MECHANISM, MECHANISMS, TOLERANCE
@@ -41,17 +42,21 @@ REST_COLUMNS = [*KEYS, "component", "layer", "value", "logit_diff"]
 class ClassRule:
     """How a head's (subject DLA S, relation DLA R) becomes a class.
 
-    Significance: a value is significant if it exceeds max(floor, median + z · 1.4826 · MAD) of the same
-    quantity over all heads. Most heads write almost nothing to `a`, so the bulk of the distribution is the
-    noise floor; median and MAD describe that bulk without being pulled up by the few large heads we are looking
-    for (a mean + z·std threshold would be inflated by exactly those heads and hide the smaller ones).
-    1.4826 · MAD estimates a normal bulk's standard deviation, so z = 3 reads as "three sigma above the typical
-    head". The floor (default: the decomposition's accepted error, `taxonomy.TOLERANCE`) keeps a head that
-    lowers `a` from ever being significant, and a head writing numerically nothing from counting when nearly
-    all heads write exactly zero (then MAD = 0, as in hand-built models).
+    Significance, on ONE scale for both sources: S and R are logits of the same token, so a head is significant
+    where S or R exceeds τ = max(floor, median + z · 1.4826 · MAD) of all heads' S and R values pooled. Most heads
+    write almost nothing to `a`, so the bulk of the distribution is the noise floor; median and MAD describe that
+    bulk without being pulled up by the few large heads we are looking for. 1.4826 · MAD estimates a normal bulk's
+    standard deviation, so z = 3 reads as "three sigma above the typical head". The floor (default: the
+    decomposition's accepted error, `taxonomy.TOLERANCE`) keeps a head that lowers `a` from ever being significant,
+    and a head writing numerically nothing from counting when nearly all heads write exactly zero (MAD = 0).
+
+    Why one scale: with a threshold per source, R's wider bulk raised its bar fivefold on SmolLM2 (0.043 against
+    0.0086 for S), so a head with R > S was called a subject head whenever R missed its own bar (4 such heads).
+    With one τ, a head's larger side is always the one that can be significant first.
 
     Classes, in the paper's spirit: both significant → subject if S ≥ k·R, relation if R ≥ k·S, else mixed;
-    only S significant → subject; only R → relation; neither → negligible.
+    only S significant → subject; only R → relation; neither → negligible. The rule is symmetric: exchanging S and
+    R exchanges subject and relation, and a head with R ≥ S is never a subject head.
     """
 
     k: float = 10.0
@@ -66,18 +71,17 @@ class ClassRule:
         if self.floor < 0:
             raise FactscopeError(f"class rule: the significance floor must be non-negative, got {self.floor}")
 
-    def thresholds(self, means: pd.DataFrame) -> dict[str, float]:
-        """Significance threshold per source, from all heads' mean DLA (columns subject_dla, relation_dla)."""
-        return {
-            source: max(self.floor, robust_threshold(means[f"{source}_dla"], self.z))
-            for source in ("subject", "relation")
-        }
+    def threshold(self, subject, relation) -> float:
+        """τ from all heads' mean S and R."""
+        pooled = np.concatenate([np.asarray(subject, dtype=float), np.asarray(relation, dtype=float)])
+        return max(self.floor, robust_threshold(pd.Series(pooled), self.z))
 
-    def classify(self, subject, relation, thresholds: dict[str, float]) -> np.ndarray:
+    def classify(self, subject, relation, threshold: float) -> np.ndarray:
         s, r = np.asarray(subject, dtype=float), np.asarray(relation, dtype=float)
-        s_sig, r_sig = s > thresholds["subject"], r > thresholds["relation"]
+        s_sig, r_sig = s > threshold, r > threshold
         both = s_sig & r_sig
-        conditions = [both & (s >= self.k * r), both & (r >= self.k * s), both, s_sig, r_sig]
+        s_dominates, r_dominates = s >= self.k * r, r >= self.k * s  # both only for S = R at k = 1: mixed
+        conditions = [both & s_dominates & ~r_dominates, both & r_dominates & ~s_dominates, both, s_sig, r_sig]
         return np.select(conditions, ["subject", "relation", "mixed", "subject", "relation"], default="negligible")
 
 
@@ -148,31 +152,58 @@ def head_dla(attn: pd.DataFrame) -> pd.DataFrame:
 
 
 def classify_heads(
-    per_prompt: pd.DataFrame, rule: ClassRule = ClassRule()
-) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, float]]:
-    """Pooled classes with stability, the per-relation classes, and the pooled significance thresholds.
+    per_prompt: pd.DataFrame, rule: ClassRule = ClassRule(), n_resamples: int = bootstrap.N_RESAMPLES,
+    seed: int = bootstrap.SEED,
+) -> tuple[pd.DataFrame, pd.DataFrame, float]:
+    """Pooled classes with their uncertainty, the per-relation classes, and the pooled significance threshold τ.
 
     per_prompt: as from `head_dla`.
-    Per-prompt and per-relation classes use the pooled thresholds, so stability asks whether a head lands in the
-    same region of the (S, R) plane on each prompt or relation, not whether a re-fitted rule agrees.
+    Per-prompt and per-relation classes use the pooled τ, so stability asks whether a head lands in the same
+    region of the (S, R) plane on each prompt or relation, not whether a re-fitted rule agrees. The bootstrap
+    re-fits everything: on each resample of the prompts, every head's mean S and R, τ, and the classes;
+    `class_agreement` is the fraction of resamples that give the head its class, and `*_dla_low/high` the
+    percentile interval of its S and R.
     """
     heads = per_prompt.groupby(["layer", "head"])[list(DLA_COLUMNS)].mean().reset_index()
-    thresholds = rule.thresholds(heads)
-    heads["class"] = rule.classify(heads["subject_dla"], heads["relation_dla"], thresholds)
+    threshold = rule.threshold(heads["subject_dla"], heads["relation_dla"])
+    heads["class"] = rule.classify(heads["subject_dla"], heads["relation_dla"], threshold)
     heads.insert(2, "name", head_name(heads["layer"], heads["head"]))
+    heads = heads.join(_bootstrap_classes(per_prompt, heads, rule, n_resamples, seed), on=["layer", "head"])
     pooled = heads.set_index(["layer", "head"])["class"]
 
     def agreement(table: pd.DataFrame) -> pd.Series:
-        classes = rule.classify(table["subject_dla"], table["relation_dla"], thresholds)
+        classes = rule.classify(table["subject_dla"], table["relation_dla"], threshold)
         same = classes == pooled.reindex(pd.MultiIndex.from_frame(table[["layer", "head"]])).to_numpy()
         return pd.Series(same, index=table.index).groupby([table["layer"], table["head"]]).mean()
 
     by_relation = per_prompt.groupby(["relation", "layer", "head"])[list(DLA_COLUMNS)].mean().reset_index()
-    by_relation["class"] = rule.classify(by_relation["subject_dla"], by_relation["relation_dla"], thresholds)
+    by_relation["class"] = rule.classify(by_relation["subject_dla"], by_relation["relation_dla"], threshold)
     by_relation.insert(3, "name", head_name(by_relation["layer"], by_relation["head"]))
     heads = heads.join(agreement(per_prompt).rename("stability"), on=["layer", "head"])
     heads = heads.join(agreement(by_relation).rename("relation_stability"), on=["layer", "head"])
-    return heads, by_relation, thresholds
+    return heads, by_relation, threshold
+
+
+def _bootstrap_classes(per_prompt: pd.DataFrame, heads: pd.DataFrame, rule: ClassRule, n_resamples: int,
+                       seed: int) -> pd.DataFrame:
+    """Per head: S and R intervals and the fraction of prompt resamples that reproduce its class."""
+    wide = per_prompt.pivot_table(index="prompt_id", columns=["layer", "head"], values=["subject_dla", "relation_dla"])
+    order = pd.MultiIndex.from_frame(heads[["layer", "head"]])
+    s = wide["subject_dla"].reindex(columns=order).fillna(0.0).to_numpy()  # [prompt, head]
+    r = wide["relation_dla"].reindex(columns=order).fillna(0.0).to_numpy()
+    weights = bootstrap.resample_weights(len(wide), n_resamples, seed)  # [resample, prompt]
+    s_boot, r_boot = weights @ s, weights @ r  # [resample, head]
+    # τ per resample, vectorised: median + z · 1.4826 · MAD over the pooled S and R of all heads
+    pooled = np.concatenate([s_boot, r_boot], axis=1)
+    median = np.median(pooled, axis=1, keepdims=True)
+    mad = np.median(np.abs(pooled - median), axis=1, keepdims=True)
+    tau = np.maximum(rule.floor, median + rule.z * MAD_TO_SIGMA * mad)
+    classes = rule.classify(s_boot, r_boot, tau)
+    agreement = (classes == heads["class"].to_numpy()[None, :]).mean(0)
+    (s_low, s_high), (r_low, r_high) = bootstrap.interval(s_boot), bootstrap.interval(r_boot)
+    table = pd.DataFrame({"subject_dla_low": s_low, "subject_dla_high": s_high, "relation_dla_low": r_low,
+                          "relation_dla_high": r_high, "class_agreement": agreement}, index=order)
+    return table
 
 
 def class_sweep(
@@ -184,10 +215,10 @@ def class_sweep(
     """
     rows = []
     for z in zs:
-        thresholds = ClassRule(z=z, floor=floor).thresholds(heads)
+        threshold = ClassRule(z=z, floor=floor).threshold(heads["subject_dla"], heads["relation_dla"])
         for k in ks:
             rule = ClassRule(k=k, z=z, floor=floor)
-            classes = pd.Series(rule.classify(heads["subject_dla"], heads["relation_dla"], thresholds))
+            classes = pd.Series(rule.classify(heads["subject_dla"], heads["relation_dla"], threshold))
             counts = classes.value_counts().reindex(CLASSES, fill_value=0)
             rows += [{"k": k, "z": z, "class": name, "count": int(count)} for name, count in counts.items()]
     return pd.DataFrame(rows)
@@ -309,8 +340,22 @@ def mechanism_shares(parts: pd.DataFrame) -> pd.DataFrame:
         negative_fraction=("negative", "mean"), n_prompts=("prompt_id", "nunique"),
     )
     stats["share"] = stats["mean_value"] / stats.groupby(level=["relation", "metric"])["mean_value"].transform("sum")
-    columns = ["mean_value", "share", "alone_ranks_first", "negative_fraction", "n_prompts"]
+    stats = stats.join(_share_intervals(pd.concat(frames)))
+    columns = ["mean_value", "share", "share_low", "share_high", "alone_ranks_first", "negative_fraction", "n_prompts"]
     return stats[columns].reset_index()
+
+
+def _share_intervals(long: pd.DataFrame) -> pd.DataFrame:
+    """Bootstrap interval of every share: resample the prompts of each (relation, metric), recompute every
+    mechanism's mean and divide by their sum, as `mechanism_shares` does."""
+    frames = []
+    for (relation, metric), rows in long.groupby(["relation", "metric"], sort=False):
+        wide = rows.pivot_table(index="prompt_id", columns="mechanism", values="x", aggfunc="sum").fillna(0.0)
+        means = bootstrap.resample_weights(len(wide)) @ wide.to_numpy()  # [resample, mechanism]
+        low, high = bootstrap.interval(means / means.sum(1, keepdims=True))
+        frames.append(pd.DataFrame({"relation": relation, "metric": metric, "mechanism": wide.columns,
+                                    "share_low": low, "share_high": high}))
+    return pd.concat(frames).set_index(["relation", "metric", "mechanism"])
 
 
 def interference(parts: pd.DataFrame, shares: pd.DataFrame) -> dict:
@@ -359,7 +404,7 @@ def summarize(run_dir: Path, rule: ClassRule = ClassRule()) -> dict:
             f"{run_dir}: every analysed relation has one attribute, so a − mean(R∖a) is undefined; "
             "the dataset needs relations with at least two different attributes"
         )
-    heads, by_relation, thresholds = classify_heads(head_dla(attn), rule)
+    heads, by_relation, threshold = classify_heads(head_dla(attn), rule)
     heads = heads.merge(head_extraction(attn), on=["layer", "head"]).join(top_targets(attn), on=["layer", "head"])
     parts = mechanism_parts(attn, rest, heads)
     shares = mechanism_shares(parts)
@@ -373,13 +418,21 @@ def summarize(run_dir: Path, rule: ClassRule = ClassRule()) -> dict:
     return {
         "head_classes": class_counts(heads),
         "head_class_rule": {
-            "k": rule.k, "z": rule.z, "floor": rule.floor, **{f"{s}_threshold": t for s, t in thresholds.items()}
+            # one τ for both sources; the per-source keys stay for readers of earlier runs' summaries
+            "k": rule.k, "z": rule.z, "floor": rule.floor, "threshold": threshold, "scale": "common",
+            "subject_threshold": threshold, "relation_threshold": threshold
         },
         "head_extraction": class_extraction(heads),
         "mechanism_shares": {
             metric: dict(zip(group["mechanism"], group["share"].astype(float)))
             for metric, group in pooled.groupby("metric")
         },
+        "mechanism_shares_ci": {
+            metric: {name: [float(low), float(high)] for name, low, high in
+                     zip(group["mechanism"], group["share_low"], group["share_high"])}
+            for metric, group in pooled.groupby("metric")
+        },
+        "intervals": bootstrap.record(),
         "interference": interference(parts, shares),
     }
 
