@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import signal
 import sys
 from contextlib import contextmanager
@@ -190,7 +191,13 @@ def _print_causal(causal: dict, keys: tuple[str, ...]) -> None:
         ablations = summary["ablations"]
         singles = ", ".join(f"{name} {acc:.0%}" for name, acc in ablations["accuracy_single_removed"].items())
         table.add_row("accuracy, one mechanism removed", f"clean {ablations['accuracy_clean']:.0%}; {singles}")
-        interaction = f"interaction {ablations['interaction_logit_diff_all']:+.2f} logits of a − mean(R∖a)"
+        from .report.text import MIN_ABLATION_PROMPTS
+
+        value, n_prompts = ablations["interaction_logit_diff_all"], summary.get("ablate", {}).get("n_prompts", 0)
+        if math.isfinite(value) and n_prompts >= MIN_ABLATION_PROMPTS:
+            interaction = f"interaction {value:+.2f} logits of a − mean(R∖a)"
+        else:  # the same rule as the report's verdict
+            interaction = f"interaction inconclusive on {n_prompts} prompts"
         table.add_row("accuracy, all removed", f"{ablations['accuracy_all_removed']:.0%} ({interaction})")
     for key, entry in summary.get("knockout", {}).items():
         layers = entry["layers"]
@@ -278,7 +285,7 @@ def _print_departures(run) -> None:
     table = Table(title="where this model departs from the paper (Pythia-2.8B)")
     table.add_column("verdict")
     table.add_column("this run", overflow="fold")
-    colour = {"agrees": "green", "departs": "yellow", "not run": "dim"}
+    colour = {"agrees": "green", "departs": "yellow", "inconclusive": "dim", "not run": "dim"}
     for verdict in departures(run):
         table.add_row(f"[{colour[verdict.status]}]{verdict.status}[/]", escape(verdict.text))
     Console().print(table)

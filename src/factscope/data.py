@@ -93,7 +93,15 @@ def _csv_rows(path: Path, text: str) -> list[tuple[int, dict]]:
     return [(reader.line_num, row) for row in reader]
 
 
+STRIPPED = ("relation", "subject", "attribute")
+
+
 def _fact(path: Path, line: int, index: int, row: dict) -> Fact:
+    """One row as a Fact. Spaces around the relation, subject and attribute are stripped, the prompt is kept as
+    written: factscope scores `" " + attribute`, so `" France"` would be scored as a lone space token, and a
+    subject's surrounding spaces would add the neighbouring space tokens to its group. Stripping rather than
+    refusing: the stripped text names the same thing (the subject still occurs in the prompt), and imported sets
+    often carry such spaces (CounterFact's targets do)."""
     values = {}
     for name in FIELDS:
         value = row.get(name)
@@ -103,7 +111,7 @@ def _fact(path: Path, line: int, index: int, row: dict) -> Fact:
             raise FactscopeError(f"{path}:{line}: field '{name}' must be a string, got {type(value).__name__}")
         if not value.strip():
             raise FactscopeError(f"{path}:{line}: field '{name}' is empty")
-        values[name] = value
+        values[name] = value.strip() if name in STRIPPED else value
     if values["subject"] not in values["prompt"]:
         raise FactscopeError(f"{path}:{line}: field 'subject' ({values['subject']!r}) does not occur in the prompt")
     if not values["prompt"][values["prompt"].rfind(values["subject"]) + len(values["subject"]) :].strip():

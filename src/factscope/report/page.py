@@ -222,7 +222,7 @@ def _findings_html(run: Run) -> str:
 def _departures_html(run: Run) -> str:
     rows = []
     for verdict in departures(run):
-        badge = {"agrees": "agree", "departs": "depart", "not run": "notrun"}[verdict.status]
+        badge = {"agrees": "agree", "departs": "depart", "inconclusive": "notrun", "not run": "notrun"}[verdict.status]
         rows.append(f'<tr data-check="{verdict.key}"><td><span class="badge {badge}">{html.escape(verdict.status)}</span></td>'
                     f"<td>{html.escape(verdict.claim)}</td><td>{html.escape(verdict.text)}</td></tr>")
     n_layers, n_heads = run.n_layers, run.n_heads

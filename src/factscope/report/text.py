@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 WORST_WINDOW = "_worst_window"  # causal.knockout_summary names a blocked group's worst window "{group}_worst_window"
 SWAP_MOVES = 0.5  # a relation head whose RELATION part changes by more than this under subject swap depends on the subject
 ONLY_SUM_NONE = 0.05  # below this fraction of prompts, "only the sum ranks a first" counts as absent
+# fewer prompts than this and the ablation interaction, a difference of several means, gets no verdict: a chosen
+# floor, not a computed bound (on 3 prompts it read "+nan … departs")
+MIN_ABLATION_PROMPTS = 10
 
 
 @dataclass
@@ -34,7 +37,8 @@ class Finding:
 
 @dataclass
 class Verdict:
-    """One of the paper's claims held against this run: `status` is "agrees", "departs" or "not run"."""
+    """One of the paper's claims held against this run: `status` is "agrees", "departs", "inconclusive" (too little
+    evidence for either) or "not run"."""
 
     key: str
     claim: str
@@ -500,11 +504,19 @@ def departures(run: Run) -> list[Verdict]:
         table = run.ablations
         everything = table[table["n_mechanisms"] == table["n_mechanisms"].max()].iloc[0]
         summed, interaction = float(everything["sum_alone_delta_logit_diff"]), float(everything["interaction_logit_diff"])
-        relative = abs(interaction) / abs(summed) if summed else math.inf
-        verdicts.append(Verdict("ablation", claim, "agrees" if relative < 0.25 else "departs", (
-            f"Removing {everything['mechanism_set']}: interaction {interaction:+.2f} logits, {relative:.0%} of the "
-            f"summed single effects ({summed:+.2f})."
-        )))
+        n_prompts = int(table["n_prompts"].min()) if "n_prompts" in table else 0
+        if n_prompts < MIN_ABLATION_PROMPTS or not (math.isfinite(summed) and math.isfinite(interaction)):
+            why = (f"too few prompts ({n_prompts}; a verdict needs at least {MIN_ABLATION_PROMPTS})"
+                   if n_prompts < MIN_ABLATION_PROMPTS else "the interaction is not a number")
+            verdicts.append(Verdict("ablation", claim, "inconclusive", (
+                f"Inconclusive: {why}; rerun `factscope ablate --overwrite` on more known facts."
+            )))
+        else:
+            relative = abs(interaction) / abs(summed) if summed else math.inf
+            verdicts.append(Verdict("ablation", claim, "agrees" if relative < 0.25 else "departs", (
+                f"Removing {everything['mechanism_set']}: interaction {interaction:+.2f} logits, {relative:.0%} of the "
+                f"summed single effects ({summed:+.2f})."
+            )))
     else:
         verdicts.append(Verdict("ablation", claim, "not run", f"Not checked: no {TABLES['ablations']} (causal checks not run)."))
     return verdicts
