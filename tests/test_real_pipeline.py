@@ -6,6 +6,7 @@ causal picture (README, "Findings") holds on the sample, loosely enough for a 24
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,17 @@ def run_dir(request, tmp_path_factory) -> Path:
     factscope("ablate", out, "--limit", "24", "--noise-scales", "0,2,8", "--seeds", "0")
     factscope("trace", out, "--limit", "6", "--seeds", "0")
     return out
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+def test_first_load_from_an_empty_cache(name, tmp_path):
+    """As a user following the README meets it: a fresh process, nothing cached (Gemma's first loads raced the
+    background import of transformers, 7 times in 10)."""
+    env = {**os.environ, "FACTSCOPE_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run([sys.executable, "-m", "factscope", "recall", "--model", name, "--out", tmp_path / "run"],
+                            capture_output=True, text=True, env=env, timeout=1800)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert (tmp_path / "run" / "recall.csv").is_file()
 
 
 def summary(run_dir: Path) -> dict:

