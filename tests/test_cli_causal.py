@@ -178,3 +178,21 @@ def test_knockout_summary_picks_the_most_harmful_window():
     assert summary["subject_worst_window"]["layers"] == [1, 3]
     assert summary["subject_heads_to_subject"]["rel_change_p"] == -0.3
     assert np.isclose(summary["subject_worst_window"]["rel_change_p"], -0.7)
+
+
+def test_ablate_reads_a_minus_mean_r_on_the_runs_own_r_r_whatever_the_limit(copy_of_run):
+    """--limit cuts the prompts, not R_r: on the prompts it checks, the clean a − mean(R∖a) of `ablate` is the
+    analysis's (the exact decomposition's sum). Three prompts of three relations would otherwise leave each R_r
+    with one attribute and a − mean(R∖a) undefined."""
+    from factscope.models import load_model
+
+    result = cli("ablate", copy_of_run, "--limit", "3", "--noise-scales", "0", "--seeds", "0", "--window", "3",
+                 "--overwrite", "--threads", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((copy_of_run / "run.json").read_text())
+    model = load_model(manifest["model"])
+    chosen = [item.fact.prompt_id for item in causal.spread(encode_all(load_facts(), model.tokenizer, model.prepend_bos), 3)]
+    parts = pd.read_parquet(copy_of_run / "attributions.parquet", filters=[("is_correct_target", "==", True)])
+    analysed = parts.groupby("prompt_id")["logit_diff"].sum().loc[chosen].mean()
+    clean = read_csv(copy_of_run / "ablations.csv").set_index("mechanism_set").loc["none", "mean_logit_diff"]
+    assert np.isfinite(clean) and clean == pytest.approx(analysed, abs=2e-3)

@@ -226,6 +226,20 @@ def relation_targets(encoded: list[Encoded]) -> dict[str, dict[int, str]]:
     return targets
 
 
+def targets_table(targets: dict[str, dict[int, str]]) -> list[dict]:
+    """R_r as rows (relation, target_token, attribute), the form a run directory keeps it in."""
+    return [{"relation": relation, "target_token": token, "attribute": attribute}
+            for relation, tokens in targets.items() for token, attribute in tokens.items()]
+
+
+def targets_from_rows(rows) -> dict[str, dict[int, str]]:
+    """`targets_table` read back (rows with relation, target_token, attribute), in the same order."""
+    targets: dict[str, dict[int, str]] = {}
+    for relation, token, attribute in rows:
+        targets.setdefault(str(relation), {})[int(token)] = str(attribute)
+    return targets
+
+
 def single_target_relations(encoded: list[Encoded]) -> dict[str, str]:
     """Relations whose R_r has one attribute, with it: a − mean(R_r \\ a) is undefined there."""
     return {relation: next(iter(targets.values())) for relation, targets in relation_targets(encoded).items()

@@ -28,6 +28,7 @@ SUMMARY = "summary.json"
 TABLES = {
     "recall": "recall.csv",
     "tokens": "tokens.parquet",
+    "relation_targets": "relation_targets.csv",  # R_r of the run: every later stage reads a − mean(R∖a) on it
     "attributions": "attributions.parquet",
     "logit_lens": "logit_lens.parquet",
     "heads": "heads.csv",
@@ -299,9 +300,14 @@ def read_csv(path: Path) -> pd.DataFrame:
     """A run's CSV, or one error line naming the file. Rows end in "\\n" only: pandas writes a bare "\\r" inside
     a field (a token such as the top-5 predictions of a small model) unquoted, and the default reader would split
     the row there."""
+    import warnings
+
     try:
-        table = pd.read_csv(path, dtype={"prompt_id": str})
-    except (ValueError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        # a row longer than the header would silently become the index: refuse it like any malformed row
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            table = pd.read_csv(path, dtype={"prompt_id": str}, index_col=False)
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError, pd.errors.ParserWarning) as err:
         raise FactscopeError(f"{path}: not a readable CSV table ({type(err).__name__}: {_first_line(err)})") from None
     last = str(table.columns[-1]) if len(table.columns) else ""
     if last.endswith("\r"):  # written with "\r\n" line ends (Windows): strip them from the last column

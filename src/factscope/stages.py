@@ -104,6 +104,9 @@ def analyze(
 ) -> rundir.Run:
     """Exact DLA by component and source group, the logit lens, head classes and mechanism shares (and, with
     `swap`, the subject swap). `k` and `z` are the head-class rule's dominance ratio and significance."""
+    import pandas as pd
+
+    from .data import relation_targets, targets_table
     from .decompose import decompose_to_dir
     from .mechanisms import ClassRule, summarize
 
@@ -119,6 +122,8 @@ def analyze(
             with reporter.progress("analyze", len(encoded)) as advance:
                 summary = {"model": loaded.name, "weights_sha256": loaded.weights_sha256, "dataset": str(dataset_path)}
                 summary.update(decompose_to_dir(run, loaded, encoded, batch_size, advance, known_only=not all_prompts))
+            # R_r over every prompt of the dataset, known or not: the one every later stage of this run uses
+            rundir.write_table(pd.DataFrame(targets_table(relation_targets(encoded))), run.staging, "relation_targets")
             if summary["n_analysed"] == 0:
                 raise FactscopeError("no prompt is a known fact for this model; rerun with --all-prompts")
             summary.update(summarize(run.staging, rule))
@@ -166,7 +171,8 @@ def ablate(
     with rundir.locked(run_dir):
         trace = rundir.read_table(run_dir, "causal_trace")
         model, known, heads = _causal_inputs(run_dir, "ablate", overwrite, device, threads, limit, reporter)
-        tables, summary = causal.ablate_checks(model, known, heads, **options, trace=trace, progress=reporter.progress)
+        tables, summary = causal.ablate_checks(model, known, heads, **options, trace=trace, targets=_run_targets(run_dir, reporter),
+                                               progress=reporter.progress)
         return _write_causal(run_dir, tables, summary, report, reporter)
 
 
@@ -349,6 +355,18 @@ def _causal_inputs(run_dir: str | Path, command: str, overwrite: bool, device: s
     if not known:
         raise FactscopeError(f"{manifest['model']} knows none of the facts in {dataset}: nothing to check causally")
     return model, known, heads
+
+
+def _run_targets(run_dir: Path, reporter: Reporter) -> dict[str, dict[int, str]] | None:
+    """The run's own R_r (relation_targets.csv, written by `analyze`); None for a run from before it was kept."""
+    from .data import targets_from_rows
+
+    table = rundir.read_table(run_dir, "relation_targets")
+    if table is None:
+        reporter.warn(f"warning: {run_dir} has no {rundir.TABLES['relation_targets']} (an older run): R_r is taken "
+                      "from the checked prompts, so a − mean(R∖a) may differ from the analysis's")
+        return None
+    return targets_from_rows(table[["relation", "target_token", "attribute"]].itertuples(index=False, name=None))
 
 
 def _run_json(path: Path) -> dict:

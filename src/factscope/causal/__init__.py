@@ -62,14 +62,17 @@ def ablate_checks(
     seeds: Sequence[int] = SEEDS,
     progress: ProgressBars = None,
     trace: pd.DataFrame | None = None,
+    targets: dict[str, dict[int, str]] | None = None,
 ) -> tuple[dict[str, pd.DataFrame], dict]:
     """The `ablate` command's checks on the known facts, for the head classes of `heads` (columns layer, head,
     class): tables by rundir.TABLES name, and the entries of summary.json["causal"]. `trace` is the run's
-    causal_trace table, if it has one: the enrichment summary then names the MLP tracing peak."""
+    causal_trace table, if it has one: the enrichment summary then names the MLP tracing peak. `targets` is the
+    run's R_r (relation → target token → attribute; by default, from `known`): pass the analysis's own, so that
+    a − mean(R∖a) means the same here as there whatever `known` was cut to."""
     options = {
         "window": window, "head_sets": knockout.class_head_sets(heads),
         "mechanisms": taxonomy_paths(heads, model.cfg.n_layers), "mode": mode,
-        "noise_scales": noise_scales, "seeds": seeds,
+        "noise_scales": noise_scales, "seeds": seeds, "targets": targets,
     }
     tables = _run("ablate", model, known, options, progress)
     earlier = {"causal_trace": trace} if trace is not None else {}

@@ -136,15 +136,16 @@ def robustness_summary(grid: pd.DataFrame) -> dict:
     }
 
 
-def _run(model: LoadedModel, known: list[Encoded], *, mechanisms: dict, mode: str, progress: Progress) -> dict[str, pd.DataFrame]:
-    return {"ablations": ablation_grid(model, known, mechanisms, mode, progress=progress)}
+def _run(model: LoadedModel, known: list[Encoded], *, mechanisms: dict, mode: str, targets: dict | None,
+         progress: Progress) -> dict[str, pd.DataFrame]:
+    return {"ablations": ablation_grid(model, known, mechanisms, mode, targets, progress=progress)}
 
 
-def _passes(n_layers: int, *, mechanisms: dict, mode: str) -> int:
+def _passes(n_layers: int, *, mechanisms: dict, mode: str, targets: dict | None) -> int:
     return ablation_passes(len(mechanisms), mode)
 
 
 CHECK = CausalCheck(
-    "ablations", "ablate", ("ablations",), ("mechanisms", "mode"), _passes, _run,
+    "ablations", "ablate", ("ablations",), ("mechanisms", "mode", "targets"), _passes, _run,
     lambda tables: robustness_summary(tables["ablations"]),
 )

@@ -87,8 +87,8 @@ def enrichment_summary(enrichment: pd.DataFrame, trace: pd.DataFrame | None = No
 
 
 CHECK = CausalCheck(
-    "enrichment", "ablate", ("enrichment",), (), lambda n_layers: 1,
-    lambda model, known, progress: {"enrichment": subject_enrichment(model, known, progress=progress)},
+    "enrichment", "ablate", ("enrichment",), ("targets",), lambda n_layers, targets: 1,
+    lambda model, known, progress, targets: {"enrichment": subject_enrichment(model, known, targets, progress=progress)},
     # the causal-tracing peak joins it when the run has been traced
     lambda tables: enrichment_summary(tables["enrichment"], tables.get("causal_trace")),
 )
