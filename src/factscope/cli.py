@@ -19,7 +19,7 @@ from rich.table import Table
 
 from . import stages
 from .errors import FactscopeError
-from .models import DEFAULT_MODEL
+from .taxonomy import DEFAULT_MODEL
 from .stages import Reporter
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="How a language model recalls a fact.")
@@ -62,6 +62,16 @@ class RichReporter(Reporter):
 
 
 REPORTER = RichReporter()
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="torch CPU threads (default: torch's own choice).")]
+
+
+class Dtype(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+DtypeOpt = Annotated[Dtype, typer.Option("--dtype", help="The dtype the model runs in; the parts are summed in fp32.")]
 
 
 @app.command()
@@ -73,12 +83,14 @@ def recall(
     device: DeviceOpt = "cpu",
     batch_size: BatchOpt = 32,
     bos: BosOpt = None,
+    dtype: DtypeOpt = Dtype.float32,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Which facts does the model know? Writes DIR/recall.csv and DIR/summary.json."""
     from .recall import accuracy_table
 
     run = stages.recall(model, dataset, out, overwrite=overwrite, device=device, batch_size=batch_size, bos=bos,
-                        reporter=REPORTER)
+                        dtype=dtype.value, threads=threads, reporter=REPORTER)
     _print_accuracy(accuracy_table(run.recall), _model_title(run))
     console.print(f"wrote {out}/recall.csv")
 
@@ -97,12 +109,15 @@ def analyze(
     z: Annotated[float, typer.Option("--z", min=0.0, help="Significance: robust z-score against all heads.")] = 3.0,
     swap: Annotated[bool, typer.Option("--swap", help="Also rerun with subjects swapped (relation heads should not move).")] = False,
     resume: ResumeOpt = False,
+    dtype: DtypeOpt = Dtype.float32,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Exact DLA by component and source group, the logit lens, head classes and mechanism shares."""
     from .recall import accuracy_table
 
     run = stages.analyze(model, dataset, out, overwrite=overwrite, device=device, batch_size=batch_size, bos=bos,
-                         all_prompts=all_prompts, k=k, z=z, swap=swap, resume=resume, reporter=REPORTER)
+                         all_prompts=all_prompts, k=k, z=z, swap=swap, resume=resume, dtype=dtype.value, threads=threads,
+                         reporter=REPORTER)
     summary = run.summary
     _print_accuracy(accuracy_table(run.recall), _model_title(run))
     _print_mechanisms(summary)
@@ -115,7 +130,6 @@ def analyze(
 
 
 RunArg = Annotated[Path, typer.Argument(help="A finished `factscope analyze` output directory.", exists=True, file_okay=False)]
-ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="torch CPU threads (default: torch's own choice).")]
 SeedsOpt = Annotated[Optional[str], typer.Option("--seeds", help="Comma-separated random seeds (default: the check's own, 0,1,2).")]
 LimitOpt = Annotated[Optional[int], typer.Option("--limit", min=1, help="At most N known facts, taken in turn from each relation.")]
 CausalOverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace causal tables this command wrote before.")]

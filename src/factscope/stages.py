@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import rundir
 from .errors import FactscopeError
-from .models import DEFAULT_MODEL
+from .taxonomy import DEFAULT_MODEL
 
 Advance = Callable[[int], None]
 
@@ -51,6 +51,8 @@ def recall(
     device: str = "cpu",
     batch_size: int = 32,
     bos: bool | None = None,
+    dtype: str = "float32",
+    threads: int | None = None,
     reporter: Reporter = QUIET,
 ) -> rundir.Run:
     """Which facts does the model know? Writes OUT/recall.csv and OUT/summary.json."""
@@ -59,14 +61,14 @@ def recall(
     out = Path(out)
     with rundir.locked(out):
         _refuse_existing(out, overwrite)
-        loaded, encoded, dataset_path = _prepare(model, dataset, device, bos, reporter)
+        loaded, encoded, dataset_path = _prepare(model, dataset, device, bos, reporter, dtype=dtype, threads=threads)
         with reporter.progress("recall", len(encoded)) as advance:
             table = recall_table(loaded, encoded, batch_size=batch_size, progress=advance)
         table.insert(0, "model", loaded.name)
         table["prepend_bos"] = loaded.prepend_bos
         accuracy = accuracy_table(table)
         config = {"command": "recall", "batch_size": batch_size, "prepend_bos": loaded.prepend_bos,
-                  "device": _used_device(loaded, device)}
+                  "device": _used_device(loaded, device), "dtype": dtype}
         manifest = rundir.manifest(loaded.name, loaded.weights_sha256, dataset_path, config)
         with rundir.output_dir(out, overwrite, manifest=manifest) as run:
             rundir.write_table(table, run.staging, "recall")
@@ -100,6 +102,8 @@ def analyze(
     swap: bool = False,
     resume: bool = False,
     report: bool = True,
+    dtype: str = "float32",
+    threads: int | None = None,
     reporter: Reporter = QUIET,
 ) -> rundir.Run:
     """Exact DLA by component and source group, the logit lens, head classes and mechanism shares (and, with
@@ -114,9 +118,10 @@ def analyze(
     with rundir.locked(out):
         _refuse_existing(out, overwrite, resume)
         rule = ClassRule(k=k, z=z)  # invalid k or z is refused before the model loads
-        loaded, encoded, dataset_path = _prepare(model, dataset, device, bos, reporter)
+        loaded, encoded, dataset_path = _prepare(model, dataset, device, bos, reporter, dtype=dtype, threads=threads)
         config = {"command": "analyze", "batch_size": batch_size, "known_only": not all_prompts, "k": k, "z": z,
-                  "swap": swap, "prepend_bos": loaded.prepend_bos, "device": _used_device(loaded, device)}
+                  "swap": swap, "prepend_bos": loaded.prepend_bos, "device": _used_device(loaded, device),
+                  "dtype": dtype}
         manifest = rundir.manifest(loaded.name, loaded.weights_sha256, dataset_path, config)
         with rundir.output_dir(out, overwrite, resume, manifest) as run:
             with reporter.progress("analyze", len(encoded)) as advance:
@@ -241,7 +246,8 @@ def import_facts(source: str | Path, format: str, out: str | Path = "facts.jsonl
 # Shared steps
 
 
-def _prepare(model_name: str, dataset: str | Path | None, device: str, bos: bool | None, reporter: Reporter, seed: int = 0):
+def _prepare(model_name: str, dataset: str | Path | None, device: str, bos: bool | None, reporter: Reporter, seed: int = 0,
+             dtype: str = "float32", threads: int | None = None):
     """Validate the dataset before the (slow) model load, then tokenize it for that model.
 
     Seeds torch with `seed`, the value the command records in run.json (`rundir.manifest`).
@@ -254,8 +260,10 @@ def _prepare(model_name: str, dataset: str | Path | None, device: str, bos: bool
     dataset_path = Path(dataset) if dataset is not None else shipped_dataset()
     facts = load_facts(dataset_path)
     _check_device(device)
+    if threads:
+        torch.set_num_threads(threads)
     with reporter.status(f"loading {model_name}"):
-        model = load_model(model_name, device=device, prepend_bos=bos)
+        model = load_model(model_name, device=device, prepend_bos=bos, dtype=dtype)
     encoded = encode_all(facts, model.tokenizer, model.prepend_bos, max_tokens=model.max_tokens)
     single = single_target_relations(encoded)
     if single:
@@ -343,8 +351,9 @@ def _causal_inputs(run_dir: str | Path, command: str, overwrite: bool, device: s
     facts = load_facts(dataset)
     _check_device(device)
     prepend_bos = manifest.get("config", {}).get("prepend_bos")
+    dtype = manifest.get("config", {}).get("dtype", "float32")  # the dtype the analysis ran in
     with reporter.status(f"loading {manifest['model']}"):
-        model = load_model(manifest["model"], device=device, prepend_bos=prepend_bos)
+        model = load_model(manifest["model"], device=device, prepend_bos=prepend_bos, dtype=dtype)
     if model.weights_sha256 != manifest.get("weights_sha256"):
         raise FactscopeError(f"{run_dir / rundir.MANIFEST}: the weights of {manifest['model']} changed since the run")
     encoded = encode_all(facts, model.tokenizer, model.prepend_bos, max_tokens=model.max_tokens)
