@@ -1,8 +1,12 @@
 """Exact direct logit attribution at END, by component and, for attention heads, by source token group.
 
-The residual stream at END is a sum of parts (embeddings, every head's output, attention output biases,
+The residual stream at END is a sum of parts (embeddings, every head's output, attention output and value biases,
 MLP outputs). With the final norm's scale frozen at its clean value the map to a logit is linear, so
-each part's logit contribution is `centre(part) / scale · u_t` and the parts add up to the model's logit.
+each part's logit contribution is `centre(part) / scale · (gain ⊙ u_t)` and the parts, with the constant
+`bias · u_t + b_U[t]` (the final norm's bias and the unembedding's), add up to the model's logit. The norm's gain is
+applied to the few target columns of W_U only; the model's weights are never folded or copied. Parts accumulate in
+fp32 whatever the model's dtype; the reference they must add up to is the model's own final residual at END through
+that same map in fp32, so the check holds at every dtype (`taxonomy.TOLERANCES`).
 A head's output at END is `Σ_k pattern[h, END, k] · v_k W_O[h]`, so it splits further over source
 positions k, which we sum within each token group (bos / prefix / subject / relation).
 
@@ -24,13 +28,13 @@ from jaxtyping import Float, Int
 from .data import Encoded, relation_targets, token_table
 from .errors import FactscopeError
 from .forward import (
-    act_name, check_supported, frozen_post_norm, group_onehot, has_attn_post_norm, head_group_z, heads_to_resid,
-    lens_normalise, pad_batch, pad_id, post_norm_gain, target_ids,
+    act_name, attn_bias, check_supported, frozen_post_norm, group_onehot, head_group_z, head_values, heads_to_resid,
+    lens_normalise, pad_batch, pad_id, target_ids, value_bias_per_head,
 )
 from .models import LoadedModel
 from .rundir import RunDir, write_csv, write_parquet
 from .recall import chunks, recall_rows
-from .taxonomy import GROUPS, TOLERANCE
+from .taxonomy import GROUPS, TOLERANCES
 
 ATTRIBUTION_COLUMNS = {
     "prompt_id": "str", "relation": "str", "target": "str", "is_correct_target": "bool", "component": "str",
@@ -47,6 +51,7 @@ class Decomposition:
     recall: pd.DataFrame
     max_abs_reconstruction_error: float
     max_abs_head_error: float
+    max_abs_model_logit_error: float
 
 
 @dataclass
@@ -56,6 +61,7 @@ class BatchResult:
     recall: pd.DataFrame
     reconstruction_error: float
     head_error: float
+    model_logit_error: float  # the fp32 reference against the logits the model computed in its own dtype
     prompt_ids: list[str] = field(default_factory=list)
 
 
@@ -74,6 +80,7 @@ def decompose(
         recall=pd.concat([r.recall for r in results], ignore_index=True),
         max_abs_reconstruction_error=max(r.reconstruction_error for r in results),
         max_abs_head_error=max(r.head_error for r in results),
+        max_abs_model_logit_error=max(r.model_logit_error for r in results),
     )
 
 
@@ -94,7 +101,9 @@ def decompose_to_dir(
         progress(sum(len(batch) for index, batch in enumerate(chunks(encoded, batch_size)) if index in done))
     for index, result in iter_decompose(model, encoded, batch_size, progress, known_only, skip=set(done)):
         tables = {"attributions": result.attributions, "logit_lens": result.logit_lens, "recall": result.recall}
-        run.write_batch(index, tables, {"reconstruction_error": result.reconstruction_error, "head_error": result.head_error})
+        errors = {"reconstruction_error": result.reconstruction_error, "head_error": result.head_error,
+                  "model_logit_error": result.model_logit_error}
+        run.write_batch(index, tables, errors)
     run.merge("attributions")
     run.merge("logit_lens")
     recall = run.read_parts("recall")
@@ -109,7 +118,9 @@ def decompose_to_dir(
         "accuracy": float(recall["correct"].mean()),
         "max_abs_reconstruction_error": max(meta["reconstruction_error"] for meta in errors),
         "max_abs_head_error": max(meta["head_error"] for meta in errors),
-        "tolerance": TOLERANCE,
+        "max_abs_model_logit_error": max(meta.get("model_logit_error", float("nan")) for meta in errors),
+        "dtype": model.dtype,
+        "tolerance": TOLERANCES[model.dtype],
     }
 
 
@@ -123,16 +134,17 @@ def iter_decompose(
 ) -> Iterator[tuple[int, BatchResult]]:
     """One batched forward pass per batch of prompts; yields (batch index, tables) so callers can stream them."""
     check_supported(model)
+    tolerance = TOLERANCES[model.dtype]
     targets = relation_targets(encoded)
     for index, batch in enumerate(chunks(encoded, batch_size)):
         if index in skip:
             continue
         result = decompose_batch(model, batch, targets, known_only)
-        if result.reconstruction_error > TOLERANCE or result.head_error > TOLERANCE:
+        if result.reconstruction_error > tolerance or result.head_error > tolerance:
             raise FactscopeError(
                 f"decomposition is not exact on prompts {result.prompt_ids[0]}…{result.prompt_ids[-1]}: "
                 f"reconstruction error {result.reconstruction_error:.2e}, head error {result.head_error:.2e} "
-                f"(tolerance {TOLERANCE}); this architecture needs a term factscope does not model"
+                f"(tolerance {tolerance} in {model.dtype}); this architecture needs a term factscope does not model"
             )
         if progress:
             progress(len(batch))
@@ -145,7 +157,7 @@ def hook_names(model: LoadedModel) -> list[str]:
         names.append(act_name("pos_embed"))
     for layer in range(model.cfg.n_layers):
         names += [act_name(kind, layer) for kind in ("v", "pattern", "z", "mlp_out", "resid_post")]
-        if has_attn_post_norm(model):
+        if model.has_attn_post_norm:
             names.append(act_name("post_norm_scale", layer))
     return names
 
@@ -164,11 +176,14 @@ def decompose_batch(model: LoadedModel, batch: list[Encoded], targets: dict[str,
             logits_to_keep=ends[:, None],
         )
         logits_end = logits[:, 0].float()  # [batch, vocab]
-        # with device_map="auto" each layer's activations stay on the GPU that ran it; the einsums need one device
-        cache = {name: activation.to(device) for name, activation in cache.items()}
+        # with device_map="auto" each layer's activations stay on the GPU that ran it; the einsums need one device,
+        # and the parts accumulate in fp32 whatever the model's dtype
+        cache = {name: activation.to(device).float() for name, activation in cache.items()}
         scale = cache[act_name("final_scale")][rows, ends]  # [batch, 1]
-        unembed = einops.rearrange(model.W_U[:, target_tokens.to(device)], "d batch t -> batch d t")
-        to_logit = _LogitMap(unembed, scale, cfg.normalization_type in ("LN", "LNPre"))
+        gain, norm_bias = model.final_norm
+        columns = model.W_U[:, target_tokens.to(device)].float()  # [d_model, batch, target]: the targets' only
+        unembed = einops.rearrange(columns * gain[:, None, None], "d batch t -> batch d t")
+        to_logit = _LogitMap(unembed, scale, model.centres)
 
         embed = to_logit(cache[act_name("embed")][rows, ends])
         pos_embed = to_logit(cache[act_name("pos_embed")][rows, ends]) if act_name("pos_embed") in cache else None
@@ -182,14 +197,17 @@ def decompose_batch(model: LoadedModel, batch: list[Encoded], targets: dict[str,
             mlps.append(to_logit(cache[act_name("mlp_out", layer)][rows, ends]))
         heads_t = torch.stack(heads, dim=1)  # [batch, layer, head, group, target]
         biases_t, mlps_t = torch.stack(biases, dim=1), torch.stack(mlps, dim=1)  # [batch, layer, target]
-        unembed_bias = model.b_U[target_tokens.to(device)]  # [batch, target]
+        # [batch, target]: the final norm's bias and the unembedding's, the same for every input
+        unembed_bias = model.b_U[target_tokens.to(device)].float() + torch.einsum("d,dbt->bt", norm_bias, columns)
 
         total = embed + heads_t.sum((1, 2, 3)) + biases_t.sum(1) + mlps_t.sum(1) + unembed_bias
         if pos_embed is not None:
             total = total + pos_embed
+        reference = to_logit(cache[act_name("resid_post", cfg.n_layers - 1)][rows, ends]) + unembed_bias
         model_logits = logits_end.gather(1, target_tokens.to(device))
         valid = target_valid.to(device)
-        reconstruction_error = float(((total - model_logits).abs() * valid).max())
+        reconstruction_error = float(((total - reference).abs() * valid).max())
+        model_logit_error = float(((reference - model_logits).abs() * valid).max())
         head_error = float(((heads_t.sum(3) - torch.stack(head_check, dim=1)).abs() * valid[:, None, None]).max())
         recall = pd.DataFrame(recall_rows(model, batch, logits_end.cpu()))
         keep = recall["correct"].to_numpy() if known_only else np.ones(len(batch), dtype=bool)
@@ -211,6 +229,7 @@ def decompose_batch(model: LoadedModel, batch: list[Encoded], targets: dict[str,
         recall=recall,
         reconstruction_error=reconstruction_error,
         head_error=head_error,
+        model_logit_error=model_logit_error,
         prompt_ids=[item.fact.prompt_id for item in batch],
     )
 
@@ -240,17 +259,22 @@ def _head_dla(
     post_norm: Callable[[torch.Tensor], torch.Tensor],
 ) -> tuple[Float[torch.Tensor, "batch head group target"], Float[torch.Tensor, "batch head target"]]:
     """Per head and source group DLA, and per head DLA from hook_z (an independent path) for the exactness check."""
-    z_by_group = head_group_z(cache[act_name("pattern", layer)], cache[act_name("v", layer)], groups, rows, ends)
-    w_o = model.W_O[layer].to(z_by_group.device)  # [head, d_head, d_model]; stacked on the embedding's device
+    values = head_values(model, layer, cache[act_name("v", layer)])
+    z_by_group = head_group_z(cache[act_name("pattern", layer)], values, groups, rows, ends)
+    w_o = model.W_O(layer).float().to(z_by_group.device)  # [head, d_head, d_model]
     out_by_group = heads_to_resid(z_by_group, w_o)
-    out_whole = torch.einsum("bhd,hdm->bhm", cache[act_name("z", layer)][rows, ends], w_o)
+    z_whole = cache[act_name("z", layer)][rows, ends]
+    b_v = value_bias_per_head(model, layer)
+    if b_v is not None:
+        z_whole = z_whole - b_v.to(z_whole.device)
+    out_whole = torch.einsum("bhd,hdm->bhm", z_whole, w_o)
     return to_logit(post_norm(out_by_group)), to_logit(post_norm(out_whole))
 
 
 def _attn_bias_dla(
     model: LoadedModel, layer: int, n_prompts: int, to_logit: _LogitMap, post_norm: Callable[[torch.Tensor], torch.Tensor]
 ) -> Float[torch.Tensor, "batch target"]:
-    bias = model.bridge.blocks[layer].attn.b_O
+    bias = attn_bias(model, layer)
     if bias is None:
         return torch.zeros(n_prompts, to_logit.unembed.shape[-1], device=to_logit.unembed.device)
     return to_logit(post_norm(bias.to(to_logit.unembed.device).expand(n_prompts, -1)))
@@ -261,9 +285,9 @@ def _frozen_post_norm(
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """The attention post-norm (Gemma) with its clean scale at END (`forward.frozen_post_norm`); the identity
     where there is none."""
-    if not has_attn_post_norm(model):
+    if not model.has_attn_post_norm:
         return lambda vectors: vectors
-    return frozen_post_norm(post_norm_gain(model, layer), cache[act_name("post_norm_scale", layer)][rows, ends])
+    return frozen_post_norm(model.post_norm_gain(layer), cache[act_name("post_norm_scale", layer)][rows, ends])
 
 
 def _logit_lens(
@@ -309,13 +333,14 @@ def _lens_stats(
     and added to a running logsumexp while it is still in cache. Materialising them and making one pass per
     statistic cost more than the matrix product itself (it is the costliest step of the analysis).
     """
-    logit = (resid * w_u[:, answer].T).sum(-1) + b_u[answer]
+    logit = (resid * w_u[:, answer].T.float()).sum(-1) + b_u[answer].float()
     above = torch.zeros_like(answer)
     top_logit = torch.full_like(logit, -torch.inf)
     top = torch.zeros_like(answer)
     sum_exp = torch.zeros_like(logit)  # Σ exp(logit − top_logit) so far
     for start in range(0, w_u.shape[1], LENS_CHUNK):
-        chunk = torch.addmm(b_u[start : start + LENS_CHUNK], resid, w_u[:, start : start + LENS_CHUNK])
+        # upcast a chunk at a time: an fp32 copy of the whole unembedding would be the analysis's largest tensor
+        chunk = torch.addmm(b_u[start : start + LENS_CHUNK].float(), resid, w_u[:, start : start + LENS_CHUNK].float())
         higher = chunk > logit[:, None]
         # the answer's own entry comes from another summation order than `logit`: it must not count as above itself
         own = (answer - start).clamp(0, chunk.shape[1] - 1)

@@ -22,7 +22,7 @@ from .taxonomy import GROUPS
 
 Hook = tuple[str, Callable]
 
-# TransformerLens's hook vocabulary, which the bridge in compatibility mode gives every architecture
+# TransformerLens's hook vocabulary, which the bridge gives every architecture
 _ACT_NAMES = {
     "embed": "hook_embed",
     "pos_embed": "hook_pos_embed",
@@ -83,8 +83,8 @@ def end_logits(
     resid: Float[torch.Tensor, "batch pos d_model"] | None = None,
     start: int = 0,
 ) -> Float[torch.Tensor, "batch vocab"]:
-    """One forward pass → the logits at each prompt's END only (centred unembedding: softmax and ranks are
-    unchanged). The pass stops at the final norm, so vocabulary-sized logits are never built for other positions.
+    """One forward pass → the model's own logits at each prompt's END only, in fp32. The pass stops at the final
+    norm, so vocabulary-sized logits are never built for other positions.
 
     `hooks` are TransformerLens (name, function) pairs. With `resid` (and no `tokens`), the pass starts at block
     `start` from that residual stream; the blocks below it are taken out of the model for the call, because
@@ -105,7 +105,7 @@ def end_logits(
         else:
             with _without_blocks_below(bridge, start):
                 normed = bridge.run_with_hooks(resid, start_at_layer=start, attention_mask=mask, fwd_hooks=hooks)
-        return normed @ model.W_U + model.b_U
+        return (normed @ model.W_U + model.b_U).float()
 
 
 def prompt_end_logits(model: LoadedModel, token_lists: list[list[int]]) -> Float[torch.Tensor, "batch vocab"]:
@@ -236,35 +236,47 @@ def heads_to_resid(
     return torch.einsum("bhgd,hdm->bhgm", z, w_o)
 
 
-def has_attn_post_norm(model: LoadedModel) -> bool:
-    return hasattr(model.bridge.blocks[0], "ln1_post")
+def head_values(model: LoadedModel, layer: int, v: Float[torch.Tensor, "batch key kv_head d_head"]) -> Float[torch.Tensor, "batch key kv_head d_head"]:
+    """hook_v without the value bias, in fp32: the bias reaches END whatever a head attends to (its pattern sums to
+    1), so it is counted with the attention output bias (`attn_bias`), not with any source group."""
+    bias = model.b_V(layer)
+    return v.float() if bias is None else v.float() - bias.float().to(v.device)
 
 
-def post_norm_gain(model: LoadedModel, layer: int) -> Float[torch.Tensor, " d_model"]:
-    """The per-dimension gain of a layer's attention post-norm.
+def value_bias_per_head(model: LoadedModel, layer: int) -> Float[torch.Tensor, "head d_head"] | None:
+    """The value bias of the KV head each query head reads (GQA), in fp32."""
+    bias = model.b_V(layer)
+    return None if bias is None else bias.float().repeat_interleave(model.cfg.n_heads // bias.shape[0], dim=0)
 
-    Read by normalising a constant vector, whose RMS is the constant itself, so whatever parametrisation the
-    implementation uses (Gemma's `1 + w`) is taken as it is.
-    """
-    norm = model.bridge.blocks[layer].ln1_post
-    probe = torch.full((1, 1, model.cfg.d_model), 1e3, device=next(norm.parameters()).device)  # the layer's device
-    with torch.inference_mode():
-        return norm(probe).reshape(-1).to(model.device)
+
+def attn_bias(model: LoadedModel, layer: int) -> Float[torch.Tensor, " d_model"] | None:
+    """What a layer's attention writes regardless of its inputs, in fp32: b_O, plus every head's value bias through
+    its W_O; None for a bias-free layer."""
+    b_o, b_v = model.b_O(layer), value_bias_per_head(model, layer)
+    if b_o is None and b_v is None:
+        return None
+    total = torch.zeros(model.cfg.d_model, device=model.device) if b_o is None else b_o.float().to(model.device)
+    if b_v is not None:
+        total = total + torch.einsum("hd,hdm->m", b_v.to(model.device), model.W_O(layer).float().to(model.device))
+    return total
 
 
 def frozen_post_norm(
     gain: Float[torch.Tensor, " d_model"], scale: Float[torch.Tensor, "batch 1"]
 ) -> Callable[[Float[torch.Tensor, "batch *parts d_model"]], Float[torch.Tensor, "batch *parts d_model"]]:
     """The attention post-norm as a linear map, its scale frozen at each prompt's `scale` at END."""
+    scale = scale.float()
     return lambda vectors: vectors * gain / scale.reshape(-1, *([1] * (vectors.dim() - 1)))
 
 
 def lens_normalise(model: LoadedModel, resid: Float[torch.Tensor, "*rows d_model"]) -> Float[torch.Tensor, "*rows d_model"]:
-    """A residual-stream vector through the final norm with its OWN scale, not a frozen one (the norm's weight is
-    folded into W_U by compatibility mode): what the logit lens unembeds."""
-    if model.cfg.normalization_type in ("LN", "LNPre"):
+    """A residual-stream vector through the final norm with its OWN scale, not a frozen one, in fp32: what the
+    logit lens unembeds."""
+    resid = resid.float()
+    if model.centres:
         resid = resid - resid.mean(-1, keepdim=True)
-    return resid / (resid.pow(2).mean(-1, keepdim=True) + model.cfg.eps).sqrt()
+    gain, bias = model.final_norm
+    return resid / (resid.pow(2).mean(-1, keepdim=True) + model.cfg.eps).sqrt() * gain + bias
 
 
 def target_ids(

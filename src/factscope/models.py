@@ -1,8 +1,11 @@
 """Resolve a model name, fetch its weights offline-safely, cache them, and wrap them for hooks.
 
-Every analysis sees the model through TransformerLens's `TransformerBridge` in compatibility mode
-(norm weights folded, unembedding centred), so one hook vocabulary (`blocks.3.attn.hook_pattern`, ...; see
-`forward.act_name`) serves all architectures; `forward` runs the passes. Weights are only ever read from GGUF or safetensors; nothing is unpickled.
+Every analysis sees the model through TransformerLens's `TransformerBridge`, so one hook vocabulary
+(`blocks.3.attn.hook_pattern`, ...; see `forward.act_name`) serves all architectures; `forward` runs the passes.
+The weights are the Hugging Face model's own, never folded or copied: compatibility mode's folding needed 2.3-3.3x
+the model's memory (issue 17), and the decomposition only needs the final norm's gain on a few unembedding columns.
+`LoadedModel` is the one place that reads weights off the bridge. Weights are only ever read from GGUF or
+safetensors; nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import sys
 import tempfile
 import threading
 import zipfile
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -26,8 +29,9 @@ import torch
 from jaxtyping import Float
 
 from .errors import FactscopeError
+from .taxonomy import DEFAULT_MODEL
 
-DEFAULT_MODEL = "smollm2-135m"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CACHE_RECORD = "factscope.json"  # in each cache entry: the GGUF it came from, every file's size and sha256
 
 
@@ -80,11 +84,15 @@ def sha256_file(path: Path) -> str:
 
 @dataclass
 class LoadedModel:
+    """The model, its tokenizer, and every weight factscope reads, as views of the Hugging Face model's own tensors
+    (in its dtype; callers upcast the few they combine, so parts accumulate in fp32)."""
+
     name: str
     bridge: object  # transformer_lens.model_bridge.TransformerBridge
     tokenizer: object
     prepend_bos: bool
     weights_sha256: str
+    dtype: str = "float32"  # a key of DTYPES
 
     @property
     def cfg(self):
@@ -101,36 +109,88 @@ class LoadedModel:
         limits = (getattr(self.cfg, "n_ctx", None), getattr(hf_config, "max_position_embeddings", None))
         return min((int(limit) for limit in limits if limit), default=None)
 
-    # The bridge stacks W_O across layers on every access; analyses read it per layer and per batch.
-    @cached_property
-    def W_O(self) -> Float[torch.Tensor, "layer head d_head d_model"]:
-        return self.bridge.W_O
-
     @cached_property
     def W_U(self) -> Float[torch.Tensor, "d_model vocab"]:
-        return self.bridge.W_U
+        return self.bridge.W_U  # a transposed view of the output embedding
 
     @cached_property
     def b_U(self) -> Float[torch.Tensor, " vocab"]:
         b_u = getattr(self.bridge, "b_U", None)
-        return torch.zeros(self.W_U.shape[1], device=self.W_U.device) if b_u is None else b_u
+        return torch.zeros(self.W_U.shape[1], device=self.W_U.device, dtype=self.W_U.dtype) if b_u is None else b_u
+
+    def W_O(self, layer: int) -> Float[torch.Tensor, "head d_head d_model"]:
+        return self.bridge.blocks[layer].attn.W_O
+
+    def b_O(self, layer: int) -> Float[torch.Tensor, " d_model"] | None:
+        return self._bias(layer, "b_O")
+
+    def b_V(self, layer: int) -> Float[torch.Tensor, "kv_head d_head"] | None:
+        """The value bias, inside hook_v (compatibility mode used to fold it into b_O; the decomposition still
+        counts it with the attention bias, not with the source groups)."""
+        return self._bias(layer, "b_V")
+
+    def _bias(self, layer: int, name: str) -> torch.Tensor | None:
+        try:  # the bridge raises for a bias-free projection rather than returning None
+            return getattr(self.bridge.blocks[layer].attn, name)
+        except AttributeError:
+            return None
+
+    @property
+    def has_attn_post_norm(self) -> bool:
+        return hasattr(self.bridge.blocks[0], "ln1_post")
+
+    @cached_property
+    def centres(self) -> bool:
+        """LayerNorm (GPT-2, GPT-NeoX) subtracts the mean before scaling; RMSNorm does not."""
+        return self.cfg.normalization_type in ("LN", "LNPre")
+
+    @cached_property
+    def final_norm(self) -> tuple[Float[torch.Tensor, " d_model"], Float[torch.Tensor, " d_model"]]:
+        """The final norm's gain and bias in fp32: `ln_final(x) = centre(x) / scale · gain + bias`."""
+        return _norm_affine(self.bridge.ln_final, self.cfg.d_model, self.centres, self.device)
+
+    def post_norm_gain(self, layer: int) -> Float[torch.Tensor, " d_model"]:
+        """The gain of a layer's attention post-norm (Gemma), in fp32, on the unembedding's device."""
+        gain, _ = _norm_affine(self.bridge.blocks[layer].ln1_post, self.cfg.d_model, False, self.device)
+        return gain
 
 
-def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", prepend_bos: bool | None = None) -> LoadedModel:
+def _norm_affine(norm, d_model: int, centres: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A LayerNorm's weight and bias as they are; an RMSNorm's gain read by normalising a constant vector, whose RMS
+    is the constant itself, so whatever parametrisation the implementation uses (Gemma's `1 + w`) is taken as it is."""
+    module = getattr(norm, "original_component", norm)
+    if centres:
+        weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+        gain = torch.ones(d_model, device=device) if weight is None else weight.detach().float().to(device)
+        return gain, torch.zeros(d_model, device=device) if bias is None else bias.detach().float().to(device)
+    param = next(norm.parameters(), None)
+    probe = torch.full((1, 1, d_model), 1e3, device=param.device if param is not None else device,
+                       dtype=param.dtype if param is not None else torch.float32)
+    with torch.inference_mode():
+        gain = norm(probe).reshape(-1).float().to(device)
+    return gain, torch.zeros(d_model, device=device)
+
+
+def load_model(
+    name: str = DEFAULT_MODEL, device: str = "cpu", prepend_bos: bool | None = None, dtype: str = "float32"
+) -> LoadedModel:
     """Load a named model, a local HF directory, a local .gguf file, or a hub id already cached locally.
 
     `prepend_bos=None` follows the tokenizer's own convention (does `tokenizer("x")` start with BOS?):
     SmolLM2 does not prepend one, Gemma does. Whatever is chosen is recorded in every output.
 
     `device="auto"` lets accelerate place the layers (`device_map="auto"`): a model bigger than one GPU is split
-    over all of them, layer by layer. Every layer must land on a GPU (TransformerLens folds weights in place and
-    cannot fold CPU- or disk-offloaded ones); the decomposition gathers each layer's tensors onto the
-    unembedding's device.
+    over all of them, layer by layer. Every layer must land on a GPU; the decomposition gathers each layer's
+    tensors onto the unembedding's device.
+
+    `dtype` (a key of DTYPES) is the dtype the model runs in; a GGUF is dequantized to fp32 once, and cast on load.
     """
+    if dtype not in DTYPES:
+        raise FactscopeError(f"unknown dtype {dtype!r} (use {', '.join(DTYPES)})")
     _import_libraries_in_background()
     model_dir, weights_sha = _resolve(name)
     _await_library_imports()
-    hf_model, tokenizer = _load_hf(model_dir, name, device_map="auto" if device == "auto" else None)
+    hf_model, tokenizer = _load_hf(model_dir, name, device_map="auto" if device == "auto" else None, dtype=DTYPES[dtype])
     if device != "auto":
         hf_model.to(device)  # the bridge keeps a model handed to it where it is: on the CPU
     if prepend_bos is None:
@@ -139,8 +199,9 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", prepend_bos: bool
         raise FactscopeError(f"model {name!r}: its tokenizer has no BOS token to prepend")
     if device == "auto":
         _check_placement(hf_model, name)
-    bridge = _wrap(model_dir, hf_model, tokenizer, None if device == "auto" else device, weights_sha)
-    return LoadedModel(name=name, bridge=bridge, tokenizer=tokenizer, prepend_bos=prepend_bos, weights_sha256=weights_sha)
+    bridge = _wrap(model_dir, hf_model, tokenizer, None if device == "auto" else device)
+    return LoadedModel(name=name, bridge=bridge, tokenizer=tokenizer, prepend_bos=prepend_bos, weights_sha256=weights_sha,
+                       dtype=dtype)
 
 
 _importing: threading.Thread | None = None  # the background import of `load_model`, until it is awaited
@@ -388,7 +449,7 @@ def _load_hf_gguf(gguf_path: Path):
     return model.eval(), tokenizer
 
 
-def _load_hf(model_dir: Path, name: str, device_map: str | None = None):
+def _load_hf(model_dir: Path, name: str, device_map: str | None = None, dtype: torch.dtype = torch.float32):
     _await_library_imports()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -397,7 +458,7 @@ def _load_hf(model_dir: Path, name: str, device_map: str | None = None):
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, use_safetensors=True,
-                                                     dtype=torch.float32, **placement)
+                                                     dtype=dtype, **placement)
     except (OSError, ValueError, KeyError, RuntimeError, ImportError) as err:
         raise FactscopeError(f"model {name!r}: cannot load {model_dir} ({str(err).splitlines()[0]})") from None
     if not tokenizer.is_fast:
@@ -409,17 +470,17 @@ def _check_placement(hf_model, name: str) -> None:
     """After device_map="auto": refuse offloading, and drop a map that put everything on one device (no split)."""
     placed = {str(where) for where in (getattr(hf_model, "hf_device_map", None) or {}).values()}
     if len(placed) == 1:
-        # TransformerLens would take a single-device map for CPU offloading and refuse to fold; it is a plain model
+        # TransformerLens would take a single-device map for CPU offloading; it is a plain model
         del hf_model.hf_device_map
     elif placed & {"cpu", "disk"}:
         raise FactscopeError(
             f"model {name!r} does not fit on the GPUs (device_map put {sorted(placed & {'cpu', 'disk'})} layers "
-            "off them); factscope needs every layer on a GPU to fold its weights"
+            "off them); factscope needs every layer on a GPU"
         )
 
 
-def _wrap(model_dir: Path, hf_model, tokenizer, device: str | None, weights_sha: str):
-    """The bridge in compatibility mode; `device=None` keeps the placement device_map gave the model."""
+def _wrap(model_dir: Path, hf_model, tokenizer, device: str | None):
+    """The bridge over the model's own weights; `device=None` keeps the placement device_map gave the model."""
     from transformer_lens.model_bridge import TransformerBridge
 
     overrides = {}
@@ -428,77 +489,5 @@ def _wrap(model_dir: Path, hf_model, tokenizer, device: str | None, weights_sha:
     bridge = TransformerBridge.boot_transformers(
         str(model_dir), hf_model=hf_model, tokenizer=tokenizer, device=device, hf_config_overrides=overrides or None
     )
-    with _folded_weights_cache(f"{weights_sha}:{hf_model.config.to_json_string()}"):
-        bridge.enable_compatibility_mode()
     bridge.requires_grad_(False)  # analysis only: no autograd graph on any forward pass
     return bridge.eval()
-
-
-@contextmanager
-def _folded_weights_cache(model_key: str):
-    """While active, TransformerLens's weight folding is read from the factscope cache once it has been written.
-
-    Folding (fold_ln, centring, value biases into b_O) clones the whole state dict three times: about 1 s of a
-    3.5 s SmolLM2 load (measured), on every load. Its result depends only on the model (`model_key`: its weights'
-    hash and its configuration), the folding options and the library versions, so it is saved once as safetensors
-    and later memory-mapped instead of recomputed.
-    """
-    from transformer_lens.weight_processing import ProcessWeights
-
-    fold = ProcessWeights.process_weights
-
-    def cached_fold(state_dict: dict, cfg, **options) -> dict:
-        devices = {tensor.device for tensor in state_dict.values() if isinstance(tensor, torch.Tensor)}
-        if len(devices) != 1:  # layers split over GPUs: fold where they are, as TransformerLens does
-            return fold(state_dict, cfg, **options)
-        path = _folded_path(model_key, options)
-        folded = _read_folded(path, str(devices.pop()))
-        if folded is None:
-            folded = fold(state_dict, cfg, **options)
-            _save_folded(folded, path)
-        return folded
-
-    ProcessWeights.process_weights = staticmethod(cached_fold)
-    try:
-        yield
-    finally:
-        ProcessWeights.process_weights = staticmethod(fold)
-
-
-def _folded_path(model_key: str, options: dict) -> Path:
-    from importlib.metadata import version
-
-    settings = sorted((key, value) for key, value in options.items() if key != "adapter")  # the adapter is an object
-    key = f"{model_key}:{version('transformer-lens')}:{version('transformers')}:{settings}"
-    return cache_root() / "folded" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
-
-
-def _read_folded(path: Path, device: str) -> dict | None:
-    """The cached folded weights, memory-mapped; None if absent or unreadable (they are then folded and rewritten).
-
-    The file only ever appears whole (renamed into place), and a truncated or garbled one fails safetensors' header
-    check. Its bytes are not hashed like the model entry's: that would cost about as much as the folding it saves.
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        return None
-    try:
-        return load_file(path, device=device)
-    except (OSError, SafetensorError):
-        return None
-
-
-def _save_folded(folded: dict, path: Path) -> None:
-    """Write atomically (a concurrent load reads a whole file or none); a read-only cache only costs the speed-up."""
-    from safetensors.torch import save_file
-
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # safetensors stores neither views nor shared storage: every tensor gets its own contiguous copy
-        save_file({key: tensor.detach().cpu().contiguous().clone() for key, tensor in folded.items()}, partial)
-        partial.replace(path)
-    except OSError:
-        partial.unlink(missing_ok=True)

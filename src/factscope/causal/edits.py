@@ -15,7 +15,7 @@ import torch
 from jaxtyping import Float, Int
 
 from ..forward import (
-    Batch, Hook, act_name, capture, frozen_post_norm, has_attn_post_norm, head_group_z, heads_to_resid, post_norm_gain,
+    Batch, Hook, act_name, capture, frozen_post_norm, head_group_z, head_values, heads_to_resid,
 )
 from ..models import LoadedModel
 from .sites import PathSet
@@ -112,7 +112,7 @@ def edit_hooks(model: LoadedModel, batch: Batch, paths: PathSet, editor: Editor)
     for layer in paths.head_layers():
         store: dict = {}
         hooks += [capture(store, act_name("pattern", layer)), capture(store, act_name("v", layer))]
-        if has_attn_post_norm(model):
+        if model.has_attn_post_norm:
             hooks.append(capture(store, act_name("post_norm_scale", layer), at_end=ends))
         hooks.append((act_name("attn_out", layer), _head_edit(model, batch, layer, paths.heads[layer], store, editor)))
     vectors = [act_name("mlp_out", layer) for layer in paths.mlps]
@@ -125,14 +125,15 @@ def edit_hooks(model: LoadedModel, batch: Batch, paths: PathSet, editor: Editor)
 
 def _head_edit(model: LoadedModel, batch: Batch, layer: int, weights: Float[torch.Tensor, "head group"], store: dict, editor: Editor):
     rows, ends = batch.rows, batch.ends
-    w_o = model.bridge.W_O[layer]  # [head, d_head, d_model]
-    gain = post_norm_gain(model, layer) if has_attn_post_norm(model) else None
+    w_o = model.W_O(layer).float()  # [head, d_head, d_model]
+    gain = model.post_norm_gain(layer) if model.has_attn_post_norm else None
     w_o_norm = (w_o if gain is None else w_o * gain).flatten(1).norm(dim=-1)  # [head]
 
     def hook(out: Float[torch.Tensor, "batch pos d_model"], hook):
-        z_paths = head_group_z(store[act_name("pattern", layer)], store[act_name("v", layer)], batch.onehot, rows, ends, groups_first=True)
+        values = head_values(model, layer, store[act_name("v", layer)])
+        z_paths = head_group_z(store[act_name("pattern", layer)].float(), values, batch.onehot, rows, ends, groups_first=True)
         # the attention post-norm (Gemma), where there is one, as a linear map with this pass's scale at END
-        scale = store[act_name("post_norm_scale", layer)] if gain is not None else None  # [batch, 1]
+        scale = store[act_name("post_norm_scale", layer)].float() if gain is not None else None  # [batch, 1]
         post_norm = frozen_post_norm(gain, scale) if gain is not None else None
 
         def to_resid(z: Float[torch.Tensor, "batch head group d_head"]) -> Float[torch.Tensor, "batch head group d_model"]:
@@ -141,8 +142,8 @@ def _head_edit(model: LoadedModel, batch: Batch, layer: int, weights: Float[torc
 
         norm = w_o_norm.expand(len(rows), -1) if gain is None else w_o_norm / scale
         head_map = HeadMap(to_resid, norm, w_o.shape[1])
-        out = out.clone()
-        out[rows, ends] = editor.head(layer, out[rows, ends], to_resid(z_paths), weights, head_map)
+        out = out.clone()  # edited in fp32, written back in the model's dtype
+        out[rows, ends] = editor.head(layer, out[rows, ends].float(), to_resid(z_paths), weights, head_map).to(out.dtype)
         return out
 
     return hook
@@ -151,7 +152,7 @@ def _head_edit(model: LoadedModel, batch: Batch, layer: int, weights: Float[torc
 def _vector_edit(rows: Int[torch.Tensor, " batch"], ends: Int[torch.Tensor, " batch"], key: str, editor: Editor):
     def hook(x: Float[torch.Tensor, "batch pos d_model"], hook):
         x = x.clone()
-        x[rows, ends] = editor.vector(key, x[rows, ends])
+        x[rows, ends] = editor.vector(key, x[rows, ends].float()).to(x.dtype)
         return x
 
     return hook

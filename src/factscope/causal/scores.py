@@ -44,8 +44,9 @@ def scores(
 
 
 def logit_lens(model: LoadedModel, vectors: Float[torch.Tensor, "batch d_model"]) -> Float[torch.Tensor, "batch vocab"]:
-    """Residual-stream vectors through the final norm with their own scale (`forward.lens_normalise`), unembedded."""
-    return lens_normalise(model, vectors) @ model.W_U + model.b_U
+    """Residual-stream vectors through the final norm with their own scale (`forward.lens_normalise`), unembedded
+    in the model's dtype (a vocabulary-sized fp32 copy of W_U would be the largest tensor of the analysis)."""
+    return (lens_normalise(model, vectors).to(model.W_U.dtype) @ model.W_U + model.b_U).float()
 
 
 def other_targets(batch: Batch, targets: dict[str, dict[int, str]]) -> tuple[Int[torch.Tensor, "batch n"], Float[torch.Tensor, "batch n"]]:
