@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from factscope.data import (
     FIELDS,
     GROUPS,
+    STRIPPED,
     Fact,
     attribute_tokens,
     encode,
@@ -163,7 +164,7 @@ def test_round_trip(tmp_path, rows, as_csv):
         path = write_jsonl(tmp_path / "rt.jsonl", [{k: v for k, v in r.items() if v is not None} for r in records])
     facts = load_facts(path)
     assert [{name: getattr(f, name) for name in FIELDS} for f in facts] == [
-        {name: r[name] for name in FIELDS} for r in records
+        {name: r[name].strip() if name in STRIPPED else r[name] for name in FIELDS} for r in records
     ]
     assert [f.prompt_id for f in facts] == [str(i) if r["id"] is None else r["id"] for i, r in enumerate(records)]
 
