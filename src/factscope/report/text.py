@@ -73,6 +73,18 @@ def pooled_shares(run: Run, metric: str = "logit_diff") -> pd.DataFrame:
     return table[(table["relation"] == "all") & (table["metric"] == metric)].set_index("mechanism")
 
 
+def share_interval(run: Run, mechanism: str, metric: str = "logit_diff") -> tuple[float | None, float | None]:
+    """The bootstrap interval of a pooled share (mechanisms.csv share_low/high); (None, None) for runs without one."""
+    shares = pooled_shares(run, metric)
+    if "share_low" not in shares or mechanism not in shares.index:
+        return None, None
+    return float(shares.loc[mechanism, "share_low"]), float(shares.loc[mechanism, "share_high"])
+
+
+def interval_text(low: float | None, high: float | None) -> str:
+    return f" [95% CI {pct(low)} to {pct(high)}]" if low is not None else ""
+
+
 def attention_share(shares: pd.DataFrame) -> float:
     heads = [*HEAD_MECHANISM.values(), "other_heads"]
     return float(shares.reindex(heads)["share"].fillna(0).sum())
@@ -440,10 +452,14 @@ def departures(run: Run) -> list[Verdict]:
     claim = "No single mechanism dominates."
     if interference:
         dominant = interference.get("dominant", [])
-        largest = interference["largest_share"]
-        verdicts.append(Verdict("dominance", claim, "departs" if dominant else "agrees", (
+        largest, threshold = interference["largest_share"], interference["dominance_threshold"]
+        low, high = share_interval(run, largest["mechanism"])
+        status = "departs" if dominant else "agrees"
+        if low is not None and low <= threshold <= high:  # the interval straddles the line: noise could decide it
+            status = "inconclusive"
+        verdicts.append(Verdict("dominance", claim, status, (
             f"Largest pooled share: {MECHANISM_LABELS.get(largest['mechanism'], largest['mechanism'])} "
-            f"{pct(largest['share'])} (threshold {pct(interference['dominance_threshold'])}); on "
+            f"{pct(largest['share'])}{interval_text(low, high)} (threshold {pct(threshold)}); on "
             f"{pct(interference['prompts_dominated'])} of prompts one mechanism alone exceeds it."
         )))
 
@@ -454,10 +470,15 @@ def departures(run: Run) -> list[Verdict]:
         negative = shares[shares["mean_value"] < 0]
         if len(negative):
             parts = ", ".join(
-                f"{MECHANISM_LABELS.get(m, m)} {row['mean_value']:+.2f} logits ({pct(row['share'])}, negative on "
-                f"{pct(row['negative_fraction'])} of prompts)" for m, row in negative.iterrows()
+                f"{MECHANISM_LABELS.get(m, m)} {row['mean_value']:+.2f} logits ({pct(row['share'])}"
+                f"{interval_text(*share_interval(run, m))}, negative on {pct(row['negative_fraction'])} of prompts)"
+                for m, row in negative.iterrows()
             )
-            verdicts.append(Verdict("destructive", claim, "departs", f"Destructive on average: {parts}."))
+            # a departure only where some negative share's interval stays below zero (or a run has no intervals)
+            highs = [share_interval(run, m)[1] for m in negative.index]
+            certain = any(high is None or high < 0 for high in highs)
+            verdicts.append(Verdict("destructive", claim, "departs" if certain else "inconclusive",
+                                    f"Destructive on average: {parts}."))
         else:
             verdicts.append(Verdict("destructive", claim, "agrees", "Every mechanism's mean contribution is positive or zero."))
 
