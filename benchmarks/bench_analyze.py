@@ -97,7 +97,6 @@ def load_seconds(name: str, device: str, threads: int | None, preimport: bool, r
 
     `preimport=False`: the process's first load, which imports transformers and TransformerLens (about 2 s) while
     it checks the cache entry's sha256. `preimport=True`: those libraries imported beforehand, the load itself.
-    The first load after an install also folds the weights and writes the folded-weights cache; later ones read it.
     """
     code = LOAD.format(
         name=name,
@@ -129,10 +128,11 @@ def tl_loop(model, encoded) -> None:
     """What a user writes without factscope: cache everything per prompt, then split each head by source."""
     bridge, device = model.bridge, model.device
     w_o = bridge.W_O.to(device)  # the bridge stacks it on every access: once, as a careful user would
+    gain = model.final_norm[0]
     with torch.inference_mode():
         for item in encoded:
             _, cache = bridge.run_with_cache(torch.tensor([item.token_ids], device=device))
-            u = bridge.W_U[:, item.attribute_token] / cache[act_name("final_scale")][0, -1].to(device)
+            u = bridge.W_U[:, item.attribute_token] * gain / cache[act_name("final_scale")][0, -1].to(device)
             groups = torch.nn.functional.one_hot(
                 torch.tensor([GROUPS.index(g) for g in item.groups], device=device), len(GROUPS)
             ).float()
@@ -158,7 +158,7 @@ import torch
 from factscope.models import load_model
 model = load_model({name!r})
 with torch.inference_mode():
-    model.bridge(torch.tensor([[1, 2, 3]]))  # the folded weights are memory-mapped: one forward pages them in
+    model.bridge(torch.tensor([[1, 2, 3]]))  # the weights are memory-mapped: one forward pages them in
 print(psutil.Process().memory_info().rss)
 """
 
@@ -203,7 +203,7 @@ def main() -> None:
     load = load_seconds(args.model, args.device, args.threads, preimport=True)
     model = load_model(args.model, device=args.device)
     encoded = prompts(model, args.prompts)
-    with torch.inference_mode():  # the folded weights are memory-mapped: one forward pages them in before the baseline
+    with torch.inference_mode():  # the weights are memory-mapped: one forward pages them in before the baseline
         model.bridge(torch.tensor([encoded[0].token_ids], device=model.device))
     with PeakRSS() as memory:
         streamed(model, encoded, args.batch_size)  # also the warm-up: first-call allocations and lazy imports

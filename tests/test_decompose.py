@@ -224,3 +224,31 @@ def test_real_default_model_is_exact_and_matches_transformer_lens():
             .groupby(["layer", "head"])["value"].sum().unstack().to_numpy()
         )
         assert torch.allclose(torch.tensor(ours), tl.float(), atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_half_precision_parts_add_up_within_the_dtypes_tolerance(family, dtype, model_dirs):
+    """The model runs in bf16/fp16, the parts are summed in fp32, and they must add up to the model's own final
+    residual; its half-precision logits differ from that fp32 reference by rounding only."""
+    from factscope.taxonomy import TOLERANCES
+
+    model = load_model(str(model_dirs[family]), prepend_bos=True, dtype=dtype)
+    assert model.W_U.dtype == getattr(torch, dtype)
+    run = decompose(model, encode_all(FACTS, model.tokenizer, True), known_only=False)
+    assert run.attributions["value"].notna().all()
+    assert run.max_abs_reconstruction_error < TOLERANCES[dtype]
+    assert run.max_abs_head_error < TOLERANCES[dtype]
+    assert run.max_abs_model_logit_error < TOLERANCES[dtype]
+
+
+def test_dtype_and_threads_reach_the_run(tiny_llama_dir, tmp_path):
+    import json
+
+    from factscope import stages
+
+    run = tmp_path / "run"
+    stages.analyze(str(tiny_llama_dir), out=run, dtype="bfloat16", threads=1, all_prompts=True, report=False)
+    assert json.loads((run / "run.json").read_text())["config"]["dtype"] == "bfloat16"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["dtype"] == "bfloat16" and summary["max_abs_reconstruction_error"] < summary["tolerance"]
