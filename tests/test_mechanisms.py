@@ -285,6 +285,9 @@ def test_classifier_finds_exactly_the_handbuilt_heads(handbuilt_run):
     # the subject head is specific, the relation head broad
     assert heads.loc["L0H0", "subject_specificity"] > 3 * heads.loc["L0H0", "subject_breadth"] > 0
     assert abs(heads.loc["L0H1", "relation_specificity"]) < 1e-3 < heads.loc["L0H1", "relation_breadth"]
+    # broad in absolute terms: the relation head writes the other attributes of R_r as much as a
+    assert heads.loc["L0H1", "relation_to_others"] == pytest.approx(heads.loc["L0H1", "relation_to_a"], abs=1e-3)
+    assert heads.loc["L0H0", "subject_to_a"] > 3 * abs(heads.loc["L0H0", "subject_to_others"])
     json.dumps(summary)  # summary.json can hold it
 
 

@@ -32,7 +32,7 @@ Z_SWEEP = (2.0, 3.0, 5.0)
 DOMINANCE = 0.8  # the seed's break condition: one mechanism carrying more than this share of a − mean(R \ a)
 TOP_N = 5
 MAD_TO_SIGMA = 1.4826  # MAD × this estimates the standard deviation of a normal bulk
-MEASURES = ("specificity", "breadth")
+MEASURES = ("specificity", "breadth", "to_a", "to_others")
 KEYS = ["prompt_id", "relation", "target", "is_correct_target"]
 ATTN_COLUMNS = [*KEYS, "layer", "head", "source", "value", "logit_diff"]
 REST_COLUMNS = [*KEYS, "component", "layer", "value", "logit_diff"]
@@ -229,15 +229,21 @@ def class_sweep(
 
 
 def head_extraction(attn: pd.DataFrame) -> pd.DataFrame:
-    """Per head: specificity and breadth of its SUBJECT part and of its RELATION part."""
+    """Per head, for its SUBJECT part and its RELATION part: specificity and breadth, and the two numbers behind
+    them — its mean DLA to `a` (`to_a`) and to the average other attribute of R_r (`to_others`). "Broad" is a
+    claim about `to_others` against `to_a` (≈ 1 for a head that boosts every attribute of R_r alike), not only
+    about one class against another."""
     parts = attn[attn["source"].isin(["subject", "relation"])]
     keys = ["layer", "head", "source"]
     breadth = parts.groupby(["prompt_id", *keys])["value"].mean().groupby(level=keys).mean()
-    specificity = parts[parts["is_correct_target"]].groupby(keys)["logit_diff"].mean()
-    table = pd.DataFrame({"specificity": specificity, "breadth": breadth}).unstack("source")
+    correct = parts[parts["is_correct_target"]]
+    specificity = correct.groupby(keys)["logit_diff"].mean()
+    to_a = correct.groupby(keys)["value"].mean()
+    to_others = parts[~parts["is_correct_target"]].groupby(["prompt_id", *keys])["value"].mean().groupby(level=keys).mean()
+    table = pd.DataFrame({"specificity": specificity, "breadth": breadth, "to_a": to_a, "to_others": to_others})
+    table = table.unstack("source")
     table.columns = [f"{source}_{measure}" for measure, source in table.columns]
-    order = ["subject_specificity", "subject_breadth", "relation_specificity", "relation_breadth"]
-    return table[order].reset_index()
+    return table[[f"{source}_{measure}" for source in ("subject", "relation") for measure in MEASURES]].reset_index()
 
 
 def class_extraction(heads: pd.DataFrame) -> dict:

@@ -96,8 +96,8 @@ def class_extraction(heads: pd.DataFrame) -> dict[str, dict[str, float]]:
     for name, source in (("subject", "subject"), ("relation", "relation")):
         members = heads[heads["class"] == name]
         if len(members) and f"{source}_specificity" in members:
-            out[name] = {"specificity": float(members[f"{source}_specificity"].mean()),
-                         "breadth": float(members[f"{source}_breadth"].mean())}
+            measures = [m for m in ("specificity", "breadth", "to_a", "to_others") if f"{source}_{m}" in members]
+            out[name] = {measure: float(members[f"{source}_{measure}"].mean()) for measure in measures}
     return out
 
 
@@ -488,9 +488,15 @@ def departures(run: Run) -> list[Verdict]:
     if {"subject", "relation"} <= extraction.keys():
         ratio = {name: e["specificity"] / e["breadth"] if e["breadth"] > 0 else math.inf for name, e in extraction.items()}
         agrees = ratio["subject"] > ratio["relation"]
+        relation = extraction["relation"]
+        # in absolute terms too: a broad head writes the other attributes of R about as much as a
+        absolute = (f" Relation heads write {relation['to_a']:.2f} logits to a against {relation['to_others']:.2f} to "
+                    f"the average other attribute of R ({relation['to_a'] / relation['to_others']:.1f}×)."
+                    if relation.get("to_others", 0) > 0 else "")
         verdicts.append(Verdict("specificity", claim, "agrees" if agrees else "departs", (
             f"Specificity / breadth: subject heads {ratio['subject']:.1f}, relation heads {ratio['relation']:.1f} "
             f"({'subject heads more specific' if agrees else 'relation heads are at least as specific as subject heads'})."
+            + absolute
         )))
     else:
         verdicts.append(Verdict("specificity", claim, "not run", "Not checked: the model lacks subject or relation heads."))
