@@ -43,3 +43,25 @@ def test_missing_tables_are_none_and_missing_summary_is_an_error(tmp_path, full_
     (tmp_path / "bad" / "summary.json").write_text("{")
     with pytest.raises(FactscopeError, match="malformed JSON"):
         load_run(tmp_path / "bad")
+
+
+def test_a_run_shows_its_summary_in_jupyter(full_run):
+    page = full_run._repr_html_()
+    summary = full_run.summary
+    assert f"{summary['accuracy']:.1%}" in page and "sum of parts = logit" in page
+    for name, entry in summary["head_classes"].items():
+        assert f"{name} heads" in page and str(entry["count"]) in page
+    assert "knockout" in page and "causal_trace" in page  # the full run has both kinds of causal checks
+    assert "<script" not in page  # nothing from a table reaches the page unescaped
+
+
+def test_the_library_stages_are_the_commands(tmp_path, tiny_llama_dir):
+    """`factscope.analyze` with the CLI's options returns the finished run, as `factscope analyze` writes it."""
+    import factscope
+
+    run = factscope.analyze(str(tiny_llama_dir), out=tmp_path / "run", all_prompts=True, k=2.0, z=1.0, report=False)
+    assert isinstance(run, factscope.Run) and run.has("heads") and run.has("relation_targets")
+    assert run.manifest["config"]["k"] == 2.0 and run.summary["head_class_rule"]["z"] == 1.0
+    assert not (tmp_path / "run" / "report.html").exists()
+    with pytest.raises(FactscopeError, match="exists"):
+        factscope.analyze(str(tiny_llama_dir), out=tmp_path / "run")
