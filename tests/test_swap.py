@@ -1,8 +1,7 @@
 """Subject swap: which parts move when the subject is exchanged for another of its relation."""
 
-import pandas as pd
-
 from factscope.data import load_facts
+from factscope.mechanisms import classify_heads, head_dla, split_parts
 from factscope.swap import subject_swap, swap_subjects
 
 
@@ -17,8 +16,8 @@ def test_swap_subjects_replaces_the_last_mention_cyclically():
 
 
 def test_subject_swap_moves_subject_heads_not_relation_heads(handbuilt_run):
-    model, encoded, _, run = handbuilt_run
-    heads = pd.read_csv(run / "heads.csv")
+    model, encoded, result, _ = handbuilt_run
+    heads, _, _ = classify_heads(head_dla(split_parts(result.attributions)[0]))
     swap = subject_swap(model, encoded, heads).set_index("name")
     assert swap.loc["L0H1", "rel_change"] < 1e-4
     assert swap.loc["L0H0", "rel_change"] > 1.0
