@@ -9,11 +9,13 @@ import pytest
 import torch
 from causal_helpers import answer_logits, attributions, own_target, per_prompt, tiny
 
-from factscope.causal.ablation import ablated_logits, ablation_grid, ablation_passes, robustness_summary
+from factscope import bootstrap
+from factscope.causal.ablation import ablated_logits, ablation_grid, ablation_passes, path_means, robustness_summary
+from factscope.causal.edits import final_scale
 from factscope.causal.sites import Embed, HeadPath, MlpPath, parse, taxonomy_paths
 from factscope.data import GROUPS, relation_targets
 from factscope.errors import FactscopeError
-from factscope.forward import capture, make_batch
+from factscope.forward import act_name, capture, make_batch
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3"])
@@ -41,6 +43,49 @@ def test_zero_ablating_a_last_layer_head_path_removes_exactly_its_dla(model_dirs
     change = answer_logits(ablated - clean, batch)
     assert expected.abs().max() > 1e-4  # a path that is really there
     torch.testing.assert_close(change, -expected, atol=1e-5, rtol=0)
+
+
+def _path_dla(dla: pd.DataFrame, layer: int, head: int, source: str, mlp_layer: int, encoded) -> torch.Tensor:
+    expected = per_prompt(dla[(dla["component"] == "attn") & (dla["layer"] == layer) & (dla["head"] == head) & (dla["source"] == source)], encoded)
+    return expected + per_prompt(dla[(dla["component"] == "mlp") & (dla["layer"] == mlp_layer)], encoded)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3"])
+@pytest.mark.parametrize("source", ["subject", "relation"])
+def test_direct_zero_ablation_of_any_layers_paths_removes_exactly_their_dla(model_dirs, family, source):
+    """As a direct effect the paths of early layers too move the logit by exactly minus their DLA: nothing
+    downstream reacts, the final scale is frozen. Their total effect differs (the layers above react)."""
+    model, encoded = tiny(model_dirs, family)
+    batch = make_batch(model, encoded)
+    paths = [HeadPath(0, 1, source), MlpPath(0)]
+    expected = _path_dla(own_target(attributions(model_dirs, family)), 0, 1, source, 0, encoded)
+    clean = batch.logits(model)
+    direct = answer_logits(ablated_logits(model, batch, paths, "zero", effect="direct") - clean, batch)
+    assert expected.abs().max() > 1e-4
+    torch.testing.assert_close(direct, -expected, atol=1e-5, rtol=0)
+    total = answer_logits(ablated_logits(model, batch, paths, "zero", freeze_final_scale=True) - clean, batch)
+    assert (total + expected).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3"])
+def test_direct_mean_ablation_removes_the_dla_against_the_mean(model_dirs, family):
+    """Mean-ablating a path directly moves the logit by minus its DLA against the DLA of the path's dataset-mean
+    vector (read through each prompt's own frozen final scale)."""
+    model, encoded = tiny(model_dirs, family)
+    batch = make_batch(model, encoded)
+    layer, head, source = 1, 2, "subject"
+    paths = [HeadPath(layer, head, source), MlpPath(layer)]
+    dla = _path_dla(own_target(attributions(model_dirs, family)), layer, head, source, layer, encoded)
+    means = path_means(model, batch, paths)
+    mean_vector = means.heads[layer][head, GROUPS.index(source)] + means.vectors[act_name("mlp_out", layer)]
+    if model.centres:
+        mean_vector = mean_vector - mean_vector.mean()
+    gain, _ = model.final_norm
+    scale = final_scale(model, batch)[batch.rows, batch.ends]  # [batch, 1]
+    mean_dla = ((mean_vector * gain / scale) * model.W_U[:, batch.answers].float().T).sum(-1).cpu()
+    change = answer_logits(ablated_logits(model, batch, paths, "mean", means, effect="direct") - batch.logits(model), batch)
+    assert (dla - mean_dla).abs().max() > 1e-4
+    torch.testing.assert_close(change, mean_dla - dla, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
@@ -128,22 +173,36 @@ def test_ablation_grid(model_dirs):
     }
     calls = []
     grid = ablation_grid(model, encoded, mechanisms, mode="zero", progress=calls.append)
-    assert sum(calls) == ablation_passes(len(mechanisms), mode="zero")
-    assert list(grid["mechanism_set"]) == [
+    assert sum(calls) == ablation_passes(len(mechanisms))
+    assert list(grid["effect"]) == ["total"] * 8 + ["direct"] * 8
+    direct = grid[grid["effect"] == "direct"].reset_index(drop=True)
+    grid = grid[grid["effect"] == "total"].reset_index(drop=True)
+    assert list(grid["mechanism_set"]) == list(direct["mechanism_set"]) == [
         "none", "subject", "relation", "mlp", "subject + relation", "subject + mlp", "relation + mlp", "subject + relation + mlp"
     ]
     assert list(grid["n_removed"]) == [0, 12, 12, 3, 24, 15, 15, 27]
+    # disjoint paths' direct effects add up on logits: the final residual is linear in them at a frozen scale
+    assert np.allclose(direct["interaction_logit"][4:], 0, atol=1e-4) and np.allclose(direct["interaction_logit_diff"][4:], 0, atol=1e-4)
+    assert direct.iloc[0]["mean_logit"] == grid.iloc[0]["mean_logit"]
+    for table in (grid, direct):  # each interval holds its point estimate
+        for column, point in (("accuracy", "accuracy"), ("delta_logit_diff", "delta_logit_diff"), ("interaction_logit_diff", "interaction_logit_diff")):
+            rows = table[table[f"{column}_low"].notna()]
+            assert (rows[f"{column}_low"] <= rows[point] + 1e-9).all() and (rows[point] <= rows[f"{column}_high"] + 1e-9).all()
+    assert grid["interaction_logit_diff_low"].notna().sum() == 4 and grid["accuracy_low"].notna().all()
     alone = grid.set_index("mechanism_set")["delta_logit"]
     together = grid.set_index("mechanism_set").loc["subject + mlp"]
     assert together["interaction_logit"] == pytest.approx(together["delta_logit"] - alone["subject"] - alone["mlp"])
     assert grid.loc[grid["n_mechanisms"] < 2, "interaction_logit"].isna().all()
     assert grid.iloc[0]["delta_logit"] == 0 and np.isfinite(grid["mean_logit_diff"]).all()
-    summary = robustness_summary(grid)
+    summary = robustness_summary(pd.concat([grid, direct]))
     assert set(summary["accuracy_single_removed"]) == set(mechanisms)
+    assert summary["direct"]["interaction_logit_diff_all"] == pytest.approx(direct.iloc[-1]["interaction_logit_diff"])
+    assert summary["accuracy_all_removed_ci"] == [grid.iloc[-1]["accuracy_low"], grid.iloc[-1]["accuracy_high"]]
+    assert summary["bootstrap"] == bootstrap.record()
     everything, alone_diff = grid.iloc[-1], grid.set_index("mechanism_set")["delta_logit_diff"]
     assert summary["interaction_logit_diff_all"] == pytest.approx(everything["delta_logit_diff"] - alone_diff[list(mechanisms)].sum())
     mean_grid = ablation_grid(model, encoded, mechanisms)  # mean mode differs from zero mode
-    assert not np.allclose(mean_grid["mean_logit"][1:], grid["mean_logit"][1:])
+    assert not np.allclose(mean_grid["mean_logit"][1:8], grid["mean_logit"][1:])
 
 
 def test_taxonomy_paths():

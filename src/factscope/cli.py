@@ -145,7 +145,7 @@ def ablate(
     run_dir: RunArg,
     mode: Annotated[AblationMode, typer.Option("--mode", help="Replace a removed path by its dataset mean, or by zero.")] = AblationMode.mean,
     window: Annotated[int, typer.Option("--window", min=1, help="Layers per attention-knockout window.")] = 9,
-    noise_scales: Annotated[Optional[str], typer.Option("--noise-scales", help="Comma-separated noise scales (× each path's norm; default: the noise check's own, 0,0.5,1,2,4,8).")] = None,
+    noise_scales: Annotated[Optional[str], typer.Option("--noise-scales", help="Comma-separated noise scales (× the norm of END's clean final residual, spread over a mechanism's paths; default: the noise check's own, 0,0.25,0.5,1,2,4).")] = None,
     seeds: SeedsOpt = None,
     limit: LimitOpt = None,
     device: DeviceOpt = "cpu",
@@ -195,6 +195,13 @@ def _numbers(text: Optional[str], kind: type, option: str) -> list | None:
     return values
 
 
+def _ci(interval: list | None, spec: str) -> str:
+    """A bootstrap interval from summary.json as " [low, high]"; nothing where it has none."""
+    if not interval or None in interval:
+        return ""
+    return f" [{format(interval[0], spec)}, {format(interval[1], spec)}]"
+
+
 def _print_causal(causal: dict, keys: tuple[str, ...]) -> None:
     """The entries of summary.json["causal"] this command wrote."""
     summary = {key: causal[key] for key in keys if key in causal}
@@ -202,24 +209,33 @@ def _print_causal(causal: dict, keys: tuple[str, ...]) -> None:
     table.add_column("check")
     table.add_column("result", overflow="fold")
     if "ablations" in summary:
-        ablations = summary["ablations"]
-        singles = ", ".join(f"{name} {acc:.0%}" for name, acc in ablations["accuracy_single_removed"].items())
-        table.add_row("accuracy, one mechanism removed", f"clean {ablations['accuracy_clean']:.0%}; {singles}")
         from .report.text import MIN_ABLATION_PROMPTS
 
-        value, n_prompts = ablations["interaction_logit_diff_all"], summary.get("ablate", {}).get("n_prompts", 0)
-        if math.isfinite(value) and n_prompts >= MIN_ABLATION_PROMPTS:
-            interaction = f"interaction {value:+.2f} logits of a − mean(R∖a)"
-        else:  # the same rule as the report's verdict
-            interaction = f"interaction inconclusive on {n_prompts} prompts"
-        table.add_row("accuracy, all removed", f"{ablations['accuracy_all_removed']:.0%} ({interaction})")
+        n_prompts = summary.get("ablate", {}).get("n_prompts", 0)
+        ablations = summary["ablations"]
+        for label, entry in (("", ablations), (" (direct)", ablations.get("direct"))):
+            if entry is None:
+                continue
+            singles = ", ".join(f"{name} {acc:.0%}" for name, acc in entry["accuracy_single_removed"].items())
+            table.add_row(f"accuracy, one mechanism removed{label}", f"clean {entry['accuracy_clean']:.0%}; {singles}")
+            value = entry["interaction_logit_diff_all"]
+            if math.isfinite(value) and n_prompts >= MIN_ABLATION_PROMPTS:
+                interaction = f"interaction {value:+.2f}{_ci(entry.get('interaction_logit_diff_all_ci'), '+.2f')} logits of a − mean(R∖a)"
+            else:  # the same rule as the report's verdict
+                interaction = f"interaction inconclusive on {n_prompts} prompts"
+            accuracy = f"{entry['accuracy_all_removed']:.0%}{_ci(entry.get('accuracy_all_removed_ci'), '.0%')}"
+            table.add_row(f"accuracy, all removed{label}", f"{accuracy} ({interaction})")
     for key, entry in summary.get("knockout", {}).items():
         layers = entry["layers"]
         table.add_row(f"knockout {key}", f"layers {layers[0]}–{layers[1]}: p(a) {entry['rel_change_p']:+.0%}, accuracy → {entry['accuracy_after']:.0%}")
     for sublayer, entry in summary.get("extraction_rate", {}).items():
         table.add_row(f"extraction rate ({sublayer})", f"best layer {entry['layer']}: {entry['extraction_rate']:.1%}")
     for mechanism, entry in summary.get("noise_robustness", {}).items():
-        table.add_row(f"noise → {mechanism}", f"accuracy at max scale {entry['accuracy_at_max_scale']:.0%}; mean over scales {entry['mean_accuracy_over_scales']:.0%}")
+        text = f"accuracy at max scale {entry['accuracy_at_max_scale']:.0%}; mean over scales {entry['mean_accuracy_over_scales']:.0%}"
+        if "alone_first_among_r_at_max_scale" in entry:
+            text += (f"; a first among R_r at max scale: model {entry['first_among_r_at_max_scale']:.0%}, "
+                     f"noisy mechanism alone {entry['alone_first_among_r_at_max_scale']:.0%}")
+        table.add_row(f"noise → {mechanism}", text)
     for peak in summary.get("trace", {}).get("peaks", []):
         if peak["token"] in ("last_subject", "last_token"):
             table.add_row(f"trace peak {peak['kind']} @ {peak['token']}", f"layer {peak['layer']}: Δp {peak['indirect_effect']:+.3f}")

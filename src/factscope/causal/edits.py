@@ -1,4 +1,5 @@
-"""WHAT an intervention does to the paths it acts on, at END: record them, remove them, or add noise to them.
+"""WHAT an intervention does to the paths it acts on, at END: record them, remove them (where they are, or only
+their direct contribution to the final residual: `DirectAblate`), or add noise to them.
 
 Head paths are edited in the residual stream (at `hook_attn_out`, END only) by exactly the vector DLA
 attributes to them, computed in the same pass from that pass's own pattern and values: for architectures
@@ -65,39 +66,69 @@ class Ablate(Editor):
         self.means = means
 
     def head(self, layer, out_end, paths, weights, head_map):
-        out_end = out_end - torch.einsum("bhgm,hg->bm", paths, weights)
-        if self.means is not None:
-            out_end = out_end + torch.einsum("hgm,hg->m", self.means.heads[layer], weights)
-        return out_end
+        return out_end + self.head_change(layer, paths, weights)
 
     def vector(self, key, x_end):
         if self.means is None:
             return torch.zeros_like(x_end)
         return self.means.vectors[key].expand_as(x_end).clone()
 
+    def head_change(self, layer: int, paths: Float[torch.Tensor, "batch head group d_model"],
+                    weights: Float[torch.Tensor, "head group"]) -> Float[torch.Tensor, "batch d_model"]:
+        change = -torch.einsum("bhgm,hg->bm", paths, weights)
+        if self.means is not None:
+            change = change + torch.einsum("hgm,hg->m", self.means.heads[layer], weights)
+        return change
+
+
+class DirectAblate(Ablate):
+    """Leave every path in place and sum, per prompt, the change `Ablate` would make to it (−vector, or
+    mean − vector): `direct_hook` adds that sum to END's final residual, so only the removed paths' own
+    contributions into the END residual are replaced and nothing downstream reacts (the direct effect)."""
+
+    def __init__(self, means: Record | None):
+        super().__init__(means)
+        self.change: torch.Tensor | float = 0.0
+
+    def head(self, layer, out_end, paths, weights, head_map):
+        self.change = self.change + self.head_change(layer, paths, weights)
+        return out_end
+
+    def vector(self, key, x_end):
+        self.change = self.change + (super().vector(key, x_end) - x_end)
+        return x_end
+
 
 class Noise(Editor):
-    """Add Gaussian noise to each path's vector, of norm `scale` × that vector's norm (in expectation).
+    """Add Gaussian noise to the edited paths at END: `scale` × `unit` (one norm per prompt, the same unit for
+    every mechanism) in all, spread evenly over the `n_paths` paths, so each gets squared norm
+    (scale·unit)² / n_paths in expectation whatever its own size.
 
     A head's noise lives in the subspace the head can write to (z-space noise through its output map), an
-    MLP's or the embedding's in the whole residual stream. The generator is drawn in a fixed order, so the
-    same seed gives the same noise, and growing scales reuse the same directions.
+    MLP's or the embedding's in the whole residual stream. `alone` sums, per prompt, the edited paths' own
+    vectors plus their noise: what the mechanism alone would write into END's residual under this noise. The
+    generator is drawn in a fixed order, so the same seed gives the same noise, and growing scales reuse the
+    same directions.
     """
 
-    def __init__(self, scale: float, seed: int):
-        self.scale = scale
+    def __init__(self, scale: float, seed: int, unit: Float[torch.Tensor, " batch"], n_paths: int):
+        self.path_sigma = scale * unit.float() / max(n_paths, 1) ** 0.5  # [batch]
         self.generator = torch.Generator().manual_seed(seed)
+        self.alone: torch.Tensor | float = 0.0
 
     def head(self, layer, out_end, paths, weights, head_map):
         eps = torch.randn((*paths.shape[:3], head_map.d_head), generator=self.generator)
         direction = head_map.to_resid(eps.to(paths.device))  # E|direction|² = norm²
-        sigma = self.scale * paths.norm(dim=-1) / head_map.norm[:, :, None]  # [batch, head, group]
-        return out_end + torch.einsum("bhgm,bhg,hg->bm", direction, sigma, weights)
+        sigma = (self.path_sigma[:, None] / head_map.norm)[:, :, None].expand(paths.shape[:3])  # [batch, head, group]
+        noise = torch.einsum("bhgm,bhg,hg->bm", direction, sigma, weights)
+        self.alone = self.alone + torch.einsum("bhgm,hg->bm", paths, weights) + noise
+        return out_end + noise
 
     def vector(self, key, x_end):
         eps = torch.randn(x_end.shape, generator=self.generator).to(x_end.device)
-        sigma = self.scale * x_end.norm(dim=-1, keepdim=True) / x_end.shape[-1] ** 0.5
-        return x_end + sigma * eps
+        noise = self.path_sigma[:, None] * eps / x_end.shape[-1] ** 0.5
+        self.alone = self.alone + x_end + noise
+        return x_end + noise
 
 
 def edit_hooks(model: LoadedModel, batch: Batch, paths: PathSet, editor: Editor) -> list[Hook]:
@@ -158,11 +189,27 @@ def _vector_edit(rows: Int[torch.Tensor, " batch"], ends: Int[torch.Tensor, " ba
     return hook
 
 
-def freeze_final_scale_hook(model: LoadedModel, batch: Batch) -> Hook:
-    """Pin the final norm's scale to its clean value: the map from END's residual to logits becomes linear,
-    the setting in which DLA is exact."""
+def final_scale(model: LoadedModel, batch: Batch) -> Float[torch.Tensor, "batch pos 1"]:
+    """The final norm's scale in a clean pass (every position)."""
     store: dict = {}
-    name = act_name("final_scale")
-    batch.logits(model, [capture(store, name)])
-    clean = store[name]
-    return (name, lambda scale, hook: clean.clone())
+    batch.logits(model, [capture(store, act_name("final_scale"))])
+    return store[act_name("final_scale")]
+
+
+def freeze_final_scale_hook(model: LoadedModel, batch: Batch, clean: torch.Tensor | None = None) -> Hook:
+    """Pin the final norm's scale to its clean value (`clean`, from `final_scale`; by default one more clean
+    pass): the map from END's residual to logits becomes linear, the setting in which DLA is exact."""
+    clean = final_scale(model, batch) if clean is None else clean
+    return (act_name("final_scale"), lambda scale, hook: clean.clone())
+
+
+def direct_hook(model: LoadedModel, batch: Batch, editor: DirectAblate) -> Hook:
+    """Add `editor`'s summed change to END's residual after the last block, where only the final norm reads it."""
+    rows, ends = batch.rows, batch.ends
+
+    def hook(resid: Float[torch.Tensor, "batch pos d_model"], hook):
+        resid = resid.clone()
+        resid[rows, ends] = (resid[rows, ends].float() + editor.change).to(resid.dtype)
+        return resid
+
+    return (act_name("resid_post", model.cfg.n_layers - 1), hook)
