@@ -81,7 +81,7 @@ def share_interval(run: Run, mechanism: str, metric: str = "logit_diff") -> tupl
     return float(shares.loc[mechanism, "share_low"]), float(shares.loc[mechanism, "share_high"])
 
 
-def interval_text(low: float | None, high: float | None) -> str:
+def share_interval_text(low: float | None, high: float | None) -> str:
     return f" [95% CI {pct(low)} to {pct(high)}]" if low is not None else ""
 
 
@@ -325,15 +325,34 @@ def _knockout_finding(run: Run) -> list[Finding]:
     return [Finding("knockout", "Attention knockout: " + "; ".join(parts) + ".")] if parts else []
 
 
+def ablation_effects(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """ablations.csv by effect ("total", "direct"); a table from before the direct effects is all total."""
+    if "effect" not in table:
+        return {"total": table}
+    return {effect: rows.reset_index(drop=True) for effect, rows in table.groupby("effect", sort=False)}
+
+
+def interval_text(row: pd.Series, column: str, spec: str) -> str:
+    """A column's bootstrap interval in a table row as " [95% CI low, high]"; nothing where there is none."""
+    low, high = row.get(f"{column}_low", np.nan), row.get(f"{column}_high", np.nan)
+    fmt = pct if spec == "%" else (lambda x: format(x, spec))
+    return f" [95% CI {fmt(low)}, {fmt(high)}]" if np.isfinite(low) and np.isfinite(high) else ""
+
+
 def _ablation_finding(run: Run) -> list[Finding]:
-    table = run.ablations
-    everything = table[table["n_mechanisms"] == table["n_mechanisms"].max()].iloc[0]
-    return [Finding("ablations", (
-        f"Ablation: removing {everything['mechanism_set']} changes a − mean(R∖a) by "
-        f"{everything['delta_logit_diff']:+.2f} logits against {everything['sum_alone_delta_logit_diff']:+.2f} for "
-        f"the sum of single removals (interaction {everything['interaction_logit_diff']:+.2f}); accuracy "
-        f"{pct(table.iloc[0]['accuracy'])} → {pct(everything['accuracy'])}."
-    ))]
+    parts = []
+    for effect, table in ablation_effects(run.ablations).items():
+        everything = table[table["n_mechanisms"] == table["n_mechanisms"].max()].iloc[0]
+        how = {"total": "as a total effect (the layers above react)",
+               "direct": "as a direct effect (only their own contributions to END's final residual replaced)"}[effect]
+        parts.append(
+            f"{how}, removing {everything['mechanism_set']} changes a − mean(R∖a) by "
+            f"{everything['delta_logit_diff']:+.2f}{interval_text(everything, 'delta_logit_diff', '+.2f')} logits against "
+            f"{everything['sum_alone_delta_logit_diff']:+.2f} for the sum of single removals (interaction "
+            f"{everything['interaction_logit_diff']:+.2f}{interval_text(everything, 'interaction_logit_diff', '+.2f')}); "
+            f"accuracy {pct(table.iloc[0]['accuracy'])} → {pct(everything['accuracy'])}{interval_text(everything, 'accuracy', '%')}"
+        )
+    return [Finding("ablations", "Ablation: " + "; ".join(parts) + ".")]
 
 
 def _trace_finding(run: Run) -> list[Finding]:
@@ -353,9 +372,14 @@ def _trace_finding(run: Run) -> list[Finding]:
 def _extraction_finding(run: Run) -> list[Finding]:
     table = run.extraction_rate
     best = table.loc[table["extraction_rate"].idxmax()]
+    normed = ""
+    if "extraction_rate_normed" in table:
+        top = table.loc[table["extraction_rate_normed"].idxmax()]
+        normed = (f" Through the final norm instead, that sublayer's rate is {pct(best['extraction_rate_normed'])}, the "
+                  f"highest {pct(top['extraction_rate_normed'])} ({top['sublayer']}, layer {int(top['layer'])}).")
     return [Finding("extraction_rate", (
-        f"Attribute extraction: the highest rate is {pct(best['extraction_rate'])} for the {best['sublayer']} "
-        f"sublayer of layer {int(best['layer'])}."
+        f"Attribute extraction (sublayer outputs projected with the unembedding matrix, as Geva et al.): the highest "
+        f"rate is {pct(best['extraction_rate'])} for the {best['sublayer']} sublayer of layer {int(best['layer'])}." + normed
     ))]
 
 
@@ -370,10 +394,23 @@ def _enrichment_finding(run: Run) -> list[Finding]:
 
 def _noise_finding(run: Run) -> list[Finding]:
     table = run.noise_robustness
-    top = table[table["noise_scale"] == table["noise_scale"].max()].set_index("mechanism")["accuracy"]
+    largest = table["noise_scale"].max()
+    top = table[table["noise_scale"] == largest].set_index("mechanism")
+    if "alone_first_among_r" not in table:
+        return [Finding("noise", (
+            f"Noise robustness at scale {largest:g}: accuracy "
+            + ", ".join(f"{MECHANISM_LABELS.get(m, m)} {pct(a)}" for m, a in top["accuracy"].items()) + "."
+        ))]
+    singles = top.drop(index="all", errors="ignore")
+    unit = "END's clean residual norm" if "noise_unit" in table else "the noise unit"
     return [Finding("noise", (
-        f"Noise robustness at scale {table['noise_scale'].max():g}: accuracy "
-        + ", ".join(f"{MECHANISM_LABELS.get(m, m)} {pct(a)}" for m, a in top.items()) + "."
+        f"Noise robustness (additive parts predict that noise on one mechanism costs the full model far less than it "
+        f"costs that mechanism alone): with noise of {largest:g}× {unit} on one mechanism, the full model still ranks a "
+        "first among R_r on "
+        + ", ".join(f"{pct(row.first_among_r)} against {pct(row.alone_first_among_r)} for {MECHANISM_LABELS.get(m, m)} alone"
+                    for m, row in singles.iterrows())
+        + (f"; with noise on all of them, on {pct(top.loc['all', 'first_among_r'])}" if "all" in top.index else "")
+        + "."
     ))]
 
 
@@ -459,7 +496,7 @@ def departures(run: Run) -> list[Verdict]:
             status = "inconclusive"
         verdicts.append(Verdict("dominance", claim, status, (
             f"Largest pooled share: {MECHANISM_LABELS.get(largest['mechanism'], largest['mechanism'])} "
-            f"{pct(largest['share'])}{interval_text(low, high)} (threshold {pct(threshold)}); on "
+            f"{pct(largest['share'])}{share_interval_text(low, high)} (threshold {pct(threshold)}); on "
             f"{pct(interference['prompts_dominated'])} of prompts one mechanism alone exceeds it."
         )))
 
@@ -471,7 +508,7 @@ def departures(run: Run) -> list[Verdict]:
         if len(negative):
             parts = ", ".join(
                 f"{MECHANISM_LABELS.get(m, m)} {row['mean_value']:+.2f} logits ({pct(row['share'])}"
-                f"{interval_text(*share_interval(run, m))}, negative on {pct(row['negative_fraction'])} of prompts)"
+                f"{share_interval_text(*share_interval(run, m))}, negative on {pct(row['negative_fraction'])} of prompts)"
                 for m, row in negative.iterrows()
             )
             # a departure only where some negative share's interval stays below zero (or a run has no intervals)
@@ -528,22 +565,35 @@ def departures(run: Run) -> list[Verdict]:
     elif run.has("ablations") and run.ablations["n_mechanisms"].max() < 2:
         verdicts.append(Verdict("ablation", claim, "not run", "Not checked: the taxonomy found only one mechanism to remove."))
     elif run.has("ablations"):
-        table = run.ablations
-        everything = table[table["n_mechanisms"] == table["n_mechanisms"].max()].iloc[0]
-        summed, interaction = float(everything["sum_alone_delta_logit_diff"]), float(everything["interaction_logit_diff"])
-        n_prompts = int(table["n_prompts"].min()) if "n_prompts" in table else 0
-        if n_prompts < MIN_ABLATION_PROMPTS or not (math.isfinite(summed) and math.isfinite(interaction)):
-            why = (f"too few prompts ({n_prompts}; a verdict needs at least {MIN_ABLATION_PROMPTS})"
-                   if n_prompts < MIN_ABLATION_PROMPTS else "the interaction is not a number")
-            verdicts.append(Verdict("ablation", claim, "inconclusive", (
-                f"Inconclusive: {why}; rerun `factscope ablate --overwrite` on more known facts."
-            )))
-        else:
-            relative = abs(interaction) / abs(summed) if summed else math.inf
-            verdicts.append(Verdict("ablation", claim, "agrees" if relative < 0.25 else "departs", (
-                f"Removing {everything['mechanism_set']}: interaction {interaction:+.2f} logits, {relative:.0%} of the "
-                f"summed single effects ({summed:+.2f})."
-            )))
+        verdicts.append(_additivity_verdict(claim, ablation_effects(run.ablations)))
     else:
         verdicts.append(Verdict("ablation", claim, "not run", f"Not checked: no {TABLES['ablations']} (causal checks not run)."))
     return verdicts
+
+
+def _additivity_verdict(claim: str, effects: dict[str, pd.DataFrame]) -> Verdict:
+    """The paper's additivity is about direct contributions, so the verdict reads the direct effects where the
+    table has them (disjoint paths' direct effects add up on logits by construction: a departure there means
+    paths shared between mechanisms or a broken edit) and says what the total effects add; a table from before
+    the direct effects is judged on its total effects, as then."""
+    effect = "direct" if "direct" in effects else "total"
+    table = effects[effect]
+    everything = table[table["n_mechanisms"] == table["n_mechanisms"].max()].iloc[0]
+    summed, interaction = float(everything["sum_alone_delta_logit_diff"]), float(everything["interaction_logit_diff"])
+    n_prompts = int(table["n_prompts"].min()) if "n_prompts" in table else 0
+    if n_prompts < MIN_ABLATION_PROMPTS or not (math.isfinite(summed) and math.isfinite(interaction)):
+        why = (f"too few prompts ({n_prompts}; a verdict needs at least {MIN_ABLATION_PROMPTS})"
+               if n_prompts < MIN_ABLATION_PROMPTS else "the interaction is not a number")
+        return Verdict("ablation", claim, "inconclusive", f"Inconclusive: {why}; rerun `factscope ablate --overwrite` on more known facts.")
+    relative = abs(interaction) / abs(summed) if summed else math.inf
+    text = (f"Removing {everything['mechanism_set']} ({effect} effects): interaction {interaction:+.2f}"
+            f"{interval_text(everything, 'interaction_logit_diff', '+.2f')} logits, {relative:.0%} of the summed single "
+            f"effects ({summed:+.2f}).")
+    if effect == "direct" and "total" in effects:
+        total = effects["total"]
+        whole = total[total["n_mechanisms"] == total["n_mechanisms"].max()].iloc[0]
+        text += (f" As total effects, with the layers above reacting, the change is {whole['delta_logit_diff']:+.2f} against "
+                 f"{whole['sum_alone_delta_logit_diff']:+.2f} summed (interaction {whole['interaction_logit_diff']:+.2f}"
+                 f"{interval_text(whole, 'interaction_logit_diff', '+.2f')}): what downstream reactions add to the direct "
+                 "contributions DLA measures.")
+    return Verdict("ablation", claim, "agrees" if relative < 0.25 else "departs", text)
