@@ -4,8 +4,9 @@ DLA is correlational. Here we intervene at END (and, for causal tracing, at ever
 what happens to the attribute's probability, logit and top-1 accuracy. One module per check:
 
 - `knockout`    attention knockout (Geva et al. 2023): END may not attend to a token group;
-- `ablation`    remove paths (a head's END←group contribution, an MLP at END) alone, in pairs, together;
-- `noise`       accuracy as Gaussian noise on each mechanism's contribution grows;
+- `ablation`    remove paths (a head's END←group contribution, an MLP at END) alone, in pairs, together, as
+                total effects (the layers above react) and direct effects (only their share of END's residual);
+- `noise`       noise on one mechanism: does the full model keep a first more often than the mechanism alone?
 - `extraction`  attribute extraction rate (Geva et al. 2023) of every attention / MLP sublayer;
 - `enrichment`  logit lens at the last subject token: from which layer is `a` decodable there;
 - `trace`       causal tracing (Meng et al. 2022): noise on the subject, restore one clean state.
