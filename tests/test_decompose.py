@@ -167,8 +167,20 @@ def test_batching_and_padding_do_not_change_numbers(family_model):
     encoded = encode_all(FACTS[:10], model.tokenizer, model.prepend_bos)
     one = decompose(model, encoded, batch_size=1, known_only=False).attributions
     many = decompose(model, encoded, batch_size=10, known_only=False).attributions
-    pd.testing.assert_frame_equal(one.drop(columns=["value", "logit_diff"]), many.drop(columns=["value", "logit_diff"]))
+    floats = ["value", "centred", "logit_diff"]
+    pd.testing.assert_frame_equal(one.drop(columns=floats), many.drop(columns=floats))
     assert (one["value"] - many["value"]).abs().max() < 1e-5
+    assert (one["centred"] - many["centred"]).abs().max() < 1e-5
+
+
+def test_centred_is_value_less_one_shift_per_part(family_run):
+    """`centred` removes from each part what it adds to every logit alike: one number per part, whatever the target,
+    so the differences between targets (and a − mean(R∖a)) are the same in both columns."""
+    _, _, _, run = family_run
+    rows = run.attributions
+    shift = (rows["value"] - rows["centred"]).groupby([rows[k] for k in ("prompt_id", "component", "layer", "head", "source")])
+    assert (shift.max() - shift.min()).max() < 1e-5
+    assert shift.max().abs().max() > 1e-4  # and the shift is not nothing: the columns differ
 
 
 def test_logit_diff_is_value_minus_mean_of_other_targets(family_run):

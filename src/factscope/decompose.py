@@ -10,6 +10,12 @@ that same map in fp32, so the check holds at every dtype (`taxonomy.TOLERANCES`)
 A head's output at END is `Σ_k pattern[h, END, k] · v_k W_O[h]`, so it splits further over source
 positions k, which we sum within each token group (bos / prefix / subject / relation).
 
+Two columns per part and target: `value`, its share of the model's own logit (these add up to it), and `centred`,
+its DLA to the target minus its DLA to the vocabulary's average unembedding column — the part of a contribution that
+raises every logit alike changes no probability, so `centred` is what the paper's (TransformerLens's centred
+unembedding) DLA measures and what head classes are read from. Its sum, the model's logit minus its mean logit over
+the vocabulary, is checked like the logits themselves.
+
 Architectures whose attention output passes a post-norm (Gemma 3) have that norm's scale frozen too;
 its gain is read off the norm module itself, so the head split stays exact.
 """
@@ -38,7 +44,7 @@ from .taxonomy import GROUPS, TOLERANCES
 
 ATTRIBUTION_COLUMNS = {
     "prompt_id": "str", "relation": "str", "target": "str", "is_correct_target": "bool", "component": "str",
-    "layer": "int64", "head": "int64", "source": "str", "value": "float32", "logit_diff": "float32",
+    "layer": "int64", "head": "int64", "source": "str", "value": "float32", "centred": "float32", "logit_diff": "float32",
 }
 
 
@@ -181,7 +187,10 @@ def decompose_batch(model: LoadedModel, batch: list[Encoded], targets: dict[str,
         cache = {name: activation.to(device).float() for name, activation in cache.items()}
         scale = cache[act_name("final_scale")][rows, ends]  # [batch, 1]
         gain, norm_bias = model.final_norm
-        columns = model.W_U[:, target_tokens.to(device)].float()  # [d_model, batch, target]: the targets' only
+        # [d_model, batch, target + 1]: the targets' columns only, and last the vocabulary's average column, whose
+        # DLA is the part of each contribution that raises every logit alike ("centred" = value − that)
+        columns = torch.cat([model.W_U[:, target_tokens.to(device)].float(),
+                             model.W_U_mean[:, None, None].expand(-1, len(batch), 1)], dim=2)
         unembed = einops.rearrange(columns * gain[:, None, None], "d batch t -> batch d t")
         to_logit = _LogitMap(unembed, scale, model.centres)
 
@@ -198,14 +207,16 @@ def decompose_batch(model: LoadedModel, batch: list[Encoded], targets: dict[str,
         heads_t = torch.stack(heads, dim=1)  # [batch, layer, head, group, target]
         biases_t, mlps_t = torch.stack(biases, dim=1), torch.stack(mlps, dim=1)  # [batch, layer, target]
         # [batch, target]: the final norm's bias and the unembedding's, the same for every input
-        unembed_bias = model.b_U[target_tokens.to(device)].float() + torch.einsum("d,dbt->bt", norm_bias, columns)
+        b_u = torch.cat([model.b_U[target_tokens.to(device)].float(),
+                         model.b_U.mean(dtype=torch.float32).expand(len(batch), 1)], dim=1)
+        unembed_bias = b_u + torch.einsum("d,dbt->bt", norm_bias, columns)
 
         total = embed + heads_t.sum((1, 2, 3)) + biases_t.sum(1) + mlps_t.sum(1) + unembed_bias
         if pos_embed is not None:
             total = total + pos_embed
         reference = to_logit(cache[act_name("resid_post", cfg.n_layers - 1)][rows, ends]) + unembed_bias
-        model_logits = logits_end.gather(1, target_tokens.to(device))
-        valid = target_valid.to(device)
+        model_logits = torch.cat([logits_end.gather(1, target_tokens.to(device)), logits_end.mean(1, keepdim=True)], dim=1)
+        valid = torch.cat([target_valid, torch.ones(len(batch), 1)], dim=1).to(device)  # the average column is checked too
         reconstruction_error = float(((total - reference).abs() * valid).max())
         model_logit_error = float(((reference - model_logits).abs() * valid).max())
         head_error = float(((heads_t.sum(3) - torch.stack(head_check, dim=1)).abs() * valid[:, None, None]).max())
@@ -361,12 +372,13 @@ def _attribution_table(
     target_valid: Float[torch.Tensor, "batch target"],
     keep: np.ndarray,
     sources: list[str],
-    heads: Float[torch.Tensor, "batch layer head source target"],
-    biases: Float[torch.Tensor, "batch layer target"],
-    mlps: Float[torch.Tensor, "batch layer target"],
-    parts: dict[str, Float[torch.Tensor, "batch target"]],
+    heads: Float[torch.Tensor, "batch layer head source target_and_mean"],
+    biases: Float[torch.Tensor, "batch layer target_and_mean"],
+    mlps: Float[torch.Tensor, "batch layer target_and_mean"],
+    parts: dict[str, Float[torch.Tensor, "batch target_and_mean"]],
 ) -> pd.DataFrame:
     """Dense per-batch arrays → the tidy long table, one row per (prompt, target, component, layer, head, source).
+    Each array's last target column is the vocabulary's average column: it becomes every row's `centred`.
 
     Rows are grouped by prompt in batch order, so the table does not depend on how prompts were batched.
     """
@@ -413,9 +425,12 @@ def _strings(values: list[str], index: np.ndarray) -> pd.api.extensions.Extensio
 
 
 def _block(
-    component: int, values: Float[torch.Tensor, "batch *axes target"], axes: tuple[str, ...], target_valid: Float[torch.Tensor, "batch target"]
+    component: int, with_mean: Float[torch.Tensor, "batch *axes target_and_mean"], axes: tuple[str, ...],
+    target_valid: Float[torch.Tensor, "batch target"],
 ) -> dict:
-    """values: [batch, *axes, target] → flat columns; layer/head are −1 and source is "all" (code −1) where absent."""
+    """values: [batch, *axes, target (+ the vocabulary's average last)] → flat columns; layer/head are −1 and source
+    is "all" (code −1) where absent."""
+    values, uniform = with_mean[..., :-1], with_mean[..., -1:]
     valid = target_valid.reshape(target_valid.shape[0], *([1] * len(axes)), -1)  # broadcast over the axes
     n_targets = target_valid.sum(-1).reshape(valid.shape[0], *([1] * (len(axes) + 1)))
     # each target's value against the mean of the relation's other attributes (a − mean(R \ a) for the correct one)
@@ -432,5 +447,6 @@ def _block(
         "head": named.get("head", np.full(size, -1)),
         "source": named.get("source", np.full(size, -1)),
         "value": values.reshape(-1).numpy().astype(np.float32),
+        "centred": (values - uniform).reshape(-1).numpy().astype(np.float32),
         "logit_diff": logit_diff.reshape(-1).numpy().astype(np.float32),
     }

@@ -3,8 +3,11 @@
 Everything here is a pure function of `attributions.parquet` (see `decompose`): pandas only, no model, no torch
 (the subject swap, which reruns the model, is in `swap`). Conventions:
 
-- a head's *subject / relation / other DLA* is its DLA to the correct attribute `a` from the SUBJECT tokens,
-  from the RELATION tokens (END included), and from BOS + prefix;
+- a head's *subject / relation / other DLA* is its centred DLA (`centred`: against the vocabulary's average
+  token, as with TransformerLens's centred unembedding; a shift of every logit alike boosts nothing) to the
+  correct attribute `a` from the SUBJECT tokens, from the RELATION tokens (END included), and from BOS + prefix;
+  breadth, `to_a`/`to_others`, top targets and MLP boosting are centred too; shares of "logit" are of the model's
+  own logit (`value`), shares of a − mean(R∖a) are the same either way;
 - *specificity* of a part is its mean `logit_diff` on `a`, i.e. DLA(a) − mean DLA(R_r \\ a);
   *breadth* is its mean DLA over every attribute of R_r (a included): a relation head is broad, a subject
   head specific;
@@ -34,8 +37,8 @@ TOP_N = 5
 MAD_TO_SIGMA = 1.4826  # MAD × this estimates the standard deviation of a normal bulk
 MEASURES = ("specificity", "breadth", "to_a", "to_others")
 KEYS = ["prompt_id", "relation", "target", "is_correct_target"]
-ATTN_COLUMNS = [*KEYS, "layer", "head", "source", "value", "logit_diff"]
-REST_COLUMNS = [*KEYS, "component", "layer", "value", "logit_diff"]
+ATTN_COLUMNS = [*KEYS, "layer", "head", "source", "value", "centred", "logit_diff"]
+REST_COLUMNS = [*KEYS, "component", "layer", "value", "centred", "logit_diff"]
 
 
 @dataclass(frozen=True)
@@ -131,7 +134,7 @@ def _checked(attn: pd.DataFrame, where: str) -> pd.DataFrame:
 
 def _as_float64(table: pd.DataFrame) -> pd.DataFrame:
     # the table stores float32; sums over thousands of parts are taken in float64 so the partition stays exact
-    return table.astype({"value": "float64", "logit_diff": "float64"})
+    return table.astype({"value": "float64", "centred": "float64", "logit_diff": "float64"})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -142,7 +145,7 @@ def head_dla(attn: pd.DataFrame) -> pd.DataFrame:
     """Per prompt and head: subject_dla, relation_dla, other_dla (BOS + prefix) to the correct attribute."""
     correct = attn[attn["is_correct_target"]]
     wide = correct.pivot_table(
-        index=["prompt_id", "relation", "layer", "head"], columns="source", values="value", aggfunc="sum"
+        index=["prompt_id", "relation", "layer", "head"], columns="source", values="centred", aggfunc="sum"
     )
     wide = wide.reindex(columns=["bos", "prefix", "subject", "relation"]).fillna(0.0)
     table = pd.DataFrame(
@@ -235,11 +238,11 @@ def head_extraction(attn: pd.DataFrame) -> pd.DataFrame:
     about one class against another."""
     parts = attn[attn["source"].isin(["subject", "relation"])]
     keys = ["layer", "head", "source"]
-    breadth = parts.groupby(["prompt_id", *keys])["value"].mean().groupby(level=keys).mean()
+    breadth = parts.groupby(["prompt_id", *keys])["centred"].mean().groupby(level=keys).mean()
     correct = parts[parts["is_correct_target"]]
     specificity = correct.groupby(keys)["logit_diff"].mean()
-    to_a = correct.groupby(keys)["value"].mean()
-    to_others = parts[~parts["is_correct_target"]].groupby(["prompt_id", *keys])["value"].mean().groupby(level=keys).mean()
+    to_a = correct.groupby(keys)["centred"].mean()
+    to_others = parts[~parts["is_correct_target"]].groupby(["prompt_id", *keys])["centred"].mean().groupby(level=keys).mean()
     table = pd.DataFrame({"specificity": specificity, "breadth": breadth, "to_a": to_a, "to_others": to_others})
     table = table.unstack("source")
     table.columns = [f"{source}_{measure}" for measure, source in table.columns]
@@ -261,7 +264,7 @@ def class_extraction(heads: pd.DataFrame) -> dict:
 
 def top_targets(attn: pd.DataFrame, n: int = 3) -> pd.Series:
     """The attributes each head boosts most: mean DLA (all sources) over the prompts whose R_r holds them."""
-    per_prompt = attn.groupby(["layer", "head", "prompt_id", "target"])["value"].sum()
+    per_prompt = attn.groupby(["layer", "head", "prompt_id", "target"])["centred"].sum()
     per_target = per_prompt.groupby(level=["layer", "head", "target"]).mean()
     best = per_target.sort_values(ascending=False).groupby(level=["layer", "head"]).head(n).reset_index()
     return best.groupby(["layer", "head"])["target"].agg(" | ".join).rename("top_targets")
@@ -270,10 +273,10 @@ def top_targets(attn: pd.DataFrame, n: int = 3) -> pd.Series:
 def mlp_boosting(rest: pd.DataFrame) -> pd.DataFrame:
     """Per MLP layer, per relation and pooled ("all"): DLA to a, breadth over R_r, specificity."""
     mlp = rest[rest["component"] == "mlp"]
-    breadth = mlp.groupby(["relation", "layer", "prompt_id"])["value"].mean().rename("breadth")
+    breadth = mlp.groupby(["relation", "layer", "prompt_id"])["centred"].mean().rename("breadth")
     correct = mlp[mlp["is_correct_target"]].set_index(["relation", "layer", "prompt_id"])
-    per_prompt = correct[["value", "logit_diff"]].join(breadth).reset_index()
-    per_prompt = per_prompt.rename(columns={"value": "correct_dla", "logit_diff": "specificity"})
+    per_prompt = correct[["centred", "logit_diff"]].join(breadth).reset_index()
+    per_prompt = per_prompt.rename(columns={"centred": "correct_dla", "logit_diff": "specificity"})
     measures = ["correct_dla", "breadth", "specificity"]
     by_relation = per_prompt.groupby(["relation", "layer"])[measures].mean()
     pooled = pd.concat({"all": per_prompt.groupby("layer")[measures].mean()}, names=["relation"])

@@ -114,6 +114,12 @@ class LoadedModel:
         return self.bridge.W_U  # a transposed view of the output embedding
 
     @cached_property
+    def W_U_mean(self) -> Float[torch.Tensor, " d_model"]:
+        """The unembedding's average column, in fp32 without an fp32 copy of W_U: the direction that raises every
+        logit alike, which no probability can see (TransformerLens centres W_U by removing it)."""
+        return self.W_U.mean(1, dtype=torch.float32)
+
+    @cached_property
     def b_U(self) -> Float[torch.Tensor, " vocab"]:
         b_u = getattr(self.bridge, "b_U", None)
         return torch.zeros(self.W_U.shape[1], device=self.W_U.device, dtype=self.W_U.dtype) if b_u is None else b_u

@@ -71,10 +71,10 @@ def _watched_parts(heads: pd.DataFrame) -> pd.DataFrame:
 
 
 def _watched_values(attributions: pd.DataFrame, watched: pd.DataFrame) -> pd.Series:
-    """DLA of the watched parts, indexed by (layer, head, source, prompt_id, target)."""
+    """Centred DLA of the watched parts (as the classes read them), indexed by (layer, head, source, prompt_id, target)."""
     attn = attributions[attributions["component"] == "attn"]
     rows = attn.merge(watched[["layer", "head", "source"]], on=["layer", "head", "source"])
-    return rows.set_index(["layer", "head", "source", "prompt_id", "target"])["value"].astype("float64")
+    return rows.set_index(["layer", "head", "source", "prompt_id", "target"])["centred"].astype("float64")
 
 
 def _swap_stats(before: pd.Series, after: pd.Series, watched: pd.DataFrame) -> pd.DataFrame:
