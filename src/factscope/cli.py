@@ -19,7 +19,7 @@ from rich.table import Table
 
 from . import stages
 from .errors import FactscopeError
-from .taxonomy import DEFAULT_MODEL
+from .taxonomy import CLASSES, DEFAULT_MODEL, MECHANISM_ORDER
 from .stages import Reporter
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="How a language model recalls a fact.")
@@ -168,6 +168,7 @@ def trace(
     noise: Annotated[float, typer.Option("--noise", min=0.0, help="Noise std, in units of the std of the subjects' token embeddings.")] = 3.0,
     window: Annotated[int, typer.Option("--window", min=1, help="Layers per restored attention / MLP window.")] = 10,
     seeds: SeedsOpt = None,
+    method: Annotated[str, typer.Option("--method", help="exact (patching), atp (attribution patching, checked on a sample restored exactly) or both.")] = "exact",
     limit: LimitOpt = None,
     device: DeviceOpt = "cpu",
     threads: ThreadsOpt = None,
@@ -176,8 +177,9 @@ def trace(
     """Causal tracing (Meng et al. 2022) on a finished run's known facts: noise on the subject's embeddings, one
     clean state restored per (layer, position). Writes RUN_DIR/causal_trace.parquet and trace_peaks.csv, adds
     summary.json["causal"]["trace"] and re-renders the report. Costs about 1 + seeds × (1 + 3 × layers) passes,
-    each over every (prompt, position from the subject on)."""
-    run = stages.trace(run_dir, noise=noise, window=window, seeds=_numbers(seeds, int, "--seeds"), limit=limit,
+    each over the positions from the restored one on. --method atp writes atp_trace.parquet and atp_agreement.csv
+    instead (1 + seeds forward and backward passes, plus the sampled exact check); both writes all four."""
+    run = stages.trace(run_dir, noise=noise, window=window, seeds=_numbers(seeds, int, "--seeds"), method=method, limit=limit,
                        device=device, threads=threads, overwrite=overwrite, reporter=REPORTER)
     _print_causal(run.summary["causal"], ("trace",))
     _print_report(run)
@@ -325,14 +327,17 @@ def _print_mechanisms(summary: dict) -> None:
     classes = Table(title="head classes (mean DLA to the correct attribute, by source)")
     for column in ("class", "heads", "strongest"):
         classes.add_column(column, justify="right" if column == "heads" else "left")
-    for name, entry in summary["head_classes"].items():
+    for name in CLASSES:  # summary.json's keys come back sorted: print in the taxonomy's order
+        entry = summary["head_classes"][name]
         classes.add_row(name, str(entry["count"]), ", ".join(entry["top"]) if name != "negligible" else "")
-    shares = Table(title="share of the correct attribute's logit and of a − mean(R \\ a), by mechanism")
+    shares = Table(title="share of the correct attribute's logit and of a − mean(R \\ a) [95% CI], by mechanism")
     for column in ("mechanism", "logit", "a − mean(R\\a)"):
         shares.add_column(column, justify="left" if column == "mechanism" else "right")
-    by_metric = summary["mechanism_shares"]
-    for mechanism in by_metric["logit"]:
-        shares.add_row(mechanism, f"{by_metric['logit'][mechanism]:+.1%}", f"{by_metric['logit_diff'][mechanism]:+.1%}")
+    by_metric, intervals = summary["mechanism_shares"], summary.get("mechanism_shares_ci", {}).get("logit_diff", {})
+    for mechanism in MECHANISM_ORDER:
+        low, high = intervals.get(mechanism, (None, None))
+        interval = f" [{low:+.1%}, {high:+.1%}]" if low is not None else ""
+        shares.add_row(mechanism, f"{by_metric['logit'][mechanism]:+.1%}", f"{by_metric['logit_diff'][mechanism]:+.1%}{interval}")
     out = Console()
     out.print(classes)
     out.print(shares)

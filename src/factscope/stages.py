@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
-from . import rundir
+from . import bootstrap, rundir
 from .errors import FactscopeError
 from .taxonomy import DEFAULT_MODEL
 
@@ -129,6 +129,7 @@ def analyze(
                 summary.update(decompose_to_dir(run, loaded, encoded, batch_size, advance, known_only=not all_prompts))
             # R_r over every prompt of the dataset, known or not: the one every later stage of this run uses
             rundir.write_table(pd.DataFrame(targets_table(relation_targets(encoded))), run.staging, "relation_targets")
+            summary["accuracy_ci"] = bootstrap.mean_interval(rundir.read_table(run.staging, "recall", required=True)["correct"])
             if summary["n_analysed"] == 0:
                 raise FactscopeError("no prompt is a known fact for this model; rerun with --all-prompts")
             summary.update(summarize(run.staging, rule))
@@ -187,6 +188,7 @@ def trace(
     noise: float = 3.0,
     window: int = 10,
     seeds: Sequence[int] | None = None,
+    method: str = "exact",
     limit: int | None = None,
     device: str = "cpu",
     threads: int | None = None,
@@ -197,10 +199,12 @@ def trace(
     """Causal tracing (Meng et al. 2022) on a finished run's known facts: noise of `noise` × the std of the
     subjects' token embeddings on the subject, one clean state restored per (layer, position); attention and
     MLP outputs restored over `window` layers. Adds causal_trace.parquet, trace_peaks.csv and
-    summary.json["causal"]["trace"] to the run."""
+    summary.json["causal"]["trace"] to the run. `method` "atp" estimates the restorations by attribution patching
+    instead (atp_trace.parquet, with atp_agreement.csv from a sample restored exactly), "both" runs both and
+    compares them on every cell."""
     from . import causal
 
-    options = {"noise": noise, "window": window}
+    options = {"noise": noise, "window": window, "method": method}
     if seeds is not None:
         options["seeds"] = list(seeds)
     run_dir = _finished_run(run_dir)
