@@ -1,14 +1,20 @@
-"""Causal tracing: zero noise has zero effect, seeds are deterministic, and the stacked, resumed, chunked
-restorations equal one plain forward pass per restoration."""
+"""Causal tracing: zero noise has zero effect, seeds are deterministic, the stacked, resumed, chunked
+restorations equal one plain forward pass per restoration, the key/value-cached restorations equal the full-width
+ones, and the table pools tokens as ROME does."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 import torch
 from causal_helpers import tiny
 
 from factscope.causal.sites import layer_window
-from factscope.causal.trace import subject_noise, trace_effects, trace_passes, trace_peaks, trace_table
+from factscope.causal.trace import (
+    TraceEffects, sem_at_draws, subject_noise, trace_effects, trace_labels, trace_passes, trace_peaks, trace_summary,
+    trace_table,
+)
 from factscope.forward import capture, make_batch
 
 
@@ -78,3 +84,66 @@ def test_trace_table(model_dirs):
     assert end["indirect_effect"] == pytest.approx(end["p_clean"] - end["p_corrupted"], abs=1e-6)
     peaks = trace_peaks(table)
     assert len(peaks) == table.groupby(["kind", "token"]).ngroups
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3", "neox", "qwen2"])
+def test_cached_restorations_equal_full_width_ones(model_dirs, family):
+    """Starting each pass at the restored position, with the corrupted run's keys and values before it, changes
+    nothing (≤ 1e-5 in p) on every family, window clipping and chunking included."""
+    model, encoded = tiny(model_dirs, family)
+    options = dict(noise=3.0, seeds=(2,), window=2, max_rows=7)
+    fast = trace_effects(model, encoded, **options)
+    slow = trace_effects(model, encoded, kv_cache=False, **options)
+    assert torch.equal(fast.p_corrupted, slow.p_corrupted)
+    difference, largest = float((fast.effects - slow.effects).abs().max()), float(slow.effects.abs().max())
+    # a tiny model's p(a) is about 1/vocabulary, so the effects are small: also check against their own size
+    assert difference <= 1e-5 and difference <= 1e-3 * largest and largest > 0
+
+
+def _synthetic(effects: torch.Tensor, batch) -> TraceEffects:
+    return TraceEffects(effects, torch.ones(len(batch)), torch.zeros(effects.shape[0], len(batch)), 1.0, ("resid",), 1, batch)
+
+
+def test_table_pools_tokens_and_counts_end_as_first_subsequent(model_dirs):
+    """A row is the mean over every (prompt, token) of its kind (ROME's Avg.add_all), its sem the cluster standard
+    error over prompts; END right after the subject is a first subsequent token too."""
+    model, encoded = tiny(model_dirs, "llama")
+    item = encoded[0]
+    last = max(pos for pos, group in enumerate(item.groups) if group == "subject")
+    short = replace(item, token_ids=item.token_ids[: last + 2], groups=item.groups[: last + 2])  # END right after the subject
+    labels = trace_labels(make_batch(model, [short]))
+    assert labels["first_subsequent"][1][0, last + 1] and labels["last_token"][1][0, last + 1]
+    batch = make_batch(model, encoded[:3])
+    labels = trace_labels(batch)
+    effects = torch.rand((2, 1, 1, *batch.tokens.shape), generator=torch.Generator().manual_seed(0))
+    table = trace_table(_synthetic(effects, batch)).set_index("token")
+    mask = labels["subject"][1]
+    per_prompt = (effects.mean(0)[0, 0] * mask).sum(-1)
+    counts = mask.sum(-1).double()
+    pooled = float(per_prompt.sum() / counts.sum())
+    assert table.loc["subject", "indirect_effect"] == pytest.approx(pooled, abs=1e-6)
+    residual = per_prompt.double() - pooled * counts
+    sem = float((residual.pow(2).sum() * 3 / 2).sqrt() / counts.sum())
+    assert table.loc["subject", "sem"] == pytest.approx(sem, rel=1e-6)
+    assert int(table.loc["subject", "n_tokens"]) == int(counts.sum())
+    # with one token per prompt the cluster sem is the usual std / √N
+    end = (effects.mean(0)[0, 0] * labels["last_token"][1]).sum(-1).double()
+    assert table.loc["last_token", "sem"] == pytest.approx(float(end.std() / 3**0.5), rel=1e-6)
+
+
+def test_noise_draws_only_add_within_prompt_variance(model_dirs):
+    """Identical draws have no draw part; at the run's own number of draws sem_at_draws gives sem back, and more
+    draws never widen it."""
+    model, encoded = tiny(model_dirs, "llama")
+    batch = make_batch(model, encoded[:4])
+    same = torch.rand((1, 1, 1, *batch.tokens.shape), generator=torch.Generator().manual_seed(1)).repeat(3, 1, 1, 1, 1)
+    table = trace_table(_synthetic(same, batch))
+    assert (table["sem_draws"].abs() < 1e-9).all()
+    generator = torch.Generator().manual_seed(2)
+    per_prompt = torch.rand((1, 1, 1, len(batch), 1), generator=generator) * 10  # prompts differ far more than draws
+    varied = per_prompt + torch.rand((3, 1, 1, *batch.tokens.shape), generator=generator)
+    table = trace_table(_synthetic(varied, batch))
+    assert sem_at_draws(table, 3).to_numpy() == pytest.approx(table["sem"].to_numpy(), rel=1e-9)
+    assert (sem_at_draws(table, 10) <= table["sem"] + 1e-12).all() and (sem_at_draws(table, 1) >= table["sem"] - 1e-12).all()
+    draws = trace_summary(table, trace_peaks(table))["draws"]
+    assert draws["n_draws"] == 3 and draws["median_sem_at_10_draws"] <= draws["median_sem"] <= draws["median_sem_at_1_draw"]

@@ -82,13 +82,15 @@ def end_logits(
     hooks: Sequence[Hook] = (),
     resid: Float[torch.Tensor, "batch pos d_model"] | None = None,
     start: int = 0,
+    past_key_values=None,
 ) -> Float[torch.Tensor, "batch vocab"]:
     """One forward pass → the model's own logits at each prompt's END only, in fp32. The pass stops at the final
     norm, so vocabulary-sized logits are never built for other positions.
 
     `hooks` are TransformerLens (name, function) pairs. With `resid` (and no `tokens`), the pass starts at block
     `start` from that residual stream; the blocks below it are taken out of the model for the call, because
-    TransformerBridge's `start_at_layer` would still run them and throw their output away.
+    TransformerBridge's `start_at_layer` would still run them and throw their output away. `past_key_values` (a
+    transformers cache) holds the keys and values of positions before the ones passed; `mask` then covers both.
     """
     from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
@@ -99,12 +101,13 @@ def end_logits(
 
     hooks = [*hooks, (act_name("final_out"), stop)]
     bridge = model.bridge
+    cached = {} if past_key_values is None else {"past_key_values": past_key_values}
     with torch.inference_mode(), _quiet_norm_edits():
         if resid is None:
-            normed = bridge.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=hooks)
+            normed = bridge.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=hooks, **cached)
         else:
             with _without_blocks_below(bridge, start):
-                normed = bridge.run_with_hooks(resid, start_at_layer=start, attention_mask=mask, fwd_hooks=hooks)
+                normed = bridge.run_with_hooks(resid, start_at_layer=start, attention_mask=mask, fwd_hooks=hooks, **cached)
         return (normed @ model.W_U + model.b_U).float()
 
 

@@ -45,6 +45,8 @@ TABLES = {
     "enrichment": "enrichment.csv",
     "causal_trace": "causal_trace.parquet",
     "trace_peaks": "trace_peaks.csv",
+    "atp_trace": "atp_trace.parquet",  # causal_trace's rows estimated by attribution patching (trace --method atp|both)
+    "atp_agreement": "atp_agreement.csv",  # AtP against exact patching, per kind (causal.atp)
 }
 LAZY_TABLES = ("attributions",)  # ~10⁶ rows: read on demand with filters (`Run.attributions`)
 

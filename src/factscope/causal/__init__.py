@@ -9,7 +9,8 @@ what happens to the attribute's probability, logit and top-1 accuracy. One modul
 - `noise`       noise on one mechanism: does the full model keep a first more often than the mechanism alone?
 - `extraction`  attribute extraction rate (Geva et al. 2023) of every attention / MLP sublayer;
 - `enrichment`  logit lens at the last subject token: from which layer is `a` decodable there;
-- `trace`       causal tracing (Meng et al. 2022): noise on the subject, restore one clean state.
+- `trace`       causal tracing (Meng et al. 2022): noise on the subject, restore one clean state;
+- `atp`         the same restorations estimated by attribution patching, with its error against exact patching.
 
 `sites` says WHERE an intervention acts (typed paths, head masks, layer windows), `edits` WHAT it does there
 (record, ablate, add noise), `scores` what is measured. Every condition is ONE batched forward pass over all
@@ -90,16 +91,18 @@ def trace_checks(
     noise: float = trace.NOISE,
     window: int = trace.WINDOW,
     seeds: Sequence[int] = trace.SEEDS,
+    method: str = "exact",
     progress: ProgressBars = None,
     enrichment: pd.DataFrame | None = None,
 ) -> tuple[dict[str, pd.DataFrame], dict]:
     """The `trace` command's checks on the known facts: tables by rundir.TABLES name, and the entries of
-    summary.json["causal"]. `enrichment` is the run's enrichment table, if it has one: its summary is redone
-    with the new tracing peak."""
-    tables = _run("trace", model, known, {"noise": noise, "window": window, "seeds": seeds}, progress)
-    settings = {"noise": noise, "window": window, "seeds": list(seeds), "n_prompts": len(known)}
+    summary.json["causal"]. `method` is exact patching, attribution patching (`atp`, with its error on a sample
+    restored exactly) or both. `enrichment` is the run's enrichment table, if it has one: its summary is redone
+    with the new tracing peak (exact tracing only)."""
+    tables = _run("trace", model, known, {"noise": noise, "window": window, "seeds": seeds, "method": method}, progress)
+    settings = {"noise": noise, "window": window, "seeds": list(seeds), "method": method, "n_prompts": len(known)}
     summary = {check.name: {**settings, **check.summarize(tables)} for check in _of("trace")}
-    if enrichment is not None:
+    if enrichment is not None and "causal_trace" in tables:
         summary["enrichment"] = enrichment_summary(enrichment, tables["causal_trace"])
     return tables, summary
 

@@ -5,11 +5,33 @@ Conventions, as in ROME: the noise is `noise` × the std of the subjects' token 
 added at `hook_embed` on subject positions only; a restored `resid` state is the residual stream after that
 layer at one position, a restored `attn` / `mlp` state is that sublayer's output at one position for a window
 of layers around it; the indirect effect is p_restored(a) − p_corrupted(a).
+
+Bookkeeping, as ROME's `read_knowlege` (experiments/causal_trace.py):
+- position kinds: the first subsequent token is the token after the subject even when it is END (it is then
+  counted as both `first_subsequent` and `last_token`, as in ROME); `further_tokens` are the tokens between it and END;
+- a row of the table pools its tokens: the mean over every (prompt, token) of that kind, so a prompt with three
+  middle-subject tokens weighs three times one with a single one (ROME's `Avg.add_all`). The token groups (`level`
+  "group") are pooled the same way. `sem` stays over prompts: it is the cluster (ratio-estimator) standard error
+  with the prompt as the cluster, √(N/(N−1) Σ_p (S_p − m·n_p)²) / Σ_p n_p for S_p a prompt's summed effect over its
+  n_p tokens; with one token per prompt it is the usual std/√N;
+- noise draws: one draw per seed, the same draw for the corrupted run and every restoration (ROME reuses one
+  RandomState per call too); the effect is averaged over the draws, which is ROME's averaging of p over its 10
+  noised copies. factscope defaults to 3 draws (`SEEDS`) because each draw costs 1 + 3 × n_layers passes. The draws
+  only add within-prompt variance: `sem_draws` is the part of `sem` that comes from them (from the spread of S_p
+  over seeds), so at n' draws the standard error would be √(sem² − sem_draws² + sem_draws² · n / n'). The summary
+  gives both at the run's draws, at 1 and at 10 (BENCHMARKS.md has them on SmolLM2).
+
+Speed: a restoration at (layer, position i) cannot change anything below the layer (the pass resumes there) or at
+positions before i (causal attention). With `kv_cache` (the default) each pass starts at the restored position:
+the corrupted run's keys and values of positions < i, at every layer, are handed to the model as a key/value cache,
+so only positions ≥ i are computed. Rows restoring the same position share one pass. `kv_cache=False` is the former
+implementation (full-width rows), kept as the reference the benchmark and the tests compare against.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pandas as pd
@@ -64,7 +86,8 @@ def _trace_rows(batch: Batch) -> Restorations:
 
 def trace_labels(batch: Batch) -> dict[str, tuple[str, Bool[torch.Tensor, "batch pos"]]]:
     """Position kinds of Meng et al. (first/middle/last subject token, first subsequent token, further
-    tokens, last token) and the token groups, as masks; a one-token subject is both first and last."""
+    tokens, last token) and the token groups, as masks; a one-token subject is both first and last, and a
+    relation of one token makes END both the first subsequent and the last token (as in ROME)."""
     shape = batch.tokens.shape
     masks = {name: torch.zeros(shape, dtype=torch.bool) for name in
              ("first_subject", "mid_subject", "last_subject", "first_subsequent", "further_tokens", "last_token")}
@@ -74,7 +97,7 @@ def trace_labels(batch: Batch) -> dict[str, tuple[str, Bool[torch.Tensor, "batch
         masks["first_subject"][row, first] = True
         masks["last_subject"][row, last] = True
         masks["mid_subject"][row, first + 1 : last] = True
-        if last + 1 < end:
+        if last < end:
             masks["first_subsequent"][row, last + 1] = True
         masks["further_tokens"][row, last + 2 : end] = True
         masks["last_token"][row, end] = True
@@ -105,6 +128,7 @@ class States:
     clean: dict[str, torch.Tensor]  # hook name → the clean run's activation, and "p" → the clean p(a)
     corrupt_pre: list[Float[torch.Tensor, "batch pos d_model"]]  # the corrupted residual stream entering each block
     p_corrupt: Float[torch.Tensor, " batch"]
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None  # the corrupted run's keys and values per layer [batch, kv_head, pos, d_head]
 
 
 def trace_effects(
@@ -116,6 +140,7 @@ def trace_effects(
     kinds: Sequence[str] = TRACE_KINDS,
     max_rows: int = 1024,
     progress: Progress = None,
+    kv_cache: bool = True,
 ) -> TraceEffects:
     """Causal tracing, per prompt and position: corrupt the subject's token embeddings with Gaussian noise
     (`noise` × the std of the subjects' token embeddings over the dataset; one seeded draw per seed), then
@@ -123,8 +148,9 @@ def trace_effects(
     attention / MLP outputs of a `window` of layers around it — and record p_restored(a) − p_corrupted(a).
 
     All restorations of one (seed, kind, layer) are stacked into the batch dimension (in chunks of
-    `max_rows` rows, sorted by length so padding stays short) and run from the first block they change.
-    Passes: `trace_passes`.
+    `max_rows` rows) and run from the first block they change; with `kv_cache`, from the restored position on,
+    one pass per restored position, the earlier positions read from the corrupted run's keys and values (same
+    results, up to float rounding). Progress ticks: `trace_passes`.
     """
     unknown = [kind for kind in kinds if kind not in TRACE_KINDS]
     if unknown:
@@ -138,13 +164,14 @@ def trace_effects(
     effects = torch.zeros((len(seeds), len(kinds), n_layers, *batch.tokens.shape))  # zero where not restored
     p_corrupted = []
     for s, seed in enumerate(seeds):
-        corrupt_pre, p_corrupt = _corrupted_states(model, batch, subject_noise(batch, noise * std, seed, model.cfg.d_model))
+        states = _corrupted_states(model, batch, subject_noise(batch, noise * std, seed, model.cfg.d_model), clean, kv_cache)
         tick(progress)
+        p_corrupt = states.p_corrupt
         p_corrupted.append(p_corrupt.cpu())
-        states = States(clean, corrupt_pre, p_corrupt)
+        restore = _restored_probs_cached if kv_cache else _restored_probs
         for k, kind in enumerate(kinds):
             for layer in range(n_layers):
-                restored = _restored_probs(model, batch, rows, states, kind, layer, window, max_rows)
+                restored = restore(model, batch, rows, states, kind, layer, window, max_rows)
                 effects[s, k, layer, prompts.cpu(), positions.cpu()] = (restored - p_corrupt[prompts]).cpu()
                 tick(progress)
     return TraceEffects(effects, clean["p"].cpu(), torch.stack(p_corrupted), noise * std, tuple(kinds), window, batch)
@@ -160,9 +187,10 @@ def trace_table(trace: TraceEffects) -> pd.DataFrame:
 
     One row per (kind, layer, token): `token` is a position kind (`level="position"`: first_subject,
     mid_subject, last_subject, first_subsequent, further_tokens, last_token, after Meng et al.) or a token
-    group (`level="group"`: bos, prefix, subject, relation); `indirect_effect` is the mean over prompts of
-    the seed-averaged effect averaged over the prompt's positions of that kind, `sem` its standard error
-    over prompts; `first_layer`..`last_layer` is the restored window; `p_clean` and `p_corrupted` are means.
+    group (`level="group"`: bos, prefix, subject, relation); `indirect_effect` is the seed-averaged effect
+    pooled over every (prompt, token) of that kind (as ROME), `sem` its standard error with prompts as clusters,
+    `sem_draws` the part of `sem` due to the noise draws (`sem_at_draws`); `n_tokens` the pooled tokens;
+    `first_layer`..`last_layer` is the restored window; `p_clean` and `p_corrupted` are means.
     """
     n_layers = trace.effects.shape[2]
     table = _trace_table(trace.effects, trace_labels(trace.batch), trace.kinds, trace.window, n_layers)
@@ -186,20 +214,104 @@ def _clean_states(model: LoadedModel, batch: Batch, kinds: Sequence[str]) -> tup
 
 
 def _corrupted_states(
-    model: LoadedModel, batch: Batch, noise: Float[torch.Tensor, "batch pos d_model"]
-) -> tuple[list[Float[torch.Tensor, "batch pos d_model"]], Float[torch.Tensor, " batch"]]:
-    """The corrupted run: the residual stream entering every block, and p(a)."""
+    model: LoadedModel, batch: Batch, noise: Float[torch.Tensor, "batch pos d_model"], clean: dict, kv_cache: bool
+) -> States:
+    """The corrupted run: the residual stream entering every block, p(a), and (`kv_cache`) every layer's keys and
+    values."""
+    from transformers import DynamicCache
+
     store: dict = {}
     names = [act_name("resid_pre", layer) for layer in range(model.cfg.n_layers)]
     hooks = [(act_name("embed"), lambda x, hook: x + noise), *(capture(store, name) for name in names)]
-    logits = batch.logits(model, hooks)
-    return [store[name] for name in names], logits.softmax(-1)[batch.rows, batch.answers]
+    # A cache without the model's config keeps every position: one built from Gemma's config would keep only the
+    # last `sliding_window` keys of its local layers, and the prefixes cut from it would be the wrong positions.
+    cache = DynamicCache() if kv_cache else None
+    with _bridge_reads_cache(model.bridge, kv_cache):
+        logits = end_logits(model, batch.tokens, batch.mask, batch.ends, hooks, past_key_values=cache)
+    kv = [(layer.keys, layer.values) for layer in cache.layers] if kv_cache else None
+    return States(clean, [store[name] for name in names], logits.softmax(-1)[batch.rows, batch.answers], kv)
+
+
+@contextmanager
+def _bridge_reads_cache(bridge, active: bool = True):
+    """TransformerLens 4.3's attention looks for the cache under `past_key_values` or `layer_past`; transformers 5
+    hands it to the attention as `cache`, so the bridge would neither fill nor read it. For the duration of a call,
+    each block's attention is given the cache under the name it reads."""
+    if not active:
+        yield
+        return
+    for block in bridge.blocks:
+        update = block.attn._update_kv_cache
+
+        def renamed(k, v, _update=update, **kwargs):
+            if kwargs.get("past_key_values") is None and kwargs.get("layer_past") is None and kwargs.get("cache") is not None:
+                kwargs["past_key_values"] = kwargs["cache"]
+            return _update(k, v, **kwargs)
+
+        block.attn._update_kv_cache = renamed
+    try:
+        yield
+    finally:
+        for block in bridge.blocks:
+            del block.attn._update_kv_cache
+
+
+def _prefix_cache(kv: list[tuple[torch.Tensor, torch.Tensor]], prompts: Int[torch.Tensor, " rows"], length: int):
+    """The corrupted run's keys and values of positions < `length` of `prompts`, as a fresh cache (a pass extends
+    the cache it is given); None for an empty prefix."""
+    from transformers import DynamicCache
+
+    if length == 0:
+        return None
+    cache = DynamicCache()
+    for layer, (keys, values) in enumerate(kv):
+        cache.update(keys[prompts, :, :length], values[prompts, :, :length], layer)
+    return cache
+
+
+def _restored_probs_cached(
+    model: LoadedModel, batch: Batch, rows: Restorations, states: States, kind: str, layer: int, window: int, max_rows: int
+) -> Float[torch.Tensor, " rows"]:
+    """`_restored_probs` computing only positions ≥ the restored one: rows restoring the same position share a
+    pass whose earlier positions come from the corrupted run's cache, and the restored state is local position 0."""
+    n_layers = model.cfg.n_layers
+    prompts, positions, clean, p_corrupt = rows.prompts, rows.positions, states.clean, states.p_corrupt
+    if kind == "resid" and layer == n_layers - 1:
+        return torch.where(positions == batch.ends[prompts], clean["p"][prompts], p_corrupt[prompts])
+    first, last = (layer + 1, layer + 1) if kind == "resid" else layer_window(layer, window, n_layers)
+    out = torch.empty(len(prompts), device=batch.tokens.device)
+    for position in positions.unique().tolist():
+        for chunk in torch.nonzero(positions == position).flatten().split(max_rows):
+            p = prompts[chunk]
+            width = int(batch.ends[p].max()) + 1
+            resid = states.corrupt_pre[first][p, position:width].clone()
+            hooks = []
+            if kind == "resid":
+                resid[:, 0] = clean[act_name("resid_post", layer)][p, position]
+            else:
+                names = [act_name(_RESTORED[kind], j) for j in range(first, last + 1)]
+                hooks = [(name, _restore_first(clean[name][p, position])) for name in names]
+            with _bridge_reads_cache(model.bridge):
+                logits = end_logits(model, None, batch.mask[p, :width], batch.ends[p] - position, hooks, resid=resid,
+                                    start=first, past_key_values=_prefix_cache(states.kv, p, position))
+            out[chunk] = logits.softmax(-1)[torch.arange(len(chunk), device=p.device), batch.answers[p]]
+    return out
+
+
+def _restore_first(clean_out: Float[torch.Tensor, "rows d_model"]):
+    def hook(x: Float[torch.Tensor, "rows pos d_model"], hook):
+        x = x.clone()
+        x[:, 0] = clean_out
+        return x
+
+    return hook
 
 
 def _restored_probs(
     model: LoadedModel, batch: Batch, rows: Restorations, states: States, kind: str, layer: int, window: int, max_rows: int
 ) -> Float[torch.Tensor, " rows"]:
-    """p(a) with one clean state restored per row (row = one prompt and one position)."""
+    """p(a) with one clean state restored per row (row = one prompt and one position), every row the prompt's
+    full width."""
     n_layers = model.cfg.n_layers
     prompts, positions, clean, p_corrupt = rows.prompts, rows.positions, states.clean, states.p_corrupt
     if kind == "resid" and layer == n_layers - 1:
@@ -246,16 +358,25 @@ def _trace_table(
     window: int,
     n_layers: int,
 ) -> pd.DataFrame:
-    """Per (kind, layer, label) the mean over prompts of the mean over the label's positions and the seeds."""
-    per_seed = effects.mean(0)  # [kind, layer, batch, pos]
+    """Per (kind, layer, label) the seed-averaged effect pooled over every (prompt, token) of the label, its cluster
+    standard error over prompts, and the part of it that the noise draws contribute (module docstring)."""
+    n_seeds = effects.shape[0]
     records = []
     for token, (level, mask) in labels.items():
         has = mask.any(1)  # prompts with at least one such position
         if not has.any():
             continue
-        per_prompt = (per_seed * mask).sum(-1)[..., has] / mask.sum(1)[has]  # [kind, layer, prompt]
-        mean = per_prompt.mean(-1)
-        sem = per_prompt.std(-1) / per_prompt.shape[-1] ** 0.5 if per_prompt.shape[-1] > 1 else torch.full_like(mean, float("nan"))
+        per_seed = (effects * mask)[..., has, :].sum(-1).double()  # [seed, kind, layer, prompt]: S_p per draw
+        summed = per_seed.mean(0)
+        counts = mask[has].sum(1).double()
+        n_prompts, total = len(counts), counts.sum()
+        mean = summed.sum(-1) / total
+        if n_prompts > 1:
+            residual = summed - mean[..., None] * counts
+            sem = (residual.pow(2).sum(-1) * n_prompts / (n_prompts - 1)).sqrt() / total
+        else:
+            sem = torch.full_like(mean, float("nan"))
+        draws = (per_seed.var(0).sum(-1) / n_seeds).sqrt() / total if n_seeds > 1 else torch.full_like(mean, float("nan"))
         for k, kind in enumerate(kinds):
             for layer in range(n_layers):
                 first, last = (layer, layer) if kind == "resid" else layer_window(layer, window, n_layers)
@@ -263,10 +384,18 @@ def _trace_table(
                     {
                         "kind": kind, "layer": layer, "first_layer": first, "last_layer": last, "token": token,
                         "level": level, "indirect_effect": float(mean[k, layer]), "sem": float(sem[k, layer]),
-                        "n_prompts": int(has.sum()),
+                        "sem_draws": float(draws[k, layer]), "n_prompts": n_prompts, "n_tokens": int(total),
                     }
                 )
     return pd.DataFrame.from_records(records)
+
+
+def sem_at_draws(table: pd.DataFrame, n_draws: int) -> pd.Series:
+    """Each row's standard error had the run used `n_draws` noise draws instead of its own `n_seeds`: the draws'
+    part of the variance scales as 1/draws, the prompts' part stays (clipped at zero where, on few prompts, the
+    estimated draws' part exceeds the whole)."""
+    between = (table["sem"] ** 2 - table["sem_draws"] ** 2).clip(lower=0)
+    return (between + table["sem_draws"] ** 2 * table["n_seeds"] / n_draws) ** 0.5
 
 
 def trace_peaks(trace: pd.DataFrame) -> pd.DataFrame:
@@ -276,19 +405,60 @@ def trace_peaks(trace: pd.DataFrame) -> pd.DataFrame:
 
 
 def trace_summary(table: pd.DataFrame, peaks: pd.DataFrame) -> dict:
-    """p(a) clean and corrupted (means over prompts and seeds), and the peak of every (kind, token)."""
+    """p(a) clean and corrupted (means over prompts and seeds), the peak of every (kind, token), and what the
+    number of noise draws does to the standard errors (medians over the rows with an effect; NaN → None)."""
+    live = table[table["sem"] > 0]
+    draws = {"n_draws": int(table["n_seeds"].iloc[0])}
+    for name, values in (("sem", live["sem"]), ("sem_draws", live["sem_draws"]),
+                         ("sem_at_1_draw", sem_at_draws(live, 1)), ("sem_at_10_draws", sem_at_draws(live, 10))):
+        median = float(values.median()) if len(values) else float("nan")
+        draws[f"median_{name}"] = median if median == median else None
     return {"p_clean": float(table["p_clean"].iloc[0]), "p_corrupted": float(table["p_corrupted"].iloc[0]),
-            "peaks": peaks.to_dict(orient="records")}
+            "peaks": peaks.to_dict(orient="records"), "draws": draws}
 
 
-def _run(model: LoadedModel, known: list[Encoded], *, noise: float, window: int, seeds: Sequence[int],
+METHODS = ("exact", "atp", "both")
+
+
+def _run(model: LoadedModel, known: list[Encoded], *, noise: float, window: int, seeds: Sequence[int], method: str,
          progress: Progress) -> dict[str, pd.DataFrame]:
-    table = trace_table(trace_effects(model, known, noise, seeds, window, progress=progress))
-    return {"causal_trace": table, "trace_peaks": trace_peaks(table)}
+    """`exact`: causal_trace and trace_peaks; `atp`: atp_trace and atp_agreement on a sample restored exactly;
+    `both`: all four, atp_agreement on every cell."""
+    from . import atp  # atp builds on this module's passes
+
+    if method not in METHODS:
+        raise FactscopeError(f"unknown trace method {method!r} (use {', '.join(METHODS)})")
+    tables, exact = {}, None
+    if method != "atp":
+        exact = trace_effects(model, known, noise, seeds, window, progress=progress)
+        tables["causal_trace"] = trace_table(exact)
+        tables["trace_peaks"] = trace_peaks(tables["causal_trace"])
+    if method != "exact":
+        estimate = atp.atp_trace(model, known, noise, seeds, window, progress=progress)
+        tables["atp_trace"] = trace_table(estimate)
+        tables["atp_agreement"] = (atp.full_agreement(exact, estimate) if exact is not None
+                                   else atp.sampled_agreement(model, estimate, seeds))
+    return tables
+
+
+def _passes(n_layers: int, noise: float, window: int, seeds: Sequence[int], method: str) -> int:
+    from .atp import atp_passes
+
+    return (trace_passes(n_layers, seeds) if method != "atp" else 0) + (atp_passes(seeds) if method != "exact" else 0)
+
+
+def _summary(tables) -> dict:
+    from .atp import agreement_summary
+
+    summary = {}
+    if "causal_trace" in tables:
+        summary.update(trace_summary(tables["causal_trace"], tables["trace_peaks"]))
+    if "atp_agreement" in tables:
+        summary["atp_agreement"] = agreement_summary(tables["atp_agreement"])
+    return summary
 
 
 CHECK = CausalCheck(
-    "trace", "trace", ("causal_trace", "trace_peaks"), ("noise", "window", "seeds"),
-    lambda n_layers, noise, window, seeds: trace_passes(n_layers, seeds), _run,
-    lambda tables: trace_summary(tables["causal_trace"], tables["trace_peaks"]),
+    "trace", "trace", ("causal_trace", "trace_peaks", "atp_trace", "atp_agreement"), ("noise", "window", "seeds", "method"),
+    _passes, _run, _summary,
 )

@@ -1,0 +1,232 @@
+"""Attribution patching (AtP: Nanda 2023; Kramár et al. 2024) for causal tracing, with its error beside it.
+
+Every restoration of `trace` at once, to first order: restoring a clean activation c at (site, layer, position) in
+the corrupted run moves p(a) by about (c − x) · ∂p(a)/∂x, with x and the gradient taken in the corrupted run. One
+forward and one backward per seed (per chunk of prompts) give every (kind, layer, position) of the trace:
+
+- `resid`: the residual stream after the layer, as the exact trace restores it;
+- `attn` / `mlp`: the sum of the single-layer estimates over the same window of layers the exact trace restores.
+  This is not the first-order effect of the joint restoration: restoring layers j < k together clamps k, so the
+  path from j through k is cut, while the gradient at j includes it; the sum counts that path twice (with the
+  change at j, and again inside the clean value at k). Getting it right takes one backward (or forward-mode) pass
+  per window, which is what AtP is meant to avoid; the error this leaves is measured (`agreement`), not assumed
+  small. With a window of one layer the estimate is first-order exact, as for `resid`.
+
+A row's metric is its own p(a), and prompts never interact in a batch, so the gradient of Σ p(a) is every prompt's
+own gradient. The noise draws are the exact trace's (`trace.subject_noise`, same seeds), so the two are compared
+draw for draw.
+
+AtP* (Kramár et al.) corrects two failure modes. Its attention-softmax recomputation applies to patches of queries
+and keys; the trace restores residual, attention-output and MLP-output states, whose effect on later attention is
+through both keys and values of every later layer, so it does not apply as such and is not done. GradDrop is not
+done either. Because of that, every AtP result comes with its error: `agreement` compares it with exact patching
+on every cell where both ran (`--method both`), or on a sample — the `N_TOP` largest AtP cells of each kind and
+`N_RANDOM` seeded random cells — restored exactly (`--method atp`). `atp_agreement.csv`, one row per kind and one
+for all cells: Pearson and Spearman correlation over cells (a cell: kind, layer, prompt, position, averaged over
+seeds), the overlap of the `TOP_K` largest cells of each, and false negatives — cells whose exact effect is at
+least `THRESHOLD` (in p) where AtP gives less than half of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Bool, Float
+
+from ..data import Encoded
+from ..forward import Batch, act_name, make_batch
+from ..models import LoadedModel
+from .scores import Progress, tick
+from .sites import layer_window
+from .trace import (
+    _RESTORED, NOISE, SEEDS, TRACE_KINDS, WINDOW, Restorations, TraceEffects, _clean_states, _corrupted_states,
+    _restored_probs_cached, subject_noise,
+)
+
+THRESHOLD = 0.05  # a restoration effect (in p) that a false negative misses
+TOP_K = 20
+N_TOP, N_RANDOM = 20, 40  # cells per kind restored exactly when only AtP ran
+SAMPLE_SEED = 0
+
+
+def atp_trace(
+    model: LoadedModel,
+    encoded: list[Encoded],
+    noise: float = NOISE,
+    seeds: Sequence[int] = SEEDS,
+    window: int = WINDOW,
+    kinds: Sequence[str] = TRACE_KINDS,
+    chunk: int = 32,
+    progress: Progress = None,
+) -> TraceEffects:
+    """`trace.trace_effects` estimated by attribution patching: same shape, same zeros (positions before the
+    subject, padding), one forward and one backward per seed and chunk of `chunk` prompts. Progress ticks:
+    `atp_passes`."""
+    batch = make_batch(model, encoded)
+    n_layers = model.cfg.n_layers
+    clean, std = _clean_states(model, batch, kinds)
+    tick(progress)
+    restored = _restorable(batch)
+    effects = torch.zeros((len(seeds), len(kinds), n_layers, *batch.tokens.shape))
+    p_corrupted = torch.zeros((len(seeds), len(batch)))
+    names = {kind: [act_name(_RESTORED[kind], layer) for layer in range(n_layers)] for kind in kinds}
+    for s, seed in enumerate(seeds):
+        noise_all = subject_noise(batch, noise * std, seed, model.cfg.d_model)
+        for rows in batch.rows.split(chunk):
+            width = int(batch.ends[rows].max()) + 1
+            acts, grads, p = _gradients(model, batch, rows, width, noise_all[rows, :width], [n for kind in kinds for n in names[kind]])
+            p_corrupted[s, rows.cpu()] = p.cpu()
+            for k, kind in enumerate(kinds):
+                single = torch.stack([((clean[name][rows, :width].float() - acts[name].float()) * grads[name].float()).sum(-1)
+                                      for name in names[kind]])  # [layer, rows, pos]
+                for layer in range(n_layers):
+                    first, last = (layer, layer) if kind == "resid" else layer_window(layer, window, n_layers)
+                    effects[s, k, layer, rows.cpu(), :width] = single[first : last + 1].sum(0).cpu()
+        tick(progress)
+    return TraceEffects(effects * restored, clean["p"].cpu(), p_corrupted, noise * std, tuple(kinds), window, batch)
+
+
+def atp_passes(seeds: Sequence[int] = SEEDS) -> int:
+    """How many times `atp_trace` calls `progress(1)`."""
+    return 1 + len(seeds)
+
+
+def _restorable(batch: Batch) -> Bool[torch.Tensor, "batch pos"]:
+    """The cells the exact trace restores: the first subject token to END of every prompt."""
+    mask = torch.zeros(batch.tokens.shape, dtype=torch.bool)
+    for row, item in enumerate(batch.items):
+        mask[row, item.groups.index("subject") : item.end + 1] = True
+    return mask
+
+
+def _gradients(model: LoadedModel, batch: Batch, rows, width: int, noise, names: list[str]):
+    """The corrupted run of `rows` with gradients: each named activation, ∂(Σ p(a))/∂ of it, and p(a)."""
+    from transformer_lens.model_bridge.exceptions import StopAtLayerException
+
+    store: dict = {}
+    ends = batch.ends[rows]
+    local = torch.arange(len(rows), device=ends.device)
+
+    def corrupt(x, hook):
+        # a leaf that needs a gradient, so the whole pass is recorded even when the weights are frozen
+        x = (x + noise.to(x.dtype)).detach()
+        return x.requires_grad_(True)
+
+    def keep(name):
+        def hook(x, hook):
+            store[name] = x
+
+        return hook
+
+    def stop(normed, hook):
+        raise StopAtLayerException(normed[local, ends])
+
+    hooks = [(act_name("embed"), corrupt), *((name, keep(name)) for name in names), (act_name("final_out"), stop)]
+    with torch.enable_grad():
+        normed = model.bridge.run_with_hooks(batch.tokens[rows, :width], attention_mask=batch.mask[rows, :width], fwd_hooks=hooks)
+        logits = (normed @ model.W_U + model.b_U).float()
+        p = logits.softmax(-1)[local, batch.answers[rows]]
+        grads = torch.autograd.grad(p.sum(), [store[name] for name in names])
+    return {name: store[name].detach() for name in names}, dict(zip(names, grads)), p.detach()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Its error
+
+
+def agreement(
+    exact: Float[torch.Tensor, "kind layer batch pos"],
+    estimate: Float[torch.Tensor, "kind layer batch pos"],
+    cells: Bool[torch.Tensor, "kind layer batch pos"],
+    kinds: Sequence[str],
+    sampled: bool,
+) -> pd.DataFrame:
+    """AtP against exact patching on `cells` (seed-averaged effects): one row per kind and one for all cells."""
+    records = []
+    parts = [(kind, exact[k][cells[k]], estimate[k][cells[k]]) for k, kind in enumerate(kinds)]
+    for kind, x, y in [*parts, ("all", exact[cells], estimate[cells])]:
+        records.append({"kind": kind, "sampled": sampled, **_statistics(x.double().numpy(), y.double().numpy())})
+    return pd.DataFrame.from_records(records)
+
+
+def _statistics(exact: np.ndarray, estimate: np.ndarray) -> dict:
+    n = len(exact)
+    k = min(TOP_K, n)
+    top = lambda values: set(np.argsort(-values, kind="stable")[:k].tolist())  # noqa: E731
+    found = exact >= THRESHOLD
+    return {
+        "n_cells": n, "pearson": _correlation(exact, estimate), "spearman": _correlation(_ranks(exact), _ranks(estimate)),
+        "top_k": k, "top_k_overlap": len(top(exact) & top(estimate)) / k if k else float("nan"),
+        "threshold": THRESHOLD, "n_exact_above": int(found.sum()),
+        "false_negatives": int((found & (estimate < exact / 2)).sum()),
+        "max_abs_error": float(np.abs(exact - estimate).max()) if n else float("nan"),
+    }
+
+
+def _correlation(x: np.ndarray, y: np.ndarray) -> float:
+    if len(x) < 2 or x.std() == 0 or y.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    return pd.Series(values).rank(method="average").to_numpy()
+
+
+def sample_cells(estimate: Float[torch.Tensor, "kind layer batch pos"], restorable: Bool[torch.Tensor, "batch pos"],
+                 seed: int = SAMPLE_SEED) -> Bool[torch.Tensor, "kind layer batch pos"]:
+    """Per kind the `N_TOP` largest AtP cells and `N_RANDOM` other cells drawn with a seeded generator."""
+    generator = torch.Generator().manual_seed(seed)
+    chosen = torch.zeros(estimate.shape, dtype=torch.bool)
+    for k in range(estimate.shape[0]):
+        candidates = torch.nonzero(restorable.expand_as(estimate[k]).flatten()).flatten()
+        values = estimate[k].flatten()[candidates]
+        top = candidates[torch.argsort(values, descending=True, stable=True)[:N_TOP]]
+        rest = candidates[~torch.isin(candidates, top)]
+        drawn = rest[torch.randperm(len(rest), generator=generator)[:N_RANDOM]]
+        chosen[k].view(-1)[torch.cat([top, drawn])] = True
+    return chosen
+
+
+def exact_cells(model: LoadedModel, atp: TraceEffects, cells: Bool[torch.Tensor, "kind layer batch pos"], seeds: Sequence[int],
+                noise_scale: float, max_rows: int = 1024) -> Float[torch.Tensor, "kind layer batch pos"]:
+    """The exact trace's seed-averaged effect on `cells` only (zero elsewhere), on the same noise draws."""
+    batch, n_layers = atp.batch, model.cfg.n_layers
+    clean, _ = _clean_states(model, batch, atp.kinds)
+    out = torch.zeros(cells.shape)
+    for seed in seeds:
+        states = _corrupted_states(model, batch, subject_noise(batch, noise_scale, seed, model.cfg.d_model), clean, True)
+        for k, kind in enumerate(atp.kinds):
+            for layer in range(n_layers):
+                where = torch.nonzero(cells[k, layer])
+                if not len(where):
+                    continue
+                device = batch.tokens.device
+                rows = Restorations(where[:, 0].to(device), where[:, 1].to(device))
+                restored = _restored_probs_cached(model, batch, rows, states, kind, layer, atp.window, max_rows)
+                out[k, layer, where[:, 0], where[:, 1]] += ((restored - states.p_corrupt[rows.prompts]) / len(seeds)).cpu()
+    return out
+
+
+def sampled_agreement(model: LoadedModel, atp: TraceEffects, seeds: Sequence[int]) -> pd.DataFrame:
+    """`agreement` on `sample_cells`, their exact effects computed for them alone."""
+    estimate = atp.effects.mean(0)
+    cells = sample_cells(estimate, _restorable(atp.batch))
+    exact = exact_cells(model, atp, cells, seeds, atp.noise_std)
+    return agreement(exact, estimate, cells, atp.kinds, sampled=True)
+
+
+def full_agreement(exact: TraceEffects, atp: TraceEffects) -> pd.DataFrame:
+    """`agreement` on every restored cell of a run where both methods ran."""
+    cells = _restorable(exact.batch).expand(exact.effects.shape[1:]).clone()
+    return agreement(exact.effects.mean(0), atp.effects.mean(0), cells, exact.kinds, sampled=False)
+
+
+def agreement_summary(table: pd.DataFrame) -> dict:
+    """summary.json's line: the statistics over all cells (NaN → None)."""
+    row = table[table["kind"] == "all"].iloc[0].to_dict()
+    return {key: (None if isinstance(value, float) and value != value else value) for key, value in row.items() if key != "kind"}
+

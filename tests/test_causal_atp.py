@@ -1,0 +1,93 @@
+"""Attribution patching: exact to first order (small noise), its error statistics, the sampled exact check, and
+`trace --method atp|both` through the checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from causal_helpers import tiny
+
+from factscope.causal import atp, trace_checks
+from factscope.causal.trace import trace_effects
+from factscope.forward import make_batch
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_atp_is_exact_to_first_order(model_dirs, family):
+    """With little noise a restoration is a small change, so AtP's error (second order) is small against the
+    effects themselves (first order), for single-layer restorations; zeros where the exact trace restores nothing.
+    (Windows of several layers add the documented path counted twice.)"""
+    model, encoded = tiny(model_dirs, family)
+    options = dict(noise=0.01, seeds=(1,), window=1)
+    exact = trace_effects(model, encoded, **options)
+    estimate = atp.atp_trace(model, encoded, **options, chunk=5)
+    assert torch.allclose(estimate.p_corrupted, exact.p_corrupted, atol=1e-6)
+    table = atp.full_agreement(exact, estimate).set_index("kind")
+    assert table.loc["all", "pearson"] > 0.999
+    assert table.loc["all", "max_abs_error"] < 0.05 * float(exact.effects.abs().max())
+    first = encoded[0].groups.index("subject")
+    assert (estimate.effects[..., 0, :first] == 0).all()
+
+
+def test_agreement_statistics():
+    generator = torch.Generator().manual_seed(0)
+    exact = torch.rand((2, 3, 4, 5), generator=generator) * 0.2
+    cells = torch.ones(exact.shape, dtype=torch.bool)
+    perfect = atp.agreement(exact, exact, cells, ("resid", "mlp"), sampled=False).set_index("kind")
+    assert np.allclose(perfect[["pearson", "spearman", "top_k_overlap"]].to_numpy(dtype=float), 1.0)
+    assert (perfect["false_negatives"] == 0).all() and perfect.loc["all", "n_cells"] == exact.numel()
+    missed = exact.clone()
+    big = exact >= atp.THRESHOLD
+    missed[0, 0, 0, 0] = 0.0
+    exact[0, 0, 0, 0] = 0.19  # above the threshold, AtP gives nothing
+    table = atp.agreement(exact, missed, cells, ("resid", "mlp"), sampled=False).set_index("kind")
+    assert table.loc["resid", "false_negatives"] == 1 and table.loc["mlp", "false_negatives"] == 0
+    assert table.loc["all", "n_exact_above"] == int(big.sum()) + (not bool(big[0, 0, 0, 0]))
+    assert np.isnan(atp.agreement(exact, torch.zeros_like(exact), cells, ("resid", "mlp"), False)["pearson"]).all()
+
+
+def test_sampled_exact_check_matches_the_full_trace(model_dirs):
+    """The sample's exact effects are the exact trace's on those cells; the sample holds AtP's top cells."""
+    model, encoded = tiny(model_dirs, "llama")
+    options = dict(noise=3.0, seeds=(0, 1), window=2)
+    exact = trace_effects(model, encoded, **options)
+    estimate = atp.atp_trace(model, encoded, **options)
+    cells = atp.sample_cells(estimate.effects.mean(0), atp._restorable(make_batch(model, encoded)))
+    assert int(cells[0].sum()) == atp.N_TOP + atp.N_RANDOM
+    got = atp.exact_cells(model, estimate, cells, (0, 1), estimate.noise_std)
+    assert torch.allclose(got[cells], exact.effects.mean(0)[cells], atol=1e-7)
+    assert (got[~cells] == 0).all()
+    top = torch.argmax(estimate.effects.mean(0)[1].flatten())
+    assert cells[1].flatten()[top]
+
+
+@pytest.mark.parametrize("method", ["atp", "both"])
+def test_trace_methods_write_their_tables(model_dirs, method):
+    model, encoded = tiny(model_dirs, "gpt2")
+    calls = []
+    tables, summary = trace_checks(model, encoded[:6], seeds=(0,), window=2, method=method,
+                                   progress=lambda label, total: _Bar(calls, total))
+    expected = {"atp_trace", "atp_agreement"} | ({"causal_trace", "trace_peaks"} if method == "both" else set())
+    assert set(tables) == expected
+    agreement = tables["atp_agreement"]
+    assert list(agreement["kind"]) == ["resid", "attn", "mlp", "all"]
+    assert bool(agreement["sampled"].all()) == (method == "atp")
+    line = summary["trace"]["atp_agreement"]
+    assert line["n_cells"] == int(agreement["n_cells"].iloc[-1]) and summary["trace"]["method"] == method
+    assert set(tables["atp_trace"].columns) >= {"kind", "layer", "token", "indirect_effect", "sem"}
+    assert calls and calls[0][0] == calls[0][1]  # every announced pass ticked
+
+
+class _Bar:
+    def __init__(self, calls, total):
+        self.calls, self.total, self.done = calls, total, 0
+
+    def __enter__(self):
+        return self.advance
+
+    def advance(self, n):
+        self.done += n
+
+    def __exit__(self, *exc):
+        self.calls.append((self.done, self.total))
