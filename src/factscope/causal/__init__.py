@@ -30,7 +30,7 @@ import pandas as pd
 
 from ..data import Encoded
 from ..models import LoadedModel
-from . import ablation, enrichment, extraction, knockout, noise, trace
+from . import ablation, atp, enrichment, extraction, knockout, noise, trace
 from .ablation import robustness_summary
 from .check import CausalCheck
 from .enrichment import enrichment_summary
@@ -47,7 +47,7 @@ __all__ = [
     "trace_checks", "trace_peaks",
 ]
 
-CHECKS: tuple[CausalCheck, ...] = (knockout.CHECK, ablation.CHECK, noise.CHECK, extraction.CHECK, enrichment.CHECK, trace.CHECK)
+CHECKS: tuple[CausalCheck, ...] = (knockout.CHECK, ablation.CHECK, noise.CHECK, extraction.CHECK, enrichment.CHECK, atp.CHECK)
 
 # progress(label, total) → a context manager yielding advance(n) (or None), around each check's passes
 ProgressBars = Callable[[str, int], AbstractContextManager[Callable[[int], None] | None]] | None

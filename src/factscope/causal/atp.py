@@ -39,11 +39,13 @@ from jaxtyping import Bool, Float
 from ..data import Encoded
 from ..forward import Batch, act_name, make_batch
 from ..models import LoadedModel
+from ..errors import FactscopeError
+from .check import CausalCheck
 from .scores import Progress, tick
 from .sites import layer_window
 from .trace import (
     _RESTORED, NOISE, SEEDS, TRACE_KINDS, WINDOW, Restorations, TraceEffects, _clean_states, _corrupted_states,
-    _restored_probs_cached, subject_noise,
+    _restored_probs_cached, subject_noise, trace_effects, trace_passes, trace_peaks, trace_summary, trace_table,
 )
 
 THRESHOLD = 0.05  # a restoration effect (in p) that a false negative misses
@@ -230,3 +232,47 @@ def agreement_summary(table: pd.DataFrame) -> dict:
     row = table[table["kind"] == "all"].iloc[0].to_dict()
     return {key: (None if isinstance(value, float) and value != value else value) for key, value in row.items() if key != "kind"}
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# The `trace` command's check: exact patching, AtP, or both
+
+
+METHODS = ("exact", "atp", "both")
+
+
+def _run(model: LoadedModel, known: list[Encoded], *, noise: float, window: int, seeds: Sequence[int], method: str,
+         progress: Progress) -> dict[str, pd.DataFrame]:
+    """`exact`: causal_trace and trace_peaks; `atp`: atp_trace and atp_agreement on a sample restored exactly;
+    `both`: all four, atp_agreement on every cell."""
+    if method not in METHODS:
+        raise FactscopeError(f"unknown trace method {method!r} (use {', '.join(METHODS)})")
+    tables, exact = {}, None
+    if method != "atp":
+        exact = trace_effects(model, known, noise, seeds, window, progress=progress)
+        tables["causal_trace"] = trace_table(exact)
+        tables["trace_peaks"] = trace_peaks(tables["causal_trace"])
+    if method != "exact":
+        estimate = atp_trace(model, known, noise, seeds, window, progress=progress)
+        tables["atp_trace"] = trace_table(estimate)
+        tables["atp_agreement"] = (full_agreement(exact, estimate) if exact is not None
+                                   else sampled_agreement(model, estimate, seeds))
+    return tables
+
+
+def _passes(n_layers: int, noise: float, window: int, seeds: Sequence[int], method: str) -> int:
+    return (trace_passes(n_layers, seeds) if method != "atp" else 0) + (atp_passes(seeds) if method != "exact" else 0)
+
+
+def _summary(tables) -> dict:
+    summary = {}
+    if "causal_trace" in tables:
+        summary.update(trace_summary(tables["causal_trace"], tables["trace_peaks"]))
+    if "atp_agreement" in tables:
+        summary["atp_agreement"] = agreement_summary(tables["atp_agreement"])
+    return summary
+
+
+CHECK = CausalCheck(
+    "trace", "trace", ("causal_trace", "trace_peaks", "atp_trace", "atp_agreement"), ("noise", "window", "seeds", "method"),
+    _passes, _run, _summary,
+)

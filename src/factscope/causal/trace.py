@@ -26,6 +26,8 @@ positions before i (causal attention). With `kv_cache` (the default) each pass s
 the corrupted run's keys and values of positions < i, at every layer, are handed to the model as a key/value cache,
 so only positions ≥ i are computed. Rows restoring the same position share one pass. `kv_cache=False` is the former
 implementation (full-width rows), kept as the reference the benchmark and the tests compare against.
+
+The `trace` command's check — exact patching, attribution patching or both — is `atp.CHECK`.
 """
 
 from __future__ import annotations
@@ -43,7 +45,6 @@ from ..errors import FactscopeError
 from ..forward import Batch, act_name, capture, end_logits, make_batch
 from ..models import LoadedModel
 from ..taxonomy import GROUPS
-from .check import CausalCheck
 from .scores import Progress, tick
 from .sites import layer_window
 
@@ -237,6 +238,8 @@ def _bridge_reads_cache(bridge, active: bool = True):
     """TransformerLens 4.3's attention looks for the cache under `past_key_values` or `layer_past`; transformers 5
     hands it to the attention as `cache`, so the bridge would neither fill nor read it. For the duration of a call,
     each block's attention is given the cache under the name it reads."""
+    import warnings
+
     if not active:
         yield
         return
@@ -250,7 +253,10 @@ def _bridge_reads_cache(bridge, active: bool = True):
 
         block.attn._update_kv_cache = renamed
     try:
-        yield
+        with warnings.catch_warnings():
+            # the bridge hands transformers the cache under its deprecated name, on every pass
+            warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated", category=FutureWarning)
+            yield
     finally:
         for block in bridge.blocks:
             del block.attn._update_kv_cache
@@ -415,50 +421,3 @@ def trace_summary(table: pd.DataFrame, peaks: pd.DataFrame) -> dict:
         draws[f"median_{name}"] = median if median == median else None
     return {"p_clean": float(table["p_clean"].iloc[0]), "p_corrupted": float(table["p_corrupted"].iloc[0]),
             "peaks": peaks.to_dict(orient="records"), "draws": draws}
-
-
-METHODS = ("exact", "atp", "both")
-
-
-def _run(model: LoadedModel, known: list[Encoded], *, noise: float, window: int, seeds: Sequence[int], method: str,
-         progress: Progress) -> dict[str, pd.DataFrame]:
-    """`exact`: causal_trace and trace_peaks; `atp`: atp_trace and atp_agreement on a sample restored exactly;
-    `both`: all four, atp_agreement on every cell."""
-    from . import atp  # atp builds on this module's passes
-
-    if method not in METHODS:
-        raise FactscopeError(f"unknown trace method {method!r} (use {', '.join(METHODS)})")
-    tables, exact = {}, None
-    if method != "atp":
-        exact = trace_effects(model, known, noise, seeds, window, progress=progress)
-        tables["causal_trace"] = trace_table(exact)
-        tables["trace_peaks"] = trace_peaks(tables["causal_trace"])
-    if method != "exact":
-        estimate = atp.atp_trace(model, known, noise, seeds, window, progress=progress)
-        tables["atp_trace"] = trace_table(estimate)
-        tables["atp_agreement"] = (atp.full_agreement(exact, estimate) if exact is not None
-                                   else atp.sampled_agreement(model, estimate, seeds))
-    return tables
-
-
-def _passes(n_layers: int, noise: float, window: int, seeds: Sequence[int], method: str) -> int:
-    from .atp import atp_passes
-
-    return (trace_passes(n_layers, seeds) if method != "atp" else 0) + (atp_passes(seeds) if method != "exact" else 0)
-
-
-def _summary(tables) -> dict:
-    from .atp import agreement_summary
-
-    summary = {}
-    if "causal_trace" in tables:
-        summary.update(trace_summary(tables["causal_trace"], tables["trace_peaks"]))
-    if "atp_agreement" in tables:
-        summary["atp_agreement"] = agreement_summary(tables["atp_agreement"])
-    return summary
-
-
-CHECK = CausalCheck(
-    "trace", "trace", ("causal_trace", "trace_peaks", "atp_trace", "atp_agreement"), ("noise", "window", "seeds", "method"),
-    _passes, _run, _summary,
-)
