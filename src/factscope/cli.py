@@ -241,6 +241,13 @@ def _print_causal(causal: dict, keys: tuple[str, ...]) -> None:
     for peak in summary.get("trace", {}).get("peaks", []):
         if peak["token"] in ("last_subject", "last_token"):
             table.add_row(f"trace peak {peak['kind']} @ {peak['token']}", f"layer {peak['layer']}: Δp {peak['indirect_effect']:+.3f}")
+    agreement = summary.get("trace", {}).get("atp_agreement")
+    if agreement:  # no AtP number is printed without its error against exact patching
+        scope = f"{agreement['n_cells']} sampled cells" if agreement["sampled"] else f"all {agreement['n_cells']} cells"
+        pearson, spearman = (f"{agreement[key]:.2f}" if agreement[key] is not None else "n/a" for key in ("pearson", "spearman"))
+        table.add_row("AtP vs exact patching", f"{scope}: Pearson {pearson}, Spearman {spearman}, top-{agreement['top_k']} overlap "
+                      f"{agreement['top_k_overlap']:.0%}, {agreement['false_negatives']}/{agreement['n_exact_above']} effects ≥ "
+                      f"{agreement['threshold']} missed (atp_agreement.csv)")
     Console().print(table)
 
 
