@@ -206,5 +206,6 @@ def test_ablate_reads_a_minus_mean_r_on_the_runs_own_r_r_whatever_the_limit(copy
     chosen = [item.fact.prompt_id for item in causal.spread(encode_all(load_facts(), model.tokenizer, model.prepend_bos), 3)]
     parts = pd.read_parquet(copy_of_run / "attributions.parquet", filters=[("is_correct_target", "==", True)])
     analysed = parts.groupby("prompt_id")["logit_diff"].sum().loc[chosen].mean()
-    clean = read_csv(copy_of_run / "ablations.csv").set_index("mechanism_set").loc["none", "mean_logit_diff"]
+    ablations = read_csv(copy_of_run / "ablations.csv").query("effect == 'total'")
+    clean = ablations.set_index("mechanism_set").loc["none", "mean_logit_diff"]
     assert np.isfinite(clean) and clean == pytest.approx(analysed, abs=2e-3)

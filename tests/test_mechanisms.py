@@ -186,7 +186,7 @@ def synthetic_parts(parts: dict[tuple, dict[str, float]], correct: str = "a") ->
             others = (total - value) / (len(values) - 1)
             rows.append({"prompt_id": "p", "relation": "r", "target": target, "is_correct_target": target == correct,
                          "component": component, "layer": layer, "head": head, "source": source,
-                         "value": value, "logit_diff": value - others})
+                         "value": value, "centred": value, "logit_diff": value - others})
     table = pd.DataFrame(rows)
     return split_parts(table)
 
