@@ -175,9 +175,9 @@ def ablate(
         options["seeds"] = list(seeds)
     run_dir = _finished_run(run_dir)
     with rundir.locked(run_dir):
-        trace = rundir.read_table(run_dir, "causal_trace")
+        trace, targets = rundir.read_table(run_dir, "causal_trace"), _run_targets(run_dir, reporter)  # before the model
         model, known, heads = _causal_inputs(run_dir, "ablate", overwrite, device, threads, limit, reporter)
-        tables, summary = causal.ablate_checks(model, known, heads, **options, trace=trace, targets=_run_targets(run_dir, reporter),
+        tables, summary = causal.ablate_checks(model, known, heads, **options, trace=trace, targets=targets,
                                                progress=reporter.progress)
         return _write_causal(run_dir, tables, summary, report, reporter)
 
