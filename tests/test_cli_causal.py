@@ -18,7 +18,7 @@ from report_runs import build_full_run
 
 from factscope import causal
 from factscope.data import encode_all, load_facts, shipped_dataset
-from factscope.rundir import read_csv
+from factscope.rundir import TABLES, read_csv
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +106,8 @@ def test_existing_tables_are_refused_and_left_untouched(run_dir):
 def copy_of_run(run_dir, tmp_path) -> Path:
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
-    for name in ("causal_trace.parquet", "trace_peaks.csv"):
-        (copy / name).unlink()
+    for name in (table for check in causal.CHECKS if check.command == "trace" for table in check.tables):
+        (copy / TABLES[name]).unlink(missing_ok=True)  # everything `trace` writes, whichever --method made it
     return copy
 
 
