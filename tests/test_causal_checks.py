@@ -9,6 +9,7 @@ import pandas as pd
 from causal_helpers import tiny
 
 from factscope.causal import CHECKS, ablate_checks, trace_checks
+from factscope.causal.knockout import blocked_groups
 from factscope.rundir import TABLES
 
 HEADS = pd.DataFrame({"layer": [0, 1, 2], "head": [1, 0, 3], "class": ["subject", "mixed", "relation"]})
@@ -43,8 +44,11 @@ def test_ablate_and_trace_checks(model_dirs):
     assert list(tables) == [table for check in CHECKS if check.command == "ablate" for table in check.tables]
     assert set(summary) == {"ablate"} | {check.name for check in CHECKS if check.command == "ablate"}
     assert summary["ablate"] == {"mode": "mean", "window": 2, "noise_scales": [0.0, 1.0], "seeds": [0], "n_prompts": len(encoded)}
-    head_sets = {key for key in summary["knockout"] if not key.endswith("_worst_window")}
-    assert len(summary["knockout"]) == 4 and {key.split("_to_")[0] for key in head_sets} <= {"subject_heads", "relation_heads"}
+    windows = {key for key in summary["knockout"] if key.endswith("_worst_window")}
+    assert windows == {f"{blocked}_worst_window" for blocked in blocked_groups(model.prepend_bos)}
+    head_sets = set(summary["knockout"]) - windows - {"bootstrap"}
+    assert head_sets and {key.split("_to_")[0] for key in head_sets} <= {"subject_heads", "relation_heads"}
+    assert summary["knockout"]["bootstrap"]["seed"] == 0
     assert "mlp_trace_peak_layer" not in summary["enrichment"]
     traced, trace_summary = trace_checks(model, encoded[:3], seeds=[0], window=2, progress=progress, enrichment=tables["enrichment"])
     assert list(traced) == ["causal_trace", "trace_peaks"]

@@ -52,9 +52,14 @@ def test_ablate_writes_every_table_and_its_summary(run_dir):
     assert summary["ablate"] == {"mode": "mean", "window": 9, "noise_scales": [0.0, 1.0, 4.0], "seeds": [0, 1], "n_prompts": 24}
     knockout = read_csv(run_dir / "knockout.csv")
     windows = knockout[knockout["condition"] == "window"]
-    assert len(windows) == 2 * 3 and set(windows["head_set"]) == {"window"}  # 3 layers × {subject, relation}
+    # 3 layers × what END may not see (no BOS: the first token is the sink)
+    blocked = {"subject", "first", "relation", "end", "non_subject"}
+    assert set(windows["blocked"]) == blocked and len(windows) == 3 * len(blocked) and set(windows["head_set"]) == {"window"}
     head_sets = knockout[knockout["condition"] == "heads"]
-    assert set(head_sets["head_set"]) <= {"subject_heads", "relation_heads"} and len(head_sets) == 2 * head_sets["head_set"].nunique()
+    assert set(head_sets["head_set"]) <= {"subject_heads", "relation_heads"}
+    assert len(head_sets) == len(blocked) * head_sets["head_set"].nunique()
+    assert (knockout["rel_change_p_low"] <= knockout["rel_change_p"] + 1e-12).all()
+    assert (knockout["rel_change_p"] <= knockout["rel_change_p_high"] + 1e-12).all()
     assert (knockout["n_prompts"] == 24).all()
     for blocked, rows in windows.groupby("blocked"):
         worst = rows.loc[rows["rel_change_p"].idxmin()]

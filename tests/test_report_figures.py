@@ -68,7 +68,9 @@ def test_heatmap_holds_the_head_table(full_run):
     row = heads.iloc[5]
     layer, head = int(row["layer"]), int(row["head"])
     assert arrays["subject"][layer, head] == pytest.approx(row["subject_dla"])
-    assert arrays["total"][layer, head] == pytest.approx(row["subject_dla"] + row["relation_dla"] + row["other_dla"])
+    assert arrays["end"][layer, head] == pytest.approx(row["end_dla"])
+    total = row["subject_dla"] + row["relation_dla"] + row["end_dla"] + row["other_dla"]
+    assert arrays["total"][layer, head] == pytest.approx(total)
 
 
 def test_drilldown_lists_every_analysed_prompt_with_its_top_parts(full_run):

@@ -20,7 +20,8 @@ EXTERNAL = re.compile(
     re.IGNORECASE,
 )
 MODULES = ("factscope.report", "factscope.report.style", "factscope.report.figures_dla", "factscope.report.figures_heads",
-           "factscope.report.figures_causal", "factscope.report.pngs", "factscope.report.text", "factscope.report.page",
+           "factscope.report.figures_causal", "factscope.report.pngs", "factscope.report.prose", "factscope.report.text",
+           "factscope.report.text_causal", "factscope.report.page",
            "factscope.report.compare")
 
 

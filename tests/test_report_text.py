@@ -10,7 +10,8 @@ from report_runs import full_dir, full_run, handbuilt_dir  # noqa: F401 — fixt
 
 from factscope.report import departures, findings, write_report
 from factscope.report.page import CAUSAL_TABLES
-from factscope.report.text import CAUSAL_FINDINGS, FINDING_TITLES, pct
+from factscope.report.text import FINDING_TITLES, pct
+from factscope.report.text_causal import CAUSAL_FINDINGS
 from factscope.rundir import Run, load_run
 
 
@@ -84,7 +85,7 @@ def test_departures_follow_the_numbers(full_dir, full_run):
     assert {v.status for v in verdicts.values()} <= {"agrees", "departs", "inconclusive", "not run"}
     mechanisms = pd.read_csv(full_dir / "mechanisms.csv")
     pooled = mechanisms[(mechanisms["relation"] == "all") & (mechanisms["metric"] == "logit_diff")].set_index("mechanism")
-    attention = pooled.loc[["subject_heads", "relation_heads", "mixed_subject", "mixed_relation", "other_heads"], "share"].sum()
+    attention = pooled.loc[["subject_heads", "relation_heads", "mixed_subject", "mixed_relation", "end_heads", "other_heads"], "share"].sum()
     mlp = pooled.loc["mlps", "share"]
     assert verdicts["mlp_vs_attention"].status == ("departs" if mlp > attention else "agrees")
     assert f"{percent(mlp)} of a − mean(R∖a), all attention heads together {percent(attention)}" in verdicts["mlp_vs_attention"].text

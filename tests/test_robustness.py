@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from factscope import models
 from factscope.errors import FactscopeError
+from factscope.taxonomy import MECHANISMS
 
 
 def analyze_command(model_dir: Path, out: Path, *extra: str) -> list[str]:
@@ -148,7 +149,8 @@ def test_relation_with_one_attribute_is_warned_and_skipped(tiny_llama_dir, tmp_p
     assert shares["share"].notna().all()
     capital = shares[shares["relation"] == "capital_city"]
     assert set(capital["metric"]) == {"logit"} and (capital["n_prompts"] == 2).all()
-    assert (shares.loc[shares["relation"] == "all", "n_prompts"].to_numpy() == [5] * 7 + [3] * 7).all()
+    n = len(MECHANISMS)
+    assert (shares.loc[shares["relation"] == "all", "n_prompts"].to_numpy() == [5] * n + [3] * n).all()
 
 
 def test_no_relation_with_two_attributes_fails_in_one_line(tiny_llama_dir, tmp_path):

@@ -5,66 +5,24 @@ summary.json); where a table is missing the text says the check was not run."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from ..errors import FactscopeError
 from ..rundir import SUMMARY, TABLES
 from ..taxonomy import HEAD_MECHANISM
 from .figures_dla import lens_table
 from .figures_heads import top_heads
-from .style import BLOCKED_LABELS, MECHANISM_LABELS, SHOWN_CLASSES
+from .prose import Finding, Verdict, interval_text, names_list, pct, plural, verb
+from .style import MECHANISM_LABELS, SHOWN_CLASSES
+from .text_causal import MIN_ABLATION_PROMPTS, ablation_effects, causal_findings
 
 if TYPE_CHECKING:
     from ..rundir import Run
 
-WORST_WINDOW = "_worst_window"  # causal.knockout_summary names a blocked group's worst window "{group}_worst_window"
 SWAP_MOVES = 0.5  # a relation head whose RELATION part changes by more than this under subject swap depends on the subject
 ONLY_SUM_NONE = 0.05  # below this fraction of prompts, "only the sum ranks a first" counts as absent
-# fewer prompts than this and the ablation interaction, a difference of several means, gets no verdict: a chosen
-# floor, not a computed bound (on 3 prompts it read "+nan … departs")
-MIN_ABLATION_PROMPTS = 10
-
-
-@dataclass
-class Finding:
-    key: str
-    text: str
-
-
-@dataclass
-class Verdict:
-    """One of the paper's claims held against this run: `status` is "agrees", "departs", "inconclusive" (too little
-    evidence for either) or "not run"."""
-
-    key: str
-    claim: str
-    status: str
-    text: str
-
-
-def pct(x: float) -> str:
-    """A share as a whole percentage: 0.4707 → "47%"; a change that rounds to nothing is "0%", not "-0%"."""
-    text = f"{x:.0%}"
-    return "0%" if text == "-0%" else text
-
-
-def plural(count: int, noun: str) -> str:
-    return f"{count} {noun}" + ("" if count == 1 else "s")
-
-
-def verb(count: int, stem: str) -> str:
-    """Third person: "supply" → "supplies" for one subject, "supply" for several."""
-    if count != 1:
-        return stem
-    return stem[:-1] + "ies" if stem.endswith("y") else stem + "s"
-
-
-def names_list(names: list[str], n: int = 3) -> str:
-    return ", ".join(names[:n]) + (", …" if len(names) > n else "")
 
 
 def pooled_shares(run: Run, metric: str = "logit_diff") -> pd.DataFrame:
@@ -86,7 +44,7 @@ def share_interval_text(low: float | None, high: float | None) -> str:
 
 
 def attention_share(shares: pd.DataFrame) -> float:
-    heads = [*HEAD_MECHANISM.values(), "other_heads"]
+    heads = [*dict.fromkeys(HEAD_MECHANISM.values()), "other_heads"]
     return float(shares.reindex(heads)["share"].fillna(0).sum())
 
 
@@ -183,7 +141,7 @@ def findings(run: Run) -> list[Finding]:
         out.append(_sweep_finding(run))
     if run.has("subject_swap"):
         out.append(_swap_finding(run))
-    out += _causal_findings(run)
+    out += causal_findings(run)
     return out
 
 
@@ -298,149 +256,6 @@ def _swap_finding(run: Run) -> Finding:
     if len(row):
         text += f" The strongest relation head, {head}, changes by {row['rel_change'].iloc[0]:.2f}."
     return Finding("subject_swap", text)
-
-
-def _causal_findings(run: Run) -> list[Finding]:
-    """One sentence per causal table present. The causal tables are young: a table whose columns are not the
-    expected ones is reported as such instead of breaking the report."""
-    out = []
-    for name, write in CAUSAL_FINDINGS.items():
-        if run.has(name):
-            try:
-                out += write(run)
-            except KeyError as err:
-                out.append(Finding(name, f"{TABLES[name]} does not have the expected column {err}; not summarised."))
-            except FactscopeError as err:
-                out.append(Finding(name, f"{err}; not summarised."))
-    return out
-
-
-def causal_summary(run: Run, check: str) -> dict:
-    """What a causal command summarised into summary.json["causal"][check]: read, not recomputed, by the text."""
-    entry = run.summary.get("causal", {}).get(check)
-    if entry is None:
-        raise FactscopeError(f"{SUMMARY} has no causal entry {check!r}")
-    return entry
-
-
-def _knockout_finding(run: Run) -> list[Finding]:
-    worst = {key.removesuffix(WORST_WINDOW): entry for key, entry in causal_summary(run, "knockout").items()
-             if key.endswith(WORST_WINDOW)}
-    table = run.knockout
-    windows = table[table["condition"] == "window"]
-    parts = []
-    for blocked in sorted(worst):
-        rows = windows[windows["blocked"] == blocked]
-        row = rows.loc[rows["rel_change_p"].idxmin()] if len(rows) else pd.Series(dtype=float)
-        parts.append(f"blocking END → {BLOCKED_LABELS.get(blocked, blocked)} in layers {worst[blocked]['layers'][0]}–"
-                     f"{worst[blocked]['layers'][1]} changes p(a) by {pct(worst[blocked]['rel_change_p'])}"
-                     f"{interval_text(row, 'rel_change_p', '%')}")
-    # the summary keeps the worst head set per blocked group; the table has every set, in the order they were run
-    for _, row in table[table["condition"] == "heads"].iterrows():
-        parts.append(f"blocking END → {BLOCKED_LABELS.get(row['blocked'], row['blocked'])} for the {row['n_heads']} "
-                     f"{row['head_set'].replace('_', ' ')} only changes p(a) by {pct(row['rel_change_p'])}"
-                     f"{interval_text(row, 'rel_change_p', '%')} (accuracy {pct(row['accuracy_after'])})")
-    return [Finding("knockout", "Attention knockout: " + "; ".join(parts) + ".")] if parts else []
-
-
-def ablation_effects(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """ablations.csv by effect ("total", "direct"); a table from before the direct effects is all total."""
-    if "effect" not in table:
-        return {"total": table}
-    return {effect: rows.reset_index(drop=True) for effect, rows in table.groupby("effect", sort=False)}
-
-
-def interval_text(row: pd.Series, column: str, spec: str) -> str:
-    """A column's bootstrap interval in a table row as " [95% CI low, high]"; nothing where there is none."""
-    low, high = row.get(f"{column}_low", np.nan), row.get(f"{column}_high", np.nan)
-    fmt = pct if spec == "%" else (lambda x: format(x, spec))
-    return f" [95% CI {fmt(low)}, {fmt(high)}]" if np.isfinite(low) and np.isfinite(high) else ""
-
-
-def _ablation_finding(run: Run) -> list[Finding]:
-    parts = []
-    for effect, table in ablation_effects(run.ablations).items():
-        everything = table[table["n_mechanisms"] == table["n_mechanisms"].max()].iloc[0]
-        how = {"total": "as a total effect (the layers above react)",
-               "direct": "as a direct effect (only their own contributions to END's final residual replaced)"}[effect]
-        parts.append(
-            f"{how}, removing {everything['mechanism_set']} changes a − mean(R∖a) by "
-            f"{everything['delta_logit_diff']:+.2f}{interval_text(everything, 'delta_logit_diff', '+.2f')} logits against "
-            f"{everything['sum_alone_delta_logit_diff']:+.2f} for the sum of single removals (interaction "
-            f"{everything['interaction_logit_diff']:+.2f}{interval_text(everything, 'interaction_logit_diff', '+.2f')}); "
-            f"accuracy {pct(table.iloc[0]['accuracy'])} → {pct(everything['accuracy'])}{interval_text(everything, 'accuracy', '%')}"
-        )
-    return [Finding("ablations", "Ablation: " + "; ".join(parts) + ".")]
-
-
-def _trace_finding(run: Run) -> list[Finding]:
-    table = run.causal_trace
-    parts = []
-    for kind, token in (("mlp", "last_subject"), ("attn", "last_token"), ("resid", "last_subject")):
-        rows = table[(table["kind"] == kind) & (table["token"] == token)]
-        if len(rows):
-            peak = rows.loc[rows["indirect_effect"].idxmax()]
-            layers = (f" [95% CI layers {peak['peak_layer_low']:.0f}–{peak['peak_layer_high']:.0f}]"
-                      if np.isfinite(peak.get("peak_layer_low", np.nan)) else "")
-            parts.append(f"{kind} at the {token.replace('_', ' ')} peaks at layer {int(peak['layer'])}{layers} "
-                         f"(Δp(a) {peak['indirect_effect']:+.3f}{interval_text(peak, 'peak_effect', '+.3f')})")
-    clean, corrupted = float(table["p_clean"].iloc[0]), float(table["p_corrupted"].iloc[0])
-    return [Finding("causal_trace", f"Causal tracing (noise on the subject: p(a) {clean:.3f} → {corrupted:.3f}): "
-                    + "; ".join(parts) + ".")] if parts else []
-
-
-def _extraction_finding(run: Run) -> list[Finding]:
-    table = run.extraction_rate
-    best = table.loc[table["extraction_rate"].idxmax()]
-    normed = ""
-    if "extraction_rate_normed" in table:
-        top = table.loc[table["extraction_rate_normed"].idxmax()]
-        normed = (f" Through the final norm instead, that sublayer's rate is {pct(best['extraction_rate_normed'])}, the "
-                  f"highest {pct(top['extraction_rate_normed'])} ({top['sublayer']}, layer {int(top['layer'])}).")
-    return [Finding("extraction_rate", (
-        f"Attribute extraction (sublayer outputs projected with the unembedding matrix, as Geva et al.): the highest "
-        f"rate is {pct(best['extraction_rate'])} for the {best['sublayer']} sublayer of layer {int(best['layer'])}." + normed
-    ))]
-
-
-def _enrichment_finding(run: Run) -> list[Finding]:
-    table = run.enrichment.sort_values("layer")
-    best = table.loc[table["median_rank_a"].idxmin()]
-    return [Finding("enrichment", (
-        f"Subject enrichment: at the last subject token the median rank of a is lowest ({best['median_rank_a']:g}) "
-        f"after layer {int(best['layer'])}."
-    ))]
-
-
-def _noise_finding(run: Run) -> list[Finding]:
-    table = run.noise_robustness
-    largest = table["noise_scale"].max()
-    top = table[table["noise_scale"] == largest].set_index("mechanism")
-    if "alone_first_among_r" not in table:
-        return [Finding("noise", (
-            f"Noise robustness at scale {largest:g}: accuracy "
-            + ", ".join(f"{MECHANISM_LABELS.get(m, m)} {pct(a)}" for m, a in top["accuracy"].items()) + "."
-        ))]
-    singles = top.drop(index="all", errors="ignore")
-    unit = "END's clean residual norm" if "noise_unit" in table else "the noise unit"
-    return [Finding("noise", (
-        f"Noise robustness (additive parts predict that noise on one mechanism costs the full model far less than it "
-        f"costs that mechanism alone): with noise of {largest:g}× {unit} on one mechanism, the full model still ranks a "
-        "first among R_r on "
-        + ", ".join(f"{pct(row['first_among_r'])} against {pct(row['alone_first_among_r'])} for "
-                    f"{MECHANISM_LABELS.get(m, m)} alone"
-                    + (f" (margin {pct(row['margin'])}{interval_text(row, 'margin', '%')})" if "margin" in row else "")
-                    for m, row in singles.iterrows())
-        + (f"; with noise on all of them, on {pct(top.loc['all', 'first_among_r'])}" if "all" in top.index else "")
-        + "."
-    ))]
-
-
-# causal table → the finding written from it, in the order the findings list them
-CAUSAL_FINDINGS = {
-    "knockout": _knockout_finding, "ablations": _ablation_finding, "causal_trace": _trace_finding,
-    "extraction_rate": _extraction_finding, "enrichment": _enrichment_finding, "noise_robustness": _noise_finding,
-}
 
 
 def departures(run: Run) -> list[Verdict]:
