@@ -213,5 +213,7 @@ def test_taxonomy_paths():
         "relation_heads": [HeadPath(2, 3, "relation")],
         "mixed_subject": [HeadPath(1, 0, "subject")],
         "mixed_relation": [HeadPath(1, 0, "relation")],
+        # every head's END←END part, negligible heads' too: the partition's `end_heads`
+        "end_heads": [HeadPath(0, 1, "end"), HeadPath(1, 0, "end"), HeadPath(2, 3, "end"), HeadPath(2, 2, "end")],
         "mlps": [MlpPath(0), MlpPath(1), MlpPath(2)],
     }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -9,9 +11,9 @@ from causal_helpers import tiny
 
 import handbuilt
 from factscope.causal.ablation import ablated_logits
-from factscope.causal.knockout import blocked_keys, knockout, knockout_logits, knockout_passes
+from factscope.causal.knockout import NON_SUBJECT, blocked_keys, knockout, knockout_logits, knockout_passes
 from factscope.causal.sites import HeadPath
-from factscope.data import GROUPS, relation_targets
+from factscope.data import GROUPS, encode, relation_targets
 from factscope.errors import FactscopeError
 from factscope.forward import capture, make_batch
 
@@ -31,9 +33,9 @@ def test_knocking_out_all_but_the_subject_leaves_attention_on_subject_and_end(mo
     everything = [(layer, head) for layer in range(model.cfg.n_layers) for head in range(model.cfg.n_heads)]
     store = {}
     with model.bridge.hooks(fwd_hooks=[capture(store, "blocks.1.attn.hook_pattern")]):
-        logits = knockout_logits(model, batch, ("bos", "prefix", "relation"), everything)
+        logits = knockout_logits(model, batch, NON_SUBJECT, everything)
     pattern = store["blocks.1.attn.hook_pattern"][batch.rows, :, batch.ends]  # [batch, head, key]
-    allowed = batch.onehot[..., GROUPS.index("subject")].clone()
+    allowed = batch.subject.float()
     allowed[batch.rows, batch.ends] = 1.0
     assert torch.isfinite(logits).all()
     assert float((pattern * (1 - allowed[:, None, :])).abs().max()) == 0.0
@@ -42,14 +44,34 @@ def test_knocking_out_all_but_the_subject_leaves_attention_on_subject_and_end(mo
     assert torch.allclose(store["blocks.1.attn.hook_pattern"][:, :, 0, 0], torch.ones(1))
 
 
-def test_end_is_never_blocked(model_dirs):
+def test_end_is_blocked_only_when_named(model_dirs):
     model, encoded = tiny(model_dirs, "llama")
     batch = make_batch(model, encoded)
-    keys = blocked_keys(batch, GROUPS)
+    but_end = tuple(group for group in GROUPS if group != "end")
+    keys = blocked_keys(batch, but_end)
     assert not keys[batch.rows, batch.ends].any()
     assert keys.sum() == batch.mask.sum() - len(batch)
+    end = blocked_keys(batch, "end")
+    assert end.sum() == len(batch) and end[batch.rows, batch.ends].all()
+    # Geva's non-subject positions: neither the subject's own (position 0 included) nor END
+    non_subject = blocked_keys(batch, NON_SUBJECT)
+    assert not (non_subject & batch.subject).any() and not non_subject[batch.rows, batch.ends].any()
+    assert non_subject.sum() == batch.mask.sum() - batch.subject.sum() - len(batch)
+    with pytest.raises(FactscopeError, match="nothing to attend to"):
+        blocked_keys(batch, GROUPS)
     with pytest.raises(FactscopeError, match="unknown token group"):
         blocked_keys(batch, "verb")
+
+
+def test_the_subject_knockout_spares_the_sink_at_position_zero(model_dirs):
+    model, encoded = tiny(model_dirs, "llama")
+    first = next(item.fact for item in encoded if item.fact.prompt.removeprefix("Fact: ").startswith(item.fact.subject))
+    fact = replace(first, prompt=first.prompt.removeprefix("Fact: "))
+    item = encode(fact, model.tokenizer, prepend_bos=False)
+    batch = make_batch(model, [item])
+    assert item.subject_positions[0] == 0 and item.groups[0] == "first"
+    assert not blocked_keys(batch, "subject")[0, 0] and blocked_keys(batch, "first")[0, 0]
+    assert not blocked_keys(batch, NON_SUBJECT)[0, 0]
 
 
 def test_knockout_table(model_dirs):

@@ -286,28 +286,38 @@ def check_groups(item, tokenizer, prepend_bos: bool) -> None:
     assert len(item.groups) == len(item.token_ids) == len(item.tokens) == len(plain_ids) + shift
     assert set(item.groups) <= set(GROUPS)
     assert item.token_ids[shift:] == plain_ids
+    # position 0 is BOS, or the sink `first` without one; END is `end`; each once
     if prepend_bos:
-        assert item.token_ids[0] == tokenizer.bos_token_id and item.groups[0] == "bos"
-    assert "bos" not in item.groups[shift:]
+        assert item.token_ids[0] == tokenizer.bos_token_id
+    assert item.groups[0] == ("bos" if prepend_bos else "first")
+    assert item.groups.count(item.groups[0]) == 1
+    assert item.end == len(item.token_ids) - 1 and item.groups[item.end] == "end" and item.groups.count("end") == 1
 
-    # subject tokens are exactly the tokens overlapping the (last) subject occurrence, contiguous, covering it
+    # the subject's positions are exactly the tokens overlapping its (last) occurrence, contiguous, covering it;
+    # its group is those positions but position 0 (the sink)
     start, end = f.subject_span
-    subject = [i for i, g in enumerate(item.groups[shift:]) if g == "subject"]
+    subject = [pos - shift for pos in item.subject_positions]
     assert subject == [i for i, (a, b) in enumerate(spans) if a < end and b > start]
     assert subject == list(range(subject[0], subject[-1] + 1))
+    assert [pos for pos, g in enumerate(item.groups) if g == "subject"] == [p for p in item.subject_positions if p]
     covered = set()
     for i in subject:
         covered.update(range(*spans[i]))
     assert set(range(start, end)) <= covered
 
-    # prefix tokens spell exactly the "Fact:" label
-    prefix = [i for i, g in enumerate(item.groups[shift:]) if g == "prefix"]
-    assert "".join(f.prompt[slice(*spans[i])] for i in prefix) == "Fact:"
+    # the label's tokens spell exactly "Fact:" (without BOS its first token is the sink)
+    label = label_positions(item, shift)
+    assert "".join(f.prompt[slice(*spans[i])] for i in label) == "Fact:"
 
-    # the prefix leads (after BOS), only relation tokens follow the subject, and END is one of them
-    assert prefix == list(range(len(prefix)))
-    assert set(item.groups[shift + subject[-1] + 1 :]) == {"relation"}
-    assert item.end == len(item.token_ids) - 1 and item.groups[item.end] == "relation"
+    # the label leads (after BOS), and only relation tokens follow the subject up to END
+    assert label == list(range(len(label)))
+    assert set(item.groups[shift + subject[-1] + 1 : item.end]) <= {"relation"}
+
+
+def label_positions(item, shift: int) -> list[int]:
+    """Positions (BOS not counted) of the leading label: `prefix`, and `first` when it is not the subject."""
+    return [pos - shift for pos, g in enumerate(item.groups)
+            if g == "prefix" or (g == "first" and pos not in item.subject_positions)]
 
 
 @pytest.mark.parametrize("prepend_bos", [False, True])
@@ -321,17 +331,19 @@ def test_colosseum_groups(tokenizer):
     item = encode(fact("The Colosseum", COLOSSEUM["prompt"]), tokenizer, prepend_bos=True)
     spans = offsets(tokenizer, COLOSSEUM["prompt"])
     text = {g: "".join(COLOSSEUM["prompt"][slice(*spans[i - 1])] for i, gg in enumerate(item.groups) if gg == g and i)
-            for g in ("prefix", "subject", "relation")}
+            for g in ("prefix", "subject", "relation", "end")}
     assert item.groups[0] == "bos" and item.groups.count("bos") == 1
-    assert text == {"prefix": "Fact:", "subject": " The Colosseum", "relation": " is in the country of"}
+    assert text == {"prefix": "Fact:", "subject": " The Colosseum", "relation": " is in the country", "end": " of"}
 
 
 def test_bos_prepends_exactly_one_token(tokenizer):
     f = fact("The Colosseum", COLOSSEUM["prompt"])
     without, with_bos = encode(f, tokenizer, False), encode(f, tokenizer, True)
-    assert "bos" not in without.groups
+    assert "bos" not in without.groups and without.groups[0] == "first"
     assert with_bos.token_ids == [tokenizer.bos_token_id, *without.token_ids]
-    assert with_bos.groups == ["bos", *without.groups]
+    assert with_bos.groups[0] == "bos" and "first" not in with_bos.groups
+    assert with_bos.groups[2:] == without.groups[1:]  # position 0 is the sink only without BOS
+    assert with_bos.subject_positions == [pos + 1 for pos in without.subject_positions]
     assert with_bos.tokens[0] == tokenizer.bos_token
     assert with_bos.attribute_token == without.attribute_token
 
@@ -416,7 +428,15 @@ def test_subject_that_is_also_the_prefix_label(tokenizer):
 def test_prompt_without_label_has_no_prefix(tokenizer):
     item = encode(fact("The Colosseum", "The Colosseum is in the country of"), tokenizer, False)
     assert "prefix" not in item.groups
-    assert item.groups[0] == "subject" and item.groups[-1] == "relation"
+    assert item.groups[0] == "first" and item.groups[-1] == "end"
+    # the subject starts the prompt: position 0 is the sink, not the subject group, but still the subject's
+    assert item.subject_positions[0] == 0 and item.groups[1] == "subject"
+    assert encode(fact("The Colosseum", "The Colosseum is in the country of"), tokenizer, True).groups[1] == "subject"
+
+
+def test_a_one_token_subject_at_position_zero_has_only_the_sink(tokenizer):
+    item = encode(fact("Fact", "Fact is the capital of"), tokenizer, False)  # "Fact" is one token: every prompt has it
+    assert item.subject_positions == [0] and "subject" not in item.groups
 
 
 @settings(max_examples=150, deadline=None)
@@ -433,7 +453,7 @@ def test_groups_property(tiny_llama_dir, subject, prepend_bos):
     check_groups(item, tokenizer, prepend_bos)
     # in the template only the space (when the tokenizer splits it off) stands between the label and the subject
     spans = offsets(tokenizer, prompt)
-    between = range(item.groups.count("prefix"), item.groups.index("subject") - prepend_bos)
+    between = range(len(label_positions(item, int(prepend_bos))), item.subject_positions[0] - prepend_bos)
     assert "".join(prompt[slice(*spans[i])] for i in between) in ("", " ")
 
 

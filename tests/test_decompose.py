@@ -11,6 +11,7 @@ import pytest
 import torch
 from tiny_models import FAMILIES
 
+from factscope.taxonomy import groups_present
 from factscope.data import GROUPS, load_facts, encode_all, relation_targets
 from factscope.decompose import decompose
 from factscope.models import load_model
@@ -98,7 +99,8 @@ def test_head_split_matches_a_per_position_loop(family_run):
                         out = out - out.mean()
                     expected[group] += float(out @ u / scale)
                 got = rows[(rows.layer == layer) & (rows["head"] == head)].set_index("source")["value"]
-                for group in GROUPS:
+                assert set(got.index) == set(groups_present(model.prepend_bos))
+                for group in got.index:
                     assert got[group] == pytest.approx(expected[group], abs=1e-5)
 
 
@@ -213,7 +215,7 @@ def test_analyze_cli_writes_tables_and_reports_its_error(tmp_path, tiny_llama_di
     assert "prepend_bos" in summary
     table = pd.read_parquet(out / "attributions.parquet")
     assert {"prompt_id", "relation", "target", "is_correct_target", "component", "layer", "head", "source", "value"} <= set(table.columns)
-    assert set(table["source"]) == {"prefix", "subject", "relation", "all"}  # no BOS: the tiny tokenizer adds none
+    assert set(table["source"]) == {"first", "prefix", "subject", "relation", "end", "all"}  # no BOS: the tiny tokenizer adds none
     assert (out / "logit_lens.parquet").is_file() and (out / "recall.csv").is_file()
 
 

@@ -94,7 +94,7 @@ def test_prefix_and_limit(tmp_path, tokenizer):
     assert [f.prompt for f in facts] == ["Fact: The mother tongue of Danielle Darrieux is",
                                          "Fact: Edwin of Northumbria is a native speaker of"]
     item = encode_all(facts, tokenizer, prepend_bos=False)[1]
-    assert [g for g, t in zip(item.groups, item.tokens) if t.strip() in ("Fact", ":")] == ["prefix", "prefix"]
+    assert [g for g, t in zip(item.groups, item.tokens) if t.strip() in ("Fact", ":")] == ["first", "prefix"]
     # "Fact: " (the shipped prompts' spelling) gives the same prompt as "Fact:"
     assert import_facts(source, "counterfact", prefix="Fact: ", limit=2) == [
         {"id": f.prompt_id, "relation": f.relation, "subject": f.subject, "prompt": f.prompt, "attribute": f.attribute}

@@ -131,7 +131,7 @@ def per_prompt_table(heads: dict[tuple[int, int], list[tuple[float, float]]], re
     """heads: (layer, head) → per prompt (S, R); prompt i belongs to relations[i]."""
     rows = [
         {"prompt_id": f"p{i}", "relation": relations[i], "layer": layer, "head": head,
-         "subject_dla": s, "relation_dla": r, "other_dla": 0.0}
+         "subject_dla": s, "relation_dla": r, "end_dla": 0.0, "other_dla": 0.0}
         for (layer, head), values in heads.items() for i, (s, r) in enumerate(values)
     ]
     return pd.DataFrame(rows)

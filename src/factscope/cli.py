@@ -206,7 +206,7 @@ def _numbers(text: Optional[str], kind: type, option: str) -> list | None:
 
 def _ci(interval: list | None, spec: str) -> str:
     """A bootstrap interval from summary.json as " [low, high]"; nothing where it has none."""
-    if not interval or None in interval:
+    if not interval or any(value is None or not math.isfinite(value) for value in interval):
         return ""
     return f" [{format(interval[0], spec)}, {format(interval[1], spec)}]"
 
@@ -235,8 +235,12 @@ def _print_causal(causal: dict, keys: tuple[str, ...]) -> None:
             accuracy = f"{entry['accuracy_all_removed']:.0%}{_ci(entry.get('accuracy_all_removed_ci'), '.0%')}"
             table.add_row(f"accuracy, all removed{label}", f"{accuracy} ({interaction})")
     for key, entry in summary.get("knockout", {}).items():
+        if key == "bootstrap":
+            continue
         layers = entry["layers"]
-        table.add_row(f"knockout {key}", f"layers {layers[0]}–{layers[1]}: p(a) {entry['rel_change_p']:+.0%}, accuracy → {entry['accuracy_after']:.0%}")
+        table.add_row(f"knockout {key}", f"layers {layers[0]}–{layers[1]}: p(a) {entry['rel_change_p']:+.0%}"
+                      f"{_ci(entry.get('rel_change_p_ci'), '+.0%')}, accuracy → {entry['accuracy_after']:.0%}"
+                      f"{_ci(entry.get('accuracy_after_ci'), '.0%')}")
     for sublayer, entry in summary.get("extraction_rate", {}).items():
         table.add_row(f"extraction rate ({sublayer})", f"best layer {entry['layer']}: {entry['extraction_rate']:.1%}")
     for mechanism, entry in summary.get("noise_robustness", {}).items():
@@ -244,10 +248,15 @@ def _print_causal(causal: dict, keys: tuple[str, ...]) -> None:
         if "alone_first_among_r_at_max_scale" in entry:
             text += (f"; a first among R_r at max scale: model {entry['first_among_r_at_max_scale']:.0%}, "
                      f"noisy mechanism alone {entry['alone_first_among_r_at_max_scale']:.0%}")
+        if "margin_at_max_scale" in entry:
+            text += f", margin {entry['margin_at_max_scale']:+.0%}{_ci(entry.get('margin_at_max_scale_ci'), '+.0%')}"
         table.add_row(f"noise → {mechanism}", text)
     for peak in summary.get("trace", {}).get("peaks", []):
         if peak["token"] in ("last_subject", "last_token"):
-            table.add_row(f"trace peak {peak['kind']} @ {peak['token']}", f"layer {peak['layer']}: Δp {peak['indirect_effect']:+.3f}")
+            layers = _ci([peak.get("peak_layer_low"), peak.get("peak_layer_high")], ".0f").replace(", ", "–")
+            effect = _ci([peak.get("peak_effect_low"), peak.get("peak_effect_high")], "+.3f")
+            table.add_row(f"trace peak {peak['kind']} @ {peak['token']}",
+                          f"layer {peak['layer']}{layers}: Δp {peak['indirect_effect']:+.3f}{effect}")
     agreement = summary.get("trace", {}).get("atp_agreement")
     if agreement:  # no AtP number is printed without its error against exact patching
         scope = f"{agreement['n_cells']} sampled cells" if agreement["sampled"] else f"all {agreement['n_cells']} cells"

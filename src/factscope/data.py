@@ -141,6 +141,9 @@ class Encoded:
     attribute_token: int  # first token of the attribute as it follows the prompt
     attribute_n_tokens: int
     tokens: list[str] = field(default_factory=list)
+    # every position whose characters overlap the subject's, position 0 included when the subject starts the
+    # prompt (the `first` group there): what tracing corrupts and where its position kinds are counted
+    subject_positions: list[int] = field(default_factory=list)
 
     @property
     def end(self) -> int:
@@ -155,7 +158,11 @@ def encode(fact: Fact, tokenizer, prepend_bos: bool, max_tokens: int | None = No
     """Tokenize a fact and give each token its group from character offsets.
 
     A token belongs to `subject` if its characters overlap the subject's, to `prefix` if it lies within the
-    leading label (`Fact:`), to `bos` if it is the prepended BOS token, else to `relation` (END included).
+    leading label (`Fact:`), to `bos` if it is the prepended BOS token, to `end` if it is the last token (END), else
+    to `relation`. Position 0 of a prompt without BOS is `first` whatever its text: models use it as an attention
+    sink (SmolLM2 gives it 0.55–0.85 of END's attention in most late layers), so a head reading it is not reading
+    the subject or the prefix (Geva et al. record `is_subject_position_zero` for the same reason). The subject's
+    own positions, position 0 included, are kept apart in `subject_positions`.
     `max_tokens` is the model's context: a longer prompt is refused rather than silently truncated or garbled.
     """
     enc = tokenizer(fact.prompt, add_special_tokens=False, return_offsets_mapping=True)
@@ -171,8 +178,13 @@ def encode(fact: Fact, tokenizer, prepend_bos: bool, max_tokens: int | None = No
             groups.append("relation")
     if groups[-1] == "subject":
         raise FactscopeError(f"{fact.source}:{fact.line}: field 'prompt' ends inside the subject's last token")
+    subject_positions = [pos for pos, group in enumerate(groups) if group == "subject"]
+    groups[-1] = "end"
     if prepend_bos:
         ids, groups = [tokenizer.bos_token_id, *ids], ["bos", *groups]
+        subject_positions = [pos + 1 for pos in subject_positions]
+    else:
+        groups[0] = "first"
     if max_tokens is not None and len(ids) > max_tokens:
         raise FactscopeError(
             f"{fact.source}:{fact.line}: field 'prompt' (prompt_id {fact.prompt_id!r}) is {len(ids)} tokens long, "
@@ -188,6 +200,7 @@ def encode(fact: Fact, tokenizer, prepend_bos: bool, max_tokens: int | None = No
         attribute_token=attribute_ids[0],
         attribute_n_tokens=len(attribute_ids),
         tokens=[tokenizer.decode([token]) for token in ids],  # readable text, not BPE's 'Ġ' spelling
+        subject_positions=subject_positions,
     )
 
 

@@ -40,7 +40,7 @@ from .forward import (
 from .models import LoadedModel
 from .rundir import RunDir, write_csv, write_parquet
 from .recall import chunks, recall_rows
-from .taxonomy import GROUPS, TOLERANCES
+from .taxonomy import GROUPS, TOLERANCES, groups_present
 
 ATTRIBUTION_COLUMNS = {
     "prompt_id": "str", "relation": "str", "target": "str", "is_correct_target": "bool", "component": "str",
@@ -228,7 +228,7 @@ def decompose_batch(
     parts = {"embed": embed, "unembed_bias": unembed_bias}
     if pos_embed is not None:
         parts["pos_embed"] = pos_embed
-    sources = [group for group in GROUPS if group != "bos" or model.prepend_bos]
+    sources = list(groups_present(model.prepend_bos))
     heads_t = heads_t[:, :, :, [GROUPS.index(group) for group in sources]]
     attributions = _attribution_table(
         batch, targets, target_tokens, target_valid, keep, sources, heads_t.cpu(), biases_t.cpu(), mlps_t.cpu(),

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 
 from .data import Encoded
 from .errors import FactscopeError
@@ -217,6 +217,7 @@ class Batch:
     ends: Int[torch.Tensor, " batch"]
     onehot: Float[torch.Tensor, "batch pos group"]  # token group of every position (GROUPS order), 0 on padding
     answers: Int[torch.Tensor, " batch"]  # the attribute's first token
+    subject: Bool[torch.Tensor, "batch pos"]  # the subject's own positions (`Encoded.subject_positions`)
 
     @property
     def rows(self) -> Int[torch.Tensor, " batch"]:
@@ -237,8 +238,12 @@ def make_batch(model: LoadedModel, encoded: list[Encoded]) -> Batch:
     tokens, mask, ends = pad_batch([item.token_ids for item in encoded], pad_id(model.tokenizer))
     onehot = group_onehot(encoded, tokens.shape[1])
     answers = torch.tensor([item.attribute_token for item in encoded])
+    subject = torch.zeros(tokens.shape, dtype=torch.bool)
+    for row, item in enumerate(encoded):
+        subject[row, item.subject_positions] = True
     device = model.device
-    return Batch(encoded, tokens.to(device), mask.to(device), ends.to(device), onehot.to(device), answers.to(device))
+    return Batch(encoded, tokens.to(device), mask.to(device), ends.to(device), onehot.to(device), answers.to(device),
+                 subject.to(device))
 
 
 def capture(store: dict, name: str, at_end: Int[torch.Tensor, " batch"] | None = None) -> Hook:

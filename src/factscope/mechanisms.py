@@ -3,15 +3,17 @@
 Everything here is a pure function of `attributions.parquet` (see `decompose`): pandas only, no model, no torch
 (the subject swap, which reruns the model, is in `swap`). Conventions:
 
-- a head's *subject / relation / other DLA* is its centred DLA (`centred`: against the vocabulary's average
+- a head's *subject / relation / end / other DLA* is its centred DLA (`centred`: against the vocabulary's average
   token, as with TransformerLens's centred unembedding; a shift of every logit alike boosts nothing) to the
-  correct attribute `a` from the SUBJECT tokens, from the RELATION tokens (END included), and from BOS + prefix;
+  correct attribute `a` from the SUBJECT tokens, from the RELATION tokens (END excluded), from END itself, and from
+  BOS + the first token + prefix (`taxonomy.GROUPS`); the classes read S and R, and the paper's RELATION (END
+  included) is R + END, kept beside them as `paper_class`;
   breadth, `to_a`/`to_others`, top targets and MLP boosting are centred too; shares of "logit" are of the model's
   own logit (`value`), shares of a − mean(R∖a) are the same either way;
 - *specificity* of a part is its mean `logit_diff` on `a`, i.e. DLA(a) − mean DLA(R_r \\ a);
   *breadth* is its mean DLA over every attribute of R_r (a included): a relation head is broad, a subject
   head specific;
-- a *mechanism* is a set of parts of the residual stream at END; the seven mechanisms partition all parts,
+- a *mechanism* is a set of parts of the residual stream at END; the eight mechanisms partition all parts,
   so their contributions add up exactly to the model's logit (and to its `logit_diff`).
 """
 
@@ -27,9 +29,9 @@ import pandas as pd
 from . import bootstrap
 from .errors import FactscopeError
 from .rundir import table_path, write_table
-from .taxonomy import CLASS_SOURCES, CLASSES, HEAD_MECHANISM, MECHANISMS, TOLERANCE
+from .taxonomy import CLASS_SOURCES, CLASSES, GROUPS, HEAD_MECHANISM, MECHANISMS, TOLERANCE
 
-DLA_COLUMNS = ("subject_dla", "relation_dla", "other_dla")
+DLA_COLUMNS = ("subject_dla", "relation_dla", "end_dla", "other_dla")
 K_SWEEP = (1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0)
 Z_SWEEP = (2.0, 3.0, 5.0)
 DOMINANCE = 0.8  # the seed's break condition: one mechanism carrying more than this share of a − mean(R \ a)
@@ -142,15 +144,17 @@ def _as_float64(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def head_dla(attn: pd.DataFrame) -> pd.DataFrame:
-    """Per prompt and head: subject_dla, relation_dla, other_dla (BOS + prefix) to the correct attribute."""
+    """Per prompt and head: subject_dla, relation_dla (END excluded), end_dla, other_dla (BOS + first + prefix) to
+    the correct attribute."""
     correct = attn[attn["is_correct_target"]]
     wide = correct.pivot_table(
         index=["prompt_id", "relation", "layer", "head"], columns="source", values="centred", aggfunc="sum"
     )
-    wide = wide.reindex(columns=["bos", "prefix", "subject", "relation"]).fillna(0.0)
-    table = pd.DataFrame(
-        {"subject_dla": wide["subject"], "relation_dla": wide["relation"], "other_dla": wide["bos"] + wide["prefix"]}
-    )
+    wide = wide.reindex(columns=list(GROUPS)).fillna(0.0)
+    table = pd.DataFrame({
+        "subject_dla": wide["subject"], "relation_dla": wide["relation"], "end_dla": wide["end"],
+        "other_dla": wide["bos"] + wide["first"] + wide["prefix"],
+    })
     return table.reset_index()
 
 
@@ -207,6 +211,13 @@ def _bootstrap_classes(per_prompt: pd.DataFrame, heads: pd.DataFrame, rule: Clas
     table = pd.DataFrame({"subject_dla_low": s_low, "subject_dla_high": s_high, "relation_dla_low": r_low,
                           "relation_dla_high": r_high, "class_agreement": agreement}, index=order)
     return table
+
+
+def paper_classes(heads: pd.DataFrame, rule: ClassRule) -> np.ndarray:
+    """The classes with END counted in R as the paper counts it (R + END), τ refitted on those values: how much of
+    the taxonomy rests on heads re-reading END's own residual."""
+    relation = heads["relation_dla"] + heads["end_dla"]
+    return rule.classify(heads["subject_dla"], relation, rule.threshold(heads["subject_dla"], relation))
 
 
 def class_sweep(
@@ -414,6 +425,7 @@ def summarize(run_dir: Path, rule: ClassRule = ClassRule()) -> dict:
             "the dataset needs relations with at least two different attributes"
         )
     heads, by_relation, threshold = classify_heads(head_dla(attn), rule)
+    heads.insert(heads.columns.get_loc("class") + 1, "paper_class", paper_classes(heads, rule))
     heads = heads.merge(head_extraction(attn), on=["layer", "head"]).join(top_targets(attn), on=["layer", "head"])
     parts = mechanism_parts(attn, rest, heads)
     shares = mechanism_shares(parts)
@@ -426,6 +438,7 @@ def summarize(run_dir: Path, rule: ClassRule = ClassRule()) -> dict:
     pooled = shares[shares["relation"] == "all"]
     return {
         "head_classes": class_counts(heads),
+        "head_classes_paper": heads["paper_class"].value_counts().reindex(CLASSES, fill_value=0).astype(int).to_dict(),
         "head_class_rule": {
             # one τ for both sources; the per-source keys stay for readers of earlier runs' summaries
             "k": rule.k, "z": rule.z, "floor": rule.floor, "threshold": threshold, "scale": "common",

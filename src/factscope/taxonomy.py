@@ -9,16 +9,26 @@ the data layer and the maths all read them from here.
 
 from __future__ import annotations
 
-GROUPS = ("bos", "prefix", "subject", "relation")
+# `first`: position 0 when no BOS is prepended (the attention sink, whatever its text); `end`: the last token (END),
+# which the paper counts in RELATION: a head's END←END part re-reads END's accumulated residual, not the relation's
+# words, so it is its own group (the paper's RELATION is `relation` + `end`)
+GROUPS = ("bos", "first", "prefix", "subject", "relation", "end")
+
+
+def groups_present(prepend_bos: bool) -> tuple[str, ...]:
+    """The groups a model's prompts can have: position 0 is either the BOS token or the first token."""
+    return tuple(group for group in GROUPS if group != ("first" if prepend_bos else "bos"))
 
 CLASSES = ("subject", "relation", "mixed", "negligible")
 # the parts of the attribution table that carry a class's signal: a mixed head is read through both of its parts
 CLASS_SOURCES = {"subject": ("subject",), "relation": ("relation",), "mixed": ("subject", "relation")}
 
-# other_heads: negligible heads, every head's BOS / prefix part, and a subject (relation) head's RELATION
+# end_heads: every head's END←END part, whatever its class (the part the paper counts in RELATION); other_heads:
+# negligible heads' parts, every head's BOS / first / prefix part, and a subject (relation) head's RELATION
 # (SUBJECT) part; embed_bias: token and position embeddings, attention output biases, unembedding bias
 MECHANISMS = (
-    "subject_heads", "relation_heads", "mixed_subject", "mixed_relation", "mlps", "other_heads", "embed_bias",
+    "subject_heads", "relation_heads", "mixed_subject", "mixed_relation", "end_heads", "mlps", "other_heads",
+    "embed_bias",
 )
 # (class, source) → mechanism; every other attention part is `other_heads`
 HEAD_MECHANISM = {
@@ -26,9 +36,13 @@ HEAD_MECHANISM = {
     ("relation", "relation"): "relation_heads",
     ("mixed", "subject"): "mixed_subject",
     ("mixed", "relation"): "mixed_relation",
+    **{(name, "end"): "end_heads" for name in CLASSES},
 }
 # reading order in tables and figures: subject-side mechanisms first, relation-side next, then the rest
-MECHANISM_ORDER = ("subject_heads", "mixed_subject", "mixed_relation", "relation_heads", "mlps", "other_heads", "embed_bias")
+MECHANISM_ORDER = (
+    "subject_heads", "mixed_subject", "mixed_relation", "relation_heads", "end_heads", "mlps", "other_heads",
+    "embed_bias",
+)
 assert set(MECHANISM_ORDER) == set(MECHANISMS)
 
 # the accepted |sum of parts − the model's logit| of the decomposition in fp32; also the floor below which a head's

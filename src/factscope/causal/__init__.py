@@ -73,6 +73,7 @@ def ablate_checks(
     a − mean(R∖a) means the same here as there whatever `known` was cut to."""
     options = {
         "window": window, "head_sets": knockout.class_head_sets(heads),
+        "blocked": knockout.blocked_groups(model.prepend_bos),
         "mechanisms": taxonomy_paths(heads, model.cfg.n_layers), "mode": mode,
         "noise_scales": noise_scales, "seeds": seeds, "targets": targets,
     }

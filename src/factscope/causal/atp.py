@@ -100,7 +100,7 @@ def _restorable(batch: Batch) -> Bool[torch.Tensor, "batch pos"]:
     """The cells the exact trace restores: the first subject token to END of every prompt."""
     mask = torch.zeros(batch.tokens.shape, dtype=torch.bool)
     for row, item in enumerate(batch.items):
-        mask[row, item.groups.index("subject") : item.end + 1] = True
+        mask[row, item.subject_positions[0] : item.end + 1] = True
     return mask
 
 

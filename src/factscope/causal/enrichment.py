@@ -30,7 +30,7 @@ def subject_enrichment(
     every other attribute of R_r), `n_prompts`.
     """
     batch = make_batch(model, encoded)
-    last_subject = torch.tensor([max(p for p, g in enumerate(item.groups) if g == "subject") for item in encoded], device=model.device)
+    last_subject = torch.tensor([item.subject_positions[-1] for item in encoded], device=model.device)
     ids, valid = other_targets(batch, targets if targets is not None else relation_targets(encoded))
     store: dict = {}
     names = [act_name("resid_post", layer) for layer in range(model.cfg.n_layers)]

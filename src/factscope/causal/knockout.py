@@ -1,5 +1,10 @@
 """Attention knockout (Geva et al. 2023): END may not attend to a token group, in a window of layers slid over
-the model or in a named set of heads; how much do p(a), a's logit and accuracy fall?"""
+the model or in a named set of heads; how much do p(a), a's logit and accuracy fall?
+
+What can be blocked: any token group of `taxonomy.GROUPS` (or several at once), or `non_subject`, Geva et al.'s
+"non-subject positions": every position but the subject's own and END. The subject group leaves out position 0
+(the `first` group, the attention sink) even when the subject starts the prompt, so END↛subject measures the
+subject's tokens and END↛first the sink; `non_subject` follows Geva and spares every subject position."""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import pandas as pd
 import torch
 from jaxtyping import Bool, Float
 
+from .. import bootstrap
 from ..data import Encoded
 from ..errors import FactscopeError
 from ..forward import Batch, Hook, act_name, make_batch
@@ -20,18 +26,31 @@ from .scores import Progress, finite_mean, scores, tick
 from .sites import head_mask, layer_window
 
 GroupSpec = str | tuple[str, ...]
-BLOCKED = ("subject", "relation")
+NON_SUBJECT = "non_subject"
 WINDOW = 9
 
 
+def blocked_groups(prepend_bos: bool) -> tuple[str, ...]:
+    """What `ablate` knocks out: the subject, the sink (when the model has one at position 0), the relation, END
+    itself and Geva's non-subject positions."""
+    sink = () if prepend_bos else ("first",)
+    return ("subject", *sink, "relation", "end", NON_SUBJECT)
+
+
 def blocked_keys(batch: Batch, blocked: GroupSpec) -> Bool[torch.Tensor, "batch pos"]:
-    """Key positions of the blocked groups. END itself is never blocked, so END always keeps a key to attend to."""
-    names = (blocked,) if isinstance(blocked, str) else tuple(blocked)
-    unknown = [name for name in names if name not in GROUPS]
-    if unknown:
-        raise FactscopeError(f"unknown token group {unknown[0]!r} (use {', '.join(GROUPS)})")
-    keys = batch.onehot[..., [GROUPS.index(name) for name in names]].sum(-1) > 0
-    keys[batch.rows, batch.ends] = False
+    """Key positions END may not attend to. END→END is blocked only when `end` is named; a knockout that would
+    leave END no key at all is refused (the softmax would be 0/0)."""
+    if blocked == NON_SUBJECT:
+        keys = (batch.mask > 0) & ~batch.subject
+        keys[batch.rows, batch.ends] = False
+    else:
+        names = (blocked,) if isinstance(blocked, str) else tuple(blocked)
+        unknown = [name for name in names if name not in GROUPS]
+        if unknown:
+            raise FactscopeError(f"unknown token group {unknown[0]!r} (use {', '.join(GROUPS)} or {NON_SUBJECT})")
+        keys = batch.onehot[..., [GROUPS.index(name) for name in names]].sum(-1) > 0
+    if (keys | (batch.mask == 0)).all(1).any():
+        raise FactscopeError(f"knockout of {_group_name(blocked)!r} leaves END nothing to attend to")
     return keys
 
 
@@ -71,7 +90,7 @@ def knockout_logits(
 def knockout(
     model: LoadedModel,
     encoded: list[Encoded],
-    blocked: Sequence[GroupSpec] = BLOCKED,
+    blocked: Sequence[GroupSpec] = ("subject", "relation"),
     window: int = WINDOW,
     heads: dict[str, Iterable[tuple[int, int]]] | None = None,
     progress: Progress = None,
@@ -83,7 +102,7 @@ def knockout(
     name; "window" for windows), `layer` (window centre; −1 for a head set), `first_layer`, `last_layer`,
     `n_heads`, `blocked`, `n_prompts`, mean `p_before`/`p_after`, `rel_change_p` (mean of
     (p_after − p_before)/p_before), `delta_logit` (mean change in a's logit), `accuracy_before`/`accuracy_after`.
-    "relation" means the relation tokens other than END itself.
+    "relation" means the relation tokens other than END itself; `blocked` names are as `blocked_keys` takes them.
     Passes: `knockout_passes`.
     """
     batch = make_batch(model, encoded)
@@ -117,7 +136,7 @@ def knockout(
     return pd.DataFrame.from_records(records)
 
 
-def knockout_passes(n_layers: int, blocked: Sequence[GroupSpec] = BLOCKED, heads: dict | None = None) -> int:
+def knockout_passes(n_layers: int, blocked: Sequence[GroupSpec] = ("subject", "relation"), heads: dict | None = None) -> int:
     """How many times `knockout` calls `progress(1)` with these arguments."""
     return 1 + len(blocked) * (len(heads) if heads is not None else n_layers)
 
@@ -127,14 +146,27 @@ def _group_name(spec: GroupSpec) -> str:
 
 
 def _before_after(before: dict, after: dict) -> dict:
-    return {
+    """Means over prompts, and a bootstrap interval (`bootstrap.mean_interval`) of each change and of the accuracy
+    after: paired, every prompt against its own clean run."""
+    changes = {
+        "rel_change_p": (after["prob"] - before["prob"]) / before["prob"],
+        "delta_logit": after["logit"] - before["logit"],
+        "accuracy_after": after["correct"],
+    }
+    out = {
         "p_before": finite_mean(before["prob"]),
         "p_after": finite_mean(after["prob"]),
-        "rel_change_p": finite_mean((after["prob"] - before["prob"]) / before["prob"]),
-        "delta_logit": finite_mean(after["logit"] - before["logit"]),
+        **{name: finite_mean(values) for name, values in changes.items()},
         "accuracy_before": finite_mean(before["correct"]),
-        "accuracy_after": finite_mean(after["correct"]),
     }
+    for name, values in changes.items():
+        low, high = bootstrap.mean_interval(values)
+        out[f"{name}_low"], out[f"{name}_high"] = _nan_if_none(low), _nan_if_none(high)
+    return out
+
+
+def _nan_if_none(value: float | None) -> float:
+    return float("nan") if value is None else value
 
 
 def knockout_summary(table: pd.DataFrame) -> dict:
@@ -148,7 +180,17 @@ def knockout_summary(table: pd.DataFrame) -> dict:
             "rel_change_p": float(worst["rel_change_p"]), "delta_logit": float(worst["delta_logit"]),
             "accuracy_after": float(worst["accuracy_after"]),
         }
+        for name in ("rel_change_p", "accuracy_after"):
+            if f"{name}_low" in worst:  # a table from before the intervals has none
+                out[key][f"{name}_ci"] = [_none_if_nan(worst[f"{name}_low"]), _none_if_nan(worst[f"{name}_high"])]
+    if out:
+        out["bootstrap"] = bootstrap.record()
     return out
+
+
+def _none_if_nan(value) -> float | None:
+    # None rather than NaN: summary.json must stay valid JSON
+    return None if pd.isna(value) else float(value)
 
 
 # --- as the `ablate` command runs it: every window, then the run's subject and relation heads as sets
@@ -160,17 +202,18 @@ def class_head_sets(heads: pd.DataFrame) -> dict[str, list[tuple[int, int]]]:
             for name, rows in heads.groupby("class") if name in ("subject", "relation")}
 
 
-def _run(model: LoadedModel, known: list[Encoded], *, window: int, head_sets: dict, progress: Progress) -> dict[str, pd.DataFrame]:
-    table = pd.concat([knockout(model, known, window=window, progress=progress),
-                       knockout(model, known, heads=head_sets, progress=progress)], ignore_index=True)
+def _run(model: LoadedModel, known: list[Encoded], *, window: int, head_sets: dict, blocked: Sequence[GroupSpec],
+         progress: Progress) -> dict[str, pd.DataFrame]:
+    table = pd.concat([knockout(model, known, blocked, window=window, progress=progress),
+                       knockout(model, known, blocked, heads=head_sets, progress=progress)], ignore_index=True)
     return {"knockout": table}
 
 
-def _passes(n_layers: int, *, window: int, head_sets: dict) -> int:
-    return knockout_passes(n_layers) + knockout_passes(n_layers, heads=head_sets)
+def _passes(n_layers: int, *, window: int, head_sets: dict, blocked: Sequence[GroupSpec]) -> int:
+    return knockout_passes(n_layers, blocked) + knockout_passes(n_layers, blocked, heads=head_sets)
 
 
 CHECK = CausalCheck(
-    "knockout", "ablate", ("knockout",), ("window", "head_sets"), _passes, _run,
+    "knockout", "ablate", ("knockout",), ("window", "head_sets", "blocked"), _passes, _run,
     lambda tables: knockout_summary(tables["knockout"]),
 )

@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 from jaxtyping import Float
 
+from .. import bootstrap
 from ..data import Encoded, relation_targets
 from ..errors import FactscopeError
 from ..forward import Batch, act_name, capture, make_batch, target_ids
@@ -85,7 +86,8 @@ def noise_robustness(
     One row per (mechanism, noise_scale): `accuracy` (top-1; mean over seeds), `accuracy_std` (over seeds),
     `mean_prob`, `mean_logit`, `first_among_r` (the full model ranks a first among R_r; R_r from `targets`, by
     default `relation_targets(encoded)`; prompts whose R_r has no other attribute are left out), `alone_first_among_r`
-    (the mechanism alone under the same noise does), `noise_unit`, `n_paths`, `n_prompts`, `n_seeds`. One clean
+    (the mechanism alone under the same noise does), `margin` (the first minus the second, paired per prompt) with
+    its bootstrap interval `margin_low`/`margin_high` (`bootstrap.mean_interval`), `noise_unit`, `n_paths`, `n_prompts`, `n_seeds`. One clean
     pass, then one per (mechanism, scale, seed): `noise_passes`.
     """
     if not mechanisms:
@@ -102,16 +104,22 @@ def noise_robustness(
             for seed in seeds:
                 logits, alone = noisy_pass(model, batch, path_set, scale, seed, clean)
                 runs.append(scores(logits, batch))
-                model_first.append(finite_mean(first_among_targets(logits.gather(1, clean.ids), clean.valid)))
-                alone_first.append(finite_mean(first_among_targets(alone, clean.valid)))
+                model_first.append(first_among_targets(logits.gather(1, clean.ids), clean.valid))
+                alone_first.append(first_among_targets(alone, clean.valid))
                 tick(progress)
             accuracy = np.array([finite_mean(run["correct"]) for run in runs])
+            # per prompt, over the seeds: how much more often the full model keeps a first than the part alone
+            margin = np.mean(model_first, axis=0) - np.mean(alone_first, axis=0)
+            low, high = bootstrap.mean_interval(margin)
             records.append(
                 {
                     "mechanism": name, "noise_scale": float(scale), "accuracy": float(accuracy.mean()),
                     "accuracy_std": float(accuracy.std()), "mean_prob": float(np.mean([finite_mean(r["prob"]) for r in runs])),
                     "mean_logit": float(np.mean([finite_mean(r["logit"]) for r in runs])),
-                    "first_among_r": float(np.mean(model_first)), "alone_first_among_r": float(np.mean(alone_first)),
+                    "first_among_r": finite_mean(np.mean(model_first, axis=0)),
+                    "alone_first_among_r": finite_mean(np.mean(alone_first, axis=0)),
+                    "margin": finite_mean(margin), "margin_low": np.nan if low is None else low,
+                    "margin_high": np.nan if high is None else high,
                     "noise_unit": UNIT, "n_paths": path_set.n_paths, "n_prompts": len(batch), "n_seeds": len(seeds),
                 }
             )
@@ -137,6 +145,10 @@ def noise_summary(table: pd.DataFrame) -> dict:
             if column in rows:
                 at_max, area = _curve(rows["noise_scale"].to_numpy(), rows[column].to_numpy())
                 entry[f"{column}_at_max_scale"], entry[f"mean_{column}_over_scales"] = at_max, area
+        if "margin_low" in rows:  # a table from before the intervals has none
+            last = rows.iloc[-1]
+            entry["margin_at_max_scale"] = float(last["margin"])
+            entry["margin_at_max_scale_ci"] = [None if pd.isna(last[k]) else float(last[k]) for k in ("margin_low", "margin_high")]
         out[mechanism] = entry
     return out
 

@@ -92,7 +92,8 @@ def union(*path_lists: Iterable[PathSpec]) -> list[PathSpec]:
 def taxonomy_paths(heads: pd.DataFrame, n_layers: int) -> dict[str, list[PathSpec]]:
     """The paper's mechanisms as path lists, from a head table with columns layer, head, class (subject |
     relation | mixed | negligible; e.g. mechanisms.classify_heads): subject heads' END←SUBJECT paths,
-    relation heads' END←RELATION paths, the mixed heads' two paths separately, and the MLPs at END."""
+    relation heads' END←RELATION paths, the mixed heads' two paths separately, every head's END←END path
+    (`end_heads`, as `taxonomy.HEAD_MECHANISM` files them), and the MLPs at END."""
 
     def paths(cls: str, source: str) -> list[PathSpec]:
         chosen = heads[heads["class"] == cls]
@@ -103,6 +104,7 @@ def taxonomy_paths(heads: pd.DataFrame, n_layers: int) -> dict[str, list[PathSpe
         "relation_heads": paths("relation", "relation"),
         "mixed_subject": paths("mixed", "subject"),
         "mixed_relation": paths("mixed", "relation"),
+        "end_heads": [HeadPath(int(layer), int(head), "end") for layer, head in zip(heads["layer"], heads["head"])],
         "mlps": [MlpPath(layer) for layer in range(n_layers)],
     }
     return {name: path_list for name, path_list in mechanisms.items() if path_list}

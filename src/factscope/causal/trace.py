@@ -36,10 +36,12 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Bool, Float, Int
 
+from .. import bootstrap
 from ..data import Encoded
 from ..errors import FactscopeError
 from ..forward import Batch, act_name, capture, end_logits, make_batch
@@ -58,10 +60,11 @@ _RESTORED = {"resid": "resid_post", "attn": "attn_out", "mlp": "mlp_out"}  # kin
 def subject_noise(
     batch: Batch, std: float, seed: int, d_model: int
 ) -> Float[torch.Tensor, "batch pos d_model"]:
-    """Gaussian noise of standard deviation `std` on subject positions, zero elsewhere; seeded, deterministic."""
+    """Gaussian noise of standard deviation `std` on the subject's positions (position 0 included when the subject
+    starts the prompt, as in ROME), zero elsewhere; seeded, deterministic."""
     generator = torch.Generator().manual_seed(seed)
     eps = torch.randn((*batch.tokens.shape, d_model), generator=generator).to(batch.tokens.device)
-    return eps * std * batch.onehot[..., GROUPS.index("subject"), None]
+    return eps * std * batch.subject[..., None]
 
 
 @dataclass
@@ -77,7 +80,7 @@ def _trace_rows(batch: Batch) -> Restorations:
     attention), so restoring them changes nothing; they are recorded as exact zeros."""
     prompts, positions = [], []
     for row, item in enumerate(batch.items):
-        first = item.groups.index("subject")
+        first = item.subject_positions[0]
         for pos in range(first, len(item.token_ids)):
             prompts.append(row)
             positions.append(pos)
@@ -93,7 +96,7 @@ def trace_labels(batch: Batch) -> dict[str, tuple[str, Bool[torch.Tensor, "batch
     masks = {name: torch.zeros(shape, dtype=torch.bool) for name in
              ("first_subject", "mid_subject", "last_subject", "first_subsequent", "further_tokens", "last_token")}
     for row, item in enumerate(batch.items):
-        subject = [pos for pos, group in enumerate(item.groups) if group == "subject"]
+        subject = item.subject_positions
         first, last, end = subject[0], subject[-1], item.end
         masks["first_subject"][row, first] = True
         masks["last_subject"][row, last] = True
@@ -210,7 +213,7 @@ def _clean_states(model: LoadedModel, batch: Batch, kinds: Sequence[str]) -> tup
         hooks += [capture(store, act_name(_RESTORED[kind], layer)) for kind in TRACE_KINDS if kind in kinds]
     logits = batch.logits(model, hooks)
     store["p"] = logits.softmax(-1)[batch.rows, batch.answers]
-    subject = batch.onehot[..., GROUPS.index("subject")] > 0
+    subject = batch.subject
     return store, float(store.pop(act_name("embed"))[subject].std())
 
 
@@ -383,6 +386,7 @@ def _trace_table(
         else:
             sem = torch.full_like(mean, float("nan"))
         draws = (per_seed.var(0).sum(-1) / n_seeds).sqrt() / total if n_seeds > 1 else torch.full_like(mean, float("nan"))
+        peak = _peak_intervals(summed.cpu().numpy(), counts.cpu().numpy())
         for k, kind in enumerate(kinds):
             for layer in range(n_layers):
                 first, last = (layer, layer) if kind == "resid" else layer_window(layer, window, n_layers)
@@ -391,9 +395,26 @@ def _trace_table(
                         "kind": kind, "layer": layer, "first_layer": first, "last_layer": last, "token": token,
                         "level": level, "indirect_effect": float(mean[k, layer]), "sem": float(sem[k, layer]),
                         "sem_draws": float(draws[k, layer]), "n_prompts": n_prompts, "n_tokens": int(total),
+                        **{name: float(values[k]) for name, values in peak.items()},
                     }
                 )
     return pd.DataFrame.from_records(records)
+
+
+PEAK_INTERVALS = ("peak_layer_low", "peak_layer_high", "peak_effect_low", "peak_effect_high")
+
+
+def _peak_intervals(summed: np.ndarray, counts: np.ndarray) -> dict[str, np.ndarray]:
+    """Bootstrap intervals (over prompts, `bootstrap`'s seed) of each kind's peak: the layer where the pooled effect
+    is largest, and that largest effect, recomputed on every resample of the prompts.
+
+    summed: [kind, layer, prompt] each prompt's seed-averaged effect summed over its tokens; counts: [prompt].
+    """
+    weights = bootstrap.resample_weights(summed.shape[-1])  # [resample, prompt]
+    means = np.einsum("rp,klp->rkl", weights, summed) / (weights @ counts)[:, None, None]
+    (layer_low, layer_high), (effect_low, effect_high) = (bootstrap.interval(means.argmax(-1).astype(float)),
+                                                          bootstrap.interval(means.max(-1)))
+    return dict(zip(PEAK_INTERVALS, (layer_low, layer_high, effect_low, effect_high)))
 
 
 def sem_at_draws(table: pd.DataFrame, n_draws: int) -> pd.Series:
@@ -405,9 +426,11 @@ def sem_at_draws(table: pd.DataFrame, n_draws: int) -> pd.Series:
 
 
 def trace_peaks(trace: pd.DataFrame) -> pd.DataFrame:
-    """Per (kind, token) the layer of the largest indirect effect."""
+    """Per (kind, token) the layer of the largest indirect effect, with the bootstrap intervals of that layer and of
+    the peak effect where the table has them (`_peak_intervals`)."""
     index = trace.groupby(["kind", "token"])["indirect_effect"].idxmax()
-    return trace.loc[index, ["kind", "token", "level", "layer", "indirect_effect"]].reset_index(drop=True)
+    columns = ["kind", "token", "level", "layer", "indirect_effect", *(c for c in PEAK_INTERVALS if c in trace)]
+    return trace.loc[index, columns].reset_index(drop=True)
 
 
 def trace_summary(table: pd.DataFrame, peaks: pd.DataFrame) -> dict:

@@ -11,7 +11,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .style import (CLASS_COLORS, MECHANISM_COLORS, MECHANISM_LABELS, METRIC_LABELS, SOURCE_COLORS, layer_ticks,
+from ..taxonomy import GROUPS
+from .style import (BLOCKED_LABELS, CLASS_COLORS, MECHANISM_COLORS, MECHANISM_LABELS, METRIC_LABELS, SOURCE_COLORS, layer_ticks,
                     log_dtick, require, series_color, style_figure)
 
 if TYPE_CHECKING:
@@ -26,7 +27,7 @@ def fig_knockout(run: Run) -> go.Figure:
         rows = rows.sort_values("layer")
         color = SOURCE_COLORS.get(blocked, series_color(index))
         fig.add_scatter(
-            x=rows["layer"], y=100 * rows["rel_change_p"], mode="lines+markers", name=f"END ↛ {blocked}",
+            x=rows["layer"], y=100 * rows["rel_change_p"], mode="lines+markers", name=f"END ↛ {BLOCKED_LABELS.get(blocked, blocked)}",
             line=dict(color=color, width=2.5), customdata=np.stack([rows["first_layer"], rows["last_layer"]], axis=1),
             hovertemplate="layers %{customdata[0]}–%{customdata[1]} blocked<br>Δp(a) %{y:+.1f}%<extra>" + blocked + "</extra>",
         )
@@ -79,7 +80,7 @@ def fig_ablations(run: Run, metric: str = "logit_diff") -> go.Figure:
 
 
 TRACE_ORDER = ("first_subject", "mid_subject", "last_subject", "first_subsequent", "further_tokens", "last_token",
-               "bos", "prefix", "subject", "relation")
+               *GROUPS)
 
 
 def fig_causal_trace(run: Run) -> go.Figure:

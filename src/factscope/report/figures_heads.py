@@ -35,13 +35,20 @@ def top_heads(heads: pd.DataFrame, name: str, n: int | None = None) -> list[str]
     return names if n is None else names[:n]
 
 
+# the heatmaps' panels: key in `heatmap_arrays`, title; the paper's RELATION is `relation` + `end`
+HEATMAP_PANELS = {"total": "all sources", "subject": "from SUBJECT", "relation": "from RELATION (END excluded)",
+                  "end": "from END itself"}
+
+
 def heatmap_arrays(run: Run) -> dict[str, np.ndarray]:
-    """layer × head arrays of mean DLA to a: all sources, SUBJECT, RELATION; and the class letters."""
+    """layer × head arrays of mean DLA to a: all sources, SUBJECT, RELATION, END (runs from before END was its own
+    group have no END panel); and the class letters."""
     heads = require(run, "heads")
     n_layers, n_heads = run.n_layers, run.n_heads
     out = {}
-    total = heads["subject_dla"] + heads["relation_dla"] + heads["other_dla"]
-    for key, values in (("total", total), ("subject", heads["subject_dla"]), ("relation", heads["relation_dla"])):
+    sources = {key: heads[f"{key}_dla"] for key in ("subject", "relation", "end") if f"{key}_dla" in heads}
+    total = sum(sources.values()) + heads["other_dla"]
+    for key, values in {"total": total, **sources}.items():
         grid = np.full((n_layers, n_heads), np.nan)
         grid[heads["layer"], heads["head"]] = values
         out[key] = grid
@@ -202,15 +209,17 @@ def _padded(values: pd.Series, pad: float) -> list[float]:
 
 
 def fig_heatmap(run: Run) -> go.Figure:
-    """Layer × head heatmaps of mean DLA to a: all sources, from SUBJECT, from RELATION; letters mark classes."""
+    """Layer × head heatmaps of mean DLA to a: all sources, from SUBJECT, from RELATION, from END; letters mark
+    classes."""
     arrays = heatmap_arrays(run)
     n_layers, n_heads = run.n_layers, run.n_heads
-    limit = float(np.nanmax(np.abs([arrays["total"], arrays["subject"], arrays["relation"]]))) or 1.0
-    titles = ("all sources (S/R/M = class)", "read from SUBJECT", "read from RELATION")
-    fig = make_subplots(rows=1, cols=3, shared_yaxes=True, horizontal_spacing=0.035, subplot_titles=titles)
+    keys = [key for key in HEATMAP_PANELS if key in arrays]
+    limit = float(np.nanmax(np.abs([arrays[key] for key in keys]))) or 1.0
+    titles = [HEATMAP_PANELS[key] + (" (S/R/M = class)" if key == "total" else "") for key in keys]
+    fig = make_subplots(rows=1, cols=len(keys), shared_yaxes=True, horizontal_spacing=0.035, subplot_titles=titles)
     layers, head_index = np.arange(n_layers), np.arange(n_heads)
     text_size = max(7, min(12, int(300 / max(n_heads, 1))))
-    for col, key in enumerate(("total", "subject", "relation"), start=1):
+    for col, key in enumerate(keys, start=1):
         fig.add_heatmap(
             z=arrays[key], x=head_index, y=layers, coloraxis="coloraxis", xgap=1, ygap=1,
             text=arrays["letters"] if key == "total" else None,

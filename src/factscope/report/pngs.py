@@ -12,7 +12,7 @@ import numpy as np
 from ..rundir import atomic_path
 from ..taxonomy import CLASSES, MECHANISM_ORDER
 from .figures_dla import additive_table, lens_table, share_table
-from .figures_heads import heatmap_arrays, sweep_table, top_heads
+from .figures_heads import HEATMAP_PANELS, heatmap_arrays, sweep_table, top_heads
 from .style import CLASS_COLORS, MECHANISM_COLORS, MECHANISM_LABELS, SHOWN_CLASSES, series_color, series_dash
 
 if TYPE_CHECKING:
@@ -57,7 +57,8 @@ def _png_additivity(run: Run, plt):
     table = additive_table(run)
     fig, ax = plt.subplots(figsize=(8.5, 4))
     short = {"subject_heads": "subject\nheads", "mixed_subject": "mixed ·\nSUBJECT",
-             "mixed_relation": "mixed ·\nRELATION", "relation_heads": "relation\nheads", "mlps": "MLPs",
+             "mixed_relation": "mixed ·\nRELATION", "relation_heads": "relation\nheads",
+             "end_heads": "END←END\nparts", "mlps": "MLPs",
              "other_heads": "other\nhead parts", "embed_bias": "embeddings\n+ biases"}
     labels = [short.get(m, m) for m in table["mechanism"]] + ["total"]
     total = float(table["mean_value"].sum())
@@ -110,9 +111,11 @@ def _png_signature(run: Run, plt):
 def _png_heatmap(run: Run, plt):
     arrays = heatmap_arrays(run)
     n_layers, n_heads = run.n_layers, run.n_heads
-    limit = float(np.nanmax(np.abs([arrays["total"], arrays["subject"], arrays["relation"]]))) or 1.0
-    fig, axes = plt.subplots(1, 3, figsize=(9, max(3.5, 0.16 * n_layers + 1.2)), sharey=True)
-    for ax, key, title in zip(axes, ("total", "subject", "relation"), ("all sources", "from SUBJECT", "from RELATION")):
+    keys = [key for key in HEATMAP_PANELS if key in arrays]
+    limit = float(np.nanmax(np.abs([arrays[key] for key in keys]))) or 1.0
+    fig, axes = plt.subplots(1, len(keys), figsize=(3 * len(keys), max(3.5, 0.16 * n_layers + 1.2)), sharey=True)
+    for ax, key in zip(axes, keys):
+        title = HEATMAP_PANELS[key]
         image = ax.imshow(arrays[key], cmap="RdBu", vmin=-limit, vmax=limit, origin="lower", aspect="auto",
                           interpolation="nearest")
         ax.set_title(title, fontsize=10)

@@ -27,16 +27,21 @@ CLASS_LETTERS = {"subject": "S", "relation": "R", "mixed": "M", "negligible": ""
 
 MECHANISM_COLORS = {
     "subject_heads": "#0072B2", "mixed_subject": "#56B4E9", "mixed_relation": "#E69F00", "relation_heads": "#D55E00",
-    "mlps": "#009E73", "other_heads": "#A6A6A6", "embed_bias": "#4D4D4D",
+    "end_heads": "#F0B27A", "mlps": "#009E73", "other_heads": "#A6A6A6", "embed_bias": "#4D4D4D",
 }
 MECHANISM_LABELS = {
     "subject_heads": "subject heads", "mixed_subject": "mixed heads · SUBJECT part",
-    "mixed_relation": "mixed heads · RELATION part", "relation_heads": "relation heads", "mlps": "MLPs",
+    "mixed_relation": "mixed heads · RELATION part", "relation_heads": "relation heads",
+    "end_heads": "heads reading END (END←END parts)", "mlps": "MLPs",
     "other_heads": "other head parts", "embed_bias": "embeddings + biases",
 }
 
-GROUP_COLORS = {"bos": "#D9D9D9", "prefix": "#EDEDED", "subject": "#A6CDE8", "relation": "#F3C4A2"}
-SOURCE_COLORS = {"subject": CLASS_COLORS["subject"], "relation": CLASS_COLORS["relation"]}
+GROUP_COLORS = {"bos": "#D9D9D9", "first": "#C9C9C9", "prefix": "#EDEDED", "subject": "#A6CDE8",
+                "relation": "#F3C4A2", "end": "#F8DEC9"}
+# what `ablate` knocks out (`causal.knockout.blocked_groups`), as the report names it
+BLOCKED_LABELS = {"first": "the first token (the sink)", "end": "END itself", "non_subject": "every non-subject position"}
+SOURCE_COLORS = {"subject": CLASS_COLORS["subject"], "relation": CLASS_COLORS["relation"],
+                 "end": MECHANISM_COLORS["end_heads"]}
 
 # CARTO "Safe": a qualitative palette designed to stay distinguishable under colour-vision deficiency
 QUALITATIVE = ("#88CCEE", "#CC6677", "#DDCC77", "#117733", "#332288", "#AA4499", "#44AA99", "#999933", "#882255",

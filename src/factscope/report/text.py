@@ -16,7 +16,7 @@ from ..rundir import SUMMARY, TABLES
 from ..taxonomy import HEAD_MECHANISM
 from .figures_dla import lens_table
 from .figures_heads import top_heads
-from .style import MECHANISM_LABELS, SHOWN_CLASSES
+from .style import BLOCKED_LABELS, MECHANISM_LABELS, SHOWN_CLASSES
 
 if TYPE_CHECKING:
     from ..rundir import Run
@@ -216,11 +216,22 @@ def _class_findings(run: Run) -> list[Finding]:
             f"(SUBJECT part {pct(diff.loc['mixed_subject', 'share'])}, RELATION part "
             f"{pct(diff.loc['mixed_relation', 'share'])});"
         )
+    if "end_heads" in diff.index:
+        sentences.append(
+            f"every head's END←END part (END re-reading its own residual, which the paper counts in RELATION) "
+            f"supplies {pct(diff.loc['end_heads', 'share'])} ({pct(logit.loc['end_heads', 'share'])} of the logit);"
+        )
     sentences.append(
         f"MLPs supply {pct(diff.loc['mlps', 'share'])} ({pct(logit.loc['mlps', 'share'])} of the logit); the other "
-        f"head parts (negligible heads, BOS/prefix parts, off-class parts) {pct(diff.loc['other_heads', 'share'])}; "
-        f"embeddings and biases {pct(diff.loc['embed_bias', 'share'])}."
+        f"head parts (negligible heads, BOS/first-token/prefix parts, off-class parts) "
+        f"{pct(diff.loc['other_heads', 'share'])}; embeddings and biases {pct(diff.loc['embed_bias', 'share'])}."
     )
+    if "paper_class" in heads:
+        paper = heads["paper_class"].value_counts()
+        sentences.append(
+            f"With END counted in RELATION, as the paper counts it, the same rule finds {int(paper.get('subject', 0))} "
+            f"subject, {int(paper.get('relation', 0))} relation and {int(paper.get('mixed', 0))} mixed heads."
+        )
     return [Finding("classes", " ".join(sentences))]
 
 
@@ -315,13 +326,20 @@ def causal_summary(run: Run, check: str) -> dict:
 def _knockout_finding(run: Run) -> list[Finding]:
     worst = {key.removesuffix(WORST_WINDOW): entry for key, entry in causal_summary(run, "knockout").items()
              if key.endswith(WORST_WINDOW)}
-    parts = [f"blocking END → {blocked} in layers {worst[blocked]['layers'][0]}–{worst[blocked]['layers'][1]} "
-             f"changes p(a) by {pct(worst[blocked]['rel_change_p'])}" for blocked in sorted(worst)]
-    # the summary keeps the worst head set per blocked group; the table has every set, in the order they were run
     table = run.knockout
-    for row in table[table["condition"] == "heads"].itertuples():
-        parts.append(f"blocking END → {row.blocked} for the {row.n_heads} {row.head_set.replace('_', ' ')} only changes "
-                     f"p(a) by {pct(row.rel_change_p)} (accuracy {pct(row.accuracy_after)})")
+    windows = table[table["condition"] == "window"]
+    parts = []
+    for blocked in sorted(worst):
+        rows = windows[windows["blocked"] == blocked]
+        row = rows.loc[rows["rel_change_p"].idxmin()] if len(rows) else pd.Series(dtype=float)
+        parts.append(f"blocking END → {BLOCKED_LABELS.get(blocked, blocked)} in layers {worst[blocked]['layers'][0]}–"
+                     f"{worst[blocked]['layers'][1]} changes p(a) by {pct(worst[blocked]['rel_change_p'])}"
+                     f"{interval_text(row, 'rel_change_p', '%')}")
+    # the summary keeps the worst head set per blocked group; the table has every set, in the order they were run
+    for _, row in table[table["condition"] == "heads"].iterrows():
+        parts.append(f"blocking END → {BLOCKED_LABELS.get(row['blocked'], row['blocked'])} for the {row['n_heads']} "
+                     f"{row['head_set'].replace('_', ' ')} only changes p(a) by {pct(row['rel_change_p'])}"
+                     f"{interval_text(row, 'rel_change_p', '%')} (accuracy {pct(row['accuracy_after'])})")
     return [Finding("knockout", "Attention knockout: " + "; ".join(parts) + ".")] if parts else []
 
 
@@ -362,8 +380,10 @@ def _trace_finding(run: Run) -> list[Finding]:
         rows = table[(table["kind"] == kind) & (table["token"] == token)]
         if len(rows):
             peak = rows.loc[rows["indirect_effect"].idxmax()]
-            parts.append(f"{kind} at the {token.replace('_', ' ')} peaks at layer {int(peak['layer'])} "
-                         f"(Δp(a) {peak['indirect_effect']:+.3f})")
+            layers = (f" [95% CI layers {peak['peak_layer_low']:.0f}–{peak['peak_layer_high']:.0f}]"
+                      if np.isfinite(peak.get("peak_layer_low", np.nan)) else "")
+            parts.append(f"{kind} at the {token.replace('_', ' ')} peaks at layer {int(peak['layer'])}{layers} "
+                         f"(Δp(a) {peak['indirect_effect']:+.3f}{interval_text(peak, 'peak_effect', '+.3f')})")
     clean, corrupted = float(table["p_clean"].iloc[0]), float(table["p_corrupted"].iloc[0])
     return [Finding("causal_trace", f"Causal tracing (noise on the subject: p(a) {clean:.3f} → {corrupted:.3f}): "
                     + "; ".join(parts) + ".")] if parts else []
@@ -407,7 +427,9 @@ def _noise_finding(run: Run) -> list[Finding]:
         f"Noise robustness (additive parts predict that noise on one mechanism costs the full model far less than it "
         f"costs that mechanism alone): with noise of {largest:g}× {unit} on one mechanism, the full model still ranks a "
         "first among R_r on "
-        + ", ".join(f"{pct(row.first_among_r)} against {pct(row.alone_first_among_r)} for {MECHANISM_LABELS.get(m, m)} alone"
+        + ", ".join(f"{pct(row['first_among_r'])} against {pct(row['alone_first_among_r'])} for "
+                    f"{MECHANISM_LABELS.get(m, m)} alone"
+                    + (f" (margin {pct(row['margin'])}{interval_text(row, 'margin', '%')})" if "margin" in row else "")
                     for m, row in singles.iterrows())
         + (f"; with noise on all of them, on {pct(top.loc['all', 'first_among_r'])}" if "all" in top.index else "")
         + "."
