@@ -111,13 +111,20 @@ def analyze(
     resume: ResumeOpt = False,
     dtype: DtypeOpt = Dtype.float32,
     threads: ThreadsOpt = None,
+    remote: Annotated[bool, typer.Option("--remote", help="Run the forward passes on NDIF through nnsight (--model is a Hub id; needs NDIF_API_KEY and factscope[remote]).")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="With --remote: print the requests and bytes a run would cost, send nothing.")] = False,
 ) -> None:
     """Exact DLA by component and source group, the logit lens, head classes and mechanism shares."""
     from .recall import accuracy_table
 
+    if dry_run:
+        if not remote:
+            raise FactscopeError("--dry-run plans a --remote run; add --remote")
+        console.print(stages.remote_plan(model, dataset, batch_size=batch_size, bos=bos).describe())
+        return
     run = stages.analyze(model, dataset, out, overwrite=overwrite, device=device, batch_size=batch_size, bos=bos,
                          all_prompts=all_prompts, k=k, z=z, swap=swap, resume=resume, dtype=dtype.value, threads=threads,
-                         reporter=REPORTER)
+                         remote=remote, reporter=REPORTER)
     summary = run.summary
     _print_accuracy(accuracy_table(run.recall), _model_title(run))
     _print_mechanisms(summary)

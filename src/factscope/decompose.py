@@ -34,8 +34,8 @@ from jaxtyping import Float, Int
 from .data import Encoded, relation_targets, token_table
 from .errors import FactscopeError
 from .forward import (
-    act_name, attn_bias, check_supported, frozen_post_norm, group_onehot, head_group_z, head_values, heads_to_resid,
-    lens_normalise, pad_batch, pad_id, target_ids, value_bias_per_head,
+    Engine, act_name, attn_bias, check_supported, frozen_post_norm, group_onehot, head_group_z_at_end, head_values,
+    heads_to_resid, lens_normalise, local_end_activations, pad_batch, pad_id, target_ids, value_bias_per_head,
 )
 from .models import LoadedModel
 from .rundir import RunDir, write_csv, write_parquet
@@ -77,9 +77,11 @@ def decompose(
     batch_size: int = 32,
     progress: Callable[[int], None] | None = None,
     known_only: bool = True,
+    engine: Engine = local_end_activations,
 ) -> Decomposition:
-    """Decompose every prompt's END logits for its correct attribute and all of R_r; keep known facts by default."""
-    results = [result for _, result in iter_decompose(model, encoded, batch_size, progress, known_only)]
+    """Decompose every prompt's END logits for its correct attribute and all of R_r; keep known facts by default.
+    `engine` runs the passes (`forward.Engine`): TransformerLens here, or nnsight (`nnsight_engine`)."""
+    results = [result for _, result in iter_decompose(model, encoded, batch_size, progress, known_only, engine=engine)]
     return Decomposition(
         attributions=pd.concat([r.attributions for r in results], ignore_index=True),
         logit_lens=pd.concat([r.logit_lens for r in results], ignore_index=True),
@@ -97,6 +99,7 @@ def decompose_to_dir(
     batch_size: int = 32,
     progress: Callable[[int], None] | None = None,
     known_only: bool = True,
+    engine: Engine = local_end_activations,
 ) -> dict:
     """Decompose batch by batch into a run directory, skipping batches a previous (killed) run finished.
 
@@ -105,7 +108,7 @@ def decompose_to_dir(
     done = run.done_batches()
     if progress:
         progress(sum(len(batch) for index, batch in enumerate(chunks(encoded, batch_size)) if index in done))
-    for index, result in iter_decompose(model, encoded, batch_size, progress, known_only, skip=set(done)):
+    for index, result in iter_decompose(model, encoded, batch_size, progress, known_only, skip=set(done), engine=engine):
         tables = {"attributions": result.attributions, "logit_lens": result.logit_lens, "recall": result.recall}
         errors = {"reconstruction_error": result.reconstruction_error, "head_error": result.head_error,
                   "model_logit_error": result.model_logit_error}
@@ -137,6 +140,7 @@ def iter_decompose(
     progress: Callable[[int], None] | None = None,
     known_only: bool = True,
     skip: set[int] = frozenset(),
+    engine: Engine = local_end_activations,
 ) -> Iterator[tuple[int, BatchResult]]:
     """One batched forward pass per batch of prompts; yields (batch index, tables) so callers can stream them."""
     check_supported(model)
@@ -145,7 +149,7 @@ def iter_decompose(
     for index, batch in enumerate(chunks(encoded, batch_size)):
         if index in skip:
             continue
-        result = decompose_batch(model, batch, targets, known_only)
+        result = decompose_batch(model, batch, targets, known_only, engine)
         if result.reconstruction_error > tolerance or result.head_error > tolerance:
             raise FactscopeError(
                 f"decomposition is not exact on prompts {result.prompt_ids[0]}…{result.prompt_ids[-1]}: "
@@ -168,24 +172,20 @@ def hook_names(model: LoadedModel) -> list[str]:
     return names
 
 
-def decompose_batch(model: LoadedModel, batch: list[Encoded], targets: dict[str, dict[int, str]], known_only: bool) -> BatchResult:
-    bridge, cfg, device = model.bridge, model.cfg, model.device
+def decompose_batch(
+    model: LoadedModel, batch: list[Encoded], targets: dict[str, dict[int, str]], known_only: bool,
+    engine: Engine = local_end_activations,
+) -> BatchResult:
+    cfg, device = model.cfg, model.device
     tokens, mask, ends = pad_batch([item.token_ids for item in batch], pad_id(model.tokenizer))
     target_tokens, target_valid = target_ids(batch, targets, with_answer=True)
     groups = group_onehot(batch, tokens.shape[1]).to(device)
     rows = torch.arange(len(batch), device=device)
     ends = ends.to(device)
+    # the engine's tensors are at END already (`forward.Engine`), in fp32 on the unembedding's device
+    logits_end, cache = engine(model, tokens, mask, ends, hook_names(model))
     with torch.inference_mode():
-        # logits_to_keep: the model unembeds END only; every position over the whole vocabulary is wasted work
-        logits, cache = bridge.run_with_cache(
-            tokens.to(device), attention_mask=mask.to(device), names_filter=hook_names(model),
-            logits_to_keep=ends[:, None],
-        )
-        logits_end = logits[:, 0].float()  # [batch, vocab]
-        # with device_map="auto" each layer's activations stay on the GPU that ran it; the einsums need one device,
-        # and the parts accumulate in fp32 whatever the model's dtype
-        cache = {name: activation.to(device).float() for name, activation in cache.items()}
-        scale = cache[act_name("final_scale")][rows, ends]  # [batch, 1]
+        scale = cache[act_name("final_scale")]  # [batch, 1]
         gain, norm_bias = model.final_norm
         # [d_model, batch, target + 1]: the targets' columns only, and last the vocabulary's average column, whose
         # DLA is the part of each contribution that raises every logit alike ("centred" = value − that)
@@ -194,16 +194,16 @@ def decompose_batch(model: LoadedModel, batch: list[Encoded], targets: dict[str,
         unembed = einops.rearrange(columns * gain[:, None, None], "d batch t -> batch d t")
         to_logit = _LogitMap(unembed, scale, model.centres)
 
-        embed = to_logit(cache[act_name("embed")][rows, ends])
-        pos_embed = to_logit(cache[act_name("pos_embed")][rows, ends]) if act_name("pos_embed") in cache else None
+        embed = to_logit(cache[act_name("embed")])
+        pos_embed = to_logit(cache[act_name("pos_embed")]) if act_name("pos_embed") in cache else None
         heads, head_check, biases, mlps = [], [], [], []
         for layer in range(cfg.n_layers):
-            post_norm = _frozen_post_norm(model, cache, layer, rows, ends)
-            by_source, whole = _head_dla(model, cache, layer, rows, ends, groups, to_logit, post_norm)
+            post_norm = _frozen_post_norm(model, cache, layer)
+            by_source, whole = _head_dla(model, cache, layer, groups, to_logit, post_norm)
             heads.append(by_source)
             head_check.append(whole)
             biases.append(_attn_bias_dla(model, layer, len(rows), to_logit, post_norm))
-            mlps.append(to_logit(cache[act_name("mlp_out", layer)][rows, ends]))
+            mlps.append(to_logit(cache[act_name("mlp_out", layer)]))
         heads_t = torch.stack(heads, dim=1)  # [batch, layer, head, group, target]
         biases_t, mlps_t = torch.stack(biases, dim=1), torch.stack(mlps, dim=1)  # [batch, layer, target]
         # [batch, target]: the final norm's bias and the unembedding's, the same for every input
@@ -214,7 +214,7 @@ def decompose_batch(model: LoadedModel, batch: list[Encoded], targets: dict[str,
         total = embed + heads_t.sum((1, 2, 3)) + biases_t.sum(1) + mlps_t.sum(1) + unembed_bias
         if pos_embed is not None:
             total = total + pos_embed
-        reference = to_logit(cache[act_name("resid_post", cfg.n_layers - 1)][rows, ends]) + unembed_bias
+        reference = to_logit(cache[act_name("resid_post", cfg.n_layers - 1)]) + unembed_bias
         model_logits = torch.cat([logits_end.gather(1, target_tokens.to(device)), logits_end.mean(1, keepdim=True)], dim=1)
         valid = torch.cat([target_valid, torch.ones(len(batch), 1)], dim=1).to(device)  # the average column is checked too
         reconstruction_error = float(((total - reference).abs() * valid).max())
@@ -223,7 +223,7 @@ def decompose_batch(model: LoadedModel, batch: list[Encoded], targets: dict[str,
         recall = pd.DataFrame(recall_rows(model, batch, logits_end.cpu()))
         keep = recall["correct"].to_numpy() if known_only else np.ones(len(batch), dtype=bool)
         kept = torch.tensor(keep, dtype=torch.bool, device=device)
-        lens = _logit_lens(model, cache, [item for item, k in zip(batch, keep) if k], rows[kept], ends[kept])
+        lens = _logit_lens(model, cache, [item for item, k in zip(batch, keep) if k], rows[kept])
 
     parts = {"embed": embed, "unembed_bias": unembed_bias}
     if pos_embed is not None:
@@ -263,18 +263,16 @@ def _head_dla(
     model: LoadedModel,
     cache: dict[str, torch.Tensor],
     layer: int,
-    rows: Int[torch.Tensor, " batch"],
-    ends: Int[torch.Tensor, " batch"],
     groups: Float[torch.Tensor, "batch pos group"],
     to_logit: _LogitMap,
     post_norm: Callable[[torch.Tensor], torch.Tensor],
 ) -> tuple[Float[torch.Tensor, "batch head group target"], Float[torch.Tensor, "batch head target"]]:
     """Per head and source group DLA, and per head DLA from hook_z (an independent path) for the exactness check."""
     values = head_values(model, layer, cache[act_name("v", layer)])
-    z_by_group = head_group_z(cache[act_name("pattern", layer)], values, groups, rows, ends)
+    z_by_group = head_group_z_at_end(cache[act_name("pattern", layer)], values, groups)
     w_o = model.W_O(layer).float().to(z_by_group.device)  # [head, d_head, d_model]
     out_by_group = heads_to_resid(z_by_group, w_o)
-    z_whole = cache[act_name("z", layer)][rows, ends]
+    z_whole = cache[act_name("z", layer)]
     b_v = value_bias_per_head(model, layer)
     if b_v is not None:
         z_whole = z_whole - b_v.to(z_whole.device)
@@ -292,13 +290,13 @@ def _attn_bias_dla(
 
 
 def _frozen_post_norm(
-    model: LoadedModel, cache: dict[str, torch.Tensor], layer: int, rows: Int[torch.Tensor, " batch"], ends: Int[torch.Tensor, " batch"]
+    model: LoadedModel, cache: dict[str, torch.Tensor], layer: int
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """The attention post-norm (Gemma) with its clean scale at END (`forward.frozen_post_norm`); the identity
     where there is none."""
     if not model.has_attn_post_norm:
         return lambda vectors: vectors
-    return frozen_post_norm(model.post_norm_gain(layer), cache[act_name("post_norm_scale", layer)][rows, ends])
+    return frozen_post_norm(model.post_norm_gain(layer), cache[act_name("post_norm_scale", layer)])
 
 
 def _logit_lens(
@@ -306,12 +304,12 @@ def _logit_lens(
     cache: dict[str, torch.Tensor],
     batch: list[Encoded],
     rows: Int[torch.Tensor, " batch"],
-    ends: Int[torch.Tensor, " batch"],
 ) -> pd.DataFrame:
-    """Accumulated residual after each layer, normalised by its own scale (not frozen), read at END."""
+    """Accumulated residual after each layer, normalised by its own scale (not frozen), read at END (`cache` holds
+    END only; `rows` are the kept prompts)."""
     cfg = model.cfg
     answer = torch.tensor([item.attribute_token for item in batch], dtype=torch.long, device=model.device)
-    resid = torch.stack([cache[act_name("resid_post", layer)][rows, ends] for layer in range(cfg.n_layers)], dim=1)
+    resid = torch.stack([cache[act_name("resid_post", layer)][rows] for layer in range(cfg.n_layers)], dim=1)
     resid = lens_normalise(model, resid)  # [batch, layer, d_model]
     rank, log_prob, logit, top = _lens_stats(
         resid.reshape(-1, cfg.d_model), answer.repeat_interleave(cfg.n_layers), model.W_U, model.b_U

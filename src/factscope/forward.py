@@ -111,6 +111,49 @@ def end_logits(
         return (normed @ model.W_U + model.b_U).float()
 
 
+# An engine runs one pass and returns what the decomposition reads (`END_TENSORS`): the model's logits at END in
+# fp32, and the activations named by `act_name`, in fp32, at END only ([batch, ...]), except `v` (every key
+# position, [batch, key, kv_head, d_head]) and `pattern` (END's query row, [batch, head, key]). The local engine
+# is TransformerLens (`local_end_activations`); `nnsight_engine` runs the same pass through nnsight, locally or on
+# NDIF, and sends back only these tensors.
+Engine = Callable[
+    [LoadedModel, Int[torch.Tensor, "batch pos"], Int[torch.Tensor, "batch pos"], Int[torch.Tensor, " batch"], Sequence[str]],
+    tuple[Float[torch.Tensor, "batch vocab"], dict[str, torch.Tensor]],
+]
+FULL_POSITIONS = ("v",)  # the kinds an engine returns at every position (a head reads every key's value)
+
+
+def local_end_activations(
+    model: LoadedModel,
+    tokens: Int[torch.Tensor, "batch pos"],
+    mask: Int[torch.Tensor, "batch pos"],
+    ends: Int[torch.Tensor, " batch"],
+    names: Sequence[str],
+) -> tuple[Float[torch.Tensor, "batch vocab"], dict[str, torch.Tensor]]:
+    """The TransformerLens engine: one `run_with_cache` of the named hooks, cut down to END (see `Engine`)."""
+    device = model.device
+    ends = ends.to(device)
+    rows = torch.arange(len(ends), device=device)
+    full = {act_name(kind, layer) for kind in FULL_POSITIONS for layer in range(model.cfg.n_layers)}
+    with torch.inference_mode():
+        # logits_to_keep: the model unembeds END only; every position over the whole vocabulary is wasted work
+        logits, cache = model.bridge.run_with_cache(
+            tokens.to(device), attention_mask=mask.to(device), names_filter=list(names), logits_to_keep=ends[:, None],
+        )
+        # with device_map="auto" each layer's activations stay on the GPU that ran it; the einsums need one device,
+        # and the parts accumulate in fp32 whatever the model's dtype
+        end = {}
+        for name, activation in cache.items():
+            activation = activation.to(device)
+            if name in full:
+                end[name] = activation.float()
+            elif name.endswith("hook_pattern"):
+                end[name] = activation[rows, :, ends].float()
+            else:
+                end[name] = activation[rows, ends].float()
+        return logits[:, 0].float(), end
+
+
 def prompt_end_logits(model: LoadedModel, token_lists: list[list[int]]) -> Float[torch.Tensor, "batch vocab"]:
     """END logits of prompts given as token ids: right-padded into one batch, returned on the CPU."""
     tokens, mask, ends = (t.to(model.device) for t in pad_batch(token_lists, pad_id(model.tokenizer)))
@@ -230,7 +273,16 @@ def head_group_z(
     edits multiply the pattern by the groups first (`groups_first`), the decomposition by the values first, and
     each keeps its own so that its tables stay bit-identical.
     """
-    pattern = pattern[rows, :, ends]  # [batch, head, key]
+    return head_group_z_at_end(pattern[rows, :, ends], values, onehot, groups_first)
+
+
+def head_group_z_at_end(
+    pattern: Float[torch.Tensor, "batch head key"],
+    values: Float[torch.Tensor, "batch key kv_head d_head"],
+    onehot: Float[torch.Tensor, "batch key group"],
+    groups_first: bool = False,
+) -> Float[torch.Tensor, "batch head group d_head"]:
+    """`head_group_z` from END's row of the pattern only: all an engine that sends back END tensors has."""
     values = values.repeat_interleave(pattern.shape[1] // values.shape[2], dim=2)  # GQA: query head h reads kv head h // group
     if groups_first:
         return torch.einsum("bhk,bkg,bkhd->bhgd", pattern, onehot, values)

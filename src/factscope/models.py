@@ -210,6 +210,13 @@ def load_model(
                        dtype=dtype)
 
 
+def load_hf_model(name: str, dtype: torch.dtype = torch.float32):
+    """The plain Hugging Face model and tokenizer of a name `load_model` accepts, on the CPU and not wrapped: for
+    engines that hook the model's own modules (nnsight), which TransformerBridge rewires in the model it wraps."""
+    model_dir, _ = _resolve(name)
+    return _load_hf(model_dir, name, dtype=dtype)
+
+
 _importing: threading.Thread | None = None  # the background import of `load_model`, until it is awaited
 
 

@@ -104,29 +104,49 @@ def analyze(
     report: bool = True,
     dtype: str = "float32",
     threads: int | None = None,
+    remote: bool = False,
     reporter: Reporter = QUIET,
 ) -> rundir.Run:
     """Exact DLA by component and source group, the logit lens, head classes and mechanism shares (and, with
-    `swap`, the subject swap). `k` and `z` are the head-class rule's dominance ratio and significance."""
+    `swap`, the subject swap). `k` and `z` are the head-class rule's dominance ratio and significance.
+
+    `remote`: the forward passes run on NDIF through nnsight (`model` is a Hub id; see `remote_plan`, printed
+    before anything is sent); the maths still read the output projections and unembedding from a local copy."""
     import pandas as pd
 
     from .data import relation_targets, targets_table
     from .decompose import decompose_to_dir
+    from .forward import local_end_activations
     from .mechanisms import ClassRule, summarize
 
     out = Path(out)
+    engine, sending = local_end_activations, nullcontext()
+    if remote:  # every check that can refuse the run comes before the run directory is touched
+        from . import remote as ndif
+
+        if swap:
+            raise FactscopeError("--swap does not run remotely yet (its passes use the local engine)")
+        ndif.preflight(model, send=True)
+        reporter.warn(remote_plan(model, dataset, batch_size=batch_size, bos=bos).describe())
+        sending = ndif.one_line_errors()
     with rundir.locked(out):
         _refuse_existing(out, overwrite, resume)
         rule = ClassRule(k=k, z=z)  # invalid k or z is refused before the model loads
         loaded, encoded, dataset_path = _prepare(model, dataset, device, bos, reporter, dtype=dtype, threads=threads)
+        if remote:
+            engine = ndif.remote_engine(model, loaded.tokenizer)
         config = {"command": "analyze", "batch_size": batch_size, "known_only": not all_prompts, "k": k, "z": z,
                   "swap": swap, "prepend_bos": loaded.prepend_bos, "device": _used_device(loaded, device),
-                  "dtype": dtype}
+                  "dtype": dtype, "remote": remote}
         manifest = rundir.manifest(loaded.name, loaded.weights_sha256, dataset_path, config)
         with rundir.output_dir(out, overwrite, resume, manifest) as run:
             with reporter.progress("analyze", len(encoded)) as advance:
                 summary = {"model": loaded.name, "weights_sha256": loaded.weights_sha256, "dataset": str(dataset_path)}
-                summary.update(decompose_to_dir(run, loaded, encoded, batch_size, advance, known_only=not all_prompts))
+                with sending:
+                    summary.update(decompose_to_dir(run, loaded, encoded, batch_size, advance,
+                                                    known_only=not all_prompts, engine=engine))
+                if remote:
+                    summary["remote"] = {"requests": engine.requests, "bytes_back": engine.bytes_back}
             # R_r over every prompt of the dataset, known or not: the one every later stage of this run uses
             rundir.write_table(pd.DataFrame(targets_table(relation_targets(encoded))), run.staging, "relation_targets")
             summary["accuracy_ci"] = bootstrap.mean_interval(rundir.read_table(run.staging, "recall", required=True)["correct"])
@@ -248,6 +268,30 @@ def import_facts(source: str | Path, format: str, out: str | Path = "facts.jsonl
 
 # ---------------------------------------------------------------------------------------------------------------
 # Shared steps
+
+
+def remote_plan(model: str, dataset: str | Path | None = None, *, batch_size: int = 16, bos: bool | None = None):
+    """What `analyze --remote` would send and get back (`remote.Plan`), from the model's config and tokenizer
+    only: no weights are loaded and nothing is sent."""
+    from . import remote as ndif
+    from .data import encode_all, load_facts, shipped_dataset
+    from .models import tokenizer_prepends_bos
+
+    ndif.check_model_id(model)
+    config, tokenizer = _hub_config_and_tokenizer(model)
+    facts = load_facts(Path(dataset) if dataset is not None else shipped_dataset())
+    prepend = tokenizer_prepends_bos(tokenizer) if bos is None else bos
+    encoded = encode_all(facts, tokenizer, prepend)
+    return ndif.plan(model, ndif.Shape.from_config(config), [len(item.token_ids) for item in encoded], batch_size)
+
+
+def _hub_config_and_tokenizer(model: str):
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        return AutoConfig.from_pretrained(model), AutoTokenizer.from_pretrained(model)
+    except (OSError, ValueError) as err:
+        raise FactscopeError(f"cannot read {model!r}'s config and tokenizer from the Hub ({str(err).splitlines()[0]})") from None
 
 
 def _prepare(model_name: str, dataset: str | Path | None, device: str, bos: bool | None, reporter: Reporter, seed: int = 0,

@@ -1,0 +1,190 @@
+"""The decomposition's pass through nnsight: the same END tensors the TransformerLens engine gives
+(`forward.Engine`), read off the Hugging Face modules themselves, so that the pass can run on a machine that holds
+the model (NDIF, through nnsight's remote execution) and send back only what the maths need.
+
+Only what is `.save()`d leaves the trace: every activation is cut to END inside it, except the value vectors, which
+a head reads at every key position. Tensors are saved in the model's dtype (half the bytes in bf16) and upcast to
+fp32 here, as the local engine does.
+
+Module paths differ by architecture; `ARCHITECTURES` maps a Hugging Face class name to them. Attention must be
+eager: the attention module then returns its post-softmax probabilities as its second output, the same tensor
+TransformerLens's `hook_pattern` holds.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import reduce
+
+import torch
+from jaxtyping import Float, Int
+
+from .errors import FactscopeError
+from .forward import act_name
+from .models import DTYPES, LoadedModel, load_hf_model
+
+
+@dataclass(frozen=True)
+class ModulePaths:
+    """Where the decomposition's tensors live in one architecture, as attribute paths from the causal-LM wrapper
+    (`layers`) or from one decoder layer (the rest but `embed`, `final_norm`, `lm_head`)."""
+
+    embed: str
+    layers: str
+    v_proj: str  # output: [batch, pos, kv_head · d_head], the value vectors
+    o_proj: str  # input: [batch, pos, head · d_head], TransformerLens's hook_z
+    attn: str  # output[1]: [batch, head, query, key], the post-softmax probabilities (eager attention only)
+    mlp: str
+    final_norm: str
+    lm_head: str
+
+
+_LLAMA = ModulePaths(
+    embed="model.embed_tokens", layers="model.layers", v_proj="self_attn.v_proj", o_proj="self_attn.o_proj",
+    attn="self_attn", mlp="mlp", final_norm="model.norm", lm_head="lm_head",
+)
+# The Llama family first (what NDIF hosts); Mistral and Qwen2 share its module names and its residual layout
+# (pre-norms only, no attention post-norm), which the engine assumes.
+ARCHITECTURES: dict[str, ModulePaths] = {
+    "LlamaForCausalLM": _LLAMA,
+    "MistralForCausalLM": _LLAMA,
+    "Qwen2ForCausalLM": _LLAMA,
+}
+
+# the activation kinds (`forward.act_name`) this engine can fill; anything else is refused by name
+_PER_LAYER = ("v", "z", "pattern", "mlp_out", "resid_post")
+_GLOBAL = ("embed", "final_scale")
+
+
+def module_paths(architecture: str) -> ModulePaths:
+    paths = ARCHITECTURES.get(architecture)
+    if paths is None:
+        raise FactscopeError(
+            f"the nnsight engine does not know {architecture!r} yet (known: {', '.join(ARCHITECTURES)}); add its "
+            "module paths to nnsight_engine.ARCHITECTURES"
+        )
+    return paths
+
+
+def _module(root, path: str):
+    return reduce(getattr, path.split("."), root)
+
+
+class NnsightEngine:
+    """A `forward.Engine` over an nnsight `LanguageModel`. `remote`: False runs in this process; "local" runs the
+    trace through nnsight's serialisation path (what a remote run sends) in this process; True sends it to NDIF."""
+
+    def __init__(self, lm, remote: bool | str = False, eps: float | None = None):
+        self.lm = lm
+        architecture = (getattr(lm.config, "architectures", None) or [type(lm._model).__name__])[0]
+        self.paths = module_paths(architecture)
+        self.remote = remote
+        self.requests = 0  # traces sent, for the cost report
+        self.bytes_back = 0  # bytes of saved tensors received
+        # the final norm's epsilon: TransformerLens's hook_scale is sqrt(mean(x²) + eps), recomputed here from the
+        # norm's input at END, so nothing of vocabulary or position size comes back for it
+        self.eps = float(eps if eps is not None else getattr(lm.config, "rms_norm_eps"))
+
+    def __call__(
+        self,
+        model: LoadedModel,
+        tokens: Int[torch.Tensor, "batch pos"],
+        mask: Int[torch.Tensor, "batch pos"],
+        ends: Int[torch.Tensor, " batch"],
+        names: Sequence[str],
+    ) -> tuple[Float[torch.Tensor, "batch vocab"], dict[str, torch.Tensor]]:
+        cfg = model.cfg
+        wanted = _requested(names, cfg.n_layers)
+        saved = self.trace(tokens.cpu(), mask.cpu(), ends.cpu(), wanted, cfg.n_layers)
+        self.requests += 1
+        self.bytes_back += sum(t.numel() * t.element_size() for t in saved.values())
+        device, batch = model.device, len(ends)
+        end = {}
+        for (kind, layer), tensor in saved.items():
+            if kind == "logits":
+                continue
+            tensor = tensor.to(device)
+            if kind == "v":
+                tensor = tensor.view(batch, tensor.shape[1], -1, cfg.d_head)  # [batch, key, kv_head, d_head]
+            elif kind == "z":
+                tensor = tensor.view(batch, -1, cfg.d_head)  # [batch, head, d_head]
+            elif kind == "final_scale":
+                # the same expression, in the same order, as TransformerLens's normalisation bridge
+                tensor = (tensor.float().pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+            end[act_name(kind, layer)] = tensor.float()
+        return saved[("logits", None)].to(device).float(), end
+
+    def trace(
+        self,
+        tokens: Int[torch.Tensor, "batch pos"],
+        mask: Int[torch.Tensor, "batch pos"],
+        ends: Int[torch.Tensor, " batch"],
+        wanted: set[tuple[str, int | None]],
+        n_layers: int,
+    ) -> dict[tuple[str, int | None], torch.Tensor]:
+        """One trace → the saved tensors by (kind, layer), unreshaped, in the model's dtype.
+
+        Modules are read in the order the model runs them (nnsight refuses to go back), and the dict is created
+        inside the trace with `nnsight.save`: on a remote run only saved objects come back.
+        """
+        import nnsight
+
+        paths, lm, rows = self.paths, self.lm, torch.arange(len(ends))
+        inputs = {"input_ids": tokens, "attention_mask": mask}
+        # logits_to_keep: the model unembeds END only, so no [batch, pos, vocab] tensor is ever built
+        with lm.trace(inputs, logits_to_keep=ends[:, None], remote=self.remote):
+            out = nnsight.save({})
+            if ("embed", None) in wanted:
+                out[("embed", None)] = _module(lm, paths.embed).output[rows, ends]
+            layers = _module(lm, paths.layers)
+            for layer in range(n_layers):
+                block = layers[layer]
+                if ("v", layer) in wanted:
+                    out[("v", layer)] = _module(block, paths.v_proj).output
+                if ("z", layer) in wanted:
+                    out[("z", layer)] = _module(block, paths.o_proj).input[rows, ends]
+                if ("pattern", layer) in wanted:
+                    out[("pattern", layer)] = _module(block, paths.attn).output[1][rows, :, ends]
+                if ("mlp_out", layer) in wanted:
+                    out[("mlp_out", layer)] = _module(block, paths.mlp).output[rows, ends]
+                if ("resid_post", layer) in wanted:
+                    out[("resid_post", layer)] = block.output[rows, ends]
+            if ("final_scale", None) in wanted:
+                out[("final_scale", None)] = _module(lm, paths.final_norm).input[rows, ends]
+            out[("logits", None)] = _module(lm, paths.lm_head).output[:, 0]
+        return dict(out)
+
+
+def _requested(names: Sequence[str], n_layers: int) -> set[tuple[str, int | None]]:
+    """act_names → (kind, layer) pairs; a name this engine cannot fill is an error, not a silent gap."""
+    known = {act_name(kind): (kind, None) for kind in _GLOBAL}
+    known |= {act_name(kind, layer): (kind, layer) for kind in _PER_LAYER for layer in range(n_layers)}
+    missing = [name for name in names if name not in known]
+    if missing:
+        raise FactscopeError(f"the nnsight engine cannot provide {', '.join(missing)} (this architecture needs a "
+                             "term it does not read)")
+    return {known[name] for name in names}
+
+
+def wrap(hf_model, tokenizer):
+    """An nnsight LanguageModel over an already loaded Hugging Face model, with eager attention (so the attention
+    module returns its probabilities)."""
+    import nnsight
+
+    hf_model.set_attn_implementation("eager")
+    with warnings.catch_warnings():
+        # nnsight 0.8 prefers TransformersModel(repo_id, ...); LanguageModel is what takes a loaded model and what
+        # NDIF's documentation uses, and it still works
+        warnings.filterwarnings("ignore", message="LanguageModel is deprecated")
+        return nnsight.LanguageModel(hf_model, tokenizer=tokenizer)
+
+
+def local_engine(name: str, dtype: str = "float32", remote: bool | str = False) -> NnsightEngine:
+    """The nnsight engine over a fresh copy of a model factscope can load (TransformerBridge rewires the modules of
+    the model it wraps, so the engine cannot share it). `remote="local"` exercises the serialisation path."""
+    if dtype not in DTYPES:
+        raise FactscopeError(f"unknown dtype {dtype!r} (use {', '.join(DTYPES)})")
+    hf_model, tokenizer = load_hf_model(name, dtype=DTYPES[dtype])
+    return NnsightEngine(wrap(hf_model, tokenizer), remote=remote)

@@ -1,0 +1,172 @@
+"""Running the decomposition's forward passes on NDIF (the National Deep Inference Fabric) through nnsight: the
+checks made before anything is sent, the cost plan, and one-line errors for what goes wrong on the way.
+
+Nothing here is a distribution layer: the pass is `nnsight_engine`'s, sent with `remote=True`, and only the END
+tensors it saves come back. NDIF builds the model from its Hub id (the client holds it on the meta device), so a
+remote run needs a Hub id, an API key (`NDIF_API_KEY`), and the nnsight version the server speaks. Every check
+here runs before a run directory is touched, so a refused run leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import FactscopeError
+from .models import NAMED_MODELS
+
+NNSIGHT_VERSION = "0.8.1"  # the one pinned by the `remote` extra; NDIF refuses clients it does not speak to
+SERVER_DTYPE_BYTES = 2  # NDIF serves its models in bf16; saved tensors come back in the model's dtype
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The sizes of a model that decide what a remote run sends back (from its Hugging Face config)."""
+
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_model: int
+    vocab: int
+
+    @classmethod
+    def from_config(cls, config) -> Shape:
+        heads = config.num_attention_heads
+        d_head = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return cls(config.num_hidden_layers, heads, getattr(config, "num_key_value_heads", None) or heads, d_head,
+                   config.hidden_size, config.vocab_size)
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: str
+    prompts: int
+    requests: int  # one trace per batch
+    bytes_back: int
+
+    def describe(self) -> str:
+        return (f"remote plan for {self.model}: {self.prompts} prompts in {self.requests} request"
+                f"{'s' * (self.requests != 1)}, {self.bytes_back / 1e6:.1f} MB back (bf16)")
+
+
+def plan(model: str, shape: Shape, lengths: Sequence[int], batch_size: int, dtype_bytes: int = SERVER_DTYPE_BYTES) -> Plan:
+    """What `nnsight_engine.NnsightEngine.trace` saves, counted per batch (right-padded to its longest prompt):
+    per layer the values at every position, and at END the head inputs to o_proj, END's row of attention, the MLP
+    output and the residual; once the embedding, the final norm's input and the logits."""
+    total = 0
+    batches = [lengths[i : i + batch_size] for i in range(0, len(lengths), batch_size)]
+    for batch in batches:
+        b, width = len(batch), max(batch)
+        per_layer = b * (width * shape.n_kv_heads * shape.d_head + shape.n_heads * shape.d_head
+                         + shape.n_heads * width + 2 * shape.d_model)
+        total += shape.n_layers * per_layer + b * (2 * shape.d_model + shape.vocab)
+    return Plan(model, len(lengths), len(batches), total * dtype_bytes)
+
+
+def check_client() -> None:
+    """nnsight installed, at the pinned version: the server rejects other versions after a long upload."""
+    try:
+        import nnsight
+    except ImportError:
+        raise FactscopeError("--remote needs nnsight: pip install 'factscope[remote]'") from None
+    if nnsight.__version__ != NNSIGHT_VERSION:
+        raise FactscopeError(f"--remote needs nnsight=={NNSIGHT_VERSION} (installed: {nnsight.__version__}); "
+                             "pip install 'factscope[remote]'")
+
+
+def check_model_id(name: str) -> None:
+    """A Hub id: NDIF builds the model from it; a local folder or GGUF file cannot be sent."""
+    if name in NAMED_MODELS or name.endswith(".gguf") or Path(name).expanduser().exists() or name.count("/") != 1 \
+            or name.startswith((".", "/", "~")):
+        raise FactscopeError(f"--remote needs a Hugging Face Hub id such as meta-llama/Llama-3.1-70B, not {name!r} "
+                             "(NDIF builds the model from its id; local weights cannot be sent)")
+
+
+def api_key() -> str:
+    key = os.environ.get("NDIF_API_KEY", "").strip()
+    if not key:
+        raise FactscopeError("--remote needs an NDIF API key: set NDIF_API_KEY (get one at https://login.ndif.us)")
+    return key
+
+
+def host() -> str:
+    from nnsight import CONFIG
+
+    return CONFIG.API.HOST
+
+
+def check_hosted(model_id: str) -> None:
+    """Ask NDIF which models it serves, in one GET (the transport boundary the tests mock)."""
+    import httpx
+
+    try:
+        response = httpx.get(f"{host()}/status", timeout=httpx.Timeout(5.0, read=30.0))
+        response.raise_for_status()
+        deployments = response.json().get("deployments", {})
+    except httpx.HTTPStatusError as err:
+        raise FactscopeError(f"NDIF answered {err.response.status_code} to its status query; try again later") from None
+    except httpx.HTTPError as err:
+        raise FactscopeError(f"cannot reach NDIF at {host()} ({type(err).__name__}): check the network") from None
+    except ValueError:
+        raise FactscopeError(f"NDIF at {host()} sent a status that is not JSON; try again later") from None
+    hosted = sorted({d.get("repo_id") for d in deployments.values() if isinstance(d, dict) and d.get("repo_id")})
+    if model_id not in hosted:
+        shown = ", ".join(hosted[:8]) + (" …" if len(hosted) > 8 else "")
+        raise FactscopeError(f"NDIF does not host {model_id!r} now (hosted: {shown or 'none'})")
+
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """What fails while a trace is sent or run on NDIF, as one line. The transport is a websocket (`/subscribe`,
+    opened first) and an HTTP POST (httpx); socket errors are caught by kind, not as every OSError, so a full disk
+    under the run directory is not reported as a network fault."""
+    import socket
+
+    import httpx
+    import websocket
+    from nnsight.intervention.backends.remote import RemoteError
+
+    unreachable = (ConnectionError, TimeoutError, socket.gaierror, websocket.WebSocketException, httpx.TransportError)
+    try:
+        yield
+    except RemoteError as err:
+        message = str(err).splitlines()[0] if str(err) else "no detail"
+        if isinstance(err.__cause__, httpx.TransportError):
+            raise FactscopeError(f"cannot reach NDIF at {host()}: check the network ({message})") from None
+        raise FactscopeError(f"NDIF refused or failed the request: {message}") from None
+    except unreachable as err:
+        raise FactscopeError(f"cannot reach NDIF at {host()} ({type(err).__name__}: {err}): check the network") from None
+    except httpx.HTTPStatusError as err:  # the Hub's canonicalisation of the model id, before anything is sent
+        raise FactscopeError(f"the request failed before it was sent ({err.response.status_code} from "
+                             f"{err.request.url.host})") from None
+
+
+def preflight(model_id: str, send: bool) -> None:
+    """Everything checkable before a model or run directory is touched; `send=False` (a dry run) stays offline."""
+    check_client()
+    check_model_id(model_id)
+    if send:
+        key = api_key()
+        from nnsight import CONFIG
+
+        CONFIG.API.APIKEY = key  # nnsight reads its key from its own config
+        check_hosted(model_id)
+
+
+def remote_engine(model_id: str, tokenizer=None):
+    """The nnsight engine over NDIF's copy of `model_id` (the client builds it on the meta device)."""
+    import warnings
+
+    import nnsight
+
+    from .nnsight_engine import NnsightEngine
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="LanguageModel is deprecated")
+        # eager attention: the attention module must return its probabilities (see nnsight_engine)
+        lm = nnsight.LanguageModel(model_id, tokenizer=tokenizer, attn_implementation="eager")
+    return NnsightEngine(lm, remote=True)

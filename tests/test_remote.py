@@ -1,0 +1,230 @@
+"""The nnsight engine (`nnsight_engine`) against the TransformerLens engine, and `--remote`'s planning and errors.
+
+Nothing here reaches NDIF: the engine runs in this process, plainly and through nnsight's serialisation path
+(`remote="local"`, what a remote run sends), and the remote errors are produced with the transport (httpx) mocked
+at its boundary. The attributions must be *bitwise* equal: both engines read the same fp32 tensors off the same
+weights (eager attention's probabilities are TransformerLens's hook_pattern), and the maths are shared.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+pytest.importorskip("nnsight")
+
+from factscope.data import encode_all, load_facts  # noqa: E402
+from factscope.decompose import decompose  # noqa: E402
+from factscope.errors import FactscopeError  # noqa: E402
+from factscope.models import load_model  # noqa: E402
+from factscope.nnsight_engine import local_engine  # noqa: E402
+
+
+def assert_same_decomposition(a, b) -> None:
+    for table in ("attributions", "logit_lens", "recall"):
+        pd.testing.assert_frame_equal(getattr(a, table), getattr(b, table), check_exact=True)
+    for error in ("max_abs_reconstruction_error", "max_abs_head_error", "max_abs_model_logit_error"):
+        assert getattr(a, error) == getattr(b, error)
+
+
+@pytest.fixture(scope="module")
+def tiny(model_dirs):
+    torch.set_num_threads(1)
+    model = load_model(str(model_dirs["llama"]))
+    encoded = encode_all(load_facts()[:24], model.tokenizer, model.prepend_bos)
+    return model_dirs["llama"], model, encoded, decompose(model, encoded, batch_size=8, known_only=False)
+
+
+@pytest.mark.parametrize("remote", [False, "local"])
+def test_nnsight_engine_equals_local_engine_bitwise(tiny, remote):
+    folder, model, encoded, expected = tiny
+    engine = local_engine(str(folder), remote=remote)
+    got = decompose(model, encoded, batch_size=8, known_only=False, engine=engine)
+    assert_same_decomposition(expected, got)
+    assert engine.requests == 3  # one trace per batch of 8
+
+
+def test_nnsight_engine_with_value_biases(model_dirs):
+    """Qwen2 (GQA, biases on v): the value bias reaches the engine inside v_proj's output, as in hook_v."""
+    model = load_model(str(model_dirs["qwen2"]))
+    encoded = encode_all(load_facts()[:8], model.tokenizer, model.prepend_bos)
+    expected = decompose(model, encoded, known_only=False)
+    got = decompose(model, encoded, known_only=False, engine=local_engine(str(model_dirs["qwen2"])))
+    assert_same_decomposition(expected, got)
+
+
+def test_unknown_architecture_is_refused_by_name(model_dirs):
+    with pytest.raises(FactscopeError, match="GPT2LMHeadModel"):
+        local_engine(str(model_dirs["gpt2"]))
+
+
+def test_engine_refuses_a_tensor_it_cannot_read(tiny):
+    folder, model, encoded, _ = tiny
+    engine = local_engine(str(folder))
+    tokens = torch.tensor([encoded[0].token_ids])
+    with pytest.raises(FactscopeError, match="blocks.0.ln1_post.hook_scale"):
+        engine(model, tokens, torch.ones_like(tokens), torch.tensor([tokens.shape[1] - 1]),
+               ["blocks.0.ln1_post.hook_scale"])
+
+
+@pytest.mark.real
+def test_nnsight_engine_equals_local_engine_on_smollm2():
+    """The real model, fp32, through the serialisation path: every attribution bit for bit."""
+    torch.set_num_threads(1)
+    model = load_model("smollm2-135m")
+    encoded = encode_all(load_facts()[:16], model.tokenizer, model.prepend_bos)
+    expected = decompose(model, encoded, known_only=False)
+    engine = local_engine("smollm2-135m", remote="local")
+    assert_same_decomposition(expected, decompose(model, encoded, known_only=False, engine=engine))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --remote: the cost plan and the one-line errors, the transport mocked where nnsight meets the network
+
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import httpx  # noqa: E402
+
+from factscope import remote  # noqa: E402
+
+
+def test_plan_counts_exactly_the_bytes_the_engine_brings_back(tiny):
+    """The plan printed before sending is the engine's own count of what came back, not an estimate of it."""
+    folder, model, encoded, _ = tiny
+    engine = local_engine(str(folder))
+    decompose(model, encoded, batch_size=8, known_only=False, engine=engine)
+    shape = remote.Shape.from_config(engine.lm.config)
+    plan = remote.plan("org/tiny", shape, [len(item.token_ids) for item in encoded], 8, dtype_bytes=4)  # fp32 here
+    assert (plan.requests, plan.bytes_back) == (engine.requests, engine.bytes_back)
+    assert "3 requests" in plan.describe()
+
+
+def test_version_mismatch_is_one_line(monkeypatch):
+    import nnsight
+
+    monkeypatch.setattr(nnsight, "__version__", "0.7.2")
+    with pytest.raises(FactscopeError, match=r"nnsight==0\.8\.1 \(installed: 0\.7\.2\)"):
+        remote.check_client()
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m", "model.gguf", "meta-llama", "./org/model", "TMP"])
+def test_remote_needs_a_hub_id(name, tmp_path):
+    with pytest.raises(FactscopeError, match="Hub id"):
+        remote.check_model_id(str(tmp_path) if name == "TMP" else name)
+
+
+def test_missing_api_key_is_one_line(monkeypatch):
+    monkeypatch.delenv("NDIF_API_KEY", raising=False)
+    with pytest.raises(FactscopeError, match="NDIF_API_KEY"):
+        remote.preflight("org/model", send=True)
+
+
+def _status(deployments: dict):
+    def get(url, **kwargs):
+        return httpx.Response(200, json={"deployments": deployments}, request=httpx.Request("GET", url))
+    return get
+
+
+def test_hosted_model_passes_and_others_are_named(monkeypatch):
+    monkeypatch.setattr(httpx, "get", _status({"a": {"repo_id": "meta-llama/Llama-3.1-70B"}}))
+    remote.check_hosted("meta-llama/Llama-3.1-70B")
+    with pytest.raises(FactscopeError, match=r"does not host 'org/model' now \(hosted: meta-llama/Llama-3.1-70B\)"):
+        remote.check_hosted("org/model")
+
+
+def test_unreachable_status_is_one_line(monkeypatch):
+    def refuse(url, **kwargs):
+        raise httpx.ConnectError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(httpx, "get", refuse)
+    with pytest.raises(FactscopeError, match="cannot reach NDIF .*ConnectError.*check the network"):
+        remote.check_hosted("org/model")
+
+
+@pytest.fixture
+def sending_engine(tiny, monkeypatch):
+    """The engine with remote=True over the tiny model, its Hub id faked so that nnsight builds a request."""
+    import nnsight.modeling.huggingface as hf_modeling
+
+    folder, model, encoded, _ = tiny
+    engine = local_engine(str(folder), remote=True)
+    engine.lm.repo_id = "org/tiny"
+    monkeypatch.setitem(hf_modeling._ID_CACHE, "org/tiny", "org/tiny")  # no Hub canonicalisation call
+    tokens = torch.tensor([encoded[0].token_ids])
+    return lambda: engine(model, tokens, torch.ones_like(tokens), torch.tensor([tokens.shape[1] - 1]),
+                          ["hook_embed"])
+
+
+def test_unreachable_while_sending_is_one_line(sending_engine, monkeypatch):
+    import websocket
+
+    def refuse(*args, **kwargs):
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(websocket, "create_connection", refuse)
+    with pytest.raises(FactscopeError, match="cannot reach NDIF .*ConnectionRefusedError"), remote.one_line_errors():
+        sending_engine()
+
+
+def test_refused_request_is_one_line(sending_engine, monkeypatch):
+    """The server's own reason (here a bad key) comes through nnsight's RemoteError as one line."""
+    import websocket
+
+    class Subscription:
+        def recv(self):
+            return json.dumps({"session_id": "s1"})
+
+        def close(self):
+            pass
+
+    def post(self, url, **kwargs):
+        return httpx.Response(401, json={"detail": "Invalid API key."}, request=httpx.Request("POST", url))
+
+    monkeypatch.setattr(websocket, "create_connection", lambda *a, **k: Subscription())
+    monkeypatch.setattr(httpx.Client, "post", post)
+    with pytest.raises(FactscopeError, match="NDIF refused or failed the request: .*Invalid API key"), \
+            remote.one_line_errors():
+        sending_engine()
+
+
+def factscope_cli(*args, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "factscope", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=600)
+
+
+def test_cli_remote_errors_are_one_line_and_write_nothing(tmp_path):
+    out = tmp_path / "run"
+    local = factscope_cli("analyze", "--remote", "--model", "smollm2-135m", "--out", out)
+    env = {k: v for k, v in os.environ.items() if k != "NDIF_API_KEY"}
+    no_key = subprocess.run([sys.executable, "-m", "factscope", "analyze", "--remote", "--model", "org/model",
+                             "--out", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    for result, reason in ((local, "Hub id"), (no_key, "NDIF_API_KEY")):
+        assert result.returncode == 2 and reason in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not out.exists()
+
+
+def test_cli_dry_run_prints_the_plan_and_sends_nothing(tiny, monkeypatch, tmp_path):
+    from transformers import AutoConfig, AutoTokenizer
+    from typer.testing import CliRunner
+
+    from factscope import cli, stages
+
+    folder = tiny[0]
+    monkeypatch.setattr(stages, "_hub_config_and_tokenizer",
+                        lambda model: (AutoConfig.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)))
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a dry run touched the network")
+
+    monkeypatch.setattr(httpx, "get", no_network)
+    monkeypatch.setattr(httpx.Client, "post", no_network)
+    result = CliRunner().invoke(cli.app, ["analyze", "--remote", "--dry-run", "--model", "org/tiny",
+                                          "--out", str(tmp_path / "run"), "--batch-size", "16"])
+    assert result.exit_code == 0, result.output
+    assert "remote plan for org/tiny: 144 prompts in 9 requests" in result.output
+    assert not (tmp_path / "run").exists()
