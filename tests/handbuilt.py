@@ -3,10 +3,10 @@
 Prompts read `Fact: <subject> <relation words> of`; at END (`of`):
 - head 0 attends to the subject and writes the subject's own attribute: a subject head;
 - head 1 attends to the relation's keyword and writes every attribute of the relation equally: a relation head;
-- head 2 attends to the prefix `Fact:` and writes every attribute of every relation: a large DLA to the correct
-  attribute, but from neither SUBJECT nor RELATION, so negligible as a class;
-- head 3 attends to END itself (a RELATION token) but writes only `of`'s own direction: it attends like a
-  relation head yet writes nothing about any attribute, so negligible too.
+- head 2 attends to the label `Fact:` (position 0: the `first` group) and writes every attribute of every
+  relation: a large DLA to the correct attribute, but from neither SUBJECT nor RELATION, so negligible as a class;
+- head 3 attends to END itself and writes every attribute of every relation: counted under `end`, so negligible
+  as a class, but a relation head had END been counted in RELATION as the paper counts it (`paper_class`).
 MLPs, position embeddings and all biases are zero; norm weights are 1.
 
 Token t's embedding is e_{2t} − e_{2t+1}: zero-mean, so LayerNorm's centring leaves it alone and LayerNorm
@@ -41,8 +41,8 @@ RELATIONS = {
 }
 SPECIALS = ["<unk>", "<bos>", "<eos>", "<pad>"]
 N_HEADS = 4
-SUBJECT_HEAD, RELATION_HEAD, PREFIX_HEAD, SELF_HEAD = range(N_HEADS)
-WRITE = {SUBJECT_HEAD: 4.0, RELATION_HEAD: 2.0, PREFIX_HEAD: 1.0, SELF_HEAD: 1.0}  # size of each head's write
+SUBJECT_HEAD, RELATION_HEAD, PREFIX_HEAD, END_HEAD = range(N_HEADS)
+WRITE = {SUBJECT_HEAD: 4.0, RELATION_HEAD: 2.0, PREFIX_HEAD: 1.0, END_HEAD: 1.0}  # size of each head's write
 SCORE = 30.0  # attention score on the attended token (0 elsewhere): softmax leaves e^-30 for the rest
 LN_EPS = 1e-5
 
@@ -132,5 +132,5 @@ def _set_weights(gpt2, vocab: dict[str, int], d_model: int, d_head: int) -> None
     attend(PREFIX_HEAD, ["Fact:"])
     every_attribute = [a for *_, attributes in RELATIONS.values() for a in attributes.values()]
     write(PREFIX_HEAD, 0, "Fact:", sum(direction(a) for a in every_attribute))
-    attend(SELF_HEAD, ["of"])
-    write(SELF_HEAD, 0, "of", direction("of"))
+    attend(END_HEAD, ["of"])
+    write(END_HEAD, 0, "of", sum(direction(a) for a in every_attribute))

@@ -15,6 +15,7 @@ from factscope.causal.trace import (
     TraceEffects, sem_at_draws, subject_noise, trace_effects, trace_labels, trace_passes, trace_peaks, trace_summary,
     trace_table,
 )
+from factscope.data import encode
 from factscope.forward import capture, make_batch
 
 
@@ -84,6 +85,26 @@ def test_trace_table(model_dirs):
     assert end["indirect_effect"] == pytest.approx(end["p_clean"] - end["p_corrupted"], abs=1e-6)
     peaks = trace_peaks(table)
     assert len(peaks) == table.groupby(["kind", "token"]).ngroups
+    # every peak carries bootstrap intervals of its layer and its effect, the same on every run (seeded)
+    live = peaks[peaks["token"] == "last_subject"]
+    assert (live["peak_layer_low"] <= live["peak_layer_high"]).all() and (live["peak_effect_low"] <= live["peak_effect_high"]).all()
+    assert live["peak_layer_low"].between(0, 2).all() and live["peak_layer_high"].between(0, 2).all()
+    again = trace_peaks(trace_table(trace_effects(model, encoded, seeds=(0, 1))))
+    assert again.equals(peaks)
+
+
+def test_noise_covers_a_subject_at_position_zero(model_dirs):
+    """Without BOS a subject that starts the prompt has its first token in the `first` group (the sink); tracing
+    still corrupts it, as ROME corrupts every subject token."""
+    model, encoded = tiny(model_dirs, "llama")
+    first = next(item for item in encoded if item.fact.prompt.removeprefix("Fact: ").startswith(item.fact.subject))
+    item = encode(replace(first.fact, prompt=first.fact.prompt.removeprefix("Fact: ")), model.tokenizer, prepend_bos=False)
+    assert item.groups[0] == "first" and item.subject_positions[0] == 0
+    batch = make_batch(model, [item])
+    noise = subject_noise(batch, 1.0, 0, model.cfg.d_model)
+    assert noise[0, 0].abs().sum() > 0 and noise[0, item.end].abs().sum() == 0
+    labels = trace_labels(batch)
+    assert labels["first_subject"][1][0, 0] and labels["first"][1][0, 0]
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3", "neox", "qwen2"])

@@ -278,7 +278,11 @@ def test_classifier_finds_exactly_the_handbuilt_heads(handbuilt_run):
     assert heads.loc["L0H1", "class"] == "relation"
     assert (heads.drop(["L0H0", "L0H1"])["class"] == "negligible").all()
     assert (heads[["stability", "relation_stability"]] == 1.0).all().all()
-    assert heads.loc["L0H2", "other_dla"] > 0.5  # a large DLA, but from the prefix: not a class of its own
+    assert heads.loc["L0H2", "other_dla"] > 0.5  # a large DLA, but from the label: not a class of its own
+    # a head reading END is counted under `end`: no class of its own, a relation head the paper's way
+    assert heads.loc["L0H3", "end_dla"] > 0.5 and abs(heads.loc["L0H3", "relation_dla"]) < 1e-3
+    assert heads.loc["L0H3", "paper_class"] == "relation" and heads.loc["L0H1", "paper_class"] == "relation"
+    assert summary["head_classes_paper"] == {"subject": 1, "relation": 2, "mixed": 0, "negligible": 1}
     assert {name: entry["top"] for name, entry in summary["head_classes"].items() if name != "negligible"} == {
         "subject": ["L0H0"], "relation": ["L0H1"], "mixed": [],
     }
@@ -296,6 +300,8 @@ def test_handbuilt_outputs(handbuilt_run):
     summary = summarize(run)
     diff_shares = summary["mechanism_shares"]["logit_diff"]
     assert diff_shares["subject_heads"] == pytest.approx(1.0, abs=1e-6)  # only the subject head tells a from R_r
+    # the END head's write is the same for every attribute: some of the logit, none of a − mean(R∖a)
+    assert summary["mechanism_shares"]["logit"]["end_heads"] > 0.05 and abs(diff_shares["end_heads"]) < 1e-6
     assert summary["interference"]["alone_ranks_first"]["subject_heads"] == 1.0
     assert summary["interference"]["alone_ranks_first"]["relation_heads"] == 0.0  # a tie over R_r ranks nothing
     sweep = pd.read_csv(run / "head_class_sweep.csv")
