@@ -248,7 +248,7 @@ def _print_causal(causal: dict, keys: tuple[str, ...]) -> None:
         if "alone_first_among_r_at_max_scale" in entry:
             text += (f"; a first among R_r at max scale: model {entry['first_among_r_at_max_scale']:.0%}, "
                      f"noisy mechanism alone {entry['alone_first_among_r_at_max_scale']:.0%}")
-        if "margin_at_max_scale" in entry:
+        if entry.get("margin_at_max_scale") is not None:
             text += f", margin {entry['margin_at_max_scale']:+.0%}{_ci(entry.get('margin_at_max_scale_ci'), '+.0%')}"
         table.add_row(f"noise → {mechanism}", text)
     for peak in summary.get("trace", {}).get("peaks", []):

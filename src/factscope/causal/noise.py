@@ -147,7 +147,7 @@ def noise_summary(table: pd.DataFrame) -> dict:
                 entry[f"{column}_at_max_scale"], entry[f"mean_{column}_over_scales"] = at_max, area
         if "margin_low" in rows:  # a table from before the intervals has none
             last = rows.iloc[-1]
-            entry["margin_at_max_scale"] = float(last["margin"])
+            entry["margin_at_max_scale"] = None if pd.isna(last["margin"]) else float(last["margin"])
             entry["margin_at_max_scale_ci"] = [None if pd.isna(last[k]) else float(last[k]) for k in ("margin_low", "margin_high")]
         out[mechanism] = entry
     return out
