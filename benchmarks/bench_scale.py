@@ -2,7 +2,7 @@
 
     python benchmarks/bench_scale.py [--small] [--configs pythia-2.8b llama-3.1-8b qwen2.5-7b]
                                      [--dtypes float32 bfloat16] [--prompts 128] [--batch-size 16]
-                                     [--device cuda|cpu] [--threads N] [--json PATH]
+                                     [--device cuda|cuda:N|cpu] [--threads N] [--json PATH]
 
 Each model is built in place from its published configuration (written out below, with the config.json it comes
 from) with random weights: nothing is downloaded, and an 8B model is initialised directly on the GPU instead of
@@ -219,7 +219,9 @@ def run_one(name: str, small: bool, dtype: str, device: str, n_prompts: int, bat
     decompose(model, encoded[:batch_size], batch_size=batch_size, known_only=False)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    rss_before = psutil.Process().memory_info().rss / 2**20
+    # what the process holds before the decomposition: on a GPU the weights (and the warm-up's cached tensors), on
+    # a CPU also the interpreter and libraries (~0.5 GB), which dwarf a --small model
+    before_mb = (torch.cuda.memory_allocated(device) if cuda else psutil.Process().memory_info().rss) / 2**20
     with tempfile.TemporaryDirectory() as tmp:
         run = RunDir(Path(tmp) / "run", Path(tmp) / "staging")
         run.staging.mkdir()
@@ -244,7 +246,7 @@ def run_one(name: str, small: bool, dtype: str, device: str, n_prompts: int, bat
         "layers": model.cfg.n_layers, "heads": model.cfg.n_heads, "prompts": len(encoded), "batch_size": batch_size,
         "threads": torch.get_num_threads(), "build_s": build_s, "decompose_s": decompose_s, "forward_s": forward_s,
         "weights_mb": weights_mb, "peak_mb": peak_mb, "peak_kind": "cuda max_memory_allocated" if cuda else "peak RSS",
-        "rss_before_mb": rss_before,
+        "before_mb": before_mb,
         "reconstruction_error": summary["max_abs_reconstruction_error"], "head_error": summary["max_abs_head_error"],
         "model_logit_error": summary["max_abs_model_logit_error"], "answer_logit_error": answer_error,
         "max_abs_answer_logit": logit_scale, "tolerance": summary["tolerance"],
@@ -265,17 +267,18 @@ def run_child(name: str, small: bool, dtype: str, args: argparse.Namespace) -> d
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| config | dtype | params | build | decompose | bare forward | ratio | weights | peak | peak/weights "
-             "| parts − fp32 ref | ref − model logits | answer: parts − model logit | max abs logit | tolerance |",
-             "|" + "---|" * 15]
+    lines = ["| config | dtype | params | build | decompose | bare forward | ratio | weights | before | peak "
+             "| peak − before | parts − fp32 ref | ref − model logits | answer: parts − model logit | max abs logit "
+             "| tolerance |", "|" + "---|" * 16]
     for row in rows:
         if "failed" in row:
-            lines.append(f"| {row['config']} | {row['dtype']} | failed: {row['failed']} |" + " |" * 12)
+            lines.append(f"| {row['config']} | {row['dtype']} | failed: {row['failed']} |" + " |" * 13)
             continue
         lines.append(
             f"| {row['config']} | {row['dtype']} | {row['parameters'] / 1e6:,.2f} M | {row['build_s']:.2f} s "
             f"| {row['decompose_s']:.2f} s | {row['forward_s']:.2f} s | {row['decompose_s'] / row['forward_s']:.2f}× "
-            f"| {row['weights_mb']:,.1f} MB | {row['peak_mb']:,.0f} MB | {row['peak_mb'] / row['weights_mb']:,.2f} "
+            f"| {row['weights_mb']:,.1f} MB | {row['before_mb']:,.0f} MB | {row['peak_mb']:,.0f} MB "
+            f"| {row['peak_mb'] - row['before_mb']:,.0f} MB "
             f"| {row['reconstruction_error']:.1e} | {row['model_logit_error']:.1e} | {row['answer_logit_error']:.1e} "
             f"| {row['max_abs_answer_logit']:.2f} | {row['tolerance']} |"
         )
@@ -289,7 +292,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES))
     parser.add_argument("--prompts", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16, help="analyze's default")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if torch sees a GPU, else cpu)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--child", nargs=2, metavar=("CONFIG", "DTYPE"), help=argparse.SUPPRESS)
@@ -300,13 +303,15 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device is None:
+        if not args.small and not args.child and not torch.cuda.is_available():
+            sys.exit("bench_scale: torch sees no GPU, and the published configurations need one (Llama-3.1-8B: 32 GB "
+                     "of fp32 weights); run --small, or --device cpu on a machine with the memory")
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.child:
         name, dtype = args.child
         print(json.dumps(run_one(name, args.small, dtype, args.device, args.prompts, args.batch_size)))
         return
-    if not args.small and not args.device.startswith("cuda"):
-        sys.exit("bench_scale: the published configurations need a GPU (Llama-3.1-8B: 32 GB of fp32 weights); "
-                 "on a CPU run --small")
     rows = []
     for name in args.configs:
         for dtype in args.dtypes:
