@@ -199,15 +199,38 @@ def load_model(
     hf_model, tokenizer = _load_hf(model_dir, name, device_map="auto" if device == "auto" else None, dtype=DTYPES[dtype])
     if device != "auto":
         hf_model.to(device)  # the bridge keeps a model handed to it where it is: on the CPU
+    else:
+        _check_placement(hf_model, name)
+    return wrap_model(hf_model, tokenizer, name, prepend_bos=prepend_bos, weights_sha256=weights_sha, source=str(model_dir))
+
+
+def wrap_model(hf_model, tokenizer, name: str, *, prepend_bos: bool | None = None, weights_sha256: str = "",
+               source: str | None = None) -> LoadedModel:
+    """A Hugging Face causal LM already in memory, as factscope sees every model: `load_model` ends here too.
+
+    For models that exist only in memory: built from a config with random weights (benchmarks/bench_scale.py
+    initialises 8B models in place on the GPU, where saving and reloading 32 GB would measure the disk), or loaded
+    by the caller in a way factscope does not (quantised, sharded by hand). The model is analysed where it is and in
+    its dtype; `weights_sha256` is what run.json records for it (empty: the weights are named by nothing).
+    """
+    dtypes = {value: key for key, value in DTYPES.items()}
+    param_dtype = next(hf_model.parameters()).dtype
+    if param_dtype not in dtypes:
+        raise FactscopeError(f"model {name!r} is in {param_dtype}; factscope runs {', '.join(DTYPES)}")
     if prepend_bos is None:
         prepend_bos = tokenizer_prepends_bos(tokenizer)
     if prepend_bos and tokenizer.bos_token_id is None:
         raise FactscopeError(f"model {name!r}: its tokenizer has no BOS token to prepend")
-    if device == "auto":
-        _check_placement(hf_model, name)
-    bridge = _wrap(model_dir, hf_model, tokenizer, None if device == "auto" else device)
-    return LoadedModel(name=name, bridge=bridge, tokenizer=tokenizer, prepend_bos=prepend_bos, weights_sha256=weights_sha,
-                       dtype=dtype)
+    if tokenizer.bos_token is not None and not tokenizer.init_kwargs.get("name_or_path"):
+        # TransformerLens reloads such a tokenizer from there (with add_bos_token=True); without it, a KeyError
+        raise FactscopeError(f"model {name!r}: its tokenizer must be loaded from a directory "
+                             "(AutoTokenizer.from_pretrained), not built in memory")
+    _await_library_imports()
+    # a model placed by device_map keeps its placement (device=None); any other stays on the device it is on
+    device = None if getattr(hf_model, "hf_device_map", None) else str(next(hf_model.parameters()).device)
+    bridge = _wrap(source or name, hf_model.eval(), tokenizer, device)
+    return LoadedModel(name=name, bridge=bridge, tokenizer=tokenizer, prepend_bos=prepend_bos,
+                       weights_sha256=weights_sha256, dtype=dtypes[param_dtype])
 
 
 def load_hf_model(name: str, dtype: torch.dtype = torch.float32):
@@ -492,15 +515,16 @@ def _check_placement(hf_model, name: str) -> None:
         )
 
 
-def _wrap(model_dir: Path, hf_model, tokenizer, device: str | None):
-    """The bridge over the model's own weights; `device=None` keeps the placement device_map gave the model."""
+def _wrap(source: str, hf_model, tokenizer, device: str | None):
+    """The bridge over the model's own weights; `device=None` keeps the placement device_map gave the model.
+    `source` only names the model: with `hf_model` given, the bridge reads the config off the model, not a file."""
     from transformer_lens.model_bridge import TransformerBridge
 
     overrides = {}
     if not getattr(hf_model.config, "architectures", None):
         overrides["architectures"] = [type(hf_model).__name__]
     bridge = TransformerBridge.boot_transformers(
-        str(model_dir), hf_model=hf_model, tokenizer=tokenizer, device=device, hf_config_overrides=overrides or None
+        source, hf_model=hf_model, tokenizer=tokenizer, device=device, hf_config_overrides=overrides or None
     )
     bridge.requires_grad_(False)  # analysis only: no autograd graph on any forward pass
     return bridge.eval()
