@@ -6,12 +6,13 @@ from collections.abc import Callable, Iterator
 
 import pandas as pd
 import torch
+from jaxtyping import Float
 
 from .data import Encoded
+from .end_maths import RECALL_TOP_K as TOP_K, recall_stats
 from .forward import prompt_end_logits
 from .models import LoadedModel
 
-TOP_K = 5
 
 
 def chunks(items: list, size: int) -> Iterator[list]:
@@ -35,14 +36,17 @@ def recall(
     return pd.DataFrame(rows)
 
 
-def recall_rows(model: LoadedModel, batch: list[Encoded], logits: torch.Tensor) -> list[dict]:
-    # logits: [batch, vocab]
-    probs = logits.softmax(dim=-1)
-    top = logits.topk(TOP_K, dim=-1).indices
+def recall_rows(model: LoadedModel, batch: list[Encoded], logits: Float[torch.Tensor, "batch vocab"]) -> list[dict]:
+    answers = torch.tensor([item.attribute_token for item in batch], dtype=torch.long)
+    return recall_rows_from_stats(model.tokenizer, batch, recall_stats(logits, answers))
+
+
+def recall_rows_from_stats(tokenizer, batch: list[Encoded], stats: dict[str, torch.Tensor]) -> list[dict]:
+    """The rows from `end_maths.recall_stats` (rank, prob, logit, top tokens): all that a remote pass sends back
+    for recall, instead of the END logits over the whole vocabulary."""
     out = []
     for row, item in enumerate(batch):
-        target = item.attribute_token
-        logit = logits[row, target]
+        top = stats["top"][row].tolist()
         out.append(
             {
                 "prompt_id": item.fact.prompt_id,
@@ -50,13 +54,13 @@ def recall_rows(model: LoadedModel, batch: list[Encoded], logits: torch.Tensor) 
                 "subject": item.fact.subject,
                 "prompt": item.fact.prompt,
                 "attribute": item.fact.attribute,
-                "attribute_token": model.tokenizer.decode([target]),
+                "attribute_token": tokenizer.decode([item.attribute_token]),
                 "multi_token_attribute": item.multi_token,
-                "rank": int((logits[row] > logit).sum()) + 1,
-                "prob": float(probs[row, target]),
-                "logit": float(logit),
-                "correct": bool(top[row, 0] == target),
-                "top5": " | ".join(model.tokenizer.decode([t]) for t in top[row].tolist()),
+                "rank": int(stats["rank"][row]),
+                "prob": float(stats["prob"][row]),
+                "logit": float(stats["logit"][row]),
+                "correct": top[0] == item.attribute_token,
+                "top5": " | ".join(tokenizer.decode([t]) for t in top),
                 "n_tokens": len(item.token_ids),
             }
         )
