@@ -141,6 +141,14 @@ def project_end(
     "w_u" [d_model, vocab] (lm_head.weight.T), "b_u" or None, "norm_weight", "eps", and per layer "w_o"
     (o_proj.weight), "b_o" and "b_v" (or None). The result is what `decompose.EndParts` holds.
     """
+    # the weights are parameters and the pass may run with autograd on: nothing here is differentiated
+    with torch.no_grad():
+        return _project_end(acts, weights, groups, targets, answers, known_only)
+
+
+def _project_end(acts: dict, weights: dict, groups: Float[torch.Tensor, "batch pos group"],
+                 targets: Int[torch.Tensor, "batch target"], answers: Int[torch.Tensor, " batch"],
+                 known_only: bool) -> dict[str, torch.Tensor]:
     w_u, eps = weights["w_u"], weights["eps"]
     device = w_u.device
     targets, answers = targets.to(device), answers.to(device)
