@@ -10,7 +10,7 @@ from jaxtyping import Float
 
 from .data import Encoded
 from .end_maths import RECALL_TOP_K as TOP_K, recall_stats
-from .forward import prompt_end_logits
+from .forward import pad_batch, pad_id, prompt_end_logits
 from .models import LoadedModel
 
 
@@ -25,12 +25,20 @@ def recall(
     encoded: list[Encoded],
     batch_size: int = 32,
     progress: Callable[[int], None] | None = None,
+    engine=None,
 ) -> pd.DataFrame:
-    """One row per prompt: `prompt_id, relation, subject, prompt, attribute, rank, prob, logit, correct, ...`."""
+    """One row per prompt: `prompt_id, relation, subject, prompt, attribute, rank, prob, logit, correct, ...`.
+    `engine`: one with a `recall(tokens, mask, ends, answers)` method (`nnsight_engine.NnsightEngine`, on NDIF)
+    computes the statistics where the model runs; `model` then needs only its tokenizer."""
     rows = []
     for batch in chunks(encoded, batch_size):
-        logits = prompt_end_logits(model, [item.token_ids for item in batch])
-        rows.extend(recall_rows(model, batch, logits))
+        if engine is None:
+            logits = prompt_end_logits(model, [item.token_ids for item in batch])
+            rows.extend(recall_rows(model, batch, logits))
+        else:
+            tokens, mask, ends = pad_batch([item.token_ids for item in batch], pad_id(model.tokenizer))
+            answers = torch.tensor([item.attribute_token for item in batch], dtype=torch.long)
+            rows.extend(recall_rows_from_stats(model.tokenizer, batch, engine.recall(tokens, mask, ends, answers)))
         if progress:
             progress(len(batch))
     return pd.DataFrame(rows)
