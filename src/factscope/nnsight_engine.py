@@ -2,9 +2,10 @@
 (`forward.Engine`), read off the Hugging Face modules themselves, so that the pass can run on a machine that holds
 the model (NDIF, through nnsight's remote execution) and send back only what the maths need.
 
-Only what is `.save()`d leaves the trace: every activation is cut to END inside it, except the value vectors, which
-a head reads at every key position. Tensors are saved in the model's dtype (half the bytes in bf16) and upcast to
-fp32 here, as the local engine does.
+Two ways to use it. As a `forward.Engine` (`__call__`), it saves the END activations (and the value vectors at every
+key position) and the maths run here, over a local copy of the weights. With `project` (and `recall`), the maths that
+read weights run inside the trace (`end_maths`), so a remote run needs no weights locally (`ConfigOnlyModel`) and
+only small per-target tensors come back. Only what is `.save()`d leaves the trace.
 
 Module paths differ by architecture; `ARCHITECTURES` maps a Hugging Face class name to them. Attention must be
 eager: the attention module then returns its post-softmax probabilities as its second output, the same tensor
