@@ -68,15 +68,125 @@ def test_engine_refuses_a_tensor_it_cannot_read(tiny):
                ["blocks.0.ln1_post.hook_scale"])
 
 
+def config_only(folder, engine):
+    from transformers import AutoTokenizer
+
+    from factscope.nnsight_engine import config_only_model
+
+    return config_only_model("org/tiny", engine.lm.config, AutoTokenizer.from_pretrained(folder), dtype="float32")
+
+
+@pytest.mark.parametrize("remote", [False, "local"])
+@pytest.mark.parametrize("known_only", [False, True])
+def test_projected_on_the_server_equals_local_engine_bitwise(tiny, remote, known_only, monkeypatch):
+    """No local weight: the maths that read W_O, W_U and the final norm run inside the trace (end_maths), and the
+    tables are the local engine's bit for bit, with the model standing in being config and tokenizer only."""
+    import factscope.models
+
+    folder, model, encoded, expected = tiny
+    if known_only:
+        expected = decompose(model, encoded, batch_size=8, known_only=True)
+    engine = local_engine(str(folder), remote=remote)
+    monkeypatch.setattr(factscope.models, "load_model", lambda *a, **k: pytest.fail("a remote run loaded weights"))
+    got = decompose(config_only(folder, engine), encoded, batch_size=8, known_only=known_only, engine=engine)
+    assert_same_decomposition(expected, got)
+    assert engine.requests == 3
+
+
+def test_projected_with_value_biases_and_gqa(model_dirs):
+    """Qwen2: the value bias is removed from the groups and counted with the attention bias, on the server too."""
+    folder = model_dirs["qwen2"]
+    model = load_model(str(folder))
+    encoded = encode_all(load_facts()[:8], model.tokenizer, model.prepend_bos)
+    engine = local_engine(str(folder), remote="local")
+    assert_same_decomposition(decompose(model, encoded, known_only=False),
+                              decompose(config_only(folder, engine), encoded, known_only=False, engine=engine))
+
+
+def test_the_request_names_no_factscope_module(tiny, monkeypatch):
+    """NDIF has torch and nnsight, not factscope: the payload must carry end_maths by source and reference no
+    factscope module or class (which `remote="local"` alone would not notice, factscope being importable here)."""
+    import io
+    import pickletools
+
+    from nnsight.schema import request
+
+    payloads = []
+    serialize = request.RequestModel.serialize.__func__
+
+    def capture(cls, tracer, compress=False):
+        payloads.append(serialize(cls, tracer, compress))
+        return payloads[-1]
+
+    monkeypatch.setattr(request.RequestModel, "serialize", classmethod(capture))
+    folder, model, encoded, _ = tiny
+    engine = local_engine(str(folder), remote="local")
+    decompose(config_only(folder, engine), encoded[:4], known_only=False, engine=engine)
+    tokens = torch.tensor([encoded[0].token_ids])
+    engine.recall(tokens, torch.ones_like(tokens), torch.tensor([tokens.shape[1] - 1]), torch.tensor([1]))
+    assert len(payloads) == 2
+    for payload in payloads:
+        strings = [arg for _, arg, _ in pickletools.genops(io.BytesIO(payload)) if isinstance(arg, str)]
+        assert not [s for s in strings if s.split(".")[0] in ("factscope", "jaxtyping", "einops")]
+        assert any("def project_end" in s or "def recall_stats" in s for s in strings)  # shipped by source
+
+
+def test_recall_through_the_engine_equals_local_recall(tiny):
+    from factscope.recall import recall
+
+    folder, model, encoded, _ = tiny
+    engine = local_engine(str(folder), remote="local")
+    expected = recall(model, encoded, batch_size=8)
+    got = recall(config_only(folder, engine), encoded, batch_size=8, engine=engine)
+    pd.testing.assert_frame_equal(expected, got, check_exact=True)
+    assert engine.bytes_back == remote.recall_plan("org/tiny", len(encoded), 8).bytes_back
+
+
+@pytest.mark.parametrize("command", ["analyze", "recall"])
+def test_remote_stage_reads_no_weights_and_writes_the_local_tables(tiny, monkeypatch, tmp_path, command):
+    """The library entry points with --remote, NDIF replaced by the same model through nnsight's serialisation
+    path: config and tokenizer are all that is read locally, and the tables are the local run's."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    import factscope.models
+    from factscope import stages
+
+    folder = tiny[0]
+    engines = []
+
+    def engine(model_id, tokenizer):
+        engines.append(local_engine(str(folder), remote="local"))
+        return engines[-1]
+
+    kwargs = {"report": False, "all_prompts": True} if command == "analyze" else {}
+    local = getattr(stages, command)(str(folder), None, tmp_path / "local", **kwargs)
+    monkeypatch.setattr(remote, "preflight", lambda model_id, send: None)
+    monkeypatch.setattr(remote, "remote_engine", engine)
+    monkeypatch.setattr(stages, "_hub_config_and_tokenizer",
+                        lambda model: (AutoConfig.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)))
+    monkeypatch.setattr(factscope.models, "load_model", lambda *a, **k: pytest.fail("a remote run loaded weights"))
+    run = getattr(stages, command)("org/tiny", None, tmp_path / "remote", remote=True, **kwargs)
+    assert run.summary["remote"] == {"requests": engines[0].requests, "bytes_back": engines[0].bytes_back}
+    got, expected = (run.attributions(), local.attributions()) if command == "analyze" else (run.recall, local.recall)
+    if command == "recall":
+        got, expected = got.drop(columns="model"), expected.drop(columns="model")
+    pd.testing.assert_frame_equal(expected, got, check_exact=True)
+
+
 @pytest.mark.real
 def test_nnsight_engine_equals_local_engine_on_smollm2():
-    """The real model, fp32, through the serialisation path: every attribution bit for bit."""
+    """The real model, fp32, through the serialisation path: every attribution bit for bit, with the raw END
+    tensors (the maths here) and with the maths run inside the trace (no weights here)."""
+    from factscope.nnsight_engine import config_only_model
+
     torch.set_num_threads(1)
     model = load_model("smollm2-135m")
     encoded = encode_all(load_facts()[:16], model.tokenizer, model.prepend_bos)
     expected = decompose(model, encoded, known_only=False)
     engine = local_engine("smollm2-135m", remote="local")
     assert_same_decomposition(expected, decompose(model, encoded, known_only=False, engine=engine))
+    config_only = config_only_model("smollm2-135m", engine.lm.config, model.tokenizer, dtype="float32")
+    assert_same_decomposition(expected, decompose(config_only, encoded, known_only=False, engine=engine))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -93,12 +203,17 @@ from factscope import remote  # noqa: E402
 
 
 def test_plan_counts_exactly_the_bytes_the_engine_brings_back(tiny):
-    """The plan printed before sending is the engine's own count of what came back, not an estimate of it."""
+    """The plan printed before sending is the engine's own count of what came back, not an estimate of it (all
+    prompts: with known facts only, the unknown prompts' lens is not sent and the plan is an upper bound)."""
+    from factscope.data import relation_targets
+
     folder, model, encoded, _ = tiny
     engine = local_engine(str(folder))
-    decompose(model, encoded, batch_size=8, known_only=False, engine=engine)
+    decompose(config_only(folder, engine), encoded, batch_size=8, known_only=False, engine=engine)
     shape = remote.Shape.from_config(engine.lm.config)
-    plan = remote.plan("org/tiny", shape, [len(item.token_ids) for item in encoded], 8, dtype_bytes=4)  # fp32 here
+    targets = relation_targets(encoded)
+    widths = [1 + sum(t != item.attribute_token for t in targets[item.fact.relation]) for item in encoded]
+    plan = remote.plan("org/tiny", shape, widths, 8)
     assert (plan.requests, plan.bytes_back) == (engine.requests, engine.bytes_back)
     assert "3 requests" in plan.describe()
 

@@ -85,12 +85,19 @@ def recall(
     bos: BosOpt = None,
     dtype: DtypeOpt = Dtype.float32,
     threads: ThreadsOpt = None,
+    remote: Annotated[bool, typer.Option("--remote", help="Run the passes on NDIF through nnsight (--model is a Hub id; needs NDIF_API_KEY and factscope[remote]).")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="With --remote: print the requests and bytes a run would cost, send nothing.")] = False,
 ) -> None:
     """Which facts does the model know? Writes DIR/recall.csv and DIR/summary.json."""
     from .recall import accuracy_table
 
+    if dry_run:
+        if not remote:
+            raise FactscopeError("--dry-run plans a --remote run; add --remote")
+        console.print(stages.remote_plan(model, dataset, batch_size=batch_size, bos=bos, command="recall").describe())
+        return
     run = stages.recall(model, dataset, out, overwrite=overwrite, device=device, batch_size=batch_size, bos=bos,
-                        dtype=dtype.value, threads=threads, reporter=REPORTER)
+                        dtype=dtype.value, threads=threads, remote=remote, reporter=REPORTER)
     _print_accuracy(accuracy_table(run.recall), _model_title(run))
     console.print(f"wrote {out}/recall.csv")
 

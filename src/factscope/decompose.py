@@ -24,8 +24,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
-import einops
 import numpy as np
 import pandas as pd
 import torch
@@ -37,9 +37,10 @@ from .forward import (
     Engine, act_name, attn_bias, check_supported, frozen_post_norm, group_onehot, head_group_z_at_end, head_values,
     heads_to_resid, lens_normalise, local_end_activations, pad_batch, pad_id, target_ids, value_bias_per_head,
 )
+from .end_maths import lens_stats, recall_stats, to_logit, unembed_columns
 from .models import LoadedModel
 from .rundir import RunDir, write_csv, write_parquet
-from .recall import chunks, recall_rows
+from .recall import chunks, recall_rows_from_stats
 from .taxonomy import GROUPS, TOLERANCES, groups_present
 
 ATTRIBUTION_COLUMNS = {
@@ -176,63 +177,46 @@ def decompose_batch(
     model: LoadedModel, batch: list[Encoded], targets: dict[str, dict[int, str]], known_only: bool,
     engine: Engine = local_end_activations,
 ) -> BatchResult:
-    cfg, device = model.cfg, model.device
+    """One batch's tables. The weight-dependent maths run where the weights are: here for an engine that returns
+    END activations (`forward.Engine`), or inside the pass for one that has a `project` method (`ProjectingEngine`:
+    nnsight on NDIF, which sends back only the small tensors of `EndParts`, so no local copy of the weights exists)."""
+    device = model.device
     tokens, mask, ends = pad_batch([item.token_ids for item in batch], pad_id(model.tokenizer))
     target_tokens, target_valid = target_ids(batch, targets, with_answer=True)
-    groups = group_onehot(batch, tokens.shape[1]).to(device)
-    rows = torch.arange(len(batch), device=device)
-    ends = ends.to(device)
-    # the engine's tensors are at END already (`forward.Engine`), in fp32 on the unembedding's device
-    logits_end, cache = engine(model, tokens, mask, ends, hook_names(model))
+    groups = group_onehot(batch, tokens.shape[1])
+    answers = torch.tensor([item.attribute_token for item in batch], dtype=torch.long)
+    project = getattr(engine, "project", None)
+    if project is not None:
+        parts = {name: value.to(device) for name, value in
+                 project(model, tokens, mask, ends, groups, target_tokens, answers, known_only).items()}
+    else:
+        parts = _local_parts(model, tokens, mask, ends, groups.to(device), target_tokens.to(device),
+                             answers.to(device), known_only, engine)
     with torch.inference_mode():
-        scale = cache[act_name("final_scale")]  # [batch, 1]
-        gain, norm_bias = model.final_norm
-        # [d_model, batch, target + 1]: the targets' columns only, and last the vocabulary's average column, whose
-        # DLA is the part of each contribution that raises every logit alike ("centred" = value − that)
-        columns = torch.cat([model.W_U[:, target_tokens.to(device)].float(),
-                             model.W_U_mean[:, None, None].expand(-1, len(batch), 1)], dim=2)
-        unembed = einops.rearrange(columns * gain[:, None, None], "d batch t -> batch d t")
-        to_logit = _LogitMap(unembed, scale, model.centres)
-
-        embed = to_logit(cache[act_name("embed")])
-        pos_embed = to_logit(cache[act_name("pos_embed")]) if act_name("pos_embed") in cache else None
-        heads, head_check, biases, mlps = [], [], [], []
-        for layer in range(cfg.n_layers):
-            post_norm = _frozen_post_norm(model, cache, layer)
-            by_source, whole = _head_dla(model, cache, layer, groups, to_logit, post_norm)
-            heads.append(by_source)
-            head_check.append(whole)
-            biases.append(_attn_bias_dla(model, layer, len(rows), to_logit, post_norm))
-            mlps.append(to_logit(cache[act_name("mlp_out", layer)]))
-        heads_t = torch.stack(heads, dim=1)  # [batch, layer, head, group, target]
-        biases_t, mlps_t = torch.stack(biases, dim=1), torch.stack(mlps, dim=1)  # [batch, layer, target]
-        # [batch, target]: the final norm's bias and the unembedding's, the same for every input
-        b_u = torch.cat([model.b_U[target_tokens.to(device)].float(),
-                         model.b_U.mean(dtype=torch.float32).expand(len(batch), 1)], dim=1)
-        unembed_bias = b_u + torch.einsum("d,dbt->bt", norm_bias, columns)
-
+        heads_t, biases_t, mlps_t = parts["heads"], parts["biases"], parts["mlps"]
+        unembed_bias, embed = parts["unembed_bias"], parts["embed"]
         total = embed + heads_t.sum((1, 2, 3)) + biases_t.sum(1) + mlps_t.sum(1) + unembed_bias
-        if pos_embed is not None:
-            total = total + pos_embed
-        reference = to_logit(cache[act_name("resid_post", cfg.n_layers - 1)]) + unembed_bias
-        model_logits = torch.cat([logits_end.gather(1, target_tokens.to(device)), logits_end.mean(1, keepdim=True)], dim=1)
+        if "pos_embed" in parts:
+            total = total + parts["pos_embed"]
+        reference = parts["reference"]
         valid = torch.cat([target_valid, torch.ones(len(batch), 1)], dim=1).to(device)  # the average column is checked too
         reconstruction_error = float(((total - reference).abs() * valid).max())
-        model_logit_error = float(((reference - model_logits).abs() * valid).max())
-        head_error = float(((heads_t.sum(3) - torch.stack(head_check, dim=1)).abs() * valid[:, None, None]).max())
-        recall = pd.DataFrame(recall_rows(model, batch, logits_end.cpu()))
-        keep = recall["correct"].to_numpy() if known_only else np.ones(len(batch), dtype=bool)
-        kept = torch.tensor(keep, dtype=torch.bool, device=device)
-        lens = _logit_lens(model, cache, [item for item, k in zip(batch, keep) if k], rows[kept])
+        model_logit_error = float(((reference - parts["model_logits"]).abs() * valid).max())
+        head_error = float(((heads_t.sum(3) - parts["head_check"]).abs() * valid[:, None, None]).max())
+    recall = pd.DataFrame(recall_rows_from_stats(
+        model.tokenizer, batch, {name: parts[f"recall_{name}"].cpu() for name in ("rank", "prob", "logit", "top")}))
+    keep = parts["keep"].cpu().numpy()
+    lens = _lens_table(model, [item for item, k in zip(batch, keep) if k],
+                       [parts[f"lens_{name}"] for name in ("rank", "log_prob", "logit", "top")])
 
-    parts = {"embed": embed, "unembed_bias": unembed_bias}
-    if pos_embed is not None:
-        parts["pos_embed"] = pos_embed
+    named = {"embed": embed, "unembed_bias": unembed_bias}
+    if "pos_embed" in parts:
+        named["pos_embed"] = parts["pos_embed"]
     sources = list(groups_present(model.prepend_bos))
     heads_t = heads_t[:, :, :, [GROUPS.index(group) for group in sources]]
     attributions = _attribution_table(
         batch, targets, target_tokens, target_valid, keep, sources, heads_t.cpu(), biases_t.cpu(), mlps_t.cpu(),
-        {name: value.cpu() for name, value in parts.items()},
+        {name: value.cpu() for name, value in named.items()},
     )
     return BatchResult(
         attributions=attributions,
@@ -245,6 +229,80 @@ def decompose_batch(
     )
 
 
+# What a batch's pass is reduced to before any table is built (`end_maths.project_end` computes the same keys where
+# the weights are): per part its logit contribution to each target and, last, to the vocabulary's average column
+# ("embed", "pos_embed" where there is one, "heads" [batch, layer, head, group, target], "head_check" (the per-head
+# totals from hook_z), "biases", "mlps", "unembed_bias", "reference" (the final residual through the same map),
+# "model_logits"); the recall statistics ("recall_rank/prob/logit/top"), "keep", and the logit lens of the kept
+# prompts ("lens_rank/log_prob/logit/top", [kept · layer]).
+EndParts = dict[str, torch.Tensor]
+
+
+class ProjectingEngine(Protocol):
+    def project(
+        self, model, tokens: Int[torch.Tensor, "batch pos"], mask: Int[torch.Tensor, "batch pos"],
+        ends: Int[torch.Tensor, " batch"], groups: Float[torch.Tensor, "batch pos group"],
+        targets: Int[torch.Tensor, "batch target"], answers: Int[torch.Tensor, " batch"], known_only: bool,
+    ) -> EndParts: ...
+
+
+def _local_parts(
+    model: LoadedModel,
+    tokens: Int[torch.Tensor, "batch pos"],
+    mask: Int[torch.Tensor, "batch pos"],
+    ends: Int[torch.Tensor, " batch"],
+    groups: Float[torch.Tensor, "batch pos group"],
+    target_tokens: Int[torch.Tensor, "batch target"],
+    answers: Int[torch.Tensor, " batch"],
+    known_only: bool,
+    engine: Engine,
+) -> EndParts:
+    """`EndParts` from an engine's END activations and this process's copy of the weights (every architecture
+    factscope loads: LayerNorm centring, positional embeddings, attention post-norms)."""
+    cfg, device = model.cfg, model.device
+    n = len(ends)
+    # the engine's tensors are at END already (`forward.Engine`), in fp32 on the unembedding's device
+    logits_end, cache = engine(model, tokens, mask, ends.to(device), hook_names(model))
+    with torch.inference_mode():
+        scale = cache[act_name("final_scale")]  # [batch, 1]
+        gain, norm_bias = model.final_norm
+        # [d_model, batch, target + 1]: the targets' columns only, and last the vocabulary's average column, whose
+        # DLA is the part of each contribution that raises every logit alike ("centred" = value − that)
+        columns, unembed = unembed_columns(model.W_U, model.W_U_mean, target_tokens, gain)
+        to_logit = _LogitMap(unembed, scale, model.centres)
+        parts = {"embed": to_logit(cache[act_name("embed")])}
+        if act_name("pos_embed") in cache:
+            parts["pos_embed"] = to_logit(cache[act_name("pos_embed")])
+        heads, head_check, biases, mlps = [], [], [], []
+        for layer in range(cfg.n_layers):
+            post_norm = _frozen_post_norm(model, cache, layer)
+            by_source, whole = _head_dla(model, cache, layer, groups, to_logit, post_norm)
+            heads.append(by_source)
+            head_check.append(whole)
+            biases.append(_attn_bias_dla(model, layer, n, to_logit, post_norm))
+            mlps.append(to_logit(cache[act_name("mlp_out", layer)]))
+        # [batch, target]: the final norm's bias and the unembedding's, the same for every input
+        b_u = torch.cat([model.b_U[target_tokens].float(), model.b_U.mean(dtype=torch.float32).expand(n, 1)], dim=1)
+        unembed_bias = b_u + torch.einsum("d,dbt->bt", norm_bias, columns)
+        parts |= {
+            "heads": torch.stack(heads, dim=1), "head_check": torch.stack(head_check, dim=1),
+            "biases": torch.stack(biases, dim=1), "mlps": torch.stack(mlps, dim=1), "unembed_bias": unembed_bias,
+            "reference": to_logit(cache[act_name("resid_post", cfg.n_layers - 1)]) + unembed_bias,
+            "model_logits": torch.cat([logits_end.gather(1, target_tokens), logits_end.mean(1, keepdim=True)], dim=1),
+        }
+        recall = recall_stats(logits_end.cpu(), answers.cpu())
+        parts |= {f"recall_{name}": value for name, value in recall.items()}
+        keep = recall["top"][:, 0] == answers.cpu() if known_only else torch.ones(n, dtype=torch.bool)
+        parts["keep"] = keep
+        kept = torch.arange(n, device=device)[keep.to(device)]
+        resid = torch.stack([cache[act_name("resid_post", layer)][kept] for layer in range(cfg.n_layers)], dim=1)
+        resid = lens_normalise(model, resid)  # [kept, layer, d_model]
+        lens = lens_stats(resid.reshape(-1, cfg.d_model), answers[kept].repeat_interleave(cfg.n_layers), model.W_U,
+                          model.b_U)
+        parts |= {f"lens_{name}": value for name, value in zip(("rank", "log_prob", "logit", "top"), lens)}
+    return parts
+
+
 class _LogitMap:
     """Residual-stream vector at END → its logit contribution to each target, final norm scale frozen."""
 
@@ -254,9 +312,7 @@ class _LogitMap:
     def __call__(self, vectors: Float[torch.Tensor, "batch *parts d_model"]) -> Float[torch.Tensor, "batch *parts target"]:
         if self.centre:  # LayerNorm subtracts the mean; a linear map, so it distributes over the parts
             vectors = vectors - vectors.mean(-1, keepdim=True)
-        extra = vectors.dim() - 2
-        scale = self.scale.reshape(-1, *([1] * (extra + 1)))
-        return torch.einsum("b...d,bdt->b...t", vectors / scale, self.unembed)
+        return to_logit(vectors, self.scale, self.unembed)
 
 
 def _head_dla(
@@ -299,69 +355,25 @@ def _frozen_post_norm(
     return frozen_post_norm(model.post_norm_gain(layer), cache[act_name("post_norm_scale", layer)])
 
 
-def _logit_lens(
-    model: LoadedModel,
-    cache: dict[str, torch.Tensor],
-    batch: list[Encoded],
-    rows: Int[torch.Tensor, " batch"],
-) -> pd.DataFrame:
-    """Accumulated residual after each layer, normalised by its own scale (not frozen), read at END (`cache` holds
-    END only; `rows` are the kept prompts)."""
-    cfg = model.cfg
-    answer = torch.tensor([item.attribute_token for item in batch], dtype=torch.long, device=model.device)
-    resid = torch.stack([cache[act_name("resid_post", layer)][rows] for layer in range(cfg.n_layers)], dim=1)
-    resid = lens_normalise(model, resid)  # [batch, layer, d_model]
-    rank, log_prob, logit, top = _lens_stats(
-        resid.reshape(-1, cfg.d_model), answer.repeat_interleave(cfg.n_layers), model.W_U, model.b_U
-    )
+def _lens_table(model: LoadedModel, batch: list[Encoded], stats: list[torch.Tensor]) -> pd.DataFrame:
+    """The logit lens of the kept prompts (`batch`) from `end_maths.lens_stats` over the accumulated residual after
+    each layer, normalised by its own scale (not frozen), at END: rank, log-probability, logit, top token."""
+    rank, log_prob, logit, top = (value.cpu() for value in stats)
+    n_layers = model.cfg.n_layers
     table = pd.DataFrame(
         {
-            "prompt_id": np.repeat([item.fact.prompt_id for item in batch], cfg.n_layers).astype(object),
-            "layer": np.tile(np.arange(cfg.n_layers), len(batch)),
-            "rank": rank.cpu().numpy(),
-            "prob": log_prob.exp().cpu().numpy(),
-            "logit": logit.cpu().numpy(),
+            "prompt_id": np.repeat([item.fact.prompt_id for item in batch], n_layers).astype(object),
+            "layer": np.tile(np.arange(n_layers), len(batch)),
+            "rank": rank.numpy(),
+            "prob": log_prob.exp().numpy(),
+            "logit": logit.numpy(),
         }
     )
     table["top_token"] = [model.tokenizer.decode([t]) for t in top.tolist()]
     return table.astype({"prompt_id": "str", "top_token": "str"})  # typed even when no prompt of the batch is kept
 
 
-LENS_CHUNK = 1024  # vocabulary entries per step: 1024 × (batch · layers) logits stay in cache while they are reduced
-
-
-def _lens_stats(
-    resid: Float[torch.Tensor, "row d_model"],
-    answer: Int[torch.Tensor, " row"],
-    w_u: Float[torch.Tensor, "d_model vocab"],
-    b_u: Float[torch.Tensor, " vocab"],
-) -> tuple[Int[torch.Tensor, " row"], Float[torch.Tensor, " row"], Float[torch.Tensor, " row"], Int[torch.Tensor, " row"]]:
-    """The answer's rank, log-probability and logit, and the top token, in one sweep over the vocabulary.
-
-    The full [row, vocab] logits never exist: each chunk is unembedded, then counted against the answer, max-reduced
-    and added to a running logsumexp while it is still in cache. Materialising them and making one pass per
-    statistic cost more than the matrix product itself (it is the costliest step of the analysis).
-    """
-    logit = (resid * w_u[:, answer].T.float()).sum(-1) + b_u[answer].float()
-    above = torch.zeros_like(answer)
-    top_logit = torch.full_like(logit, -torch.inf)
-    top = torch.zeros_like(answer)
-    sum_exp = torch.zeros_like(logit)  # Σ exp(logit − top_logit) so far
-    for start in range(0, w_u.shape[1], LENS_CHUNK):
-        # upcast a chunk at a time: an fp32 copy of the whole unembedding would be the analysis's largest tensor
-        chunk = torch.addmm(b_u[start : start + LENS_CHUNK].float(), resid, w_u[:, start : start + LENS_CHUNK].float())
-        higher = chunk > logit[:, None]
-        # the answer's own entry comes from another summation order than `logit`: it must not count as above itself
-        own = (answer - start).clamp(0, chunk.shape[1] - 1)
-        is_own = (answer >= start) & (answer < start + chunk.shape[1]) & higher.gather(1, own[:, None]).squeeze(1)
-        above += higher.sum(-1) - is_own.long()
-        chunk_max, chunk_top = chunk.max(-1)
-        top = torch.where(chunk_max > top_logit, chunk_top + start, top)  # strict: the first maximum wins, as in argmax
-        new_top = torch.maximum(top_logit, chunk_max)
-        sum_exp = sum_exp * (top_logit - new_top).exp() + chunk.sub_(new_top[:, None]).exp_().sum(-1)
-        top_logit = new_top
-    return above + 1, logit - top_logit - sum_exp.log(), logit, top
-
+_lens_stats = lens_stats  # its former name here
 
 def _attribution_table(
     batch: list[Encoded],

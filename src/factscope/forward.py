@@ -16,6 +16,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 
 from .data import Encoded
+from .end_maths import head_group_z_at_end  # noqa: F401  (shared with the server-side maths; re-exported)
 from .errors import FactscopeError
 from .models import LoadedModel
 from .taxonomy import GROUPS
@@ -274,19 +275,6 @@ def head_group_z(
     each keeps its own so that its tables stay bit-identical.
     """
     return head_group_z_at_end(pattern[rows, :, ends], values, onehot, groups_first)
-
-
-def head_group_z_at_end(
-    pattern: Float[torch.Tensor, "batch head key"],
-    values: Float[torch.Tensor, "batch key kv_head d_head"],
-    onehot: Float[torch.Tensor, "batch key group"],
-    groups_first: bool = False,
-) -> Float[torch.Tensor, "batch head group d_head"]:
-    """`head_group_z` from END's row of the pattern only: all an engine that sends back END tensors has."""
-    values = values.repeat_interleave(pattern.shape[1] // values.shape[2], dim=2)  # GQA: query head h reads kv head h // group
-    if groups_first:
-        return torch.einsum("bhk,bkg,bkhd->bhgd", pattern, onehot, values)
-    return torch.einsum("bhk,bkhd,bkg->bhgd", pattern, values, onehot)
 
 
 def heads_to_resid(

@@ -2,9 +2,10 @@
 (`forward.Engine`), read off the Hugging Face modules themselves, so that the pass can run on a machine that holds
 the model (NDIF, through nnsight's remote execution) and send back only what the maths need.
 
-Only what is `.save()`d leaves the trace: every activation is cut to END inside it, except the value vectors, which
-a head reads at every key position. Tensors are saved in the model's dtype (half the bytes in bf16) and upcast to
-fp32 here, as the local engine does.
+Two ways to use it. As a `forward.Engine` (`__call__`), it saves the END activations (and the value vectors at every
+key position) and the maths run here, over a local copy of the weights. With `project` (and `recall`), the maths that
+read weights run inside the trace (`end_maths`), so a remote run needs no weights locally (`ConfigOnlyModel`) and
+only small per-target tensors come back. Only what is `.save()`d leaves the trace.
 
 Module paths differ by architecture; `ARCHITECTURES` maps a Hugging Face class name to them. Attention must be
 eager: the attention module then returns its post-softmax probabilities as its second output, the same tensor
@@ -86,6 +87,14 @@ class NnsightEngine:
         # the final norm's epsilon: TransformerLens's hook_scale is sqrt(mean(x²) + eps), recomputed here from the
         # norm's input at END, so nothing of vocabulary or position size comes back for it
         self.eps = float(eps if eps is not None else getattr(lm.config, "rms_norm_eps"))
+        heads = lm.config.num_attention_heads
+        self.d_head = getattr(lm.config, "head_dim", None) or lm.config.hidden_size // heads
+        paths = self.paths
+        layers = _module(lm, paths.layers)
+        self.envoys = {"embed": _module(lm, paths.embed), "layers": [layers[i] for i in range(len(layers))],
+                       "final_norm": _module(lm, paths.final_norm), "lm_head": _module(lm, paths.lm_head)}
+        for key in ("v_proj", "o_proj", "attn", "mlp"):
+            self.envoys[key] = [_module(block, getattr(paths, key)) for block in self.envoys["layers"]]
 
     def __call__(
         self,
@@ -131,30 +140,152 @@ class NnsightEngine:
         """
         import nnsight
 
-        paths, lm, rows = self.paths, self.lm, torch.arange(len(ends))
+        lm, rows = self.lm, torch.arange(len(ends))
+        # every module is resolved here, outside the trace: the traced block is shipped by source with the names it
+        # reads, and a factscope helper or dataclass in it would have to be importable on the server
+        embed, layers, norm, lm_head = (self.envoys[key] for key in ("embed", "layers", "final_norm", "lm_head"))
+        v_projs, o_projs, attns, mlps = (self.envoys[key] for key in ("v_proj", "o_proj", "attn", "mlp"))
         inputs = {"input_ids": tokens, "attention_mask": mask}
         # logits_to_keep: the model unembeds END only, so no [batch, pos, vocab] tensor is ever built
         with lm.trace(inputs, logits_to_keep=ends[:, None], remote=self.remote):
             out = nnsight.save({})
             if ("embed", None) in wanted:
-                out[("embed", None)] = _module(lm, paths.embed).output[rows, ends]
-            layers = _module(lm, paths.layers)
+                out[("embed", None)] = embed.output[rows, ends]
             for layer in range(n_layers):
-                block = layers[layer]
                 if ("v", layer) in wanted:
-                    out[("v", layer)] = _module(block, paths.v_proj).output
+                    out[("v", layer)] = v_projs[layer].output
                 if ("z", layer) in wanted:
-                    out[("z", layer)] = _module(block, paths.o_proj).input[rows, ends]
+                    out[("z", layer)] = o_projs[layer].input[rows, ends]
                 if ("pattern", layer) in wanted:
-                    out[("pattern", layer)] = _module(block, paths.attn).output[1][rows, :, ends]
+                    out[("pattern", layer)] = attns[layer].output[1][rows, :, ends]
                 if ("mlp_out", layer) in wanted:
-                    out[("mlp_out", layer)] = _module(block, paths.mlp).output[rows, ends]
+                    out[("mlp_out", layer)] = mlps[layer].output[rows, ends]
                 if ("resid_post", layer) in wanted:
-                    out[("resid_post", layer)] = block.output[rows, ends]
+                    out[("resid_post", layer)] = layers[layer].output[rows, ends]
             if ("final_scale", None) in wanted:
-                out[("final_scale", None)] = _module(lm, paths.final_norm).input[rows, ends]
-            out[("logits", None)] = _module(lm, paths.lm_head).output[:, 0]
+                out[("final_scale", None)] = norm.input[rows, ends]
+            out[("logits", None)] = lm_head.output[:, 0]
         return dict(out)
+
+
+    def project(
+        self,
+        model,
+        tokens: Int[torch.Tensor, "batch pos"],
+        mask: Int[torch.Tensor, "batch pos"],
+        ends: Int[torch.Tensor, " batch"],
+        groups: Float[torch.Tensor, "batch pos group"],
+        targets: Int[torch.Tensor, "batch target"],
+        answers: Int[torch.Tensor, " batch"],
+        known_only: bool,
+    ) -> dict[str, torch.Tensor]:
+        """One trace whose weight-dependent maths run inside it, where the weights are (`end_maths.project_end`):
+        what comes back is `decompose.EndParts`, per head and group a logit per target, never a weight or a
+        residual vector, so the client needs the tokenizer and config only (`model` is not read).
+
+        Each layer's value vectors are reduced to the heads' END z by source group as soon as the layer has run, so
+        the server holds [batch, head, group, d_head] per layer, not the values at every position."""
+        import cloudpickle
+        import nnsight
+
+        from . import end_maths
+
+        if self.remote:
+            # ship end_maths by source: the server has torch and nnsight, not factscope
+            cloudpickle.register_pickle_by_value(end_maths)
+        project_end, group_z = end_maths.project_end, end_maths.head_group_z_at_end
+        lm, rows, eps, d_head = self.lm, torch.arange(len(ends)), self.eps, self.d_head
+        embed, layers, norm, lm_head = (self.envoys[key] for key in ("embed", "layers", "final_norm", "lm_head"))
+        v_projs, o_projs, attns, mlps = (self.envoys[key] for key in ("v_proj", "o_proj", "attn", "mlp"))
+        inputs = {"input_ids": tokens.cpu(), "attention_mask": mask.cpu()}
+        with lm.trace(inputs, logits_to_keep=ends.cpu()[:, None], remote=self.remote):
+            out = nnsight.save({})  # created inside the trace: on a remote run only saved objects come back
+            acts = {"embed": embed.output[rows, ends], "z_by_group": [], "z": [], "mlp_out": [], "resid_post": []}
+            for layer in range(len(layers)):
+                v = v_projs[layer].output
+                acts["z"].append(o_projs[layer].input[rows, ends])
+                pattern = attns[layer].output[1][rows, :, ends].detach().float()
+                values = v.detach().view(v.shape[0], v.shape[1], -1, d_head).float()
+                if v_projs[layer].bias is not None:  # counted with the attention bias, not with a source group
+                    values = values - v_projs[layer].bias.detach().float().view(-1, d_head).to(values.device)
+                acts["z_by_group"].append(group_z(pattern, values, groups.to(values.device)))
+                acts["mlp_out"].append(mlps[layer].output[rows, ends])
+                acts["resid_post"].append(layers[layer].output[rows, ends])
+            acts["final_in"] = norm.input[rows, ends]
+            acts["logits"] = lm_head.output[:, 0]
+            weights = {"w_u": lm_head.weight.T, "b_u": lm_head.bias, "norm_weight": norm.weight, "eps": eps,
+                       "w_o": [o.weight for o in o_projs], "b_o": [o.bias for o in o_projs],
+                       "b_v": [v.bias for v in v_projs]}
+            out.update(project_end(acts, weights, groups, targets, answers, known_only))
+        saved = {name: value.cpu() for name, value in dict(out).items()}
+        self.requests += 1
+        self.bytes_back += sum(t.numel() * t.element_size() for t in saved.values())
+        return saved
+
+    def recall(
+        self, tokens: Int[torch.Tensor, "batch pos"], mask: Int[torch.Tensor, "batch pos"],
+        ends: Int[torch.Tensor, " batch"], answers: Int[torch.Tensor, " batch"],
+    ) -> dict[str, torch.Tensor]:
+        """`end_maths.recall_stats` computed inside the trace: rank, probability, logit and top tokens per prompt
+        come back, not the END logits over the vocabulary."""
+        import cloudpickle
+        import nnsight
+
+        from . import end_maths
+
+        if self.remote:
+            cloudpickle.register_pickle_by_value(end_maths)
+        stats, lm_head = end_maths.recall_stats, self.envoys["lm_head"]
+        inputs = {"input_ids": tokens.cpu(), "attention_mask": mask.cpu()}
+        with self.lm.trace(inputs, logits_to_keep=ends.cpu()[:, None], remote=self.remote):
+            out = nnsight.save({})
+            out.update(stats(lm_head.output[:, 0].detach().float(), answers))
+        saved = {name: value.cpu() for name, value in dict(out).items()}
+        self.requests += 1
+        self.bytes_back += sum(t.numel() * t.element_size() for t in saved.values())
+        return saved
+
+
+@dataclass
+class ConfigOnlyModel:
+    """What a remote run holds locally in place of `models.LoadedModel`: the tokenizer and the config, no weight.
+    It has the attributes the decomposition reads off a model when its engine projects (`decompose.ProjectingEngine`)."""
+
+    name: str
+    tokenizer: object
+    prepend_bos: bool
+    config: object
+    dtype: str = "bfloat16"  # NDIF serves bf16; the tolerance the parts are checked against (taxonomy.TOLERANCES)
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def weights_sha256(self) -> str:
+        # the weights are the server's: what is recorded is where they come from, at the revision the config names
+        return f"remote:{self.name}@{getattr(self.config, '_commit_hash', None) or 'unknown'}"
+
+    @property
+    def cfg(self):
+        from types import SimpleNamespace
+
+        c = self.config
+        heads = c.num_attention_heads
+        return SimpleNamespace(n_layers=c.num_hidden_layers, n_heads=heads, d_model=c.hidden_size,
+                               d_head=getattr(c, "head_dim", None) or c.hidden_size // heads,
+                               eps=c.rms_norm_eps, output_logits_soft_cap=getattr(c, "final_logit_softcapping", None))
+
+    @property
+    def max_tokens(self) -> int | None:
+        return getattr(self.config, "max_position_embeddings", None)
+
+
+def config_only_model(name: str, config, tokenizer, prepend_bos: bool | None = None, dtype: str = "bfloat16") -> ConfigOnlyModel:
+    from .models import tokenizer_prepends_bos
+
+    module_paths((getattr(config, "architectures", None) or ["?"])[0])  # refuse an unknown architecture up front
+    prepend = tokenizer_prepends_bos(tokenizer) if prepend_bos is None else prepend_bos
+    if prepend and tokenizer.bos_token_id is None:
+        raise FactscopeError(f"model {name!r}: its tokenizer has no BOS token to prepend")
+    return ConfigOnlyModel(name, tokenizer, prepend, config, dtype)
 
 
 def _requested(names: Sequence[str], n_layers: int) -> set[tuple[str, int | None]]:

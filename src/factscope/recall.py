@@ -6,12 +6,13 @@ from collections.abc import Callable, Iterator
 
 import pandas as pd
 import torch
+from jaxtyping import Float
 
 from .data import Encoded
-from .forward import prompt_end_logits
+from .end_maths import RECALL_TOP_K as TOP_K, recall_stats
+from .forward import pad_batch, pad_id, prompt_end_logits
 from .models import LoadedModel
 
-TOP_K = 5
 
 
 def chunks(items: list, size: int) -> Iterator[list]:
@@ -24,25 +25,36 @@ def recall(
     encoded: list[Encoded],
     batch_size: int = 32,
     progress: Callable[[int], None] | None = None,
+    engine=None,
 ) -> pd.DataFrame:
-    """One row per prompt: `prompt_id, relation, subject, prompt, attribute, rank, prob, logit, correct, ...`."""
+    """One row per prompt: `prompt_id, relation, subject, prompt, attribute, rank, prob, logit, correct, ...`.
+    `engine`: one with a `recall(tokens, mask, ends, answers)` method (`nnsight_engine.NnsightEngine`, on NDIF)
+    computes the statistics where the model runs; `model` then needs only its tokenizer."""
     rows = []
     for batch in chunks(encoded, batch_size):
-        logits = prompt_end_logits(model, [item.token_ids for item in batch])
-        rows.extend(recall_rows(model, batch, logits))
+        if engine is None:
+            logits = prompt_end_logits(model, [item.token_ids for item in batch])
+            rows.extend(recall_rows(model, batch, logits))
+        else:
+            tokens, mask, ends = pad_batch([item.token_ids for item in batch], pad_id(model.tokenizer))
+            answers = torch.tensor([item.attribute_token for item in batch], dtype=torch.long)
+            rows.extend(recall_rows_from_stats(model.tokenizer, batch, engine.recall(tokens, mask, ends, answers)))
         if progress:
             progress(len(batch))
     return pd.DataFrame(rows)
 
 
-def recall_rows(model: LoadedModel, batch: list[Encoded], logits: torch.Tensor) -> list[dict]:
-    # logits: [batch, vocab]
-    probs = logits.softmax(dim=-1)
-    top = logits.topk(TOP_K, dim=-1).indices
+def recall_rows(model: LoadedModel, batch: list[Encoded], logits: Float[torch.Tensor, "batch vocab"]) -> list[dict]:
+    answers = torch.tensor([item.attribute_token for item in batch], dtype=torch.long)
+    return recall_rows_from_stats(model.tokenizer, batch, recall_stats(logits, answers))
+
+
+def recall_rows_from_stats(tokenizer, batch: list[Encoded], stats: dict[str, torch.Tensor]) -> list[dict]:
+    """The rows from `end_maths.recall_stats` (rank, prob, logit, top tokens): all that a remote pass sends back
+    for recall, instead of the END logits over the whole vocabulary."""
     out = []
     for row, item in enumerate(batch):
-        target = item.attribute_token
-        logit = logits[row, target]
+        top = stats["top"][row].tolist()
         out.append(
             {
                 "prompt_id": item.fact.prompt_id,
@@ -50,13 +62,13 @@ def recall_rows(model: LoadedModel, batch: list[Encoded], logits: torch.Tensor) 
                 "subject": item.fact.subject,
                 "prompt": item.fact.prompt,
                 "attribute": item.fact.attribute,
-                "attribute_token": model.tokenizer.decode([target]),
+                "attribute_token": tokenizer.decode([item.attribute_token]),
                 "multi_token_attribute": item.multi_token,
-                "rank": int((logits[row] > logit).sum()) + 1,
-                "prob": float(probs[row, target]),
-                "logit": float(logit),
-                "correct": bool(top[row, 0] == target),
-                "top5": " | ".join(model.tokenizer.decode([t]) for t in top[row].tolist()),
+                "rank": int(stats["rank"][row]),
+                "prob": float(stats["prob"][row]),
+                "logit": float(stats["logit"][row]),
+                "correct": top[0] == item.attribute_token,
+                "top5": " | ".join(tokenizer.decode([t]) for t in top),
                 "n_tokens": len(item.token_ids),
             }
         )

@@ -17,9 +17,9 @@ from pathlib import Path
 
 from .errors import FactscopeError
 from .models import NAMED_MODELS
+from .taxonomy import GROUPS
 
 NNSIGHT_VERSION = "0.8.1"  # the one pinned by the `remote` extra; NDIF refuses clients it does not speak to
-SERVER_DTYPE_BYTES = 2  # NDIF serves its models in bf16; saved tensors come back in the model's dtype
 
 
 @dataclass(frozen=True)
@@ -50,21 +50,33 @@ class Plan:
 
     def describe(self) -> str:
         return (f"remote plan for {self.model}: {self.prompts} prompts in {self.requests} request"
-                f"{'s' * (self.requests != 1)}, {self.bytes_back / 1e6:.1f} MB back (bf16)")
+                f"{'s' * (self.requests != 1)}, {self.bytes_back / 1e6:.2f} MB back")
 
 
-def plan(model: str, shape: Shape, lengths: Sequence[int], batch_size: int, dtype_bytes: int = SERVER_DTYPE_BYTES) -> Plan:
-    """What `nnsight_engine.NnsightEngine.trace` saves, counted per batch (right-padded to its longest prompt):
-    per layer the values at every position, and at END the head inputs to o_proj, END's row of attention, the MLP
-    output and the residual; once the embedding, the final norm's input and the logits."""
+GROUP_COUNT = len(GROUPS)  # the source groups a head's contribution is split over
+RECALL_BYTES = 8 + 4 + 4 + 5 * 8  # per prompt: rank (int64), probability, logit (fp32), the top 5 token ids (int64)
+LENS_BYTES = 8 + 4 + 4 + 8  # per kept prompt and layer: rank, log-probability, logit, top token
+
+
+def plan(model: str, shape: Shape, target_widths: Sequence[int], batch_size: int) -> Plan:
+    """What `nnsight_engine.NnsightEngine.project` sends back, counted per batch: `decompose.EndParts`, all computed
+    on the server. Per prompt and target (the batch's widest R_r, plus the vocabulary's average column), in fp32:
+    every head's contribution by source group and in total, each layer's attention bias and MLP, and four
+    whole-model terms; then the recall statistics, and the logit lens per layer. The lens is counted for every
+    prompt: with known facts only (the default) the unknown ones' lens is not sent, so this is an upper bound.
+    No value vector, residual or weight comes back: the bytes no longer grow with the prompt length or d_model."""
     total = 0
-    batches = [lengths[i : i + batch_size] for i in range(0, len(lengths), batch_size)]
+    batches = [target_widths[i : i + batch_size] for i in range(0, len(target_widths), batch_size)]
     for batch in batches:
-        b, width = len(batch), max(batch)
-        per_layer = b * (width * shape.n_kv_heads * shape.d_head + shape.n_heads * shape.d_head
-                         + shape.n_heads * width + 2 * shape.d_model)
-        total += shape.n_layers * per_layer + b * (2 * shape.d_model + shape.vocab)
-    return Plan(model, len(lengths), len(batches), total * dtype_bytes)
+        b, columns = len(batch), max(batch) + 1
+        per_prompt = 4 * columns * (shape.n_layers * (shape.n_heads * (GROUP_COUNT + 1) + 2) + 4)
+        total += b * (per_prompt + RECALL_BYTES + 1 + shape.n_layers * LENS_BYTES)  # + 1: the kept flag
+    return Plan(model, len(target_widths), len(batches), total)
+
+
+def recall_plan(model: str, prompts: int, batch_size: int) -> Plan:
+    """`NnsightEngine.recall`: the recall statistics only."""
+    return Plan(model, prompts, -(-prompts // batch_size), prompts * RECALL_BYTES)
 
 
 def check_client() -> None:

@@ -53,22 +53,35 @@ def recall(
     bos: bool | None = None,
     dtype: str = "float32",
     threads: int | None = None,
+    remote: bool = False,
     reporter: Reporter = QUIET,
 ) -> rundir.Run:
-    """Which facts does the model know? Writes OUT/recall.csv and OUT/summary.json."""
+    """Which facts does the model know? Writes OUT/recall.csv and OUT/summary.json. `remote`: the passes run on
+    NDIF (`model` is a Hub id) and only each prompt's rank, probability, logit and top tokens come back."""
     from .recall import accuracy_table, recall as recall_table
 
     out = Path(out)
+    engine, sending = None, nullcontext()
+    if remote:  # every check that can refuse the run comes before the run directory is touched
+        from . import remote as ndif
+
+        ndif.preflight(model, send=True)
+        reporter.warn(remote_plan(model, dataset, batch_size=batch_size, bos=bos, command="recall").describe())
+        sending = ndif.one_line_errors()
     with rundir.locked(out):
         _refuse_existing(out, overwrite)
-        loaded, encoded, dataset_path = _prepare(model, dataset, device, bos, reporter, dtype=dtype, threads=threads)
-        with reporter.progress("recall", len(encoded)) as advance:
-            table = recall_table(loaded, encoded, batch_size=batch_size, progress=advance)
+        if remote:
+            loaded, encoded, dataset_path = _prepare_remote(model, dataset, bos, reporter)
+            engine = ndif.remote_engine(model, loaded.tokenizer)
+        else:
+            loaded, encoded, dataset_path = _prepare(model, dataset, device, bos, reporter, dtype=dtype, threads=threads)
+        with reporter.progress("recall", len(encoded)) as advance, sending:
+            table = recall_table(loaded, encoded, batch_size=batch_size, progress=advance, engine=engine)
         table.insert(0, "model", loaded.name)
         table["prepend_bos"] = loaded.prepend_bos
         accuracy = accuracy_table(table)
         config = {"command": "recall", "batch_size": batch_size, "prepend_bos": loaded.prepend_bos,
-                  "device": _used_device(loaded, device), "dtype": dtype}
+                  "device": _used_device(loaded, device), "dtype": loaded.dtype, "remote": remote}
         manifest = rundir.manifest(loaded.name, loaded.weights_sha256, dataset_path, config)
         with rundir.output_dir(out, overwrite, manifest=manifest) as run:
             rundir.write_table(table, run.staging, "recall")
@@ -82,6 +95,7 @@ def recall(
                     "n_prompts": len(table),
                     "accuracy": float(accuracy.iloc[-1]["accuracy"]),
                     "accuracy_per_relation": dict(zip(accuracy["relation"], accuracy["accuracy"].astype(float))),
+                    **({"remote": {"requests": engine.requests, "bytes_back": engine.bytes_back}} if remote else {}),
                 },
             )
         return rundir.load_run(out)
@@ -110,8 +124,8 @@ def analyze(
     """Exact DLA by component and source group, the logit lens, head classes and mechanism shares (and, with
     `swap`, the subject swap). `k` and `z` are the head-class rule's dominance ratio and significance.
 
-    `remote`: the forward passes run on NDIF through nnsight (`model` is a Hub id; see `remote_plan`, printed
-    before anything is sent); the maths still read the output projections and unembedding from a local copy."""
+    `remote`: the passes run on NDIF through nnsight (`model` is a Hub id; see `remote_plan`, printed before
+    anything is sent), and so do the maths that read weights: only the tokenizer and config are read here."""
     import pandas as pd
 
     from .data import relation_targets, targets_table
@@ -132,12 +146,14 @@ def analyze(
     with rundir.locked(out):
         _refuse_existing(out, overwrite, resume)
         rule = ClassRule(k=k, z=z)  # invalid k or z is refused before the model loads
-        loaded, encoded, dataset_path = _prepare(model, dataset, device, bos, reporter, dtype=dtype, threads=threads)
         if remote:
+            loaded, encoded, dataset_path = _prepare_remote(model, dataset, bos, reporter)
             engine = ndif.remote_engine(model, loaded.tokenizer)
+        else:
+            loaded, encoded, dataset_path = _prepare(model, dataset, device, bos, reporter, dtype=dtype, threads=threads)
         config = {"command": "analyze", "batch_size": batch_size, "known_only": not all_prompts, "k": k, "z": z,
                   "swap": swap, "prepend_bos": loaded.prepend_bos, "device": _used_device(loaded, device),
-                  "dtype": dtype, "remote": remote}
+                  "dtype": loaded.dtype, "remote": remote}
         manifest = rundir.manifest(loaded.name, loaded.weights_sha256, dataset_path, config)
         with rundir.output_dir(out, overwrite, resume, manifest) as run:
             with reporter.progress("analyze", len(encoded)) as advance:
@@ -270,11 +286,12 @@ def import_facts(source: str | Path, format: str, out: str | Path = "facts.jsonl
 # Shared steps
 
 
-def remote_plan(model: str, dataset: str | Path | None = None, *, batch_size: int = 16, bos: bool | None = None):
-    """What `analyze --remote` would send and get back (`remote.Plan`), from the model's config and tokenizer
-    only: no weights are loaded and nothing is sent."""
+def remote_plan(model: str, dataset: str | Path | None = None, *, batch_size: int = 16, bos: bool | None = None,
+                command: str = "analyze"):
+    """What `analyze --remote` (or `recall --remote`) would send and get back (`remote.Plan`), from the model's
+    config and tokenizer only: no weights are loaded and nothing is sent."""
     from . import remote as ndif
-    from .data import encode_all, load_facts, shipped_dataset
+    from .data import encode_all, load_facts, relation_targets, shipped_dataset
     from .models import tokenizer_prepends_bos
 
     ndif.check_model_id(model)
@@ -282,7 +299,25 @@ def remote_plan(model: str, dataset: str | Path | None = None, *, batch_size: in
     facts = load_facts(Path(dataset) if dataset is not None else shipped_dataset())
     prepend = tokenizer_prepends_bos(tokenizer) if bos is None else bos
     encoded = encode_all(facts, tokenizer, prepend)
-    return ndif.plan(model, ndif.Shape.from_config(config), [len(item.token_ids) for item in encoded], batch_size)
+    if command == "recall":
+        return ndif.recall_plan(model, len(encoded), batch_size)
+    targets = relation_targets(encoded)
+    widths = [1 + sum(t != item.attribute_token for t in targets[item.fact.relation]) for item in encoded]
+    return ndif.plan(model, ndif.Shape.from_config(config), widths, batch_size)
+
+
+def _prepare_remote(model_name: str, dataset: str | Path | None, bos: bool | None, reporter: Reporter):
+    """`_prepare` for a remote run: the dataset, then the Hub config and tokenizer, never the weights
+    (`nnsight_engine.ConfigOnlyModel` stands in for the loaded model)."""
+    from .data import encode_all, load_facts, shipped_dataset
+    from .nnsight_engine import config_only_model
+
+    dataset_path = Path(dataset) if dataset is not None else shipped_dataset()
+    facts = load_facts(dataset_path)
+    with reporter.status(f"reading {model_name}'s config and tokenizer"):
+        config, tokenizer = _hub_config_and_tokenizer(model_name)
+    model = config_only_model(model_name, config, tokenizer, bos)
+    return model, encode_all(facts, tokenizer, model.prepend_bos, max_tokens=model.max_tokens), dataset_path
 
 
 def _hub_config_and_tokenizer(model: str):

@@ -1,0 +1,208 @@
+"""The decomposition's weight-dependent maths at END, as plain torch functions that run wherever the weights are.
+
+The local engine calls them in this process; a remote run (`nnsight_engine.NnsightEngine.project`) calls them
+*inside* the nnsight trace, on the machine that holds the model, and only their small results come back: per head
+and source group the logit contribution to each target, not the weights or the residual stream. Both paths run the
+same functions in the same order, so on the same hardware they give the same bits.
+
+Constraints that come from running on a server which has torch and nnsight but not factscope:
+- this module imports torch only (jaxtyping under TYPE_CHECKING: with postponed annotations they stay strings), and
+  calls nothing of factscope's, because nnsight ships these functions by source (the engine registers the module
+  with cloudpickle to be pickled by value) and the server resolves their globals itself;
+- every index or mask made on the client is moved to the activation's device before use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from jaxtyping import Float, Int
+
+RECALL_TOP_K = 5
+LENS_CHUNK = 1024  # vocabulary entries per step: 1024 × (batch · layers) logits stay in cache while they are reduced
+
+
+def to_logit(
+    vectors: Float[torch.Tensor, "batch *parts d_model"],
+    scale: Float[torch.Tensor, "batch 1"],
+    unembed: Float[torch.Tensor, "batch d_model target"],
+) -> Float[torch.Tensor, "batch *parts target"]:
+    """Residual-stream vectors at END → their logit contribution to each target, the final norm's scale frozen."""
+    extra = vectors.dim() - 2
+    return torch.einsum("b...d,bdt->b...t", vectors / scale.reshape(-1, *([1] * (extra + 1))), unembed)
+
+
+def unembed_columns(
+    w_u: Float[torch.Tensor, "d_model vocab"],
+    w_u_mean: Float[torch.Tensor, " d_model"],
+    targets: Int[torch.Tensor, "batch target"],
+    gain: Float[torch.Tensor, " d_model"],
+) -> tuple[Float[torch.Tensor, "d_model batch target_and_mean"], Float[torch.Tensor, "batch d_model target_and_mean"]]:
+    """The targets' unembedding columns and, last, the vocabulary's average column (fp32), and the same with the final
+    norm's gain folded into these few columns only (`unembed`, laid out for `to_logit`)."""
+    columns = torch.cat([w_u[:, targets].float(), w_u_mean[:, None, None].expand(-1, targets.shape[0], 1)], dim=2)
+    return columns, (columns * gain[:, None, None]).permute(1, 0, 2)
+
+
+def rms_gain(weight: Float[torch.Tensor, " d_model"], eps: float) -> Float[torch.Tensor, " d_model"]:
+    """An RMSNorm's gain in fp32, read the way `models._norm_affine` reads it (a constant probe through the norm's
+    own arithmetic, Llama/Mistral/Qwen2's RMSNorm: fp32 inside, cast back before the weight)."""
+    probe = torch.full((1, 1, weight.shape[0]), 1e3, dtype=weight.dtype, device=weight.device)
+    hidden = probe.to(torch.float32)
+    hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight * hidden.to(probe.dtype)).reshape(-1).float()
+
+
+def rms_scale(resid: Float[torch.Tensor, "batch d_model"], eps: float) -> Float[torch.Tensor, "batch 1"]:
+    """The final norm's scale at END, in the order TransformerLens's normalisation bridge computes hook_scale."""
+    return (resid.float().pow(2).mean(-1, keepdim=True) + eps).sqrt()
+
+
+def head_group_z_at_end(
+    pattern: Float[torch.Tensor, "batch head key"],
+    values: Float[torch.Tensor, "batch key kv_head d_head"],
+    onehot: Float[torch.Tensor, "batch key group"],
+    groups_first: bool = False,
+) -> Float[torch.Tensor, "batch head group d_head"]:
+    """Each head's z at END split by source group, `Σ_{k∈group} pattern[h, END, k] · v_k`, from END's row of the
+    pattern only. torch contracts an einsum's operands left to right, so the two operand orders round differently;
+    the causal edits multiply by the groups first (`groups_first`), the decomposition by the values first."""
+    values = values.repeat_interleave(pattern.shape[1] // values.shape[2], dim=2)  # GQA: query head h reads kv head h // group
+    if groups_first:
+        return torch.einsum("bhk,bkg,bkhd->bhgd", pattern, onehot, values)
+    return torch.einsum("bhk,bkhd,bkg->bhgd", pattern, values, onehot)
+
+
+def recall_stats(
+    logits: Float[torch.Tensor, "batch vocab"], answers: Int[torch.Tensor, " batch"]
+) -> dict[str, torch.Tensor]:
+    """The attribute's rank, probability and logit at END, and the top tokens: all `recall.recall_rows` reads of the
+    END logits (a few numbers per prompt instead of a vocabulary-sized row)."""
+    answers = answers.to(logits.device)
+    logit = logits.gather(1, answers[:, None])
+    return {
+        "rank": (logits > logit).sum(-1) + 1,
+        "prob": logits.softmax(dim=-1).gather(1, answers[:, None])[:, 0],
+        "logit": logit[:, 0],
+        "top": logits.topk(RECALL_TOP_K, dim=-1).indices,
+    }
+
+
+def lens_stats(
+    resid: Float[torch.Tensor, "row d_model"],
+    answer: Int[torch.Tensor, " row"],
+    w_u: Float[torch.Tensor, "d_model vocab"],
+    b_u: Float[torch.Tensor, " vocab"],
+) -> tuple[Int[torch.Tensor, " row"], Float[torch.Tensor, " row"], Float[torch.Tensor, " row"], Int[torch.Tensor, " row"]]:
+    """The answer's rank, log-probability and logit, and the top token, in one sweep over the vocabulary.
+
+    The full [row, vocab] logits never exist: each chunk is unembedded, then counted against the answer, max-reduced
+    and added to a running logsumexp while it is still in cache. Materialising them and making one pass per
+    statistic cost more than the matrix product itself (it is the costliest step of the analysis).
+    """
+    logit = (resid * w_u[:, answer].T.float()).sum(-1) + b_u[answer].float()
+    above = torch.zeros_like(answer)
+    top_logit = torch.full_like(logit, -torch.inf)
+    top = torch.zeros_like(answer)
+    sum_exp = torch.zeros_like(logit)  # Σ exp(logit − top_logit) so far
+    for start in range(0, w_u.shape[1], LENS_CHUNK):
+        # upcast a chunk at a time: an fp32 copy of the whole unembedding would be the analysis's largest tensor
+        chunk = torch.addmm(b_u[start : start + LENS_CHUNK].float(), resid, w_u[:, start : start + LENS_CHUNK].float())
+        higher = chunk > logit[:, None]
+        # the answer's own entry comes from another summation order than `logit`: it must not count as above itself
+        own = (answer - start).clamp(0, chunk.shape[1] - 1)
+        is_own = (answer >= start) & (answer < start + chunk.shape[1]) & higher.gather(1, own[:, None]).squeeze(1)
+        above += higher.sum(-1) - is_own.long()
+        chunk_max, chunk_top = chunk.max(-1)
+        top = torch.where(chunk_max > top_logit, chunk_top + start, top)  # strict: the first maximum wins, as in argmax
+        new_top = torch.maximum(top_logit, chunk_max)
+        sum_exp = sum_exp * (top_logit - new_top).exp() + chunk.sub_(new_top[:, None]).exp_().sum(-1)
+        top_logit = new_top
+    return above + 1, logit - top_logit - sum_exp.log(), logit, top
+
+
+def project_end(
+    acts: dict,
+    weights: dict,
+    groups: Float[torch.Tensor, "batch pos group"],
+    targets: Int[torch.Tensor, "batch target"],
+    answers: Int[torch.Tensor, " batch"],
+    known_only: bool,
+) -> dict[str, torch.Tensor]:
+    """Everything the decomposition needs from one batch's pass, reduced to the targets' columns, for architectures
+    with RMS pre-norms only and no positional embedding (the Llama family, Mistral, Qwen2).
+
+    `acts` (model dtype, at END unless said): "logits" [batch, vocab], "embed", "final_in" (the final norm's input),
+    and per layer the lists "z_by_group" (fp32 [batch, head, group, d_head], the value bias already removed),
+    "z" ([batch, head · d_head], o_proj's input), "mlp_out", "resid_post". `weights` are the model's own tensors:
+    "w_u" [d_model, vocab] (lm_head.weight.T), "b_u" or None, "norm_weight", "eps", and per layer "w_o"
+    (o_proj.weight), "b_o" and "b_v" (or None). The result is what `decompose.EndParts` holds.
+    """
+    # the weights are parameters and the pass may run with autograd on: nothing here is differentiated
+    with torch.no_grad():
+        return _project_end(acts, weights, groups, targets, answers, known_only)
+
+
+def _project_end(acts: dict, weights: dict, groups: Float[torch.Tensor, "batch pos group"],
+                 targets: Int[torch.Tensor, "batch target"], answers: Int[torch.Tensor, " batch"],
+                 known_only: bool) -> dict[str, torch.Tensor]:
+    w_u, eps = weights["w_u"], weights["eps"]
+    device = w_u.device
+    targets, answers = targets.to(device), answers.to(device)
+    batch, n_layers = targets.shape[0], len(acts["z"])
+    logits = acts["logits"].to(device).float()
+    b_u = weights["b_u"]
+    if b_u is None:
+        b_u = torch.zeros(w_u.shape[1], device=device, dtype=w_u.dtype)
+    gain = rms_gain(weights["norm_weight"], eps).to(device)
+    norm_bias = torch.zeros(w_u.shape[0], device=device)  # RMSNorm has none; kept so the sum matches the local one
+    columns, unembed = unembed_columns(w_u, w_u.mean(1, dtype=torch.float32), targets, gain)
+    scale = rms_scale(acts["final_in"].to(device), eps)
+
+    heads, head_check, biases, mlps = [], [], [], []
+    for layer in range(n_layers):
+        w_o_2d = weights["w_o"][layer]  # [d_model, head · d_head]
+        z_by_group = acts["z_by_group"][layer].to(device)
+        n_heads, d_head = z_by_group.shape[1], z_by_group.shape[3]
+        w_o = w_o_2d.T.reshape(n_heads, d_head, -1).float().to(device)  # TransformerLens's W_O, the same view
+        b_v, b_o = weights["b_v"][layer], weights["b_o"][layer]
+        b_v_head = None if b_v is None else b_v.float().view(-1, d_head).repeat_interleave(
+            n_heads * d_head // b_v.shape[0], dim=0).to(device)
+        heads.append(to_logit(torch.einsum("bhgd,hdm->bhgm", z_by_group, w_o), scale, unembed))
+        z_whole = acts["z"][layer].to(device).float().view(batch, -1, d_head)
+        if b_v_head is not None:
+            z_whole = z_whole - b_v_head
+        head_check.append(to_logit(torch.einsum("bhd,hdm->bhm", z_whole, w_o), scale, unembed))
+        if b_o is None and b_v_head is None:
+            biases.append(torch.zeros(batch, unembed.shape[-1], device=device))
+        else:
+            total = torch.zeros(w_o.shape[-1], device=device) if b_o is None else b_o.float().to(device)
+            if b_v_head is not None:
+                total = total + torch.einsum("hd,hdm->m", b_v_head, w_o)
+            biases.append(to_logit(total.expand(batch, -1), scale, unembed))
+        mlps.append(to_logit(acts["mlp_out"][layer].to(device).float(), scale, unembed))
+
+    b_u_cols = torch.cat([b_u[targets].float(), b_u.mean(dtype=torch.float32).expand(batch, 1)], dim=1)
+    unembed_bias = b_u_cols + torch.einsum("d,dbt->bt", norm_bias, columns)
+    resid = [acts["resid_post"][layer].to(device).float() for layer in range(n_layers)]
+    recall = recall_stats(logits, answers)
+    keep = recall["top"][:, 0] == answers if known_only else torch.ones(batch, dtype=torch.bool, device=device)
+    lens_resid = torch.stack([r[keep] for r in resid], dim=1)  # [kept, layer, d_model]
+    lens_resid = lens_resid / (lens_resid.pow(2).mean(-1, keepdim=True) + eps).sqrt() * gain + norm_bias
+    lens = lens_stats(lens_resid.reshape(-1, lens_resid.shape[-1]), answers[keep].repeat_interleave(n_layers), w_u, b_u)
+    return {
+        "embed": to_logit(acts["embed"].to(device).float(), scale, unembed),
+        "heads": torch.stack(heads, dim=1),  # [batch, layer, head, group, target]
+        "head_check": torch.stack(head_check, dim=1),
+        "biases": torch.stack(biases, dim=1),
+        "mlps": torch.stack(mlps, dim=1),
+        "unembed_bias": unembed_bias,
+        "reference": to_logit(resid[-1], scale, unembed) + unembed_bias,
+        "model_logits": torch.cat([logits.gather(1, targets), logits.mean(1, keepdim=True)], dim=1),
+        **{f"recall_{name}": value for name, value in recall.items()},
+        "keep": keep,
+        **{f"lens_{name}": value for name, value in zip(("rank", "log_prob", "logit", "top"), lens)},
+    }
