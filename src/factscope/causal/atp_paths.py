@@ -141,10 +141,12 @@ def atp_path_effects(
         batch = make_batch(model, encoded[start : start + chunk])
         probe, g_direct, has_others = _clean_gradients(model, batch, everything, targets)
         valid.append(has_others)
-        heads = torch.stack([probe.heads[layer][:, :, group_index] for layer in range(n_layers)], 1)  # [b, l, h, k, m]
-        mlps = torch.stack([probe.vectors[key] for key in mlp_keys], 1)  # [b, l, m]
+        # on the CPU from here: per-prompt dot products and END gradients are small, whatever the model's device
+        heads = torch.stack([probe.heads[layer][:, :, group_index] for layer in range(n_layers)], 1).float().cpu()  # [b, l, h, k, m]
+        mlps = torch.stack([probe.vectors[key] for key in mlp_keys], 1).float().cpu()  # [b, l, m]
         for effect, g_heads, g_mlps in (
-            ("total", torch.stack([probe.leaves[key].grad for key in attn_keys], 1), torch.stack([probe.leaves[key].grad for key in mlp_keys], 1)),
+            ("total", torch.stack([probe.leaves[key].grad for key in attn_keys], 1).float().cpu(),
+             torch.stack([probe.leaves[key].grad for key in mlp_keys], 1).float().cpu()),
             ("direct", g_direct[:, None].expand(-1, n_layers, -1), g_direct[:, None].expand(-1, n_layers, -1)),
         ):
             dots[effect].append(_stack_kinds(torch.einsum("blhkm,blm->blhk", heads, g_heads), torch.einsum("blm,blm->bl", mlps, g_mlps)))

@@ -198,7 +198,8 @@ def fig_atp_trace(run: Run) -> go.Figure:
     methods.append(("attribution patching (AtP)", estimate))
     methods = [(label, t[t["level"] == "position"] if "level" in t else t) for label, t in methods]
     kinds = [k for k in ("resid", "attn", "mlp") if k in set(methods[-1][1]["kind"])]
-    tokens = [t for t in TRACE_ORDER if t in set(estimate["token"])] + sorted(set(estimate["token"]) - set(TRACE_ORDER))
+    present = set(methods[-1][1]["token"])  # position kinds only: the token-group rows are another level
+    tokens = [t for t in TRACE_ORDER if t in present] + sorted(present - set(TRACE_ORDER))
     fig = make_subplots(rows=len(kinds), cols=len(methods), shared_yaxes=True, horizontal_spacing=0.04, vertical_spacing=0.08,
                         subplot_titles=[f"{TRACE_KIND_LABELS[k]} · {label}" for k in kinds for label, _ in methods])
     values = pd.concat([t["indirect_effect"] for _, t in methods])
@@ -236,7 +237,10 @@ def fig_atp_paths(run: Run) -> go.Figure:
         grid = table.pivot_table(index="layer", columns="column", values="drop").reindex(index=layers, columns=columns)
         fig.add_heatmap(z=grid.to_numpy(), x=columns, y=layers, coloraxis="coloraxis", row=1, col=col,
                         hovertemplate="layer %{y} · %{x}<br>drop of a − mean(R∖a) %{z:+.3f}<extra>" + label + "</extra>")
-        fig.update_xaxes(showticklabels=False, title_text="source group × head (MLP last)", row=1, col=col)
+        # one tick per source group, at its first head; the heads follow in order
+        starts = [c for c in columns if c == "MLP" or c.endswith(" H0")]
+        fig.update_xaxes(tickvals=starts, ticktext=[c.removesuffix(" H0") for c in starts], tickangle=-45,
+                         title_text="source group × head", row=1, col=col)
     fig.update_yaxes(title_text="layer", autorange="reversed", showgrid=False, row=1, col=1)
     fig.update_layout(coloraxis=dict(colorscale="RdBu_r", cmid=0, cmin=-top, cmax=top,
                                      colorbar=dict(title=dict(text="drop (logits)", side="top"))))
