@@ -131,3 +131,20 @@ def test_cached_exact_ablation_is_the_full_pass(model_dirs, family, mode):
     slow = atp_paths.exact_path_effects(model, encoded, present, mode, kv_cache=False)
     assert torch.allclose(fast.effects, slow.effects, atol=1e-5, equal_nan=True)
     assert slow.effects.nan_to_num().abs().max() > 1e-3
+
+
+def test_a_pass_started_mid_model_keeps_each_layers_attention_type(tmp_path, monkeypatch):
+    """Gemma-3 picks each layer's rotary embedding (local or global) and mask by its index in the layer list: a
+    pass started at block l must give block l its own type, not layer 0's. With layer types that differ between
+    neighbours, the cached END-only ablation (which starts at the path's layer) still equals the full pass."""
+    import tiny_models
+    from causal_helpers import _tiny
+
+    spec = dict(tiny_models.FAMILIES["gemma3"], layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    monkeypatch.setitem(tiny_models.FAMILIES, "gemma3", spec)
+    model, encoded = _tiny(str(tiny_models.build_model_dir("gemma3", tmp_path / "gemma3-mixed")))
+    assert list(model.bridge.original_model.config.layer_types) == spec["layer_types"]
+    present = atp_paths.present_paths(model, make_batch(model, encoded))
+    fast = atp_paths.exact_path_effects(model, encoded, present, "mean")
+    slow = atp_paths.exact_path_effects(model, encoded, present, "mean", kv_cache=False)
+    assert torch.allclose(fast.effects, slow.effects, atol=1e-5, equal_nan=True)
