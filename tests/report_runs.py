@@ -59,8 +59,8 @@ def build_full_run(root: Path, model_dir: Path) -> Path:
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
 
     # the causal tables as users make them: through the CLI, on samples that cover every relation
-    factscope("ablate", out, "--limit", "24", "--noise-scales", "0,1,4", "--seeds", "0,1", "--threads", "1")
-    # both methods: the run then holds every table the report knows, AtP's included
+    # both methods, for `ablate` and `trace`: the run then holds every table the report knows, AtP's included
+    factscope("ablate", out, "--limit", "24", "--noise-scales", "0,1,4", "--seeds", "0,1", "--threads", "1", "--method", "both")
     factscope("trace", out, "--limit", "8", "--seeds", "0", "--threads", "1", "--method", "both")
     _BUILT["full"] = out
     return out

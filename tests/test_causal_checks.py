@@ -41,9 +41,12 @@ def test_ablate_and_trace_checks(model_dirs):
     model, encoded = tiny(model_dirs, "llama")
     bars, progress = counting()
     tables, summary = ablate_checks(model, encoded, HEADS, window=2, noise_scales=[0.0, 1.0], seeds=[0], progress=progress)
-    assert list(tables) == [table for check in CHECKS if check.command == "ablate" for table in check.tables]
-    assert set(summary) == {"ablate"} | {check.name for check in CHECKS if check.command == "ablate"}
-    assert summary["ablate"] == {"mode": "mean", "window": 2, "noise_scales": [0.0, 1.0], "seeds": [0], "n_prompts": len(encoded)}
+    # the default method writes no path AtP: every other check's tables, and no summary entry for it
+    assert list(tables) == [table for check in CHECKS if check.command == "ablate" and check.name != "path_ablations"
+                            for table in check.tables]
+    assert set(summary) == {"ablate"} | {check.name for check in CHECKS if check.command == "ablate"} - {"path_ablations"}
+    assert summary["ablate"] == {"mode": "mean", "window": 2, "noise_scales": [0.0, 1.0], "seeds": [0], "method": "exact",
+                                 "n_prompts": len(encoded)}
     windows = {key for key in summary["knockout"] if key.endswith("_worst_window")}
     assert windows == {f"{blocked}_worst_window" for blocked in blocked_groups(model.prepend_bos)}
     head_sets = set(summary["knockout"]) - windows - {"bootstrap"}
@@ -54,7 +57,7 @@ def test_ablate_and_trace_checks(model_dirs):
     assert list(traced) == ["causal_trace", "trace_peaks"]
     assert set(trace_summary) == {"trace", "enrichment"} and trace_summary["trace"]["seeds"] == [0]
     assert "mlp_trace_peak_layer" in trace_summary["enrichment"]
-    assert set(bars) == {check.name for check in CHECKS}
+    assert set(bars) == {check.name for check in CHECKS} - {"path_ablations"}  # no bar for a check with nothing to run
     assert all(total == done for total, done in bars.values()), bars
     _, again = ablate_checks(model, encoded, HEADS, window=2, noise_scales=[0.0], seeds=[0], trace=traced["causal_trace"])
     assert again["enrichment"] == trace_summary["enrichment"]

@@ -49,7 +49,14 @@ def flat(entry: dict, prefix: str = "") -> dict:
 
 def test_ablate_writes_every_table_and_its_summary(run_dir):
     summary = json.loads((run_dir / "summary.json").read_text())["causal"]
-    assert summary["ablate"] == {"mode": "mean", "window": 9, "noise_scales": [0.0, 1.0, 4.0], "seeds": [0, 1], "n_prompts": 24}
+    assert summary["ablate"] == {"mode": "mean", "window": 9, "noise_scales": [0.0, 1.0, 4.0], "seeds": [0, 1], "method": "both",
+                                 "n_prompts": 24}
+    # --method both: every path by AtP and exactly, compared on every (path, prompt)
+    agreement = read_csv(run_dir / "atp_path_agreement.csv").set_index("kind")
+    assert summary["path_ablations"]["method"] == "both" and not agreement["sampled"].any()
+    assert summary["path_ablations"]["atp_agreement"]["n_cells"] == agreement.loc["all", "n_cells"]
+    paths = read_csv(run_dir / "path_ablations.csv")
+    assert (paths["method"] == "exact").sum() == summary["path_ablations"]["n_paths"] == ((paths["method"] == "atp") & (paths["effect"] == "direct")).sum()
     knockout = read_csv(run_dir / "knockout.csv")
     windows = knockout[knockout["condition"] == "window"]
     # 3 layers × what END may not see (no BOS: the first token is the sink)

@@ -9,8 +9,8 @@ import pytest
 from report_runs import full_dir, full_run, written  # noqa: F401 — fixtures
 
 from factscope.report import SECTIONS
-from factscope.report.figures_causal import (fig_ablations, fig_causal_trace, fig_enrichment, fig_extraction_rate,
-                                             fig_knockout, fig_noise_robustness)
+from factscope.report.figures_causal import (fig_ablations, fig_atp_paths, fig_atp_trace, fig_causal_trace, fig_enrichment,
+                                             fig_extraction_rate, fig_knockout, fig_noise_robustness)
 from factscope.report.figures_dla import (drilldown_prompts, drilldown_table, fig_drilldown, fig_headline,
                                           fig_logit_lens, fig_mechanism_shares, fig_mlp_boosting, fig_recall)
 from factscope.report.figures_heads import (fig_heatmap, fig_k_sweep, fig_signature, fig_specificity, fig_subject_swap,
@@ -22,7 +22,7 @@ PNGS = {"additivity", "signature", "dla_heatmap", "mechanism_shares", "logit_len
 FIGURES = [
     fig_headline, fig_recall, fig_signature, fig_heatmap, fig_mechanism_shares, fig_logit_lens, fig_specificity,
     fig_mlp_boosting, fig_k_sweep, fig_drilldown, fig_subject_swap, fig_knockout, fig_ablations, fig_causal_trace,
-    fig_extraction_rate, fig_enrichment, fig_noise_robustness,
+    fig_extraction_rate, fig_enrichment, fig_noise_robustness, fig_atp_trace, fig_atp_paths,
 ]
 
 
@@ -112,3 +112,19 @@ def test_pngs_are_valid(written):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         image = matplotlib.image.imread(path)
         assert image.shape[0] > 300 and image.shape[1] > 300 and image.std() > 0.01, path.name
+
+
+def test_atp_figures_put_exact_and_atp_side_by_side_with_their_error(full_run):
+    """Two heatmaps per kind on one colour scale, the exact one first; the caption is the agreement row over all
+    cells; the path map's cells are the table's drops."""
+    for fig, agreement in ((fig_atp_trace(full_run), full_run.atp_agreement), (fig_atp_paths(full_run), full_run.atp_path_agreement)):
+        heatmaps = [trace for trace in fig.data if trace.type == "heatmap"]
+        assert len(heatmaps) % 2 == 0 and {trace.coloraxis for trace in heatmaps} == {"coloraxis"}
+        assert "exact" in heatmaps[0].hovertemplate and "AtP" in heatmaps[1].hovertemplate
+        row = agreement[agreement["kind"] == "all"].iloc[0]
+        subtitle = fig.layout.title.subtitle.text.replace("<br>", " ")  # wrapped at spaces
+        assert f"Pearson {row['pearson']:.2f}" in subtitle and f"{int(row['false_negatives'])} of {int(row['n_exact_above'])}" in subtitle
+    paths = full_run.path_ablations
+    atp = paths[(paths["method"] == "atp") & (paths["effect"] == "total") & (paths["component"] == "mlp")].set_index("layer")
+    right = fig_atp_paths(full_run).data[1]
+    assert np.allclose(np.asarray(right.z, dtype=float)[:, -1], -atp["delta_logit_diff"].sort_index().to_numpy())

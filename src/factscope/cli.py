@@ -161,6 +161,7 @@ def ablate(
     window: Annotated[int, typer.Option("--window", min=1, help="Layers per attention-knockout window.")] = 9,
     noise_scales: Annotated[Optional[str], typer.Option("--noise-scales", help="Comma-separated noise scales (× the norm of END's clean final residual, spread over a mechanism's paths; default: the noise check's own, 0,0.25,0.5,1,2,4).")] = None,
     seeds: SeedsOpt = None,
+    method: Annotated[str, typer.Option("--method", help="exact (the mechanism grid only), atp (also every single path by attribution patching, checked on a sample ablated exactly) or both (every path ablated exactly too).")] = "exact",
     limit: LimitOpt = None,
     device: DeviceOpt = "cpu",
     threads: ThreadsOpt = None,
@@ -168,11 +169,13 @@ def ablate(
 ) -> None:
     """Causal checks of a finished run on its model's known facts: attention knockout, mechanism ablations (alone,
     in pairs, together), noise robustness, attribute extraction rate, subject enrichment. Adds their tables and
-    summary.json["causal"] to RUN_DIR and re-renders the report."""
+    summary.json["causal"] to RUN_DIR and re-renders the report. --method atp|both adds path_ablations.csv and
+    atp_path_agreement.csv (every head path and MLP at END removed alone)."""
     run = stages.ablate(run_dir, mode=mode.value, window=window, noise_scales=_numbers(noise_scales, float, "--noise-scales"),
-                        seeds=_numbers(seeds, int, "--seeds"), limit=limit, device=device, threads=threads,
+                        seeds=_numbers(seeds, int, "--seeds"), method=method, limit=limit, device=device, threads=threads,
                         overwrite=overwrite, reporter=REPORTER)
-    _print_causal(run.summary["causal"], ("ablate", "knockout", "ablations", "noise_robustness", "extraction_rate", "enrichment"))
+    _print_causal(run.summary["causal"], ("ablate", "knockout", "ablations", "noise_robustness", "extraction_rate", "enrichment",
+                                          "path_ablations"))
     _print_report(run)
 
 
@@ -264,14 +267,22 @@ def _print_causal(causal: dict, keys: tuple[str, ...]) -> None:
             effect = _ci([peak.get("peak_effect_low"), peak.get("peak_effect_high")], "+.3f")
             table.add_row(f"trace peak {peak['kind']} @ {peak['token']}",
                           f"layer {peak['layer']}{layers}: Δp {peak['indirect_effect']:+.3f}{effect}")
-    agreement = summary.get("trace", {}).get("atp_agreement")
-    if agreement:  # no AtP number is printed without its error against exact patching
-        scope = f"{agreement['n_cells']} sampled cells" if agreement["sampled"] else f"all {agreement['n_cells']} cells"
-        pearson, spearman = (f"{agreement[key]:.2f}" if agreement[key] is not None else "n/a" for key in ("pearson", "spearman"))
-        table.add_row("AtP vs exact patching", f"{scope}: Pearson {pearson}, Spearman {spearman}, top-{agreement['top_k']} overlap "
-                      f"{agreement['top_k_overlap']:.0%}, {agreement['false_negatives']}/{agreement['n_exact_above']} effects ≥ "
-                      f"{agreement['threshold']} missed (atp_agreement.csv)")
+    paths = summary.get("path_ablations", {})
+    if paths.get("atp_top_paths"):
+        table.add_row("AtP: paths whose removal costs most", ", ".join(paths["atp_top_paths"]) + " (logits of a − mean(R∖a))")
+    # no AtP number is printed without its error against exact patching
+    for label, agreement, file in (("AtP vs exact patching", summary.get("trace", {}).get("atp_agreement"), "atp_agreement.csv"),
+                                   ("AtP vs exact path ablation (total)", paths.get("atp_agreement"), "atp_path_agreement.csv")):
+        if agreement:
+            table.add_row(label, _agreement_text(agreement, file))
     Console().print(table)
+
+
+def _agreement_text(agreement: dict, file: str) -> str:
+    scope = f"{agreement['n_cells']} sampled cells" if agreement["sampled"] else f"all {agreement['n_cells']} cells"
+    pearson, spearman = (f"{agreement[key]:.2f}" if agreement[key] is not None else "n/a" for key in ("pearson", "spearman"))
+    return (f"{scope}: Pearson {pearson}, Spearman {spearman}, top-{agreement['top_k']} overlap {agreement['top_k_overlap']:.0%}, "
+            f"{agreement['false_negatives']}/{agreement['n_exact_above']} effects ≥ {agreement['threshold']} missed ({file})")
 
 
 @app.command("report")

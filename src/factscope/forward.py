@@ -178,10 +178,19 @@ def _without_blocks_below(bridge, start: int):
     parent = hf_model.get_submodule(parent_name) if parent_name else hf_model
     full = getattr(parent, attr)
     setattr(parent, attr, torch.nn.ModuleList(list(full)[start:]))
+    # Models with per-layer attention types (Gemma-3: five sliding-window layers, then a global one) pick each
+    # layer's mask and rotary embedding by its index in the list (`config.layer_types[i]`): without the shift,
+    # block `start` would get layer 0's type, and a pass started mid-model used local rotary on global layers.
+    config = getattr(parent, "config", None)
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        config.layer_types = list(types)[start:]
     try:
         yield
     finally:
         setattr(parent, attr, full)
+        if types is not None:
+            config.layer_types = types
 
 
 @contextmanager

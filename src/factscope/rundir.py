@@ -47,6 +47,8 @@ TABLES = {
     "trace_peaks": "trace_peaks.csv",
     "atp_trace": "atp_trace.parquet",  # causal_trace's rows estimated by attribution patching (trace --method atp|both)
     "atp_agreement": "atp_agreement.csv",  # AtP against exact patching, per kind (causal.atp)
+    "path_ablations": "path_ablations.csv",  # every single path removed: AtP and exact (ablate --method atp|both)
+    "atp_path_agreement": "atp_path_agreement.csv",  # AtP against exact path ablation, per kind (causal.atp_paths)
 }
 LAZY_TABLES = ("attributions",)  # ~10⁶ rows: read on demand with filters (`Run.attributions`)
 

@@ -189,6 +189,7 @@ def ablate(
     window: int = 9,
     noise_scales: Sequence[float] | None = None,
     seeds: Sequence[int] | None = None,
+    method: str = "exact",
     limit: int | None = None,
     device: str = "cpu",
     threads: int | None = None,
@@ -199,12 +200,18 @@ def ablate(
     """Causal checks of a finished run on its model's known facts: attention knockout (windows of `window`
     layers), mechanism ablations (`mode` "mean" or "zero"; alone, in pairs, together), noise robustness
     (`noise_scales` × `seeds`), attribute extraction rate, subject enrichment. `limit`: at most N known facts,
-    taken in turn from each relation. Adds their tables and summary.json["causal"] to the run."""
+    taken in turn from each relation. Adds their tables and summary.json["causal"] to the run. `method` "atp"
+    also estimates the removal of every single head path and MLP at END by attribution patching
+    (path_ablations.csv, with atp_path_agreement.csv from a sample ablated exactly); "both" ablates every path
+    exactly too and compares them on every (path, prompt)."""
+    from .causal.atp_paths import METHODS
     from . import causal
 
     if mode not in ("mean", "zero"):
         raise FactscopeError(f"ablation mode {mode!r}: use 'mean' or 'zero'")
-    options = {"mode": mode, "window": window}
+    if method not in METHODS:
+        raise FactscopeError(f"ablate method {method!r}: use {', '.join(METHODS)}")
+    options = {"mode": mode, "window": window, "method": method}
     if noise_scales is not None:
         options["noise_scales"] = list(noise_scales)
     if seeds is not None:

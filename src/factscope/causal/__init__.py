@@ -10,7 +10,9 @@ what happens to the attribute's probability, logit and top-1 accuracy. One modul
 - `extraction`  attribute extraction rate (Geva et al. 2023) of every attention / MLP sublayer;
 - `enrichment`  logit lens at the last subject token: from which layer is `a` decodable there;
 - `trace`       causal tracing (Meng et al. 2022): noise on the subject, restore one clean state;
-- `atp`         the same restorations estimated by attribution patching, with its error against exact patching.
+- `atp`         the same restorations estimated by attribution patching, with its error against exact patching;
+- `atp_paths`   the effect of removing every head path and MLP at END estimated by attribution patching
+                (`ablate --method atp|both`), with its error against exact path ablation.
 
 `sites` says WHERE an intervention acts (typed paths, head masks, layer windows), `edits` WHAT it does there
 (record, ablate, add noise), `scores` what is measured. Every condition is ONE batched forward pass over all
@@ -30,7 +32,7 @@ import pandas as pd
 
 from ..data import Encoded
 from ..models import LoadedModel
-from . import ablation, atp, enrichment, extraction, knockout, noise, trace
+from . import ablation, atp, atp_paths, enrichment, extraction, knockout, noise, trace
 from .ablation import robustness_summary
 from .check import CausalCheck
 from .enrichment import enrichment_summary
@@ -47,7 +49,9 @@ __all__ = [
     "trace_checks", "trace_peaks",
 ]
 
-CHECKS: tuple[CausalCheck, ...] = (knockout.CHECK, ablation.CHECK, noise.CHECK, extraction.CHECK, enrichment.CHECK, atp.CHECK)
+CHECKS: tuple[CausalCheck, ...] = (
+    knockout.CHECK, ablation.CHECK, noise.CHECK, extraction.CHECK, enrichment.CHECK, atp_paths.CHECK, atp.CHECK,
+)
 
 # progress(label, total) → a context manager yielding advance(n) (or None), around each check's passes
 ProgressBars = Callable[[str, int], AbstractContextManager[Callable[[int], None] | None]] | None
@@ -65,23 +69,29 @@ def ablate_checks(
     progress: ProgressBars = None,
     trace: pd.DataFrame | None = None,
     targets: dict[str, dict[int, str]] | None = None,
+    method: str = "exact",
 ) -> tuple[dict[str, pd.DataFrame], dict]:
     """The `ablate` command's checks on the known facts, for the head classes of `heads` (columns layer, head,
     class): tables by rundir.TABLES name, and the entries of summary.json["causal"]. `trace` is the run's
     causal_trace table, if it has one: the enrichment summary then names the MLP tracing peak. `targets` is the
     run's R_r (relation → target token → attribute; by default, from `known`): pass the analysis's own, so that
-    a − mean(R∖a) means the same here as there whatever `known` was cut to."""
+    a − mean(R∖a) means the same here as there whatever `known` was cut to. `method` "atp" adds attribution
+    patching of every single path (with its error on a sample ablated exactly), "both" ablates every path exactly
+    too; "exact" runs the mechanism grid only."""
     options = {
         "window": window, "head_sets": knockout.class_head_sets(heads),
         "blocked": knockout.blocked_groups(model.prepend_bos),
         "mechanisms": taxonomy_paths(heads, model.cfg.n_layers), "mode": mode,
-        "noise_scales": noise_scales, "seeds": seeds, "targets": targets,
+        "noise_scales": noise_scales, "seeds": seeds, "targets": targets, "method": method,
+        **atp_paths.path_sizes(model),
     }
     tables = _run("ablate", model, known, options, progress)
     earlier = {"causal_trace": trace} if trace is not None else {}
     summary = {"ablate": {"mode": mode, "window": window, "noise_scales": list(noise_scales), "seeds": list(seeds),
-                          "n_prompts": len(known)}}
-    summary.update((check.name, check.summarize({**earlier, **tables})) for check in _of("ablate"))
+                          "method": method, "n_prompts": len(known)}}
+    # a check that wrote nothing (path AtP under --method exact) adds no entry
+    summary.update((check.name, check.summarize({**earlier, **tables})) for check in _of("ablate")
+                   if any(name in tables for name in check.tables))
     return tables, summary
 
 
@@ -116,7 +126,11 @@ def _run(command: str, model: LoadedModel, known: list[Encoded], options: dict, 
     tables: dict[str, pd.DataFrame] = {}
     for check in _of(command):
         chosen = {name: options[name] for name in check.options}
-        bar = progress(check.name, check.n_passes(model.cfg.n_layers, **chosen)) if progress else nullcontext()
+        total = check.n_passes(model.cfg.n_layers, **chosen)
+        if total == 0:  # nothing to run (path AtP under --method exact): no empty progress bar
+            tables.update(check.run(model, known, progress=None, **chosen))
+            continue
+        bar = progress(check.name, total) if progress else nullcontext()
         with bar as advance:
             tables.update(check.run(model, known, progress=advance, **chosen))
     return tables

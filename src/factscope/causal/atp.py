@@ -145,24 +145,27 @@ def agreement(
     cells: Bool[torch.Tensor, "kind layer batch pos"],
     kinds: Sequence[str],
     sampled: bool,
+    threshold: float = THRESHOLD,
 ) -> pd.DataFrame:
-    """AtP against exact patching on `cells` (seed-averaged effects): one row per kind and one for all cells."""
+    """AtP against exact patching on `cells` (seed-averaged effects): one row per kind and one for all cells.
+    Any shape with the kind first works (`atp_paths` passes [kind, layer, head, prompt]); `threshold` is the
+    smallest exact effect a false negative misses, in the effects' own unit."""
     records = []
     parts = [(kind, exact[k][cells[k]], estimate[k][cells[k]]) for k, kind in enumerate(kinds)]
     for kind, x, y in [*parts, ("all", exact[cells], estimate[cells])]:
-        records.append({"kind": kind, "sampled": sampled, **_statistics(x.double().numpy(), y.double().numpy())})
+        records.append({"kind": kind, "sampled": sampled, **_statistics(x.double().numpy(), y.double().numpy(), threshold)})
     return pd.DataFrame.from_records(records)
 
 
-def _statistics(exact: np.ndarray, estimate: np.ndarray) -> dict:
+def _statistics(exact: np.ndarray, estimate: np.ndarray, threshold: float = THRESHOLD) -> dict:
     n = len(exact)
     k = min(TOP_K, n)
     top = lambda values: set(np.argsort(-values, kind="stable")[:k].tolist())  # noqa: E731
-    found = exact >= THRESHOLD
+    found = exact >= threshold
     return {
         "n_cells": n, "pearson": _correlation(exact, estimate), "spearman": _correlation(_ranks(exact), _ranks(estimate)),
         "top_k": k, "top_k_overlap": len(top(exact) & top(estimate)) / k if k else float("nan"),
-        "threshold": THRESHOLD, "n_exact_above": int(found.sum()),
+        "threshold": threshold, "n_exact_above": int(found.sum()),
         "false_negatives": int((found & (estimate < exact / 2)).sum()),
         "max_abs_error": float(np.abs(exact - estimate).max()) if n else float("nan"),
     }
@@ -178,17 +181,19 @@ def _ranks(values: np.ndarray) -> np.ndarray:
     return pd.Series(values).rank(method="average").to_numpy()
 
 
-def sample_cells(estimate: Float[torch.Tensor, "kind layer batch pos"], restorable: Bool[torch.Tensor, "batch pos"],
-                 seed: int = SAMPLE_SEED) -> Bool[torch.Tensor, "kind layer batch pos"]:
-    """Per kind the `N_TOP` largest AtP cells and `N_RANDOM` other cells drawn with a seeded generator."""
+def sample_cells(estimate: Float[torch.Tensor, "kind layer batch pos"], restorable: Bool[torch.Tensor, "..."],
+                 seed: int = SAMPLE_SEED, n_top: int = N_TOP, n_random: int = N_RANDOM) -> Bool[torch.Tensor, "kind layer batch pos"]:
+    """Per kind the `n_top` largest AtP cells and `n_random` other cells drawn with a seeded generator, among the
+    cells `restorable` allows (broadcast to `estimate`'s shape: [batch, pos] for the trace, a full mask for
+    `atp_paths`)."""
     generator = torch.Generator().manual_seed(seed)
     chosen = torch.zeros(estimate.shape, dtype=torch.bool)
     for k in range(estimate.shape[0]):
-        candidates = torch.nonzero(restorable.expand_as(estimate[k]).flatten()).flatten()
+        candidates = torch.nonzero(restorable.expand_as(estimate)[k].flatten()).flatten()
         values = estimate[k].flatten()[candidates]
-        top = candidates[torch.argsort(values, descending=True, stable=True)[:N_TOP]]
+        top = candidates[torch.argsort(values, descending=True, stable=True)[:n_top]]
         rest = candidates[~torch.isin(candidates, top)]
-        drawn = rest[torch.randperm(len(rest), generator=generator)[:N_RANDOM]]
+        drawn = rest[torch.randperm(len(rest), generator=generator)[:n_random]]
         chosen[k].view(-1)[torch.cat([top, drawn])] = True
     return chosen
 

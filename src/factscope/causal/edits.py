@@ -157,7 +157,8 @@ def edit_hooks(model: LoadedModel, batch: Batch, paths: PathSet, editor: Editor)
 def _head_edit(model: LoadedModel, batch: Batch, layer: int, weights: Float[torch.Tensor, "head group"], store: dict, editor: Editor):
     rows, ends = batch.rows, batch.ends
     w_o = model.W_O(layer).float()  # [head, d_head, d_model]
-    gain = model.post_norm_gain(layer) if model.has_attn_post_norm else None
+    # cloned: the gain is read in inference mode, and AtP (`atp_paths`) runs these hooks with autograd on
+    gain = model.post_norm_gain(layer).clone() if model.has_attn_post_norm else None
     w_o_norm = (w_o if gain is None else w_o * gain).flatten(1).norm(dim=-1)  # [head]
 
     def hook(out: Float[torch.Tensor, "batch pos d_model"], hook):

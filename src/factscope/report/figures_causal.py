@@ -12,6 +12,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from ..taxonomy import GROUPS
+from .text_causal import agreement_caption
 from .style import (BLOCKED_LABELS, CLASS_COLORS, MECHANISM_COLORS, MECHANISM_LABELS, METRIC_LABELS, SOURCE_COLORS, layer_ticks,
                     log_dtick, require, series_color, style_figure)
 
@@ -182,4 +183,69 @@ def fig_noise_robustness(run: Run) -> go.Figure:
                      "to one mechanism's contribution at END.", height=440)
         fig.update_xaxes(title_text="noise scale (× the part's norm)")
         fig.update_yaxes(title_text="recall@1", tickformat=".0%", range=[0, 1.02])
+    return fig
+
+
+TRACE_KIND_LABELS = {"resid": "residual stream", "attn": "attention (window)", "mlp": "MLP (window)"}
+
+
+def fig_atp_trace(run: Run) -> go.Figure:
+    """atp_trace.parquet beside causal_trace.parquet (where exact patching ran too): each restoration kind as two
+    heatmaps on one colour scale, exact left and AtP right, with atp_agreement.csv's numbers in the caption."""
+    estimate, agreement = require(run, "atp_trace"), require(run, "atp_agreement")
+    exact = run.causal_trace
+    methods = [("exact patching", exact)] if exact is not None and not exact.empty else []
+    methods.append(("attribution patching (AtP)", estimate))
+    methods = [(label, t[t["level"] == "position"] if "level" in t else t) for label, t in methods]
+    kinds = [k for k in ("resid", "attn", "mlp") if k in set(methods[-1][1]["kind"])]
+    present = set(methods[-1][1]["token"])  # position kinds only: the token-group rows are another level
+    tokens = [t for t in TRACE_ORDER if t in present] + sorted(present - set(TRACE_ORDER))
+    fig = make_subplots(rows=len(kinds), cols=len(methods), shared_yaxes=True, horizontal_spacing=0.04, vertical_spacing=0.08,
+                        subplot_titles=[f"{TRACE_KIND_LABELS[k]} · {label}" for k in kinds for label, _ in methods])
+    values = pd.concat([t["indirect_effect"] for _, t in methods])
+    top = float(values.abs().max()) or 1.0
+    for row, kind in enumerate(kinds, start=1):
+        for col, (label, table) in enumerate(methods, start=1):
+            grid = table[table["kind"] == kind].pivot_table(index="token", columns="layer", values="indirect_effect").reindex(tokens)
+            fig.add_heatmap(z=grid.to_numpy(), x=grid.columns, y=tokens, coloraxis="coloraxis", row=row, col=col,
+                            hovertemplate="%{y} · layer %{x}<br>Δp(a) %{z:.3f}<extra>" + label + "</extra>")
+            fig.update_xaxes(title_text="layer" if row == len(kinds) else None, row=row, col=col, **layer_ticks(table["layer"]))
+    fig.update_yaxes(autorange="reversed", showgrid=False)
+    fig.update_layout(coloraxis=dict(colorscale="RdBu", cmid=0, cmin=-top, cmax=top,
+                                     colorbar=dict(title=dict(text="Δp(a)", side="top"))))
+    style_figure(fig, "Causal tracing: attribution patching against exact patching", agreement_caption(agreement, "in p"),
+                 height=max(420, len(kinds) * (28 * len(tokens) + 120)), extra_top=24)
+    return fig
+
+
+def fig_atp_paths(run: Run) -> go.Figure:
+    """path_ablations.csv: the drop of a − mean(R∖a) when one path is removed (total effect; mean over prompts), as a
+    layer × (source group, head) map, exact ablation left and AtP right (paths not ablated exactly are blank when
+    only AtP ran), with atp_path_agreement.csv's numbers in the caption."""
+    paths, agreement = require(run, "path_ablations"), require(run, "atp_path_agreement")
+    paths = paths[paths["effect"] == "total"].copy()
+    paths["drop"] = -paths["delta_logit_diff"]
+    paths["column"] = np.where(paths["component"] == "mlp", "MLP", paths["group"].astype(str) + " H" + paths["head"].astype(str))
+    order = [g for g in GROUPS if g in set(paths["group"])]
+    columns = (paths[paths["component"] == "head"].assign(g=lambda t: t["group"].map(order.index))
+               .sort_values(["g", "head"])["column"].drop_duplicates().tolist()) + ["MLP"]
+    layers = sorted(paths["layer"].unique())
+    methods = [(label, paths[paths["method"] == m]) for m, label in (("exact", "exact ablation"), ("atp", "attribution patching (AtP)"))]
+    fig = make_subplots(rows=1, cols=2, shared_yaxes=True, horizontal_spacing=0.04, subplot_titles=[label for label, _ in methods])
+    top = float(paths["drop"].abs().max()) or 1.0
+    for col, (label, table) in enumerate(methods, start=1):
+        grid = table.pivot_table(index="layer", columns="column", values="drop").reindex(index=layers, columns=columns)
+        fig.add_heatmap(z=grid.to_numpy(), x=columns, y=layers, coloraxis="coloraxis", row=1, col=col,
+                        hovertemplate="layer %{y} · %{x}<br>drop of a − mean(R∖a) %{z:+.3f}<extra>" + label + "</extra>")
+        # one tick per source group, at its first head; the heads follow in order
+        starts = [c for c in columns if c == "MLP" or c.endswith(" H0")]
+        fig.update_xaxes(tickvals=starts, ticktext=[c.removesuffix(" H0") for c in starts], tickangle=-45,
+                         title_text="source group × head", row=1, col=col)
+    fig.update_yaxes(title_text="layer", autorange="reversed", showgrid=False, row=1, col=1)
+    fig.update_layout(coloraxis=dict(colorscale="RdBu_r", cmid=0, cmin=-top, cmax=top,
+                                     colorbar=dict(title=dict(text="drop (logits)", side="top"))))
+    mode = str(paths["mode"].iloc[0]) if "mode" in paths and len(paths) else "mean"
+    style_figure(fig, "Path ablation: attribution patching against exact ablation",
+                 f"Each head's END←group path and each MLP at END {mode}-ablated alone (total effect): how far a − mean(R∖a) "
+                 f"drops, mean over prompts. " + agreement_caption(agreement, "logits"), height=max(420, 16 * len(layers) + 160))
     return fig

@@ -14,8 +14,8 @@ from .. import __version__
 from ..errors import FactscopeError
 from ..rundir import TABLES, Run, atomic_write_text, load_run
 from ..taxonomy import CLASSES
-from .figures_causal import (fig_ablations, fig_causal_trace, fig_enrichment, fig_extraction_rate, fig_knockout,
-                             fig_noise_robustness)
+from .figures_causal import (fig_ablations, fig_atp_paths, fig_atp_trace, fig_causal_trace, fig_enrichment,
+                             fig_extraction_rate, fig_knockout, fig_noise_robustness)
 from .figures_dla import fig_drilldown, fig_headline, fig_logit_lens, fig_mechanism_shares, fig_mlp_boosting, fig_recall
 from .figures_heads import fig_heatmap, fig_k_sweep, fig_signature, fig_specificity, fig_subject_swap
 from .pngs import save_pngs
@@ -64,6 +64,13 @@ SECTIONS = (
     Section("knockout", "Attention knockout", "Causal check (Geva et al. 2023).", fig_knockout, ("knockout",), "Causal"),
     Section("ablations", "Ablations", "Causal check of additivity.", fig_ablations, ("ablations",), "Causal"),
     Section("trace", "Causal tracing", "Causal check (Meng et al. 2022).", fig_causal_trace, ("causal_trace",), "Causal"),
+    Section("atp_trace", "Causal tracing by attribution patching",
+            "Every restoration estimated from one forward and one backward pass (<code>trace --method atp|both</code>), "
+            "beside exact patching where it ran; the caption gives its error.", fig_atp_trace, ("atp_agreement",),
+            "Causal"),
+    Section("atp_paths", "Path ablation by attribution patching",
+            "Every head path and MLP at END removed alone (<code>ablate --method atp|both</code>), exact and estimated "
+            "from gradients; the caption gives AtP's error.", fig_atp_paths, ("atp_path_agreement",), "Causal"),
     Section("extraction", "Attribute extraction rate", "Causal-side check (Geva et al. 2023).", fig_extraction_rate,
             ("extraction_rate",), "Causal"),
     Section("enrichment", "Subject enrichment", "Is the attribute already readable at the last subject token?",

@@ -77,7 +77,8 @@ FINDING_TITLES = {
     "recall": "Recall", "exactness": "Exactness", "classes": "Head classes and their shares",
     "interference": "Interference", "specificity": "Specificity", "mlps": "MLP boosting", "logit_lens": "Logit lens",
     "thresholds": "Thresholds", "subject_swap": "Subject swap", "knockout": "Knockout", "ablations": "Ablation",
-    "causal_trace": "Causal tracing", "extraction_rate": "Extraction", "enrichment": "Enrichment", "noise": "Noise",
+    "causal_trace": "Causal tracing", "atp_trace": "AtP (tracing)", "atp_paths": "AtP (paths)",
+    "extraction_rate": "Extraction", "enrichment": "Enrichment", "noise": "Noise",
 }
 
 

@@ -151,8 +151,31 @@ def _noise_finding(run: Run) -> list[Finding]:
     ))]
 
 
+def agreement_caption(table: pd.DataFrame, unit: str) -> str:
+    """atp_agreement.csv / atp_path_agreement.csv's row over all cells, in one sentence: no AtP figure without its
+    error against exact patching."""
+    row = table[table["kind"] == "all"].iloc[0]
+    scope = f"a seeded sample of {int(row['n_cells'])} cells patched exactly" if bool(row["sampled"]) else f"all {int(row['n_cells'])} cells"
+    number = lambda value: "n/a" if pd.isna(value) else f"{value:.2f}"  # noqa: E731
+    return (f"AtP against exact patching on {scope} (prompt by prompt): Pearson {number(row['pearson'])}, Spearman "
+            f"{number(row['spearman'])}, top-{int(row['top_k'])} overlap {row['top_k_overlap']:.0%}; "
+            f"{int(row['false_negatives'])} of {int(row['n_exact_above'])} exact effects ≥ {row['threshold']:g} {unit} "
+            "estimated at less than half (false negatives).")
+
+
+def _atp_trace_finding(run: Run) -> list[Finding]:
+    return [Finding("atp_trace", "Causal tracing by attribution patching (trace --method atp|both). "
+                    + agreement_caption(run.atp_agreement, "in p"))]
+
+
+def _atp_paths_finding(run: Run) -> list[Finding]:
+    return [Finding("atp_paths", "Single path ablations by attribution patching (ablate --method atp|both; total "
+                    "effects). " + agreement_caption(run.atp_path_agreement, "logits of a − mean(R∖a)"))]
+
+
 # causal table → the finding written from it, in the order the findings list them
 CAUSAL_FINDINGS = {
     "knockout": _knockout_finding, "ablations": _ablation_finding, "causal_trace": _trace_finding,
+    "atp_agreement": _atp_trace_finding, "atp_path_agreement": _atp_paths_finding,
     "extraction_rate": _extraction_finding, "enrichment": _enrichment_finding, "noise_robustness": _noise_finding,
 }
