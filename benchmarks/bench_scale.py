@@ -44,6 +44,11 @@ from pathlib import Path
 
 import torch
 
+# the tests' byte-level BPE (trained on the prompts: real character offsets for the token groups, a BOS token, no
+# download) is the benchmark's tokenizer too: one recipe, in tests/tiny_models.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from tiny_models import build_tokenizer  # noqa: E402
+
 # Published hyper-parameters, in transformers 5's names (rope_theta / rope_scaling / rotary_pct of the
 # config.json files became `rope_parameters`). Special-token ids are not listed: they are the benchmark
 # tokenizer's, since its ids are the ones the prompts use.
@@ -111,22 +116,6 @@ def hf_config(name: str, small: bool, tokenizer=None):
         tokens = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                       pad_token_id=tokenizer.pad_token_id)
     return getattr(transformers, spec.pop("config"))(**spec, **tokens)
-
-
-def build_tokenizer(texts: list[str]):
-    """A byte-level BPE trained on the prompts (as tests/tiny_models.py builds it): real character offsets for the
-    token groups, a BOS token, and no download."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<bos>", "<eos>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
 
 
 def build_model(name: str, small: bool, dtype: str, device: str, seed: int = 0):
