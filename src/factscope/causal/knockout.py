@@ -28,6 +28,7 @@ from .sites import head_mask, layer_window
 GroupSpec = str | tuple[str, ...]
 NON_SUBJECT = "non_subject"
 WINDOW = 9
+BLOCKED = ("subject", "relation")  # `knockout`'s default; `ablate` blocks `blocked_groups(...)`
 
 
 def blocked_groups(prepend_bos: bool) -> tuple[str, ...]:
@@ -90,7 +91,7 @@ def knockout_logits(
 def knockout(
     model: LoadedModel,
     encoded: list[Encoded],
-    blocked: Sequence[GroupSpec] = ("subject", "relation"),
+    blocked: Sequence[GroupSpec] = BLOCKED,
     window: int = WINDOW,
     heads: dict[str, Iterable[tuple[int, int]]] | None = None,
     progress: Progress = None,
@@ -136,7 +137,7 @@ def knockout(
     return pd.DataFrame.from_records(records)
 
 
-def knockout_passes(n_layers: int, blocked: Sequence[GroupSpec] = ("subject", "relation"), heads: dict | None = None) -> int:
+def knockout_passes(n_layers: int, blocked: Sequence[GroupSpec] = BLOCKED, heads: dict | None = None) -> int:
     """How many times `knockout` calls `progress(1)` with these arguments."""
     return 1 + len(blocked) * (len(heads) if heads is not None else n_layers)
 
