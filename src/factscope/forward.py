@@ -84,6 +84,7 @@ def end_logits(
     resid: Float[torch.Tensor, "batch pos d_model"] | None = None,
     start: int = 0,
     past_key_values=None,
+    position_ids: Int[torch.Tensor, "batch pos"] | None = None,
 ) -> Float[torch.Tensor, "batch vocab"]:
     """One forward pass → the model's own logits at each prompt's END only, in fp32. The pass stops at the final
     norm, so vocabulary-sized logits are never built for other positions.
@@ -92,6 +93,8 @@ def end_logits(
     `start` from that residual stream; the blocks below it are taken out of the model for the call, because
     TransformerBridge's `start_at_layer` would still run them and throw their output away. `past_key_values` (a
     transformers cache) holds the keys and values of positions before the ones passed; `mask` then covers both.
+    `position_ids` are the positions of the tokens passed, where they are not simply those after the cache (a cache
+    padded on the left).
     """
     from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
@@ -102,13 +105,15 @@ def end_logits(
 
     hooks = [*hooks, (act_name("final_out"), stop)]
     bridge = model.bridge
-    cached = {} if past_key_values is None else {"past_key_values": past_key_values}
+    extra = {} if past_key_values is None else {"past_key_values": past_key_values}
+    if position_ids is not None:
+        extra["position_ids"] = position_ids
     with torch.inference_mode(), _quiet_norm_edits():
         if resid is None:
-            normed = bridge.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=hooks, **cached)
+            normed = bridge.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=hooks, **extra)
         else:
             with _without_blocks_below(bridge, start):
-                normed = bridge.run_with_hooks(resid, start_at_layer=start, attention_mask=mask, fwd_hooks=hooks, **cached)
+                normed = bridge.run_with_hooks(resid, start_at_layer=start, attention_mask=mask, fwd_hooks=hooks, **extra)
         return (normed @ model.W_U + model.b_U).float()
 
 

@@ -204,17 +204,19 @@ def exact_cells(model: LoadedModel, atp: TraceEffects, cells: Bool[torch.Tensor,
     batch, n_layers = atp.batch, model.cfg.n_layers
     clean, _ = _clean_states(model, batch, atp.kinds)
     out = torch.zeros(cells.shape)
+    device = batch.tokens.device
+    jobs = []
+    for k in range(len(atp.kinds)):
+        for layer in range(n_layers):
+            where = torch.nonzero(cells[k, layer])
+            if len(where):
+                jobs.append((k, layer, where, Restorations(where[:, 0].to(device), where[:, 1].to(device))))
     for seed in seeds:
         states = _corrupted_states(model, batch, subject_noise(batch, noise_scale, seed, model.cfg.d_model), clean, True)
-        for k, kind in enumerate(atp.kinds):
-            for layer in range(n_layers):
-                where = torch.nonzero(cells[k, layer])
-                if not len(where):
-                    continue
-                device = batch.tokens.device
-                rows = Restorations(where[:, 0].to(device), where[:, 1].to(device))
-                restored = _restored_probs_cached(model, batch, rows, states, kind, layer, atp.window, max_rows)
-                out[k, layer, where[:, 0], where[:, 1]] += ((restored - states.p_corrupt[rows.prompts]) / len(seeds)).cpu()
+        restored = _restored_probs_cached(model, batch, [(atp.kinds[k], layer, rows) for k, layer, _, rows in jobs], states,
+                                          atp.window, max_rows)
+        for (k, layer, where, rows), probs in zip(jobs, restored):
+            out[k, layer, where[:, 0], where[:, 1]] += ((probs - states.p_corrupt[rows.prompts]) / len(seeds)).cpu()
     return out
 
 

@@ -37,7 +37,7 @@ from jaxtyping import Bool, Float, Int
 
 from ..data import Encoded, relation_targets
 from ..errors import FactscopeError
-from ..forward import Batch, act_name, capture, end_logits, make_batch
+from ..forward import Batch, act_name, capture, make_batch
 from ..models import LoadedModel
 from ..taxonomy import GROUPS, groups_present
 from .atp import SAMPLE_SEED, agreement, agreement_summary, sample_cells
@@ -45,7 +45,7 @@ from .ablation import MODE, ablated_logits
 from .check import CausalCheck
 from .edits import Editor, Record, edit_hooks
 from .scores import Progress, other_targets, scores, tick
-from .trace import _bridge_reads_cache, _corrupted_states, _prefix_cache
+from .trace import _corrupted_states, _corrupted_tails, _resume
 from .sites import HeadPath, MlpPath, PathSpec, parse
 
 THRESHOLD = 0.25  # a drop of a − mean(R∖a) (logits) on one prompt that a false negative misses
@@ -283,29 +283,25 @@ def _removal(keep: "_Probe", kind: str, layer: int, head: int, mode: str) -> Flo
 def _ablated_at_end(model: LoadedModel, batch: Batch, states, layer: int, change: Float[torch.Tensor, "path batch d_model"],
                     is_mlp: Bool[torch.Tensor, " path"], others, max_rows: int) -> Float[torch.Tensor, "path batch"]:
     """a − mean(R∖a) with `change[path]` added at END to layer `layer`'s attention output (head paths) or MLP
-    output (MLPs), one row per (path, prompt); prompts sharing an END position share passes."""
+    output (MLPs), one row per (path, prompt), END alone from block `layer` on (`trace._resume`)."""
     n_paths, n = change.shape[:2]
     path_index, prompt = torch.meshgrid(torch.arange(n_paths), torch.arange(n), indexing="ij")
     path_index, prompt = path_index.flatten(), prompt.flatten()
     device = batch.tokens.device
     ids, valid = others
     out = torch.empty(n_paths * n)
-    ends = batch.ends.cpu()
-    for position in ends.unique().tolist():
-        for chunk in torch.nonzero(ends[prompt] == position).flatten().split(max_rows):
-            p, q = prompt[chunk].to(device), path_index[chunk]
-            delta = change[q, prompt[chunk]].to(device)
-            mlp = is_mlp[q].to(device)[:, None]
-            hooks = [(act_name("attn_out", layer), _add_first(torch.where(mlp, 0.0, delta))),
-                     (act_name("mlp_out", layer), _add_first(torch.where(mlp, delta, 0.0)))]
-            resid = states.corrupt_pre[layer][p, position : position + 1].clone()
-            with _bridge_reads_cache(model.bridge):
-                logits = end_logits(model, None, batch.mask[p, : position + 1], torch.zeros_like(p), hooks, resid=resid,
-                                    start=layer, past_key_values=_prefix_cache(states.kv, p, position))
-            rows = torch.arange(len(p), device=device)
-            mean_others = (logits.gather(1, ids[p]) * valid[p]).sum(1) / valid[p].sum(1).clamp(min=1)
-            diff = logits[rows, batch.answers[p]] - mean_others
-            out[chunk] = torch.where(valid[p].sum(1) > 0, diff, torch.full_like(diff, float("nan"))).cpu()
+    for chunk in torch.arange(n_paths * n).split(max_rows):
+        p, q = prompt[chunk].to(device), path_index[chunk]
+        delta = change[q, prompt[chunk]].to(device)
+        mlp = is_mlp[q].to(device)[:, None]
+        hooks = [(act_name("attn_out", layer), _add_first(torch.where(mlp, 0.0, delta))),
+                 (act_name("mlp_out", layer), _add_first(torch.where(mlp, delta, 0.0)))]
+        ends = batch.ends[p]
+        logits = _resume(model, batch, states, p, ends, _corrupted_tails(states, layer, batch, p, ends), layer, hooks)
+        rows = torch.arange(len(p), device=device)
+        mean_others = (logits.gather(1, ids[p]) * valid[p]).sum(1) / valid[p].sum(1).clamp(min=1)
+        diff = logits[rows, batch.answers[p]] - mean_others
+        out[chunk] = torch.where(valid[p].sum(1) > 0, diff, torch.full_like(diff, float("nan"))).cpu()
     return out.view(n_paths, n)
 
 

@@ -172,12 +172,16 @@ def trace_effects(
         tick(progress)
         p_corrupt = states.p_corrupt
         p_corrupted.append(p_corrupt.cpu())
-        restore = _restored_probs_cached if kv_cache else _restored_probs
-        for k, kind in enumerate(kinds):
-            for layer in range(n_layers):
-                restored = restore(model, batch, rows, states, kind, layer, window, max_rows)
-                effects[s, k, layer, prompts.cpu(), positions.cpu()] = (restored - p_corrupt[prompts]).cpu()
+        jobs = [(kind, layer, rows) for kind in kinds for layer in range(n_layers)]
+        if kv_cache:
+            restored = _restored_probs_cached(model, batch, jobs, states, window, max_rows, progress)
+        else:
+            restored = []
+            for kind, layer, _ in jobs:
+                restored.append(_restored_probs(model, batch, rows, states, kind, layer, window, max_rows))
                 tick(progress)
+        for (kind, layer, _), probs in zip(jobs, restored):
+            effects[s, kinds.index(kind), layer, prompts.cpu(), positions.cpu()] = (probs - p_corrupt[prompts]).cpu()
     return TraceEffects(effects, clean["p"].cpu(), torch.stack(p_corrupted), noise * std, tuple(kinds), window, batch)
 
 
@@ -265,52 +269,143 @@ def _bridge_reads_cache(bridge, active: bool = True):
             del block.attn._update_kv_cache
 
 
-def _prefix_cache(kv: list[tuple[torch.Tensor, torch.Tensor]], prompts: Int[torch.Tensor, " rows"], length: int):
-    """The corrupted run's keys and values of positions < `length` of `prompts`, as a fresh cache (a pass extends
-    the cache it is given); None for an empty prefix."""
-    from transformers import DynamicCache
-
-    if length == 0:
-        return None
-    cache = DynamicCache()
-    for layer, (keys, values) in enumerate(kv):
-        cache.update(keys[prompts, :, :length], values[prompts, :, :length], layer)
-    return cache
+def _start(kind: str, layer: int, window: int, n_layers: int) -> int:
+    """The first block a restoration changes: the one after a restored residual, the window's first for a sublayer."""
+    return layer + 1 if kind == "resid" else layer_window(layer, window, n_layers)[0]
 
 
 def _restored_probs_cached(
-    model: LoadedModel, batch: Batch, rows: Restorations, states: States, kind: str, layer: int, window: int, max_rows: int
-) -> Float[torch.Tensor, " rows"]:
-    """`_restored_probs` computing only positions ≥ the restored one: rows restoring the same position share a
-    pass whose earlier positions come from the corrupted run's cache, and the restored state is local position 0."""
+    model: LoadedModel, batch: Batch, jobs: Sequence[tuple[str, int, Restorations]], states: States, window: int,
+    max_rows: int, progress: Progress = None,
+) -> list[Float[torch.Tensor, " rows"]]:
+    """`_restored_probs` of every (kind, layer, rows) job, computing only what a restoration can change: each row from
+    its job's first changed block (`_start`) and from its restored position on (`_resume`). Rows of every job with the
+    same first block share passes, whatever their kind, layer and position (`_passes`); a job ticks `progress` when
+    its rows are done."""
     n_layers = model.cfg.n_layers
-    prompts, positions, clean, p_corrupt = rows.prompts, rows.positions, states.clean, states.p_corrupt
-    if kind == "resid" and layer == n_layers - 1:
-        return torch.where(positions == batch.ends[prompts], clean["p"][prompts], p_corrupt[prompts])
-    first, last = (layer + 1, layer + 1) if kind == "resid" else layer_window(layer, window, n_layers)
-    out = torch.empty(len(prompts), device=batch.tokens.device)
-    for position in positions.unique().tolist():
-        for chunk in torch.nonzero(positions == position).flatten().split(max_rows):
-            p = prompts[chunk]
-            width = int(batch.ends[p].max()) + 1
-            resid = states.corrupt_pre[first][p, position:width].clone()
+    clean, p_corrupt = states.clean, states.p_corrupt
+    out = [torch.empty(len(rows.prompts), device=batch.tokens.device) for _, _, rows in jobs]
+    by_start: dict[int, list[int]] = {}
+    for j, (kind, layer, rows) in enumerate(jobs):
+        if kind == "resid" and layer == n_layers - 1:
+            # After the last block only END's own state reaches the logits: restoring it gives the clean p exactly.
+            prompts, positions = rows.prompts, rows.positions
+            out[j] = torch.where(positions == batch.ends[prompts], clean["p"][prompts], p_corrupt[prompts])
+            tick(progress)
+        else:
+            by_start.setdefault(_start(kind, layer, window, n_layers), []).append(j)
+    for start, members in sorted(by_start.items()):
+        job = torch.cat([torch.full((len(jobs[j][2].prompts),), j) for j in members])
+        row = torch.cat([torch.arange(len(jobs[j][2].prompts)) for j in members])
+        prompts = torch.cat([jobs[j][2].prompts for j in members])
+        positions = torch.cat([jobs[j][2].positions for j in members])
+        for chunk in _passes((batch.ends[prompts] - positions).cpu(), max_rows):
+            p, i, chunk_jobs = prompts[chunk], positions[chunk], job[chunk]
+            resid = _corrupted_tails(states, start, batch, p, i)
+            is_resid = torch.tensor([jobs[j][0] == "resid" for j in chunk_jobs.tolist()], device=p.device)
+            if is_resid.any():  # restored residuals enter block `start`: they are the state after block start − 1
+                resid[is_resid, 0] = clean[act_name("resid_post", start - 1)][p[is_resid], i[is_resid]]
             hooks = []
-            if kind == "resid":
-                resid[:, 0] = clean[act_name("resid_post", layer)][p, position]
-            else:
-                names = [act_name(_RESTORED[kind], j) for j in range(first, last + 1)]
-                hooks = [(name, _restore_first(clean[name][p, position])) for name in names]
-            with _bridge_reads_cache(model.bridge):
-                logits = end_logits(model, None, batch.mask[p, :width], batch.ends[p] - position, hooks, resid=resid,
-                                    start=first, past_key_values=_prefix_cache(states.kv, p, position))
-            out[chunk] = logits.softmax(-1)[torch.arange(len(chunk), device=p.device), batch.answers[p]]
+            for kind in ("attn", "mlp"):
+                windows = {j: layer_window(jobs[j][1], window, n_layers) for j in members if jobs[j][0] == kind}
+                for layer in range(start, n_layers):
+                    covered = [j for j, (first, last) in windows.items() if first <= layer <= last]
+                    local = torch.nonzero(torch.isin(chunk_jobs, torch.tensor(covered, dtype=torch.long))).flatten()
+                    if len(local):
+                        name = act_name(_RESTORED[kind], layer)
+                        local = local.to(p.device)
+                        hooks.append((name, _restore_first(local, clean[name][p[local], i[local]])))
+            logits = _resume(model, batch, states, p, i, resid, start, hooks)
+            probs = logits.softmax(-1)[torch.arange(len(chunk), device=p.device), batch.answers[p]]
+            for j in members:
+                mine = chunk_jobs == j
+                out[j][row[chunk][mine].to(p.device)] = probs[mine.to(p.device)]
+        for _ in members:
+            tick(progress)
     return out
 
 
-def _restore_first(clean_out: Float[torch.Tensor, "rows d_model"]):
+PASS_COST = 32  # a pass's own cost (the bridge's work per call, reading every weight), in token positions
+
+
+def _passes(tails: Int[torch.Tensor, " rows"], max_rows: int) -> list[Int[torch.Tensor, " rows"]]:
+    """Rows (their number of positions after the restored one) grouped into passes. A pass costs `PASS_COST` plus
+    its rows × its longest tail (the shorter ones are padded): the rows, longest tail first, are cut between tails
+    where that is cheapest (a small dynamic programme over the distinct tails), then into chunks of `max_rows`."""
+    order = torch.argsort(tails, descending=True, stable=True)
+    ordered = tails[order].tolist()
+    bounds = [k for k in range(len(ordered)) if k == 0 or ordered[k] != ordered[k - 1]] + [len(ordered)]
+    best, cut = [0.0] + [float("inf")] * (len(bounds) - 1), [0] * len(bounds)
+    for m in range(1, len(bounds)):
+        for k in range(m):
+            rows = bounds[m] - bounds[k]
+            cost = best[k] + PASS_COST * -(-rows // max_rows) + rows * (ordered[bounds[k]] + 1)
+            if cost < best[m]:
+                best[m], cut[m] = cost, k
+    segments, m = [], len(bounds) - 1
+    while m:
+        segments.append(order[bounds[cut[m]] : bounds[m]])
+        m = cut[m]
+    return [chunk for segment in reversed(segments) for chunk in segment.split(max_rows)]
+
+
+def _corrupted_tails(
+    states: States, start: int, batch: Batch, prompts: Int[torch.Tensor, " rows"], positions: Int[torch.Tensor, " rows"]
+) -> Float[torch.Tensor, "rows pos d_model"]:
+    """The corrupted residual stream entering block `start` of each row's prompt, from its position on to its END
+    (then padding, to the longest)."""
+    return states.corrupt_pre[start][prompts[:, None], _tail_positions(batch, prompts, positions)]
+
+
+def _tail_positions(batch: Batch, prompts: Int[torch.Tensor, " rows"], positions: Int[torch.Tensor, " rows"]) -> Int[torch.Tensor, "rows pos"]:
+    """Each row's positions from `positions[row]` to its END, padded to the longest with positions of the batch (the
+    padding is masked: any position will do)."""
+    width = int((batch.ends[prompts] - positions).max()) + 1
+    return (positions[:, None] + torch.arange(width, device=positions.device)).clamp(max=batch.tokens.shape[1] - 1)
+
+
+def _resume(
+    model: LoadedModel, batch: Batch, states: States, prompts: Int[torch.Tensor, " rows"], positions: Int[torch.Tensor, " rows"],
+    resid: Float[torch.Tensor, "rows pos d_model"], start: int, hooks: Sequence,
+) -> Float[torch.Tensor, "rows vocab"]:
+    """END logits of a pass that resumes `states`' run at block `start` and, on each row, at `positions[row]` of its
+    prompt: `resid` is what enters block `start` at the row's positions from there to END, the earlier positions
+    are the run's keys and values (`_left_padded_cache`), every row with its own position ids."""
+    at = _tail_positions(batch, prompts, positions)
+    computed = torch.arange(at.shape[1], device=at.device) <= (batch.ends[prompts] - positions)[:, None]
+    cache, cached = _left_padded_cache(states.kv, prompts, positions)
+    mask = torch.cat([cached, computed], 1).long()
+    with _bridge_reads_cache(model.bridge):
+        return end_logits(model, None, mask, batch.ends[prompts] - positions, hooks, resid=resid, start=start,
+                          past_key_values=cache, position_ids=at)
+
+
+def _left_padded_cache(kv: list[tuple[torch.Tensor, torch.Tensor]], prompts: Int[torch.Tensor, " rows"],
+                       positions: Int[torch.Tensor, " rows"]) -> tuple[object, Bool[torch.Tensor, "rows prefix"]]:
+    """The run's keys and values of each row's positions < `positions[row]`, as one fresh cache (a pass extends the
+    cache it is given; None for an empty one) of the longest such prefix: shorter ones are padded on the left, so
+    that every row's next position is the cache's next index and the distances between real positions are kept
+    (sliding-window masks count them by index). Also which entries are real: the padding is masked, its attention
+    weight exactly zero."""
+    from transformers import DynamicCache
+
+    length = int(positions.max())
+    source = torch.arange(length, device=positions.device) - (length - positions[:, None])  # position each entry holds
+    real = source >= 0
+    if length == 0:
+        return None, real
+    cache = DynamicCache()
+    index = source.clamp(min=0)
+    for layer, (keys, values) in enumerate(kv):
+        # [rows, prefix, kv_head, d_head] (the advanced indices come first) → [rows, kv_head, prefix, d_head]
+        cache.update(keys[prompts[:, None], :, index].transpose(1, 2), values[prompts[:, None], :, index].transpose(1, 2), layer)
+    return cache, real
+
+
+def _restore_first(local: Int[torch.Tensor, " rows"], clean_out: Float[torch.Tensor, "rows d_model"]):
     def hook(x: Float[torch.Tensor, "rows pos d_model"], hook):
         x = x.clone()
-        x[:, 0] = clean_out
+        x[local, 0] = clean_out
         return x
 
     return hook
