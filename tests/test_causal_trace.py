@@ -12,7 +12,7 @@ from causal_helpers import tiny
 
 from factscope.causal.sites import layer_window
 from factscope.causal.trace import (
-    TraceEffects, sem_at_draws, subject_noise, trace_effects, trace_labels, trace_passes, trace_peaks, trace_summary,
+    TraceEffects, _passes, sem_at_draws, subject_noise, trace_effects, trace_labels, trace_passes, trace_peaks, trace_summary,
     trace_table,
 )
 from factscope.data import encode
@@ -119,6 +119,38 @@ def test_cached_restorations_equal_full_width_ones(model_dirs, family):
     difference, largest = float((fast.effects - slow.effects).abs().max()), float(slow.effects.abs().max())
     # a tiny model's p(a) is about 1/vocabulary, so the effects are small: also check against their own size
     assert difference <= 1e-5 and difference <= 1e-3 * largest and largest > 0
+
+
+def test_cached_restorations_keep_each_layers_attention_type_and_sliding_window(tmp_path, monkeypatch):
+    """Gemma-3 with layer types that differ between neighbours and a sliding window shorter than the prompts: rows
+    of different restored positions share a pass through a cache padded on the left, and a pass resumed at block l
+    keeps block l's own mask and rotary embedding; the trace still equals the full-width one."""
+    import tiny_models
+    from causal_helpers import _tiny
+
+    layer_types = ["sliding_attention", "full_attention", "sliding_attention"]
+    monkeypatch.setitem(tiny_models.FAMILIES, "gemma3", dict(tiny_models.FAMILIES["gemma3"], layer_types=layer_types, sliding_window=3))
+    model, encoded = _tiny(str(tiny_models.build_model_dir("gemma3", tmp_path / "gemma3-mixed")))
+    config = model.bridge.original_model.config
+    assert list(config.layer_types) == layer_types and min(len(item.token_ids) for item in encoded) > 2 * config.sliding_window
+    options = dict(noise=3.0, seeds=(0,), window=2)
+    fast = trace_effects(model, encoded, **options)
+    slow = trace_effects(model, encoded, kv_cache=False, **options)
+    difference, largest = float((fast.effects - slow.effects).abs().max()), float(slow.effects.abs().max())
+    assert difference <= 1e-5 and difference <= 1e-3 * largest and largest > 0
+
+
+@pytest.mark.parametrize("max_rows", [1, 5, 1024])
+def test_passes_cover_every_row_once(max_rows):
+    """Every restoration is in exactly one pass, no pass holds more than `max_rows` rows, and rows of one tail
+    length are never split without need (a cut costs a pass)."""
+    tails = torch.tensor([0, 7, 3, 3, 7, 1, 0, 2, 7, 3, 5, 5, 0])
+    passes = _passes(tails, max_rows)
+    assert sorted(torch.cat(passes).tolist()) == list(range(len(tails)))
+    assert all(0 < len(chunk) <= max_rows for chunk in passes)
+    if max_rows == 1024:
+        for length in tails.unique().tolist():
+            assert sum(bool((tails[chunk] == length).any()) for chunk in passes) == 1
 
 
 def _synthetic(effects: torch.Tensor, batch) -> TraceEffects:
