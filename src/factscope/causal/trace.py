@@ -326,7 +326,7 @@ def _restored_probs_cached(
 
 
 # A pass's own cost (the bridge's work per call and per block), in token positions: on SmolLM2 on a CPU a pass
-# costs about 3 ms per block beyond its tokens, and a token about 0.09 ms, so ~32 positions (profiled at 2a1b2c3).
+# costs about 3 ms per block beyond its tokens, and a token about 0.09 ms, so ~32 positions (profiled at bc3d5b3).
 PASS_COST = 32
 
 
