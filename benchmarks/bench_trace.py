@@ -3,8 +3,8 @@
     python benchmarks/bench_trace.py [--model smollm2-135m] [--prompts 12] [--seeds 0] [--threads 1]
                                      [--repeats 1] [--skip-baseline]
 
-- exact, new: `trace_effects` (key/value cache, one pass per restored position) against the former full-width
-  implementation (`kv_cache=False`), with the largest difference of their effects;
+- exact, new: `trace_effects` (key/value cache, restorations that resume at the same block in shared passes)
+  against the former full-width implementation (`kv_cache=False`), with the largest difference of their effects;
 - AtP: `atp.atp_trace` (one forward and one backward per seed) against `decompose` (what `analyze` runs) on the
   same prompts, and against the exact trace.
 

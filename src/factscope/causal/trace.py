@@ -21,11 +21,17 @@ Bookkeeping, as ROME's `read_knowlege` (experiments/causal_trace.py):
   over seeds), so at n' draws the standard error would be √(sem² − sem_draws² + sem_draws² · n / n'). The summary
   gives both at the run's draws, at 1 and at 10 (BENCHMARKS.md has them on SmolLM2).
 
-Speed: a restoration at (layer, position i) cannot change anything below the layer (the pass resumes there) or at
-positions before i (causal attention). With `kv_cache` (the default) each pass starts at the restored position:
-the corrupted run's keys and values of positions < i, at every layer, are handed to the model as a key/value cache,
-so only positions ≥ i are computed. Rows restoring the same position share one pass. `kv_cache=False` is the former
-implementation (full-width rows), kept as the reference the benchmark and the tests compare against.
+Speed: a restoration at (layer, position i) cannot change anything below the first block it touches (the pass
+resumes there) or at positions before i (causal attention). With `kv_cache` (the default) each row is computed only
+from that block and from position i to END: the corrupted run's keys and values of positions < i, at every layer,
+go in as a key/value cache. Rows of every (kind, layer) that resume at the same block share passes, whatever their
+restored position: each row's cache is padded on the left to the longest prefix (the padding masked, its attention
+weight exactly zero) so that every row's position i is the pass's first, and each row has its own position ids; rows
+are grouped by how many positions they run, cut where padding would cost more than a pass (`_passes`).
+`kv_cache=False` is the former implementation (every row the prompt's full width, one pass per (kind, layer)), kept
+as the reference the benchmark and the tests compare against. What is left to save is small (BENCHMARKS.md): the
+work a row does is ~40% of the former's on SmolLM2's 7–11-token prompts, so at equal speed per token the ratio stays
+below 2.5×.
 
 The `trace` command's check — exact patching, attribution patching or both — is `atp.CHECK`.
 """
@@ -151,10 +157,11 @@ def trace_effects(
     restore one clean state at (layer, position) — the residual stream after that layer (`resid`), or the
     attention / MLP outputs of a `window` of layers around it — and record p_restored(a) − p_corrupted(a).
 
-    All restorations of one (seed, kind, layer) are stacked into the batch dimension (in chunks of
-    `max_rows` rows) and run from the first block they change; with `kv_cache`, from the restored position on,
-    one pass per restored position, the earlier positions read from the corrupted run's keys and values (same
-    results, up to float rounding). Progress ticks: `trace_passes`.
+    Restorations are stacked into the batch dimension (in chunks of at most `max_rows` rows) and run from the first
+    block they change; with `kv_cache`, from the restored position on, the earlier positions read from the corrupted
+    run's keys and values, and every (kind, layer) resuming at the same block in the same passes (same results, up
+    to float rounding; module docstring). Progress ticks: `trace_passes`, one per (kind, layer) once its rows are
+    done.
     """
     unknown = [kind for kind in kinds if kind not in TRACE_KINDS]
     if unknown:
