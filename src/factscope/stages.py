@@ -222,7 +222,7 @@ def ablate(
         model, known, heads = _causal_inputs(run_dir, "ablate", overwrite, device, threads, limit, reporter)
         tables, summary = causal.ablate_checks(model, known, heads, **options, trace=trace, targets=targets,
                                                progress=reporter.progress)
-        return _write_causal(run_dir, tables, summary, report, reporter)
+        return _write_causal(run_dir, "ablate", tables, summary, report, reporter)
 
 
 def trace(
@@ -255,7 +255,7 @@ def trace(
         enrichment = rundir.read_table(run_dir, "enrichment")
         model, known, _ = _causal_inputs(run_dir, "trace", overwrite, device, threads, limit, reporter)
         tables, summary = causal.trace_checks(model, known, **options, enrichment=enrichment, progress=reporter.progress)
-        return _write_causal(run_dir, tables, summary, report, reporter)
+        return _write_causal(run_dir, "trace", tables, summary, report, reporter)
 
 
 def write_report(run_dir: str | Path, pngs: bool = True, reporter: Reporter = QUIET) -> Path:
@@ -474,14 +474,24 @@ def _run_json(path: Path) -> dict:
     return rundir.read_json_object(path)
 
 
-def _write_causal(run_dir: Path, tables: dict, summary: dict, report: bool, reporter: Reporter) -> rundir.Run:
+def _write_causal(run_dir: Path, command: str, tables: dict, summary: dict, report: bool,
+                  reporter: Reporter) -> rundir.Run:
     """Every table, then summary.json, each replaced atomically; the report is re-rendered last, so a rendering
-    failure cannot cost the tables."""
+    failure cannot cost the tables. What an earlier run of `command` wrote and this one did not (AtP tables after
+    `--method atp`, rerun with `--method exact`) is removed with its summary entry, last: the report must not show
+    a previous run's results beside this one's as if they belonged together."""
+    from .causal import CHECKS
+
+    checks = [check for check in CHECKS if check.command == command]
     run_summary = _run_json(run_dir / rundir.SUMMARY)
     for name, table in tables.items():
         rundir.write_table(table, run_dir, name)
-    run_summary["causal"] = {**run_summary.get("causal", {}), **summary}
+    causal = {key: value for key, value in run_summary.get("causal", {}).items()
+              if key in summary or key not in {check.name for check in checks}}
+    run_summary["causal"] = {**causal, **summary}
     rundir.write_json(run_dir / rundir.SUMMARY, run_summary)
+    for name in {name for check in checks for name in check.tables} - set(tables):
+        rundir.table_path(run_dir, name).unlink(missing_ok=True)
     if report:
         write_report(run_dir, reporter=reporter)
     return rundir.load_run(run_dir)
