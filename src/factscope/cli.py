@@ -186,6 +186,7 @@ def trace(
     window: Annotated[int, typer.Option("--window", min=1, help="Layers per restored attention / MLP window.")] = 10,
     seeds: SeedsOpt = None,
     method: Annotated[str, typer.Option("--method", help="exact (patching), atp (attribution patching, checked on a sample restored exactly) or both.")] = "exact",
+    graddrop: Annotated[bool, typer.Option("--graddrop", help="With --method atp|both: also AtP*'s GradDrop (one backward pass per layer), checked the same way.")] = False,
     limit: LimitOpt = None,
     device: DeviceOpt = "cpu",
     threads: ThreadsOpt = None,
@@ -195,9 +196,10 @@ def trace(
     clean state restored per (layer, position). Writes RUN_DIR/causal_trace.parquet and trace_peaks.csv, adds
     summary.json["causal"]["trace"] and re-renders the report. Costs about 1 + seeds × (1 + 3 × layers) passes,
     each over the positions from the restored one on. --method atp writes atp_trace.parquet and atp_agreement.csv
-    instead (1 + seeds forward and backward passes, plus the sampled exact check); both writes all four."""
-    run = stages.trace(run_dir, noise=noise, window=window, seeds=_numbers(seeds, int, "--seeds"), method=method, limit=limit,
-                       device=device, threads=threads, overwrite=overwrite, reporter=REPORTER)
+    instead (1 + seeds forward and backward passes, plus the sampled exact check); both writes all four.
+    --graddrop adds GradDrop's error to atp_agreement.csv (layers backward passes per seed)."""
+    run = stages.trace(run_dir, noise=noise, window=window, seeds=_numbers(seeds, int, "--seeds"), method=method,
+                       graddrop=graddrop, limit=limit, device=device, threads=threads, overwrite=overwrite, reporter=REPORTER)
     _print_causal(run.summary["causal"], ("trace",))
     _print_report(run)
 
@@ -275,6 +277,8 @@ def _print_causal(causal: dict, keys: tuple[str, ...]) -> None:
                                    ("AtP vs exact path ablation (total)", paths.get("atp_agreement"), "atp_path_agreement.csv")):
         if agreement:
             table.add_row(label, _agreement_text(agreement, file))
+            if agreement.get("graddrop"):
+                table.add_row(f"{label}, GradDrop", _agreement_text(agreement["graddrop"], file))
     Console().print(table)
 
 

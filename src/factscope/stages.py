@@ -232,6 +232,7 @@ def trace(
     window: int = 10,
     seeds: Sequence[int] | None = None,
     method: str = "exact",
+    graddrop: bool = False,
     limit: int | None = None,
     device: str = "cpu",
     threads: int | None = None,
@@ -244,10 +245,13 @@ def trace(
     MLP outputs restored over `window` layers. Adds causal_trace.parquet, trace_peaks.csv and
     summary.json["causal"]["trace"] to the run. `method` "atp" estimates the restorations by attribution patching
     instead (atp_trace.parquet, with atp_agreement.csv from a sample restored exactly), "both" runs both and
-    compares them on every cell."""
+    compares them on every cell. `graddrop` (with "atp" or "both") adds AtP*'s GradDrop and its error to
+    atp_agreement.csv."""
     from . import causal
 
-    options = {"noise": noise, "window": window, "method": method}
+    if graddrop and method == "exact":
+        raise FactscopeError("--graddrop corrects attribution patching: use it with --method atp or both")
+    options = {"noise": noise, "window": window, "method": method, "graddrop": graddrop}
     if seeds is not None:
         options["seeds"] = list(seeds)
     run_dir = _finished_run(run_dir)

@@ -103,15 +103,18 @@ def trace_checks(
     window: int = trace.WINDOW,
     seeds: Sequence[int] = trace.SEEDS,
     method: str = "exact",
+    graddrop: bool = False,
     progress: ProgressBars = None,
     enrichment: pd.DataFrame | None = None,
 ) -> tuple[dict[str, pd.DataFrame], dict]:
     """The `trace` command's checks on the known facts: tables by rundir.TABLES name, and the entries of
     summary.json["causal"]. `method` is exact patching, attribution patching (`atp`, with its error on a sample
-    restored exactly) or both. `enrichment` is the run's enrichment table, if it has one: its summary is redone
+    restored exactly) or both; `graddrop` adds AtP*'s GradDrop to the AtP check. `enrichment` is the run's enrichment table, if it has one: its summary is redone
     with the new tracing peak (exact tracing only)."""
-    tables = _run("trace", model, known, {"noise": noise, "window": window, "seeds": seeds, "method": method}, progress)
-    settings = {"noise": noise, "window": window, "seeds": list(seeds), "method": method, "n_prompts": len(known)}
+    options = {"noise": noise, "window": window, "seeds": seeds, "method": method, "graddrop": graddrop}
+    tables = _run("trace", model, known, options, progress)
+    settings = {"noise": noise, "window": window, "seeds": list(seeds), "method": method, "graddrop": graddrop,
+                "n_prompts": len(known)}
     summary = {check.name: {**settings, **check.summarize(tables)} for check in _of("trace")}
     if enrichment is not None and "causal_trace" in tables:
         summary["enrichment"] = enrichment_summary(enrichment, tables["causal_trace"])
