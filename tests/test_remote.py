@@ -45,15 +45,6 @@ def test_nnsight_engine_equals_local_engine_bitwise(tiny, remote):
     assert engine.requests == 3  # one trace per batch of 8
 
 
-def test_nnsight_engine_with_value_biases(model_dirs):
-    """Qwen2 (GQA, biases on v): the value bias reaches the engine inside v_proj's output, as in hook_v."""
-    model = load_model(str(model_dirs["qwen2"]))
-    encoded = encode_all(load_facts()[:8], model.tokenizer, model.prepend_bos)
-    expected = decompose(model, encoded, known_only=False)
-    got = decompose(model, encoded, known_only=False, engine=local_engine(str(model_dirs["qwen2"])))
-    assert_same_decomposition(expected, got)
-
-
 def test_unknown_architecture_is_refused_by_name(model_dirs):
     with pytest.raises(FactscopeError, match="GPT2LMHeadModel"):
         local_engine(str(model_dirs["gpt2"]))
@@ -93,14 +84,32 @@ def test_projected_on_the_server_equals_local_engine_bitwise(tiny, remote, known
     assert engine.requests == 3
 
 
-def test_projected_with_value_biases_and_gqa(model_dirs):
-    """Qwen2: the value bias is removed from the groups and counted with the attention bias, on the server too."""
-    folder = model_dirs["qwen2"]
+@pytest.mark.parametrize("family", ["qwen2", "gemma3"])
+def test_other_architectures_equal_local_engine_bitwise(model_dirs, family):
+    """Qwen2: GQA and value biases (removed from the groups, counted with the attention bias, on the server too).
+    Gemma 3: the attention post-norm (its END scale frozen, on both sides), the MLP's post-norm, the scaled
+    embedding and the (1 + w) RMSNorm gain. With the raw END tensors and with the maths inside the trace."""
+    folder = model_dirs[family]
     model = load_model(str(folder))
     encoded = encode_all(load_facts()[:8], model.tokenizer, model.prepend_bos)
+    expected = decompose(model, encoded, known_only=False)
     engine = local_engine(str(folder), remote="local")
-    assert_same_decomposition(decompose(model, encoded, known_only=False),
-                              decompose(config_only(folder, engine), encoded, known_only=False, engine=engine))
+    assert_same_decomposition(expected, decompose(model, encoded, known_only=False, engine=engine))
+    assert_same_decomposition(expected, decompose(config_only(folder, engine), encoded, known_only=False, engine=engine))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_server_norm_gain_is_the_local_engines(model_dirs, family):
+    """end_maths.rms_gain, which the server runs on the norm's weight, gives the gain models._norm_affine reads by
+    probing the module itself, bit for bit (fp32 and bf16: the casts differ by architecture)."""
+    from factscope.end_maths import rms_gain
+    from factscope.nnsight_engine import module_paths
+
+    for dtype in ("float32", "bfloat16"):
+        model = load_model(str(model_dirs[family]), dtype=dtype)
+        kind = module_paths(model.bridge.original_model.config.architectures[0]).norm
+        weight = model.bridge.original_model.model.norm.weight
+        assert torch.equal(rms_gain(weight, model.cfg.eps, kind), model.final_norm[0])
 
 
 def test_the_request_names_no_factscope_module(tiny, monkeypatch):
@@ -174,18 +183,19 @@ def test_remote_stage_reads_no_weights_and_writes_the_local_tables(tiny, monkeyp
 
 
 @pytest.mark.real
-def test_nnsight_engine_equals_local_engine_on_smollm2():
-    """The real model, fp32, through the serialisation path: every attribution bit for bit, with the raw END
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+def test_nnsight_engine_equals_local_engine_on_real_models(name):
+    """The real models, fp32, through the serialisation path: every attribution bit for bit, with the raw END
     tensors (the maths here) and with the maths run inside the trace (no weights here)."""
     from factscope.nnsight_engine import config_only_model
 
     torch.set_num_threads(1)
-    model = load_model("smollm2-135m")
+    model = load_model(name)
     encoded = encode_all(load_facts()[:16], model.tokenizer, model.prepend_bos)
     expected = decompose(model, encoded, known_only=False)
-    engine = local_engine("smollm2-135m", remote="local")
+    engine = local_engine(name, remote="local")
     assert_same_decomposition(expected, decompose(model, encoded, known_only=False, engine=engine))
-    config_only = config_only_model("smollm2-135m", engine.lm.config, model.tokenizer, dtype="float32")
+    config_only = config_only_model(name, engine.lm.config, model.tokenizer, dtype="float32")
     assert_same_decomposition(expected, decompose(config_only, encoded, known_only=False, engine=engine))
 
 
