@@ -132,7 +132,8 @@ def test_the_request_names_no_factscope_module(tiny, monkeypatch):
     engine = local_engine(str(folder), remote="local")
     decompose(config_only(folder, engine), encoded[:4], known_only=False, engine=engine)
     tokens = torch.tensor([encoded[0].token_ids])
-    engine.recall(tokens, torch.ones_like(tokens), torch.tensor([tokens.shape[1] - 1]), torch.tensor([1]))
+    engine.recall(config_only(folder, engine), tokens, torch.ones_like(tokens), torch.tensor([tokens.shape[1] - 1]),
+                  torch.tensor([1]))
     assert len(payloads) == 2
     for payload in payloads:
         strings = [arg for _, arg, _ in pickletools.genops(io.BytesIO(payload)) if isinstance(arg, str)]
@@ -153,8 +154,9 @@ def test_recall_through_the_engine_equals_local_recall(tiny):
 
 @pytest.mark.parametrize("command", ["analyze", "recall"])
 def test_remote_stage_reads_no_weights_and_writes_the_local_tables(tiny, monkeypatch, tmp_path, command):
-    """The library entry points with --remote, NDIF replaced by the same model through nnsight's serialisation
-    path: config and tokenizer are all that is read locally, and the tables are the local run's."""
+    """The library entry points with --remote, NDIF replaced by the same model in bf16 (what NDIF serves) through
+    nnsight's serialisation path: config and tokenizer are all that is read locally, the tables are a local bf16
+    run's bit for bit, and the run records bf16."""
     from transformers import AutoConfig, AutoTokenizer
 
     import factscope.models
@@ -164,11 +166,11 @@ def test_remote_stage_reads_no_weights_and_writes_the_local_tables(tiny, monkeyp
     engines = []
 
     def engine(model_id, tokenizer):
-        engines.append(local_engine(str(folder), remote="local"))
+        engines.append(local_engine(str(folder), dtype="bfloat16", remote="local"))
         return engines[-1]
 
     kwargs = {"report": False, "all_prompts": True} if command == "analyze" else {}
-    local = getattr(stages, command)(str(folder), None, tmp_path / "local", **kwargs)
+    local = getattr(stages, command)(str(folder), None, tmp_path / "local", dtype="bfloat16", **kwargs)
     monkeypatch.setattr(remote, "preflight", lambda model_id, send: None)
     monkeypatch.setattr(remote, "remote_engine", engine)
     monkeypatch.setattr(stages, "_hub_config_and_tokenizer",
@@ -176,6 +178,7 @@ def test_remote_stage_reads_no_weights_and_writes_the_local_tables(tiny, monkeyp
     monkeypatch.setattr(factscope.models, "load_model", lambda *a, **k: pytest.fail("a remote run loaded weights"))
     run = getattr(stages, command)("org/tiny", None, tmp_path / "remote", remote=True, **kwargs)
     assert run.summary["remote"] == {"requests": engines[0].requests, "bytes_back": engines[0].bytes_back}
+    assert run.manifest["config"]["dtype"] == "bfloat16"
     got, expected = (run.attributions(), local.attributions()) if command == "analyze" else (run.recall, local.recall)
     if command == "recall":
         got, expected = got.drop(columns="model"), expected.drop(columns="model")
@@ -331,6 +334,37 @@ def test_cli_remote_errors_are_one_line_and_write_nothing(tmp_path):
         assert result.returncode == 2 and reason in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not out.exists()
+
+
+def test_cli_remote_refuses_a_dtype_ndif_does_not_serve(tmp_path):
+    """NDIF serves bf16 only: --dtype float32 with --remote is refused in one line, before anything (not even the
+    Hub) is read, rather than ignored; --dry-run refuses it too."""
+    out = tmp_path / "run"
+    for extra in ((), ("--dry-run",)):
+        result = factscope_cli("analyze", "--remote", *extra, "--dtype", "float32", "--model", "org/model", "--out", out,
+                               env={"NDIF_API_KEY": "key"})
+        assert result.returncode == 2, result.stderr
+        assert "--remote runs the model in bfloat16" in result.stderr and "--dtype float32 cannot be honoured" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not out.exists()
+
+
+def test_a_server_running_another_dtype_is_refused_and_nothing_written(tiny, monkeypatch, tmp_path):
+    """The run records the dtype the server ran in, checked on every request: an engine whose model runs in fp32
+    under a run that records bf16 stops at the first request, in one line, with no run directory left."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from factscope import stages
+
+    folder = tiny[0]
+    monkeypatch.setattr(remote, "preflight", lambda model_id, send: None)
+    monkeypatch.setattr(remote, "remote_engine", lambda model_id, tokenizer: local_engine(str(folder), remote="local"))
+    monkeypatch.setattr(stages, "_hub_config_and_tokenizer",
+                        lambda model: (AutoConfig.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)))
+    for command in ("analyze", "recall"):
+        with pytest.raises(FactscopeError, match="ran org/tiny in float32, not in bfloat16 as this run records it"):
+            getattr(stages, command)("org/tiny", None, tmp_path / command, remote=True)
+        assert not (tmp_path / command).exists()
 
 
 def test_cli_dry_run_prints_the_plan_and_sends_nothing(tiny, monkeypatch, tmp_path):

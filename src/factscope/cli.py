@@ -71,7 +71,11 @@ class Dtype(str, Enum):
     float16 = "float16"
 
 
-DtypeOpt = Annotated[Dtype, typer.Option("--dtype", help="The dtype the model runs in; the parts are summed in fp32.")]
+def _value(option: Enum | None) -> str | None:
+    return None if option is None else option.value
+
+
+DtypeOpt = Annotated[Optional[Dtype], typer.Option("--dtype", help="The dtype the model runs in (default float32; with --remote, bfloat16, the only one NDIF serves); the parts are summed in fp32.", show_default=False)]
 
 
 @app.command()
@@ -83,7 +87,7 @@ def recall(
     device: DeviceOpt = "cpu",
     batch_size: BatchOpt = 32,
     bos: BosOpt = None,
-    dtype: DtypeOpt = Dtype.float32,
+    dtype: DtypeOpt = None,
     threads: ThreadsOpt = None,
     remote: Annotated[bool, typer.Option("--remote", help="Run the passes on NDIF through nnsight (--model is a Hub id; needs NDIF_API_KEY and factscope[remote]).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="With --remote: print the requests and bytes a run would cost, send nothing.")] = False,
@@ -94,10 +98,11 @@ def recall(
     if dry_run:
         if not remote:
             raise FactscopeError("--dry-run plans a --remote run; add --remote")
-        console.print(stages.remote_plan(model, dataset, batch_size=batch_size, bos=bos, command="recall").describe())
+        console.print(stages.remote_plan(model, dataset, batch_size=batch_size, bos=bos, command="recall",
+                                         dtype=_value(dtype)).describe())
         return
     run = stages.recall(model, dataset, out, overwrite=overwrite, device=device, batch_size=batch_size, bos=bos,
-                        dtype=dtype.value, threads=threads, remote=remote, reporter=REPORTER)
+                        dtype=_value(dtype), threads=threads, remote=remote, reporter=REPORTER)
     _print_accuracy(accuracy_table(run.recall), _model_title(run))
     console.print(f"wrote {out}/recall.csv")
 
@@ -116,7 +121,7 @@ def analyze(
     z: Annotated[float, typer.Option("--z", min=0.0, help="Significance: robust z-score against all heads.")] = 3.0,
     swap: Annotated[bool, typer.Option("--swap", help="Also rerun with subjects swapped (relation heads should not move).")] = False,
     resume: ResumeOpt = False,
-    dtype: DtypeOpt = Dtype.float32,
+    dtype: DtypeOpt = None,
     threads: ThreadsOpt = None,
     remote: Annotated[bool, typer.Option("--remote", help="Run the forward passes on NDIF through nnsight (--model is a Hub id; needs NDIF_API_KEY and factscope[remote]).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="With --remote: print the requests and bytes a run would cost, send nothing.")] = False,
@@ -127,10 +132,10 @@ def analyze(
     if dry_run:
         if not remote:
             raise FactscopeError("--dry-run plans a --remote run; add --remote")
-        console.print(stages.remote_plan(model, dataset, batch_size=batch_size, bos=bos).describe())
+        console.print(stages.remote_plan(model, dataset, batch_size=batch_size, bos=bos, dtype=_value(dtype)).describe())
         return
     run = stages.analyze(model, dataset, out, overwrite=overwrite, device=device, batch_size=batch_size, bos=bos,
-                         all_prompts=all_prompts, k=k, z=z, swap=swap, resume=resume, dtype=dtype.value, threads=threads,
+                         all_prompts=all_prompts, k=k, z=z, swap=swap, resume=resume, dtype=_value(dtype), threads=threads,
                          remote=remote, reporter=REPORTER)
     summary = run.summary
     _print_accuracy(accuracy_table(run.recall), _model_title(run))

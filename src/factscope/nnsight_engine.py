@@ -27,6 +27,8 @@ from .errors import FactscopeError
 from .forward import act_name
 from .models import DTYPES, LoadedModel, load_hf_model
 
+_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
 
 @dataclass(frozen=True)
 class ModulePaths:
@@ -230,17 +232,15 @@ class NnsightEngine:
                 acts["resid_post"].append(layers[layer].output[rows, ends])
             acts["final_in"] = norm.input[rows, ends]
             acts["logits"] = lm_head.output[:, 0]
+            out["model_dtype"] = acts["logits"][:0]  # no element: only its dtype comes back (`_ran_in`)
             weights = {"w_u": lm_head.weight.T, "b_u": lm_head.bias, "norm_weight": norm.weight, "eps": eps,
                        "norm": norm_kind, "w_o": [o.weight for o in o_projs], "b_o": [o.bias for o in o_projs],
                        "b_v": [v.bias for v in v_projs], "post_norm_weight": [n.weight for n in post_norms]}
             out.update(project_end(acts, weights, groups, targets, answers, known_only))
-        saved = {name: value.cpu() for name, value in dict(out).items()}
-        self.requests += 1
-        self.bytes_back += sum(t.numel() * t.element_size() for t in saved.values())
-        return saved
+        return self._received(model, out)
 
     def recall(
-        self, tokens: Int[torch.Tensor, "batch pos"], mask: Int[torch.Tensor, "batch pos"],
+        self, model, tokens: Int[torch.Tensor, "batch pos"], mask: Int[torch.Tensor, "batch pos"],
         ends: Int[torch.Tensor, " batch"], answers: Int[torch.Tensor, " batch"],
     ) -> dict[str, torch.Tensor]:
         """`end_maths.recall_stats` computed inside the trace: rank, probability, logit and top tokens per prompt
@@ -256,8 +256,21 @@ class NnsightEngine:
         inputs = {"input_ids": tokens.cpu(), "attention_mask": mask.cpu()}
         with self.lm.trace(inputs, logits_to_keep=ends.cpu()[:, None], remote=self.remote):
             out = nnsight.save({})
-            out.update(stats(lm_head.output[:, 0].detach().float(), answers))
+            logits = lm_head.output[:, 0]
+            out["model_dtype"] = logits[:0]
+            out.update(stats(logits.detach().float(), answers))
+        return self._received(model, out)
+
+    def _received(self, model, out: dict) -> dict[str, torch.Tensor]:
+        """What a request brought back, counted for the cost report, once the dtype the model ran in is checked
+        against the one the run records (`model.dtype`, which also sets the tolerance the parts are checked at):
+        a remote run cannot choose it, the server's deployment does."""
         saved = {name: value.cpu() for name, value in dict(out).items()}
+        ran_in = _DTYPE_NAMES.get(saved.pop("model_dtype").dtype, "another dtype")
+        if ran_in != model.dtype:
+            where = "NDIF" if self.remote is True else "the nnsight engine"
+            raise FactscopeError(f"{where} ran {model.name} in {ran_in}, not in {model.dtype} as this run records it; "
+                                 "nothing was written")
         self.requests += 1
         self.bytes_back += sum(t.numel() * t.element_size() for t in saved.values())
         return saved
@@ -272,7 +285,7 @@ class ConfigOnlyModel:
     tokenizer: object
     prepend_bos: bool
     config: object
-    dtype: str = "bfloat16"  # NDIF serves bf16; the tolerance the parts are checked against (taxonomy.TOLERANCES)
+    dtype: str  # the dtype the server runs the model in (`remote.SERVED_DTYPE`; each request checks it)
     device: torch.device = torch.device("cpu")
 
     @property
@@ -295,7 +308,7 @@ class ConfigOnlyModel:
         return getattr(self.config, "max_position_embeddings", None)
 
 
-def config_only_model(name: str, config, tokenizer, prepend_bos: bool | None = None, dtype: str = "bfloat16") -> ConfigOnlyModel:
+def config_only_model(name: str, config, tokenizer, dtype: str, prepend_bos: bool | None = None) -> ConfigOnlyModel:
     from .models import tokenizer_prepends_bos
 
     module_paths((getattr(config, "architectures", None) or ["?"])[0])  # refuse an unknown architecture up front

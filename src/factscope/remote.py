@@ -20,6 +20,8 @@ from .models import NAMED_MODELS
 from .taxonomy import GROUPS
 
 NNSIGHT_VERSION = "0.8.1"  # the one pinned by the `remote` extra; NDIF refuses clients it does not speak to
+# NDIF runs each model as deployed, in bf16: a request cannot ask for another dtype, and no fp32 copy exists there
+SERVED_DTYPE = "bfloat16"
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,15 @@ def check_client() -> None:
     if nnsight.__version__ != NNSIGHT_VERSION:
         raise FactscopeError(f"--remote needs nnsight=={NNSIGHT_VERSION} (installed: {nnsight.__version__}); "
                              "pip install 'factscope[remote]'")
+
+
+def check_dtype(dtype: str | None) -> str:
+    """The dtype a remote run runs (and records): NDIF's. Asking for another is refused rather than ignored; the
+    engine also checks, on every request, that the server did run the model in it."""
+    if dtype not in (None, SERVED_DTYPE):
+        raise FactscopeError(f"--remote runs the model in {SERVED_DTYPE}, the dtype NDIF serves it in; --dtype {dtype} "
+                             f"cannot be honoured there (drop --dtype, or run locally)")
+    return SERVED_DTYPE
 
 
 def check_model_id(name: str) -> None:

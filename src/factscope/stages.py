@@ -51,13 +51,14 @@ def recall(
     device: str = "cpu",
     batch_size: int = 32,
     bos: bool | None = None,
-    dtype: str = "float32",
+    dtype: str | None = None,
     threads: int | None = None,
     remote: bool = False,
     reporter: Reporter = QUIET,
 ) -> rundir.Run:
     """Which facts does the model know? Writes OUT/recall.csv and OUT/summary.json. `remote`: the passes run on
-    NDIF (`model` is a Hub id) and only each prompt's rank, probability, logit and top tokens come back."""
+    NDIF (`model` is a Hub id) and only each prompt's rank, probability, logit and top tokens come back. `dtype`:
+    float32 by default; a remote run runs in the dtype NDIF serves (`remote.check_dtype` refuses any other)."""
     from .recall import accuracy_table, recall as recall_table
 
     out = Path(out)
@@ -65,16 +66,18 @@ def recall(
     if remote:  # every check that can refuse the run comes before the run directory is touched
         from . import remote as ndif
 
+        dtype = ndif.check_dtype(dtype)
         ndif.preflight(model, send=True)
         reporter.warn(remote_plan(model, dataset, batch_size=batch_size, bos=bos, command="recall").describe())
         sending = ndif.one_line_errors()
     with rundir.locked(out):
         _refuse_existing(out, overwrite)
         if remote:
-            loaded, encoded, dataset_path = _prepare_remote(model, dataset, bos, reporter)
+            loaded, encoded, dataset_path = _prepare_remote(model, dataset, bos, dtype, reporter)
             engine = ndif.remote_engine(model, loaded.tokenizer)
         else:
-            loaded, encoded, dataset_path = _prepare(model, dataset, device, bos, reporter, dtype=dtype, threads=threads)
+            loaded, encoded, dataset_path = _prepare(model, dataset, device, bos, reporter, dtype=dtype or "float32",
+                                                     threads=threads)
         with reporter.progress("recall", len(encoded)) as advance, sending:
             table = recall_table(loaded, encoded, batch_size=batch_size, progress=advance, engine=engine)
         table.insert(0, "model", loaded.name)
@@ -116,7 +119,7 @@ def analyze(
     swap: bool = False,
     resume: bool = False,
     report: bool = True,
-    dtype: str = "float32",
+    dtype: str | None = None,
     threads: int | None = None,
     remote: bool = False,
     reporter: Reporter = QUIET,
@@ -125,7 +128,8 @@ def analyze(
     `swap`, the subject swap). `k` and `z` are the head-class rule's dominance ratio and significance.
 
     `remote`: the passes run on NDIF through nnsight (`model` is a Hub id; see `remote_plan`, printed before
-    anything is sent), and so do the maths that read weights: only the tokenizer and config are read here."""
+    anything is sent), and so do the maths that read weights: only the tokenizer and config are read here. `dtype`:
+    float32 by default; a remote run runs in the dtype NDIF serves (`remote.check_dtype` refuses any other)."""
     import pandas as pd
 
     from .data import relation_targets, targets_table
@@ -140,6 +144,7 @@ def analyze(
 
         if swap:
             raise FactscopeError("--swap does not run remotely yet (its passes use the local engine)")
+        dtype = ndif.check_dtype(dtype)
         ndif.preflight(model, send=True)
         reporter.warn(remote_plan(model, dataset, batch_size=batch_size, bos=bos).describe())
         sending = ndif.one_line_errors()
@@ -147,10 +152,11 @@ def analyze(
         _refuse_existing(out, overwrite, resume)
         rule = ClassRule(k=k, z=z)  # invalid k or z is refused before the model loads
         if remote:
-            loaded, encoded, dataset_path = _prepare_remote(model, dataset, bos, reporter)
+            loaded, encoded, dataset_path = _prepare_remote(model, dataset, bos, dtype, reporter)
             engine = ndif.remote_engine(model, loaded.tokenizer)
         else:
-            loaded, encoded, dataset_path = _prepare(model, dataset, device, bos, reporter, dtype=dtype, threads=threads)
+            loaded, encoded, dataset_path = _prepare(model, dataset, device, bos, reporter, dtype=dtype or "float32",
+                                                     threads=threads)
         config = {"command": "analyze", "batch_size": batch_size, "known_only": not all_prompts, "k": k, "z": z,
                   "swap": swap, "prepend_bos": loaded.prepend_bos, "device": _used_device(loaded, device),
                   "dtype": loaded.dtype, "remote": remote}
@@ -294,13 +300,15 @@ def import_facts(source: str | Path, format: str, out: str | Path = "facts.jsonl
 
 
 def remote_plan(model: str, dataset: str | Path | None = None, *, batch_size: int = 16, bos: bool | None = None,
-                command: str = "analyze"):
+                command: str = "analyze", dtype: str | None = None):
     """What `analyze --remote` (or `recall --remote`) would send and get back (`remote.Plan`), from the model's
-    config and tokenizer only: no weights are loaded and nothing is sent."""
+    config and tokenizer only: no weights are loaded and nothing is sent. A `dtype` the run could not honour is
+    refused here as it would be there."""
     from . import remote as ndif
     from .data import encode_all, load_facts, relation_targets, shipped_dataset
     from .models import tokenizer_prepends_bos
 
+    ndif.check_dtype(dtype)
     ndif.check_model_id(model)
     config, tokenizer = _hub_config_and_tokenizer(model)
     facts = load_facts(Path(dataset) if dataset is not None else shipped_dataset())
@@ -313,9 +321,9 @@ def remote_plan(model: str, dataset: str | Path | None = None, *, batch_size: in
     return ndif.plan(model, ndif.Shape.from_config(config), widths, batch_size)
 
 
-def _prepare_remote(model_name: str, dataset: str | Path | None, bos: bool | None, reporter: Reporter):
+def _prepare_remote(model_name: str, dataset: str | Path | None, bos: bool | None, dtype: str, reporter: Reporter):
     """`_prepare` for a remote run: the dataset, then the Hub config and tokenizer, never the weights
-    (`nnsight_engine.ConfigOnlyModel` stands in for the loaded model)."""
+    (`nnsight_engine.ConfigOnlyModel` stands in for the loaded model, in the server's `dtype`)."""
     from .data import encode_all, load_facts, shipped_dataset
     from .nnsight_engine import config_only_model
 
@@ -323,7 +331,7 @@ def _prepare_remote(model_name: str, dataset: str | Path | None, bos: bool | Non
     facts = load_facts(dataset_path)
     with reporter.status(f"reading {model_name}'s config and tokenizer"):
         config, tokenizer = _hub_config_and_tokenizer(model_name)
-    model = config_only_model(model_name, config, tokenizer, bos)
+    model = config_only_model(model_name, config, tokenizer, dtype, bos)
     return model, encode_all(facts, tokenizer, model.prepend_bos, max_tokens=model.max_tokens), dataset_path
 
 
