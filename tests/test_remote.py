@@ -387,3 +387,98 @@ def test_cli_dry_run_prints_the_plan_and_sends_nothing(tiny, monkeypatch, tmp_pa
     assert result.exit_code == 0, result.output
     assert "remote plan for org/tiny: 144 prompts in 9 requests" in result.output
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ablate --remote: the attention knockout through the engine
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_knockout_through_the_engine_equals_local_knockout_bitwise(model_dirs, family):
+    """Every window and head set, every blocked group `ablate` uses: the engine cuts the attention mask where the
+    local knockout cuts TransformerLens's scores (the same `end_maths.end_block`), and the scores computed on the
+    server are the local ones bit for bit (Gemma 3: sliding-window layers, whose mask is their own)."""
+    from factscope.causal import knockout
+
+    folder = model_dirs[family]
+    model = load_model(str(folder))
+    encoded = encode_all(load_facts()[:12], model.tokenizer, model.prepend_bos)
+    blocked = knockout.blocked_groups(model.prepend_bos)
+    sets = {"subject_heads": [(1, 0), (1, 2)], "relation_heads": [(0, 3), (2, 1)]}
+    engine = local_engine(str(folder), remote="local")
+    for options in ({"window": 3}, {"heads": sets}):
+        expected = knockout.knockout(model, encoded, blocked, **options)
+        got = knockout.knockout(config_only(folder, engine), encoded, blocked, **options, engine=engine)
+        pd.testing.assert_frame_equal(expected, got, check_exact=True)
+        assert (expected["rel_change_p"] != 0).any()  # the cut changed something
+    assert engine.requests == (1 + len(blocked) * 3) + (1 + len(blocked) * 2)
+
+
+def _remote_stages(monkeypatch, folder, engines):
+    """stages with NDIF replaced by the tiny model in bf16 through nnsight's serialisation path."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    import factscope.models
+    from factscope import stages
+
+    def engine(model_id, tokenizer):
+        engines.append(local_engine(str(folder), dtype="bfloat16", remote="local"))
+        return engines[-1]
+
+    monkeypatch.setattr(remote, "preflight", lambda model_id, send: None)
+    monkeypatch.setattr(remote, "remote_engine", engine)
+    monkeypatch.setattr(stages, "_hub_config_and_tokenizer",
+                        lambda model: (AutoConfig.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)))
+    monkeypatch.setattr(factscope.models, "load_model", lambda *a, **k: pytest.fail("a remote run loaded weights"))
+    return stages
+
+
+def test_remote_ablate_equals_the_local_knockout_and_costs_its_plan(tiny, monkeypatch, tmp_path):
+    """analyze --remote, then ablate --remote on its run: the knockout table is the local bf16 knockout's bit for
+    bit over the same prompts, no other check runs, and the requests and bytes are the plan's exactly."""
+    from factscope.causal import knockout, spread
+
+    folder = tiny[0]
+    local_model = load_model(str(folder), dtype="bfloat16")
+    engines = []
+    stages = _remote_stages(monkeypatch, folder, engines)
+    run = stages.analyze("org/tiny", None, tmp_path / "run", remote=True, all_prompts=True, report=False)
+    plan = stages.remote_ablate_plan(run.path, window=3, limit=12)
+    run = stages.ablate(run.path, remote=True, window=3, limit=12, report=False)
+    known = spread(encode_all(load_facts(), local_model.tokenizer, local_model.prepend_bos), 12)
+    heads = run.heads
+    expected = knockout.CHECK.run(local_model, known, progress=None, window=3, head_sets=knockout.class_head_sets(heads),
+                                  blocked=knockout.blocked_groups(local_model.prepend_bos))["knockout"]
+    pd.testing.assert_frame_equal(expected, run.knockout, check_exact=True, check_dtype=False)
+    ablate = run.summary["causal"]["ablate"]
+    assert ablate["remote"] == {"checks": ["knockout"], "requests": plan.requests, "bytes_back": plan.bytes_back}
+    assert (plan.prompts, plan.requests) == (12, knockout.knockout_passes(3, knockout.blocked_groups(False))
+                                             + knockout.knockout_passes(3, knockout.blocked_groups(False), heads=knockout.class_head_sets(heads)))
+    assert not any(run.has(name) for name in ("ablations", "noise_robustness", "extraction_rate"))
+
+
+def test_remote_ablate_refusals_are_one_line(tiny, monkeypatch, tmp_path):
+    from factscope import stages
+
+    folder = tiny[0]
+    local = stages.analyze(str(folder), None, tmp_path / "local", all_prompts=True, report=False)
+    with pytest.raises(FactscopeError, match="analysed locally; ablate --remote checks a run of `analyze --remote`"):
+        stages.ablate(local.path, remote=True)
+    with pytest.raises(FactscopeError, match="runs the knockout check only; --method does not run remotely"):
+        stages.ablate(local.path, remote=True, method="atp")
+
+
+@pytest.mark.real
+def test_knockout_through_the_engine_on_smollm2():
+    """SmolLM2, fp32, through the serialisation path: every window of `ablate`'s knockout (END↛subject and
+    END↛relation) and two head sets, on 8 known facts, bit for bit."""
+    from factscope.causal import knockout, known_facts, spread
+
+    torch.set_num_threads(1)
+    model = load_model("smollm2-135m")
+    known = spread(known_facts(model, encode_all(load_facts(), model.tokenizer, model.prepend_bos)), 8)
+    engine = local_engine("smollm2-135m", remote="local")
+    sets = {"subject_heads": [(14, 3), (20, 1)], "relation_heads": [(25, 0), (28, 7)]}
+    for options in ({"window": knockout.WINDOW}, {"heads": sets}):
+        expected = knockout.knockout(model, known, **options)
+        got = knockout.knockout(model, known, **options, engine=engine)
+        pd.testing.assert_frame_equal(expected, got, check_exact=True)

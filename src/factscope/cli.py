@@ -71,6 +71,12 @@ class Dtype(str, Enum):
     float16 = "float16"
 
 
+def _plan_only(dry_run: bool, remote: bool) -> bool:
+    if dry_run and not remote:
+        raise FactscopeError("--dry-run plans a --remote run; add --remote")
+    return dry_run
+
+
 def _value(option: Enum | None) -> str | None:
     return None if option is None else option.value
 
@@ -95,9 +101,7 @@ def recall(
     """Which facts does the model know? Writes DIR/recall.csv and DIR/summary.json."""
     from .recall import accuracy_table
 
-    if dry_run:
-        if not remote:
-            raise FactscopeError("--dry-run plans a --remote run; add --remote")
+    if _plan_only(dry_run, remote):
         console.print(stages.remote_plan(model, dataset, batch_size=batch_size, bos=bos, command="recall",
                                          dtype=_value(dtype)).describe())
         return
@@ -129,9 +133,7 @@ def analyze(
     """Exact DLA by component and source group, the logit lens, head classes and mechanism shares."""
     from .recall import accuracy_table
 
-    if dry_run:
-        if not remote:
-            raise FactscopeError("--dry-run plans a --remote run; add --remote")
+    if _plan_only(dry_run, remote):
         console.print(stages.remote_plan(model, dataset, batch_size=batch_size, bos=bos, dtype=_value(dtype)).describe())
         return
     run = stages.analyze(model, dataset, out, overwrite=overwrite, device=device, batch_size=batch_size, bos=bos,
@@ -171,14 +173,19 @@ def ablate(
     device: DeviceOpt = "cpu",
     threads: ThreadsOpt = None,
     overwrite: CausalOverwriteOpt = False,
+    remote: Annotated[bool, typer.Option("--remote", help="Run the attention knockout on NDIF through nnsight, for a run of analyze --remote (the other checks do not run remotely).")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="With --remote: print the requests and bytes the checks would cost, send nothing.")] = False,
 ) -> None:
     """Causal checks of a finished run on its model's known facts: attention knockout, mechanism ablations (alone,
     in pairs, together), noise robustness, attribute extraction rate, subject enrichment. Adds their tables and
     summary.json["causal"] to RUN_DIR and re-renders the report. --method atp|both adds path_ablations.csv and
     atp_path_agreement.csv (every head path and MLP at END removed alone)."""
+    if _plan_only(dry_run, remote):
+        console.print(stages.remote_ablate_plan(run_dir, window=window, limit=limit).describe())
+        return
     run = stages.ablate(run_dir, mode=mode.value, window=window, noise_scales=_numbers(noise_scales, float, "--noise-scales"),
                         seeds=_numbers(seeds, int, "--seeds"), method=method, limit=limit, device=device, threads=threads,
-                        overwrite=overwrite, reporter=REPORTER)
+                        overwrite=overwrite, remote=remote, reporter=REPORTER)
     _print_causal(run.summary["causal"], ("ablate", "knockout", "ablations", "noise_robustness", "extraction_rate", "enrichment",
                                           "path_ablations"))
     _print_report(run)

@@ -21,7 +21,7 @@ import torch
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from jaxtyping import Float, Int
+    from jaxtyping import Bool, Float, Int
 
 RECALL_TOP_K = 5
 LENS_CHUNK = 1024  # vocabulary entries per step: 1024 × (batch · layers) logits stay in cache while they are reduced
@@ -103,6 +103,29 @@ def frozen_post_norm(
     """The attention post-norm (Gemma) as a linear map, its scale frozen at each prompt's `scale` at END."""
     scale = scale.float()
     return lambda vectors: vectors * gain / scale.reshape(-1, *([1] * (vectors.dim() - 1)))
+
+
+def end_block(
+    heads: Bool[torch.Tensor, " head"],
+    query_is_end: Bool[torch.Tensor, "batch query"],
+    keys: Bool[torch.Tensor, "batch key"],
+) -> Bool[torch.Tensor, "batch head query key"]:
+    """Where an attention knockout cuts: the chosen heads' scores from END (the query) to the blocked keys, which
+    are set to −inf before the softmax (`causal.knockout` on TransformerLens's scores, `NnsightEngine.knockout`
+    on the attention mask the scores are added to)."""
+    return heads[None, :, None, None] & query_is_end[:, None, :, None] & keys[:, None, None, :]
+
+
+def answer_scores(logits: Float[torch.Tensor, "batch vocab"], answers: Int[torch.Tensor, " batch"]) -> dict[str, torch.Tensor]:
+    """What a causal check measures at END (`causal.scores`): the attribute's probability and logit, and whether
+    it is the top-1 token."""
+    answers = answers.to(logits.device)
+    rows = torch.arange(len(answers), device=logits.device)
+    return {
+        "prob": logits.softmax(-1)[rows, answers],
+        "logit": logits[rows, answers],
+        "correct": (logits.argmax(-1) == answers).float(),
+    }
 
 
 def recall_stats(

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from functools import reduce
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 
 from .end_maths import rms_scale
 from .errors import FactscopeError
@@ -259,6 +259,39 @@ class NnsightEngine:
             logits = lm_head.output[:, 0]
             out["model_dtype"] = logits[:0]
             out.update(stats(logits.detach().float(), answers))
+        return self._received(model, out)
+
+    def knockout(
+        self, model, batch, query_is_end: Bool[torch.Tensor, "batch query"], keys: Bool[torch.Tensor, "batch key"],
+        heads: Bool[torch.Tensor, "layer head"],
+    ) -> dict[str, torch.Tensor]:
+        """One pass of `batch` (`forward.Batch`) with END's attention to `keys` cut, before the softmax, in the
+        chosen `heads` → `end_maths.answer_scores`. The cut is `end_maths.end_block`, the mask the local knockout
+        applies to TransformerLens's scores, applied here to the additive attention mask each attention module
+        receives (the scores plus −inf are −inf either way): no operation inside the attention code is named, so
+        nothing depends on how transformers writes it. Layers without a chosen head are left alone."""
+        import cloudpickle
+        import nnsight
+
+        from . import end_maths
+
+        if self.remote:
+            cloudpickle.register_pickle_by_value(end_maths)
+        block, score = end_maths.end_block, end_maths.answer_scores
+        attns, lm_head = self.envoys["attn"], self.envoys["lm_head"]
+        query_is_end, keys, heads, answers = query_is_end.cpu(), keys.cpu(), heads.cpu(), batch.answers.cpu()
+        inputs = {"input_ids": batch.tokens.cpu(), "attention_mask": batch.mask.cpu()}
+        with self.lm.trace(inputs, logits_to_keep=batch.ends.cpu()[:, None], remote=self.remote):
+            out = nnsight.save({})
+            for layer in range(len(attns)):
+                if heads[layer].any():
+                    args, kwargs = attns[layer].inputs
+                    mask = kwargs["attention_mask"]  # [batch, 1, query, key], added to the scores
+                    cut = block(heads[layer], query_is_end, keys).to(mask.device)
+                    attns[layer].inputs = (args, {**kwargs, "attention_mask": mask.masked_fill(cut, float("-inf"))})
+            logits = lm_head.output[:, 0]
+            out["model_dtype"] = logits[:0]
+            out.update(score(logits.detach().float(), answers))
         return self._received(model, out)
 
     def _received(self, model, out: dict) -> dict[str, torch.Tensor]:

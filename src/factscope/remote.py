@@ -81,6 +81,16 @@ def recall_plan(model: str, prompts: int, batch_size: int) -> Plan:
     return Plan(model, prompts, -(-prompts // batch_size), prompts * RECALL_BYTES)
 
 
+SCORE_BYTES = 3 * 4  # per prompt and causal pass: p(a), a's logit and top-1 correct, fp32 (`end_maths.answer_scores`)
+
+
+def ablate_plan(model: str, recalled: int, recall_batch: int, prompts: int, passes: int) -> Plan:
+    """`ablate --remote`: the recall passes that find the known facts among `recalled` prompts again (none when
+    the run analysed every prompt), then `passes` knockout passes over `prompts`, one request each."""
+    recall = recall_plan(model, recalled, recall_batch)
+    return Plan(model, prompts, recall.requests + passes, recall.bytes_back + passes * prompts * SCORE_BYTES)
+
+
 def check_client() -> None:
     """nnsight installed, at the pinned version: the server rejects other versions after a long upload."""
     try:
