@@ -134,11 +134,14 @@ def test_the_request_names_no_factscope_module(tiny, monkeypatch):
     tokens = torch.tensor([encoded[0].token_ids])
     engine.recall(config_only(folder, engine), tokens, torch.ones_like(tokens), torch.tensor([tokens.shape[1] - 1]),
                   torch.tensor([1]))
-    assert len(payloads) == 2
+    from factscope.causal.knockout import knockout
+
+    knockout(config_only(folder, engine), encoded[:4], heads={"some": [(1, 0)]}, engine=engine)  # 1 + 2 passes
+    assert len(payloads) == 5
     for payload in payloads:
         strings = [arg for _, arg, _ in pickletools.genops(io.BytesIO(payload)) if isinstance(arg, str)]
         assert not [s for s in strings if s.split(".")[0] in ("factscope", "jaxtyping", "einops")]
-        assert any("def project_end" in s or "def recall_stats" in s for s in strings)  # shipped by source
+        assert any(f"def {name}" in s for s in strings for name in ("project_end", "recall_stats", "end_block"))
 
 
 def test_recall_through_the_engine_equals_local_recall(tiny):
@@ -482,3 +485,19 @@ def test_knockout_through_the_engine_on_smollm2():
         expected = knockout.knockout(model, known, **options)
         got = knockout.knockout(model, known, **options, engine=engine)
         pd.testing.assert_frame_equal(expected, got, check_exact=True)
+
+
+def test_cli_ablate_dry_run_prints_the_plan_and_sends_nothing(tiny, monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from factscope import cli
+
+    stages = _remote_stages(monkeypatch, tiny[0], [])
+    run = stages.analyze("org/tiny", None, tmp_path / "run", remote=True, all_prompts=True, report=False)
+    monkeypatch.setattr(remote, "remote_engine", lambda *a: pytest.fail("a dry run built an engine"))
+    result = CliRunner().invoke(cli.app, ["ablate", str(run.path), "--remote", "--dry-run", "--limit", "12",
+                                          "--window", "3"])
+    assert result.exit_code == 0, result.output
+    plan = stages.remote_ablate_plan(run.path, window=3, limit=12)
+    assert plan.describe() in result.output and "12 prompts" in result.output
+    assert not run.path.joinpath("knockout.csv").exists()
