@@ -344,10 +344,11 @@ def test_cli_remote_refuses_a_dtype_ndif_does_not_serve(tmp_path):
     Hub) is read, rather than ignored; --dry-run refuses it too."""
     out = tmp_path / "run"
     for extra in ((), ("--dry-run",)):
-        result = factscope_cli("analyze", "--remote", *extra, "--dtype", "float32", "--model", "org/model", "--out", out,
-                               env={"NDIF_API_KEY": "key"})
+        result = factscope_cli("analyze", "--remote", *extra, "--dtype", "float32", "--model", "org/model",
+                               "--out", out, env={"NDIF_API_KEY": "key"})
         assert result.returncode == 2, result.stderr
-        assert "--remote runs the model in bfloat16" in result.stderr and "--dtype float32 cannot be honoured" in result.stderr
+        assert "--remote runs the model in bfloat16" in result.stderr
+        assert "--dtype float32 cannot be honoured" in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not out.exists()
 
@@ -448,14 +449,14 @@ def test_remote_ablate_equals_the_local_knockout_and_costs_its_plan(tiny, monkey
     plan = stages.remote_ablate_plan(run.path, window=3, limit=12)
     run = stages.ablate(run.path, remote=True, window=3, limit=12, report=False)
     known = spread(encode_all(load_facts(), local_model.tokenizer, local_model.prepend_bos), 12)
-    heads = run.heads
-    expected = knockout.CHECK.run(local_model, known, progress=None, window=3, head_sets=knockout.class_head_sets(heads),
-                                  blocked=knockout.blocked_groups(local_model.prepend_bos))["knockout"]
+    head_sets, blocked = knockout.class_head_sets(run.heads), knockout.blocked_groups(local_model.prepend_bos)
+    expected = knockout.CHECK.run(local_model, known, progress=None, window=3, head_sets=head_sets,
+                                  blocked=blocked)["knockout"]
     pd.testing.assert_frame_equal(expected, run.knockout, check_exact=True, check_dtype=False)
     ablate = run.summary["causal"]["ablate"]
     assert ablate["remote"] == {"checks": ["knockout"], "requests": plan.requests, "bytes_back": plan.bytes_back}
-    assert (plan.prompts, plan.requests) == (12, knockout.knockout_passes(3, knockout.blocked_groups(False))
-                                             + knockout.knockout_passes(3, knockout.blocked_groups(False), heads=knockout.class_head_sets(heads)))
+    passes = knockout.knockout_passes(3, blocked) + knockout.knockout_passes(3, blocked, heads=head_sets)
+    assert (plan.prompts, plan.requests) == (12, passes)  # all prompts analysed: no recall pass
     assert not any(run.has(name) for name in ("ablations", "noise_robustness", "extraction_rate"))
 
 

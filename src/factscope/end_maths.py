@@ -116,7 +116,9 @@ def end_block(
     return heads[None, :, None, None] & query_is_end[:, None, :, None] & keys[:, None, None, :]
 
 
-def answer_scores(logits: Float[torch.Tensor, "batch vocab"], answers: Int[torch.Tensor, " batch"]) -> dict[str, torch.Tensor]:
+def answer_scores(
+    logits: Float[torch.Tensor, "batch vocab"], answers: Int[torch.Tensor, " batch"]
+) -> dict[str, torch.Tensor]:
     """What a causal check measures at END (`causal.scores`): the attribute's probability and logit, and whether
     it is the top-1 token."""
     answers = answers.to(logits.device)

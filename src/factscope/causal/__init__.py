@@ -44,8 +44,8 @@ from .sites import taxonomy_paths
 from .trace import trace_peaks
 
 __all__ = [
-    "CHECKS", "KNOWN_BATCH", "CausalCheck", "NOISE_SCALES", "SEEDS", "ablate_checks", "enrichment_summary", "extraction_summary",
-    "knockout_summary", "known_facts", "noise_summary", "remote_ablate_checks", "remote_ablate_passes", "remote_checks",
+    "CHECKS", "KNOWN_BATCH", "CausalCheck", "NOISE_SCALES", "SEEDS", "ablate_checks", "enrichment_summary",
+    "extraction_summary", "knockout_summary", "known_facts", "noise_summary", "remote_ablate_checks", "remote_ablate_passes", "remote_checks",
     "robustness_summary", "spread", "taxonomy_paths", "trace_checks", "trace_peaks",
 ]
 
@@ -125,7 +125,8 @@ def remote_ablate_checks(
     attention knockout), with `engine`'s passes; `model` may hold no weights (`nnsight_engine.ConfigOnlyModel`)."""
     checks = remote_checks("ablate")
     tables = _run(checks, model, known, _knockout_options(model, heads, window), progress, engine)
-    summary = {"ablate": {"window": window, "n_prompts": len(known), "remote": {"checks": [check.name for check in checks]}}}
+    remote = {"checks": [check.name for check in checks]}
+    summary = {"ablate": {"window": window, "n_prompts": len(known), "remote": remote}}
     summary.update((check.name, check.summarize(tables)) for check in checks)
     return tables, summary
 
