@@ -23,11 +23,47 @@ def test_atp_is_exact_to_first_order(model_dirs, family):
     exact = trace_effects(model, encoded, **options)
     estimate = atp.atp_trace(model, encoded, **options, chunk=5)
     assert torch.allclose(estimate.p_corrupted, exact.p_corrupted, atol=1e-6)
-    table = atp.full_agreement(exact, estimate).set_index("kind")
+    table = atp.full_agreement(exact, {"atp": estimate}).set_index("kind")
     assert table.loc["all", "pearson"] > 0.999
     assert table.loc["all", "max_abs_error"] < 0.05 * float(exact.effects.abs().max())
     first = encoded[0].groups.index("subject")
     assert (estimate.effects[..., 0, :first] == 0).all()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_graddrop_equals_one_detached_forward_per_layer(model_dirs, family):
+    """GradDrop from one recorded pass (a gate per layer, L backward passes) equals the definition computed the
+    slow way: for each layer ℓ a separate forward in which layer ℓ's attention and MLP outputs are detached, its
+    AtP of every residual restoration, then Σ_ℓ |·| / (L − 1)."""
+    from factscope.causal.trace import _clean_states, subject_noise
+    from factscope.forward import act_name
+
+    model, encoded = tiny(model_dirs, family)
+    batch = make_batch(model, encoded)
+    n_layers = model.cfg.n_layers
+    clean, std = _clean_states(model, batch, ("resid",))
+    noise = subject_noise(batch, 3.0 * std, 0, model.cfg.d_model)
+    names = [act_name("resid_post", layer) for layer in range(n_layers)]
+    expected = torch.zeros((n_layers, *batch.tokens.shape))
+    for dropped in range(n_layers):
+        store = {}
+        hooks = [(act_name("embed"), lambda x, hook: (x + noise).detach().requires_grad_(True)),
+                 *((act_name(site, dropped), lambda x, hook: x.detach()) for site in ("attn_out", "mlp_out")),
+                 *((name, lambda x, hook, name=name: store.__setitem__(name, x)) for name in names)]
+        hooks.append((act_name("final_out"), lambda x, hook: store.__setitem__("normed", x[batch.rows, batch.ends])))
+        with torch.enable_grad():
+            model.bridge.run_with_hooks(batch.tokens, attention_mask=batch.mask, fwd_hooks=hooks)
+            p = (store["normed"] @ model.W_U + model.b_U).float().softmax(-1)[batch.rows, batch.answers]
+            grads = torch.autograd.grad(p.sum(), [store[n] for n in names])
+        for layer, (name, grad) in enumerate(zip(names, grads)):
+            expected[layer] += ((clean[name] - store[name].detach()) * grad).sum(-1).abs() / (n_layers - 1)
+    got = atp.graddrop_trace(model, encoded, noise=3.0, seeds=(0,), window=1, kinds=("resid",), chunk=5)
+    assert torch.allclose(got.effects[0, 0], expected * atp._restorable(batch), atol=1e-6)
+    # the last layer's residual is downstream of every gate: all L estimates are AtP's, so GradDrop = L/(L−1)·|AtP|
+    plain = atp.atp_trace(model, encoded, noise=3.0, seeds=(0,), window=1, kinds=("resid",), chunk=5)
+    last = plain.effects[0, 0, -1].abs() * n_layers / (n_layers - 1)
+    assert torch.allclose(got.effects[0, 0, -1], last, atol=1e-7)
+    assert not torch.allclose(got.effects[0, 0, 0], plain.effects[0, 0, 0].abs() * n_layers / (n_layers - 1), rtol=1e-2, atol=0)
 
 
 def test_agreement_statistics():
@@ -62,19 +98,24 @@ def test_sampled_exact_check_matches_the_full_trace(model_dirs):
     assert cells[1].flatten()[top]
 
 
-@pytest.mark.parametrize("method", ["atp", "both"])
-def test_trace_methods_write_their_tables(model_dirs, method):
+@pytest.mark.parametrize("method, graddrop", [("atp", False), ("both", False), ("atp", True), ("both", True)])
+def test_trace_methods_write_their_tables(model_dirs, method, graddrop):
     model, encoded = tiny(model_dirs, "gpt2")
     calls = []
-    tables, summary = trace_checks(model, encoded[:6], seeds=(0,), window=2, method=method,
+    tables, summary = trace_checks(model, encoded[:6], seeds=(0,), window=2, method=method, graddrop=graddrop,
                                    progress=lambda label, total: _Bar(calls, total))
     expected = {"atp_trace", "atp_agreement"} | ({"causal_trace", "trace_peaks"} if method == "both" else set())
     assert set(tables) == expected
     agreement = tables["atp_agreement"]
-    assert list(agreement["kind"]) == ["resid", "attn", "mlp", "all"]
+    estimators = ["atp", "graddrop"] if graddrop else ["atp"]
+    assert list(agreement["kind"]) == ["resid", "attn", "mlp", "all"] * len(estimators)
+    assert list(agreement["estimator"].drop_duplicates()) == estimators
     assert bool(agreement["sampled"].all()) == (method == "atp")
+    # both estimators are checked on the same cells: with a sample, the union of each one's top cells and the draw
+    assert agreement.groupby("kind")["n_cells"].nunique().eq(1).all()
     line = summary["trace"]["atp_agreement"]
-    assert line["n_cells"] == int(agreement["n_cells"].iloc[-1]) and summary["trace"]["method"] == method
+    assert line["n_cells"] == int(agreement["n_cells"].iloc[3]) and summary["trace"]["method"] == method
+    assert ("graddrop" in line) == graddrop and summary["trace"]["graddrop"] == graddrop
     assert set(tables["atp_trace"].columns) >= {"kind", "layer", "token", "indirect_effect", "sem"}
     assert calls and calls[0][0] == calls[0][1]  # every announced pass ticked
 

@@ -163,6 +163,9 @@ def test_zero_mode_and_overwrite_replace_the_ablation_tables(copy_of_run):
     assert (ablations["mode"] == "zero").all() and (ablations["n_prompts"] == 6).all()
     summary = json.loads((copy_of_run / "summary.json").read_text())["causal"]
     assert summary["ablate"]["mode"] == "zero" and summary["ablate"]["window"] == 3
+    # the run had --method both; this one ran the exact grid only, so the path tables of before are gone with their entry
+    assert summary["ablate"]["method"] == "exact" and "path_ablations" not in summary
+    assert not (copy_of_run / "path_ablations.csv").exists() and not (copy_of_run / "atp_path_agreement.csv").exists()
 
 
 # --- helpers -------------------------------------------------------------------------------------------------------

@@ -45,15 +45,6 @@ def test_nnsight_engine_equals_local_engine_bitwise(tiny, remote):
     assert engine.requests == 3  # one trace per batch of 8
 
 
-def test_nnsight_engine_with_value_biases(model_dirs):
-    """Qwen2 (GQA, biases on v): the value bias reaches the engine inside v_proj's output, as in hook_v."""
-    model = load_model(str(model_dirs["qwen2"]))
-    encoded = encode_all(load_facts()[:8], model.tokenizer, model.prepend_bos)
-    expected = decompose(model, encoded, known_only=False)
-    got = decompose(model, encoded, known_only=False, engine=local_engine(str(model_dirs["qwen2"])))
-    assert_same_decomposition(expected, got)
-
-
 def test_unknown_architecture_is_refused_by_name(model_dirs):
     with pytest.raises(FactscopeError, match="GPT2LMHeadModel"):
         local_engine(str(model_dirs["gpt2"]))
@@ -93,14 +84,32 @@ def test_projected_on_the_server_equals_local_engine_bitwise(tiny, remote, known
     assert engine.requests == 3
 
 
-def test_projected_with_value_biases_and_gqa(model_dirs):
-    """Qwen2: the value bias is removed from the groups and counted with the attention bias, on the server too."""
-    folder = model_dirs["qwen2"]
+@pytest.mark.parametrize("family", ["qwen2", "gemma3"])
+def test_other_architectures_equal_local_engine_bitwise(model_dirs, family):
+    """Qwen2: GQA and value biases (removed from the groups, counted with the attention bias, on the server too).
+    Gemma 3: the attention post-norm (its END scale frozen, on both sides), the MLP's post-norm, the scaled
+    embedding and the (1 + w) RMSNorm gain. With the raw END tensors and with the maths inside the trace."""
+    folder = model_dirs[family]
     model = load_model(str(folder))
     encoded = encode_all(load_facts()[:8], model.tokenizer, model.prepend_bos)
+    expected = decompose(model, encoded, known_only=False)
     engine = local_engine(str(folder), remote="local")
-    assert_same_decomposition(decompose(model, encoded, known_only=False),
-                              decompose(config_only(folder, engine), encoded, known_only=False, engine=engine))
+    assert_same_decomposition(expected, decompose(model, encoded, known_only=False, engine=engine))
+    assert_same_decomposition(expected, decompose(config_only(folder, engine), encoded, known_only=False, engine=engine))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_server_norm_gain_is_the_local_engines(model_dirs, family):
+    """end_maths.rms_gain, which the server runs on the norm's weight, gives the gain models._norm_affine reads by
+    probing the module itself, bit for bit (fp32 and bf16: the casts differ by architecture)."""
+    from factscope.end_maths import rms_gain
+    from factscope.nnsight_engine import module_paths
+
+    for dtype in ("float32", "bfloat16"):
+        model = load_model(str(model_dirs[family]), dtype=dtype)
+        kind = module_paths(model.bridge.original_model.config.architectures[0]).norm
+        weight = model.bridge.original_model.model.norm.weight
+        assert torch.equal(rms_gain(weight, model.cfg.eps, kind), model.final_norm[0])
 
 
 def test_the_request_names_no_factscope_module(tiny, monkeypatch):
@@ -123,12 +132,16 @@ def test_the_request_names_no_factscope_module(tiny, monkeypatch):
     engine = local_engine(str(folder), remote="local")
     decompose(config_only(folder, engine), encoded[:4], known_only=False, engine=engine)
     tokens = torch.tensor([encoded[0].token_ids])
-    engine.recall(tokens, torch.ones_like(tokens), torch.tensor([tokens.shape[1] - 1]), torch.tensor([1]))
-    assert len(payloads) == 2
+    engine.recall(config_only(folder, engine), tokens, torch.ones_like(tokens), torch.tensor([tokens.shape[1] - 1]),
+                  torch.tensor([1]))
+    from factscope.causal.knockout import knockout
+
+    knockout(config_only(folder, engine), encoded[:4], heads={"some": [(1, 0)]}, engine=engine)  # 1 + 2 passes
+    assert len(payloads) == 5
     for payload in payloads:
         strings = [arg for _, arg, _ in pickletools.genops(io.BytesIO(payload)) if isinstance(arg, str)]
         assert not [s for s in strings if s.split(".")[0] in ("factscope", "jaxtyping", "einops")]
-        assert any("def project_end" in s or "def recall_stats" in s for s in strings)  # shipped by source
+        assert any(f"def {name}" in s for s in strings for name in ("project_end", "recall_stats", "end_block"))
 
 
 def test_recall_through_the_engine_equals_local_recall(tiny):
@@ -144,8 +157,9 @@ def test_recall_through_the_engine_equals_local_recall(tiny):
 
 @pytest.mark.parametrize("command", ["analyze", "recall"])
 def test_remote_stage_reads_no_weights_and_writes_the_local_tables(tiny, monkeypatch, tmp_path, command):
-    """The library entry points with --remote, NDIF replaced by the same model through nnsight's serialisation
-    path: config and tokenizer are all that is read locally, and the tables are the local run's."""
+    """The library entry points with --remote, NDIF replaced by the same model in bf16 (what NDIF serves) through
+    nnsight's serialisation path: config and tokenizer are all that is read locally, the tables are a local bf16
+    run's bit for bit, and the run records bf16."""
     from transformers import AutoConfig, AutoTokenizer
 
     import factscope.models
@@ -155,11 +169,11 @@ def test_remote_stage_reads_no_weights_and_writes_the_local_tables(tiny, monkeyp
     engines = []
 
     def engine(model_id, tokenizer):
-        engines.append(local_engine(str(folder), remote="local"))
+        engines.append(local_engine(str(folder), dtype="bfloat16", remote="local"))
         return engines[-1]
 
     kwargs = {"report": False, "all_prompts": True} if command == "analyze" else {}
-    local = getattr(stages, command)(str(folder), None, tmp_path / "local", **kwargs)
+    local = getattr(stages, command)(str(folder), None, tmp_path / "local", dtype="bfloat16", **kwargs)
     monkeypatch.setattr(remote, "preflight", lambda model_id, send: None)
     monkeypatch.setattr(remote, "remote_engine", engine)
     monkeypatch.setattr(stages, "_hub_config_and_tokenizer",
@@ -167,6 +181,7 @@ def test_remote_stage_reads_no_weights_and_writes_the_local_tables(tiny, monkeyp
     monkeypatch.setattr(factscope.models, "load_model", lambda *a, **k: pytest.fail("a remote run loaded weights"))
     run = getattr(stages, command)("org/tiny", None, tmp_path / "remote", remote=True, **kwargs)
     assert run.summary["remote"] == {"requests": engines[0].requests, "bytes_back": engines[0].bytes_back}
+    assert run.manifest["config"]["dtype"] == "bfloat16"
     got, expected = (run.attributions(), local.attributions()) if command == "analyze" else (run.recall, local.recall)
     if command == "recall":
         got, expected = got.drop(columns="model"), expected.drop(columns="model")
@@ -174,18 +189,19 @@ def test_remote_stage_reads_no_weights_and_writes_the_local_tables(tiny, monkeyp
 
 
 @pytest.mark.real
-def test_nnsight_engine_equals_local_engine_on_smollm2():
-    """The real model, fp32, through the serialisation path: every attribution bit for bit, with the raw END
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+def test_nnsight_engine_equals_local_engine_on_real_models(name):
+    """The real models, fp32, through the serialisation path: every attribution bit for bit, with the raw END
     tensors (the maths here) and with the maths run inside the trace (no weights here)."""
     from factscope.nnsight_engine import config_only_model
 
     torch.set_num_threads(1)
-    model = load_model("smollm2-135m")
+    model = load_model(name)
     encoded = encode_all(load_facts()[:16], model.tokenizer, model.prepend_bos)
     expected = decompose(model, encoded, known_only=False)
-    engine = local_engine("smollm2-135m", remote="local")
+    engine = local_engine(name, remote="local")
     assert_same_decomposition(expected, decompose(model, encoded, known_only=False, engine=engine))
-    config_only = config_only_model("smollm2-135m", engine.lm.config, model.tokenizer, dtype="float32")
+    config_only = config_only_model(name, engine.lm.config, model.tokenizer, dtype="float32")
     assert_same_decomposition(expected, decompose(config_only, encoded, known_only=False, engine=engine))
 
 
@@ -323,6 +339,38 @@ def test_cli_remote_errors_are_one_line_and_write_nothing(tmp_path):
     assert not out.exists()
 
 
+def test_cli_remote_refuses_a_dtype_ndif_does_not_serve(tmp_path):
+    """NDIF serves bf16 only: --dtype float32 with --remote is refused in one line, before anything (not even the
+    Hub) is read, rather than ignored; --dry-run refuses it too."""
+    out = tmp_path / "run"
+    for extra in ((), ("--dry-run",)):
+        result = factscope_cli("analyze", "--remote", *extra, "--dtype", "float32", "--model", "org/model",
+                               "--out", out, env={"NDIF_API_KEY": "key"})
+        assert result.returncode == 2, result.stderr
+        assert "--remote runs the model in bfloat16" in result.stderr
+        assert "--dtype float32 cannot be honoured" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not out.exists()
+
+
+def test_a_server_running_another_dtype_is_refused_and_nothing_written(tiny, monkeypatch, tmp_path):
+    """The run records the dtype the server ran in, checked on every request: an engine whose model runs in fp32
+    under a run that records bf16 stops at the first request, in one line, with no run directory left."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from factscope import stages
+
+    folder = tiny[0]
+    monkeypatch.setattr(remote, "preflight", lambda model_id, send: None)
+    monkeypatch.setattr(remote, "remote_engine", lambda model_id, tokenizer: local_engine(str(folder), remote="local"))
+    monkeypatch.setattr(stages, "_hub_config_and_tokenizer",
+                        lambda model: (AutoConfig.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)))
+    for command in ("analyze", "recall"):
+        with pytest.raises(FactscopeError, match="ran org/tiny in float32, not in bfloat16 as this run records it"):
+            getattr(stages, command)("org/tiny", None, tmp_path / command, remote=True)
+        assert not (tmp_path / command).exists()
+
+
 def test_cli_dry_run_prints_the_plan_and_sends_nothing(tiny, monkeypatch, tmp_path):
     from transformers import AutoConfig, AutoTokenizer
     from typer.testing import CliRunner
@@ -343,3 +391,114 @@ def test_cli_dry_run_prints_the_plan_and_sends_nothing(tiny, monkeypatch, tmp_pa
     assert result.exit_code == 0, result.output
     assert "remote plan for org/tiny: 144 prompts in 9 requests" in result.output
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ablate --remote: the attention knockout through the engine
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_knockout_through_the_engine_equals_local_knockout_bitwise(model_dirs, family):
+    """Every window and head set, every blocked group `ablate` uses: the engine cuts the attention mask where the
+    local knockout cuts TransformerLens's scores (the same `end_maths.end_block`), and the scores computed on the
+    server are the local ones bit for bit (Gemma 3: sliding-window layers, whose mask is their own)."""
+    from factscope.causal import knockout
+
+    folder = model_dirs[family]
+    model = load_model(str(folder))
+    encoded = encode_all(load_facts()[:12], model.tokenizer, model.prepend_bos)
+    blocked = knockout.blocked_groups(model.prepend_bos)
+    sets = {"subject_heads": [(1, 0), (1, 2)], "relation_heads": [(0, 3), (2, 1)]}
+    engine = local_engine(str(folder), remote="local")
+    for options in ({"window": 3}, {"heads": sets}):
+        expected = knockout.knockout(model, encoded, blocked, **options)
+        got = knockout.knockout(config_only(folder, engine), encoded, blocked, **options, engine=engine)
+        pd.testing.assert_frame_equal(expected, got, check_exact=True)
+        assert (expected["rel_change_p"] != 0).any()  # the cut changed something
+    assert engine.requests == (1 + len(blocked) * 3) + (1 + len(blocked) * 2)
+
+
+def _remote_stages(monkeypatch, folder, engines):
+    """stages with NDIF replaced by the tiny model in bf16 through nnsight's serialisation path."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    import factscope.models
+    from factscope import stages
+
+    def engine(model_id, tokenizer):
+        engines.append(local_engine(str(folder), dtype="bfloat16", remote="local"))
+        return engines[-1]
+
+    monkeypatch.setattr(remote, "preflight", lambda model_id, send: None)
+    monkeypatch.setattr(remote, "remote_engine", engine)
+    monkeypatch.setattr(stages, "_hub_config_and_tokenizer",
+                        lambda model: (AutoConfig.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)))
+    monkeypatch.setattr(factscope.models, "load_model", lambda *a, **k: pytest.fail("a remote run loaded weights"))
+    return stages
+
+
+def test_remote_ablate_equals_the_local_knockout_and_costs_its_plan(tiny, monkeypatch, tmp_path):
+    """analyze --remote, then ablate --remote on its run: the knockout table is the local bf16 knockout's bit for
+    bit over the same prompts, no other check runs, and the requests and bytes are the plan's exactly."""
+    from factscope.causal import knockout, spread
+
+    folder = tiny[0]
+    local_model = load_model(str(folder), dtype="bfloat16")
+    engines = []
+    stages = _remote_stages(monkeypatch, folder, engines)
+    run = stages.analyze("org/tiny", None, tmp_path / "run", remote=True, all_prompts=True, report=False)
+    plan = stages.remote_ablate_plan(run.path, window=3, limit=12)
+    run = stages.ablate(run.path, remote=True, window=3, limit=12, report=False)
+    known = spread(encode_all(load_facts(), local_model.tokenizer, local_model.prepend_bos), 12)
+    head_sets, blocked = knockout.class_head_sets(run.heads), knockout.blocked_groups(local_model.prepend_bos)
+    expected = knockout.CHECK.run(local_model, known, progress=None, window=3, head_sets=head_sets,
+                                  blocked=blocked)["knockout"]
+    pd.testing.assert_frame_equal(expected, run.knockout, check_exact=True, check_dtype=False)
+    ablate = run.summary["causal"]["ablate"]
+    assert ablate["remote"] == {"checks": ["knockout"], "requests": plan.requests, "bytes_back": plan.bytes_back}
+    passes = knockout.knockout_passes(3, blocked) + knockout.knockout_passes(3, blocked, heads=head_sets)
+    assert (plan.prompts, plan.requests) == (12, passes)  # all prompts analysed: no recall pass
+    assert not any(run.has(name) for name in ("ablations", "noise_robustness", "extraction_rate"))
+
+
+def test_remote_ablate_refusals_are_one_line(tiny, monkeypatch, tmp_path):
+    from factscope import stages
+
+    folder = tiny[0]
+    local = stages.analyze(str(folder), None, tmp_path / "local", all_prompts=True, report=False)
+    with pytest.raises(FactscopeError, match="analysed locally; ablate --remote checks a run of `analyze --remote`"):
+        stages.ablate(local.path, remote=True)
+    with pytest.raises(FactscopeError, match="runs the knockout check only; --method does not run remotely"):
+        stages.ablate(local.path, remote=True, method="atp")
+
+
+@pytest.mark.real
+def test_knockout_through_the_engine_on_smollm2():
+    """SmolLM2, fp32, through the serialisation path: every window of `ablate`'s knockout (END↛subject and
+    END↛relation) and two head sets, on 8 known facts, bit for bit."""
+    from factscope.causal import knockout, known_facts, spread
+
+    torch.set_num_threads(1)
+    model = load_model("smollm2-135m")
+    known = spread(known_facts(model, encode_all(load_facts(), model.tokenizer, model.prepend_bos)), 8)
+    engine = local_engine("smollm2-135m", remote="local")
+    sets = {"subject_heads": [(14, 3), (20, 1)], "relation_heads": [(25, 0), (28, 7)]}
+    for options in ({"window": knockout.WINDOW}, {"heads": sets}):
+        expected = knockout.knockout(model, known, **options)
+        got = knockout.knockout(model, known, **options, engine=engine)
+        pd.testing.assert_frame_equal(expected, got, check_exact=True)
+
+
+def test_cli_ablate_dry_run_prints_the_plan_and_sends_nothing(tiny, monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from factscope import cli
+
+    stages = _remote_stages(monkeypatch, tiny[0], [])
+    run = stages.analyze("org/tiny", None, tmp_path / "run", remote=True, all_prompts=True, report=False)
+    monkeypatch.setattr(remote, "remote_engine", lambda *a: pytest.fail("a dry run built an engine"))
+    result = CliRunner().invoke(cli.app, ["ablate", str(run.path), "--remote", "--dry-run", "--limit", "12",
+                                          "--window", "3"])
+    assert result.exit_code == 0, result.output
+    plan = stages.remote_ablate_plan(run.path, window=3, limit=12)
+    assert plan.describe() in result.output and "12 prompts" in result.output
+    assert not run.path.joinpath("knockout.csv").exists()

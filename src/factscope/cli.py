@@ -71,7 +71,17 @@ class Dtype(str, Enum):
     float16 = "float16"
 
 
-DtypeOpt = Annotated[Dtype, typer.Option("--dtype", help="The dtype the model runs in; the parts are summed in fp32.")]
+def _plan_only(dry_run: bool, remote: bool) -> bool:
+    if dry_run and not remote:
+        raise FactscopeError("--dry-run plans a --remote run; add --remote")
+    return dry_run
+
+
+def _value(option: Enum | None) -> str | None:
+    return None if option is None else option.value
+
+
+DtypeOpt = Annotated[Optional[Dtype], typer.Option("--dtype", help="The dtype the model runs in (default float32; with --remote, bfloat16, the only one NDIF serves); the parts are summed in fp32.", show_default=False)]
 
 
 @app.command()
@@ -83,7 +93,7 @@ def recall(
     device: DeviceOpt = "cpu",
     batch_size: BatchOpt = 32,
     bos: BosOpt = None,
-    dtype: DtypeOpt = Dtype.float32,
+    dtype: DtypeOpt = None,
     threads: ThreadsOpt = None,
     remote: Annotated[bool, typer.Option("--remote", help="Run the passes on NDIF through nnsight (--model is a Hub id; needs NDIF_API_KEY and factscope[remote]).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="With --remote: print the requests and bytes a run would cost, send nothing.")] = False,
@@ -91,13 +101,12 @@ def recall(
     """Which facts does the model know? Writes DIR/recall.csv and DIR/summary.json."""
     from .recall import accuracy_table
 
-    if dry_run:
-        if not remote:
-            raise FactscopeError("--dry-run plans a --remote run; add --remote")
-        console.print(stages.remote_plan(model, dataset, batch_size=batch_size, bos=bos, command="recall").describe())
+    if _plan_only(dry_run, remote):
+        console.print(stages.remote_plan(model, dataset, batch_size=batch_size, bos=bos, command="recall",
+                                         dtype=_value(dtype)).describe())
         return
     run = stages.recall(model, dataset, out, overwrite=overwrite, device=device, batch_size=batch_size, bos=bos,
-                        dtype=dtype.value, threads=threads, remote=remote, reporter=REPORTER)
+                        dtype=_value(dtype), threads=threads, remote=remote, reporter=REPORTER)
     _print_accuracy(accuracy_table(run.recall), _model_title(run))
     console.print(f"wrote {out}/recall.csv")
 
@@ -116,7 +125,7 @@ def analyze(
     z: Annotated[float, typer.Option("--z", min=0.0, help="Significance: robust z-score against all heads.")] = 3.0,
     swap: Annotated[bool, typer.Option("--swap", help="Also rerun with subjects swapped (relation heads should not move).")] = False,
     resume: ResumeOpt = False,
-    dtype: DtypeOpt = Dtype.float32,
+    dtype: DtypeOpt = None,
     threads: ThreadsOpt = None,
     remote: Annotated[bool, typer.Option("--remote", help="Run the forward passes on NDIF through nnsight (--model is a Hub id; needs NDIF_API_KEY and factscope[remote]).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="With --remote: print the requests and bytes a run would cost, send nothing.")] = False,
@@ -124,13 +133,11 @@ def analyze(
     """Exact DLA by component and source group, the logit lens, head classes and mechanism shares."""
     from .recall import accuracy_table
 
-    if dry_run:
-        if not remote:
-            raise FactscopeError("--dry-run plans a --remote run; add --remote")
-        console.print(stages.remote_plan(model, dataset, batch_size=batch_size, bos=bos).describe())
+    if _plan_only(dry_run, remote):
+        console.print(stages.remote_plan(model, dataset, batch_size=batch_size, bos=bos, dtype=_value(dtype)).describe())
         return
     run = stages.analyze(model, dataset, out, overwrite=overwrite, device=device, batch_size=batch_size, bos=bos,
-                         all_prompts=all_prompts, k=k, z=z, swap=swap, resume=resume, dtype=dtype.value, threads=threads,
+                         all_prompts=all_prompts, k=k, z=z, swap=swap, resume=resume, dtype=_value(dtype), threads=threads,
                          remote=remote, reporter=REPORTER)
     summary = run.summary
     _print_accuracy(accuracy_table(run.recall), _model_title(run))
@@ -166,14 +173,19 @@ def ablate(
     device: DeviceOpt = "cpu",
     threads: ThreadsOpt = None,
     overwrite: CausalOverwriteOpt = False,
+    remote: Annotated[bool, typer.Option("--remote", help="Run the attention knockout on NDIF through nnsight, for a run of analyze --remote (the other checks do not run remotely).")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="With --remote: print the requests and bytes the checks would cost, send nothing.")] = False,
 ) -> None:
     """Causal checks of a finished run on its model's known facts: attention knockout, mechanism ablations (alone,
     in pairs, together), noise robustness, attribute extraction rate, subject enrichment. Adds their tables and
     summary.json["causal"] to RUN_DIR and re-renders the report. --method atp|both adds path_ablations.csv and
     atp_path_agreement.csv (every head path and MLP at END removed alone)."""
+    if _plan_only(dry_run, remote):
+        console.print(stages.remote_ablate_plan(run_dir, window=window, limit=limit).describe())
+        return
     run = stages.ablate(run_dir, mode=mode.value, window=window, noise_scales=_numbers(noise_scales, float, "--noise-scales"),
                         seeds=_numbers(seeds, int, "--seeds"), method=method, limit=limit, device=device, threads=threads,
-                        overwrite=overwrite, reporter=REPORTER)
+                        overwrite=overwrite, remote=remote, reporter=REPORTER)
     _print_causal(run.summary["causal"], ("ablate", "knockout", "ablations", "noise_robustness", "extraction_rate", "enrichment",
                                           "path_ablations"))
     _print_report(run)
@@ -186,6 +198,7 @@ def trace(
     window: Annotated[int, typer.Option("--window", min=1, help="Layers per restored attention / MLP window.")] = 10,
     seeds: SeedsOpt = None,
     method: Annotated[str, typer.Option("--method", help="exact (patching), atp (attribution patching, checked on a sample restored exactly) or both.")] = "exact",
+    graddrop: Annotated[bool, typer.Option("--graddrop", help="With --method atp|both: also AtP*'s GradDrop (one backward pass per layer), checked the same way.")] = False,
     limit: LimitOpt = None,
     device: DeviceOpt = "cpu",
     threads: ThreadsOpt = None,
@@ -195,9 +208,10 @@ def trace(
     clean state restored per (layer, position). Writes RUN_DIR/causal_trace.parquet and trace_peaks.csv, adds
     summary.json["causal"]["trace"] and re-renders the report. Costs about 1 + seeds × (1 + 3 × layers) passes,
     each over the positions from the restored one on. --method atp writes atp_trace.parquet and atp_agreement.csv
-    instead (1 + seeds forward and backward passes, plus the sampled exact check); both writes all four."""
-    run = stages.trace(run_dir, noise=noise, window=window, seeds=_numbers(seeds, int, "--seeds"), method=method, limit=limit,
-                       device=device, threads=threads, overwrite=overwrite, reporter=REPORTER)
+    instead (1 + seeds forward and backward passes, plus the sampled exact check); both writes all four.
+    --graddrop adds GradDrop's error to atp_agreement.csv (layers backward passes per seed)."""
+    run = stages.trace(run_dir, noise=noise, window=window, seeds=_numbers(seeds, int, "--seeds"), method=method,
+                       graddrop=graddrop, limit=limit, device=device, threads=threads, overwrite=overwrite, reporter=REPORTER)
     _print_causal(run.summary["causal"], ("trace",))
     _print_report(run)
 
@@ -275,6 +289,8 @@ def _print_causal(causal: dict, keys: tuple[str, ...]) -> None:
                                    ("AtP vs exact path ablation (total)", paths.get("atp_agreement"), "atp_path_agreement.csv")):
         if agreement:
             table.add_row(label, _agreement_text(agreement, file))
+            if agreement.get("graddrop"):
+                table.add_row(f"{label}, GradDrop", _agreement_text(agreement["graddrop"], file))
     Console().print(table)
 
 

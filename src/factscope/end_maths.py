@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from jaxtyping import Float, Int
+    from collections.abc import Callable
+
+    from jaxtyping import Bool, Float, Int
 
 RECALL_TOP_K = 5
 LENS_CHUNK = 1024  # vocabulary entries per step: 1024 × (batch · layers) logits stay in cache while they are reduced
@@ -47,13 +49,32 @@ def unembed_columns(
     return columns, (columns * gain[:, None, None]).permute(1, 0, 2)
 
 
-def rms_gain(weight: Float[torch.Tensor, " d_model"], eps: float) -> Float[torch.Tensor, " d_model"]:
-    """An RMSNorm's gain in fp32, read the way `models._norm_affine` reads it (a constant probe through the norm's
-    own arithmetic, Llama/Mistral/Qwen2's RMSNorm: fp32 inside, cast back before the weight)."""
-    probe = torch.full((1, 1, weight.shape[0]), 1e3, dtype=weight.dtype, device=weight.device)
-    hidden = probe.to(torch.float32)
+def _llama_rms_norm(x: Float[torch.Tensor, "*rows d_model"], weight: Float[torch.Tensor, " d_model"],
+                    eps: float) -> Float[torch.Tensor, "*rows d_model"]:
+    """Llama, Mistral and Qwen2's RMSNorm: fp32 inside, cast back to the input's dtype before the weight."""
+    hidden = x.to(torch.float32)
     hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps)
-    return (weight * hidden.to(probe.dtype)).reshape(-1).float()
+    return weight * hidden.to(x.dtype)
+
+
+def _gemma_rms_norm(x: Float[torch.Tensor, "*rows d_model"], weight: Float[torch.Tensor, " d_model"],
+                    eps: float) -> Float[torch.Tensor, "*rows d_model"]:
+    """Gemma 3's RMSNorm: the gain is `1 + weight`, applied in fp32, and only the product is cast back."""
+    hidden = x.float()
+    hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps)
+    return (hidden * (1.0 + weight.float())).type_as(x)
+
+
+# an RMSNorm's arithmetic by the name `nnsight_engine.ModulePaths.norm` gives it: the server reads the weight, and
+# the gain must come out of the same operations, in the same dtypes, as the module the local engine probes
+RMS_NORMS = {"llama": _llama_rms_norm, "gemma": _gemma_rms_norm}
+
+
+def rms_gain(weight: Float[torch.Tensor, " d_model"], eps: float, norm: str = "llama") -> Float[torch.Tensor, " d_model"]:
+    """An RMSNorm's gain in fp32, read the way `models._norm_affine` reads it: a constant probe, whose RMS is the
+    constant itself, through the norm's own arithmetic (`RMS_NORMS[norm]`)."""
+    probe = torch.full((1, 1, weight.shape[0]), 1e3, dtype=weight.dtype, device=weight.device)
+    return RMS_NORMS[norm](probe, weight, eps).reshape(-1).float()
 
 
 def rms_scale(resid: Float[torch.Tensor, "batch d_model"], eps: float) -> Float[torch.Tensor, "batch 1"]:
@@ -74,6 +95,39 @@ def head_group_z_at_end(
     if groups_first:
         return torch.einsum("bhk,bkg,bkhd->bhgd", pattern, onehot, values)
     return torch.einsum("bhk,bkhd,bkg->bhgd", pattern, values, onehot)
+
+
+def frozen_post_norm(
+    gain: Float[torch.Tensor, " d_model"], scale: Float[torch.Tensor, "batch 1"]
+) -> Callable[[Float[torch.Tensor, "batch *parts d_model"]], Float[torch.Tensor, "batch *parts d_model"]]:
+    """The attention post-norm (Gemma) as a linear map, its scale frozen at each prompt's `scale` at END."""
+    scale = scale.float()
+    return lambda vectors: vectors * gain / scale.reshape(-1, *([1] * (vectors.dim() - 1)))
+
+
+def end_block(
+    heads: Bool[torch.Tensor, " head"],
+    query_is_end: Bool[torch.Tensor, "batch query"],
+    keys: Bool[torch.Tensor, "batch key"],
+) -> Bool[torch.Tensor, "batch head query key"]:
+    """Where an attention knockout cuts: the chosen heads' scores from END (the query) to the blocked keys, which
+    are set to −inf before the softmax (`causal.knockout` on TransformerLens's scores, `NnsightEngine.knockout`
+    on the attention mask the scores are added to)."""
+    return heads[None, :, None, None] & query_is_end[:, None, :, None] & keys[:, None, None, :]
+
+
+def answer_scores(
+    logits: Float[torch.Tensor, "batch vocab"], answers: Int[torch.Tensor, " batch"]
+) -> dict[str, torch.Tensor]:
+    """What a causal check measures at END (`causal.scores`): the attribute's probability and logit, and whether
+    it is the top-1 token."""
+    answers = answers.to(logits.device)
+    rows = torch.arange(len(answers), device=logits.device)
+    return {
+        "prob": logits.softmax(-1)[rows, answers],
+        "logit": logits[rows, answers],
+        "correct": (logits.argmax(-1) == answers).float(),
+    }
 
 
 def recall_stats(
@@ -124,6 +178,10 @@ def lens_stats(
     return above + 1, logit - top_logit - sum_exp.log(), logit, top
 
 
+def _identity(vectors: torch.Tensor) -> torch.Tensor:
+    return vectors
+
+
 def project_end(
     acts: dict,
     weights: dict,
@@ -133,13 +191,17 @@ def project_end(
     known_only: bool,
 ) -> dict[str, torch.Tensor]:
     """Everything the decomposition needs from one batch's pass, reduced to the targets' columns, for architectures
-    with RMS pre-norms only and no positional embedding (the Llama family, Mistral, Qwen2).
+    with RMSNorms and no positional embedding (the Llama family, Mistral, Qwen2, Gemma 3).
 
-    `acts` (model dtype, at END unless said): "logits" [batch, vocab], "embed", "final_in" (the final norm's input),
-    and per layer the lists "z_by_group" (fp32 [batch, head, group, d_head], the value bias already removed),
-    "z" ([batch, head · d_head], o_proj's input), "mlp_out", "resid_post". `weights` are the model's own tensors:
-    "w_u" [d_model, vocab] (lm_head.weight.T), "b_u" or None, "norm_weight", "eps", and per layer "w_o"
-    (o_proj.weight), "b_o" and "b_v" (or None). The result is what `decompose.EndParts` holds.
+    `acts` (model dtype, at END unless said): "logits" [batch, vocab], "embed" (what the embedding adds to the
+    residual stream, scaled where the model scales it), "final_in" (the final norm's input), and per layer the lists
+    "z_by_group" (fp32 [batch, head, group, d_head], the value bias already removed), "z" ([batch, head · d_head],
+    o_proj's input), "mlp_out" (what the MLP adds to the residual stream, after its post-norm where there is one),
+    "resid_post", and "post_norm_in" (the attention post-norm's input; an empty list where there is none).
+    `weights` are the model's own tensors: "w_u" [d_model, vocab] (lm_head.weight.T), "b_u" or None,
+    "norm_weight", "eps", "norm" (the RMSNorm arithmetic, a key of `RMS_NORMS`), and per layer "w_o"
+    (o_proj.weight), "b_o" and "b_v" (or None), and "post_norm_weight" (empty where there is no post-norm).
+    The result is what `decompose.EndParts` holds.
     """
     # the weights are parameters and the pass may run with autograd on: nothing here is differentiated
     with torch.no_grad():
@@ -157,7 +219,7 @@ def _project_end(acts: dict, weights: dict, groups: Float[torch.Tensor, "batch p
     b_u = weights["b_u"]
     if b_u is None:
         b_u = torch.zeros(w_u.shape[1], device=device, dtype=w_u.dtype)
-    gain = rms_gain(weights["norm_weight"], eps).to(device)
+    gain = rms_gain(weights["norm_weight"], eps, weights["norm"]).to(device)
     norm_bias = torch.zeros(w_u.shape[0], device=device)  # RMSNorm has none; kept so the sum matches the local one
     columns, unembed = unembed_columns(w_u, w_u.mean(1, dtype=torch.float32), targets, gain)
     scale = rms_scale(acts["final_in"].to(device), eps)
@@ -171,18 +233,23 @@ def _project_end(acts: dict, weights: dict, groups: Float[torch.Tensor, "batch p
         b_v, b_o = weights["b_v"][layer], weights["b_o"][layer]
         b_v_head = None if b_v is None else b_v.float().view(-1, d_head).repeat_interleave(
             n_heads * d_head // b_v.shape[0], dim=0).to(device)
-        heads.append(to_logit(torch.einsum("bhgd,hdm->bhgm", z_by_group, w_o), scale, unembed))
+        if acts["post_norm_in"]:  # Gemma: what a head writes passes the attention post-norm, its END scale frozen
+            post_gain = rms_gain(weights["post_norm_weight"][layer], eps, weights["norm"]).to(device)
+            post_norm = frozen_post_norm(post_gain, rms_scale(acts["post_norm_in"][layer].to(device), eps))
+        else:
+            post_norm = _identity
+        heads.append(to_logit(post_norm(torch.einsum("bhgd,hdm->bhgm", z_by_group, w_o)), scale, unembed))
         z_whole = acts["z"][layer].to(device).float().view(batch, -1, d_head)
         if b_v_head is not None:
             z_whole = z_whole - b_v_head
-        head_check.append(to_logit(torch.einsum("bhd,hdm->bhm", z_whole, w_o), scale, unembed))
+        head_check.append(to_logit(post_norm(torch.einsum("bhd,hdm->bhm", z_whole, w_o)), scale, unembed))
         if b_o is None and b_v_head is None:
             biases.append(torch.zeros(batch, unembed.shape[-1], device=device))
         else:
             total = torch.zeros(w_o.shape[-1], device=device) if b_o is None else b_o.float().to(device)
             if b_v_head is not None:
                 total = total + torch.einsum("hd,hdm->m", b_v_head, w_o)
-            biases.append(to_logit(total.expand(batch, -1), scale, unembed))
+            biases.append(to_logit(post_norm(total.expand(batch, -1)), scale, unembed))
         mlps.append(to_logit(acts["mlp_out"][layer].to(device).float(), scale, unembed))
 
     b_u_cols = torch.cat([b_u[targets].float(), b_u.mean(dtype=torch.float32).expand(batch, 1)], dim=1)

@@ -16,7 +16,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 
 from .data import Encoded
-from .end_maths import head_group_z_at_end  # noqa: F401  (shared with the server-side maths; re-exported)
+# shared with the server-side maths (`end_maths`), re-exported
+from .end_maths import frozen_post_norm, head_group_z_at_end  # noqa: F401
 from .errors import FactscopeError
 from .models import LoadedModel
 from .taxonomy import GROUPS
@@ -321,14 +322,6 @@ def attn_bias(model: LoadedModel, layer: int) -> Float[torch.Tensor, " d_model"]
     if b_v is not None:
         total = total + torch.einsum("hd,hdm->m", b_v.to(model.device), model.W_O(layer).float().to(model.device))
     return total
-
-
-def frozen_post_norm(
-    gain: Float[torch.Tensor, " d_model"], scale: Float[torch.Tensor, "batch 1"]
-) -> Callable[[Float[torch.Tensor, "batch *parts d_model"]], Float[torch.Tensor, "batch *parts d_model"]]:
-    """The attention post-norm as a linear map, its scale frozen at each prompt's `scale` at END."""
-    scale = scale.float()
-    return lambda vectors: vectors * gain / scale.reshape(-1, *([1] * (vectors.dim() - 1)))
 
 
 def lens_normalise(model: LoadedModel, resid: Float[torch.Tensor, "*rows d_model"]) -> Float[torch.Tensor, "*rows d_model"]:

@@ -5,11 +5,13 @@ the model (NDIF, through nnsight's remote execution) and send back only what the
 Two ways to use it. As a `forward.Engine` (`__call__`), it saves the END activations (and the value vectors at every
 key position) and the maths run here, over a local copy of the weights. With `project` (and `recall`), the maths that
 read weights run inside the trace (`end_maths`), so a remote run needs no weights locally (`ConfigOnlyModel`) and
-only small per-target tensors come back. Only what is `.save()`d leaves the trace.
+only small per-target tensors come back. `knockout` runs the attention knockout of `causal.knockout` the same way.
+Only what is `.save()`d leaves the trace, and every request checks the dtype the model ran in against the run's.
 
-Module paths differ by architecture; `ARCHITECTURES` maps a Hugging Face class name to them. Attention must be
-eager: the attention module then returns its post-softmax probabilities as its second output, the same tensor
-TransformerLens's `hook_pattern` holds.
+Module paths differ by architecture; `ARCHITECTURES` maps a Hugging Face class name to them (with the RMSNorm
+arithmetic and, for Gemma 3, the norms around attention and the MLP). Attention must be eager: the attention module
+then returns its post-softmax probabilities as its second output, the same tensor TransformerLens's `hook_pattern`
+holds, and adds the attention mask it receives to the scores, which is where a knockout cuts.
 """
 
 from __future__ import annotations
@@ -20,11 +22,14 @@ from dataclasses import dataclass
 from functools import reduce
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 
+from .end_maths import rms_scale
 from .errors import FactscopeError
 from .forward import act_name
 from .models import DTYPES, LoadedModel, load_hf_model
+
+_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -37,26 +42,37 @@ class ModulePaths:
     v_proj: str  # output: [batch, pos, kv_head · d_head], the value vectors
     o_proj: str  # input: [batch, pos, head · d_head], TransformerLens's hook_z
     attn: str  # output[1]: [batch, head, query, key], the post-softmax probabilities (eager attention only)
-    mlp: str
+    mlp_out: str  # output: what the MLP adds to the residual stream (after its post-norm where there is one)
     final_norm: str
     lm_head: str
+    attn_post_norm: str | None = None  # input: o_proj's output, normalised before it joins the residual (Gemma)
+    norm: str = "llama"  # the RMSNorms' arithmetic, a key of `end_maths.RMS_NORMS`
 
 
 _LLAMA = ModulePaths(
     embed="model.embed_tokens", layers="model.layers", v_proj="self_attn.v_proj", o_proj="self_attn.o_proj",
-    attn="self_attn", mlp="mlp", final_norm="model.norm", lm_head="lm_head",
+    attn="self_attn", mlp_out="mlp", final_norm="model.norm", lm_head="lm_head",
 )
-# The Llama family first (what NDIF hosts); Mistral and Qwen2 share its module names and its residual layout
-# (pre-norms only, no attention post-norm), which the engine assumes.
+# The Llama family first (what NDIF hosts); Mistral and Qwen2 share its module names and its residual layout.
+# Gemma 3 (text) adds an RMSNorm after attention and around the MLP, and parametrises its norms as (1 + w); its
+# embedding module returns the embeddings already scaled by √d_model, which is what joins the residual stream.
 ARCHITECTURES: dict[str, ModulePaths] = {
     "LlamaForCausalLM": _LLAMA,
     "MistralForCausalLM": _LLAMA,
     "Qwen2ForCausalLM": _LLAMA,
+    "Gemma3ForCausalLM": ModulePaths(
+        embed="model.embed_tokens", layers="model.layers", v_proj="self_attn.v_proj", o_proj="self_attn.o_proj",
+        attn="self_attn", mlp_out="post_feedforward_layernorm", final_norm="model.norm", lm_head="lm_head",
+        attn_post_norm="post_attention_layernorm", norm="gemma",
+    ),
 }
 
 # the activation kinds (`forward.act_name`) this engine can fill; anything else is refused by name
-_PER_LAYER = ("v", "z", "pattern", "mlp_out", "resid_post")
+_PER_LAYER = ("v", "z", "pattern", "post_norm_scale", "mlp_out", "resid_post")
 _GLOBAL = ("embed", "final_scale")
+
+
+_LAYER_MODULES = ("v_proj", "o_proj", "attn", "mlp_out", "attn_post_norm")  # the per-layer fields of ModulePaths
 
 
 def module_paths(architecture: str) -> ModulePaths:
@@ -93,8 +109,9 @@ class NnsightEngine:
         layers = _module(lm, paths.layers)
         self.envoys = {"embed": _module(lm, paths.embed), "layers": [layers[i] for i in range(len(layers))],
                        "final_norm": _module(lm, paths.final_norm), "lm_head": _module(lm, paths.lm_head)}
-        for key in ("v_proj", "o_proj", "attn", "mlp"):
-            self.envoys[key] = [_module(block, getattr(paths, key)) for block in self.envoys["layers"]]
+        for key in _LAYER_MODULES:
+            path = getattr(paths, key)
+            self.envoys[key] = [_module(block, path) for block in self.envoys["layers"]] if path else []
 
     def __call__(
         self,
@@ -105,7 +122,7 @@ class NnsightEngine:
         names: Sequence[str],
     ) -> tuple[Float[torch.Tensor, "batch vocab"], dict[str, torch.Tensor]]:
         cfg = model.cfg
-        wanted = _requested(names, cfg.n_layers)
+        wanted = _requested(names, cfg.n_layers, self.paths)
         saved = self.trace(tokens.cpu(), mask.cpu(), ends.cpu(), wanted, cfg.n_layers)
         self.requests += 1
         self.bytes_back += sum(t.numel() * t.element_size() for t in saved.values())
@@ -119,9 +136,8 @@ class NnsightEngine:
                 tensor = tensor.view(batch, tensor.shape[1], -1, cfg.d_head)  # [batch, key, kv_head, d_head]
             elif kind == "z":
                 tensor = tensor.view(batch, -1, cfg.d_head)  # [batch, head, d_head]
-            elif kind == "final_scale":
-                # the same expression, in the same order, as TransformerLens's normalisation bridge
-                tensor = (tensor.float().pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+            elif kind in ("final_scale", "post_norm_scale"):  # the norm's input at END came back
+                tensor = rms_scale(tensor, self.eps)
             end[act_name(kind, layer)] = tensor.float()
         return saved[("logits", None)].to(device).float(), end
 
@@ -144,7 +160,7 @@ class NnsightEngine:
         # every module is resolved here, outside the trace: the traced block is shipped by source with the names it
         # reads, and a factscope helper or dataclass in it would have to be importable on the server
         embed, layers, norm, lm_head = (self.envoys[key] for key in ("embed", "layers", "final_norm", "lm_head"))
-        v_projs, o_projs, attns, mlps = (self.envoys[key] for key in ("v_proj", "o_proj", "attn", "mlp"))
+        v_projs, o_projs, attns, mlps, post_norms = (self.envoys[key] for key in _LAYER_MODULES)
         inputs = {"input_ids": tokens, "attention_mask": mask}
         # logits_to_keep: the model unembeds END only, so no [batch, pos, vocab] tensor is ever built
         with lm.trace(inputs, logits_to_keep=ends[:, None], remote=self.remote):
@@ -158,6 +174,8 @@ class NnsightEngine:
                     out[("z", layer)] = o_projs[layer].input[rows, ends]
                 if ("pattern", layer) in wanted:
                     out[("pattern", layer)] = attns[layer].output[1][rows, :, ends]
+                if ("post_norm_scale", layer) in wanted:
+                    out[("post_norm_scale", layer)] = post_norms[layer].input[rows, ends]
                 if ("mlp_out", layer) in wanted:
                     out[("mlp_out", layer)] = mlps[layer].output[rows, ends]
                 if ("resid_post", layer) in wanted:
@@ -194,13 +212,14 @@ class NnsightEngine:
             # ship end_maths by source: the server has torch and nnsight, not factscope
             cloudpickle.register_pickle_by_value(end_maths)
         project_end, group_z = end_maths.project_end, end_maths.head_group_z_at_end
-        lm, rows, eps, d_head = self.lm, torch.arange(len(ends)), self.eps, self.d_head
+        lm, rows, eps, d_head, norm_kind = self.lm, torch.arange(len(ends)), self.eps, self.d_head, self.paths.norm
         embed, layers, norm, lm_head = (self.envoys[key] for key in ("embed", "layers", "final_norm", "lm_head"))
-        v_projs, o_projs, attns, mlps = (self.envoys[key] for key in ("v_proj", "o_proj", "attn", "mlp"))
+        v_projs, o_projs, attns, mlps, post_norms = (self.envoys[key] for key in _LAYER_MODULES)
         inputs = {"input_ids": tokens.cpu(), "attention_mask": mask.cpu()}
         with lm.trace(inputs, logits_to_keep=ends.cpu()[:, None], remote=self.remote):
             out = nnsight.save({})  # created inside the trace: on a remote run only saved objects come back
-            acts = {"embed": embed.output[rows, ends], "z_by_group": [], "z": [], "mlp_out": [], "resid_post": []}
+            acts = {"embed": embed.output[rows, ends], "z_by_group": [], "z": [], "post_norm_in": [], "mlp_out": [],
+                    "resid_post": []}
             for layer in range(len(layers)):
                 v = v_projs[layer].output
                 acts["z"].append(o_projs[layer].input[rows, ends])
@@ -209,21 +228,21 @@ class NnsightEngine:
                 if v_projs[layer].bias is not None:  # counted with the attention bias, not with a source group
                     values = values - v_projs[layer].bias.detach().float().view(-1, d_head).to(values.device)
                 acts["z_by_group"].append(group_z(pattern, values, groups.to(values.device)))
+                if post_norms:
+                    acts["post_norm_in"].append(post_norms[layer].input[rows, ends])
                 acts["mlp_out"].append(mlps[layer].output[rows, ends])
                 acts["resid_post"].append(layers[layer].output[rows, ends])
             acts["final_in"] = norm.input[rows, ends]
             acts["logits"] = lm_head.output[:, 0]
+            out["model_dtype"] = acts["logits"][:0]  # no element: only its dtype comes back (`_ran_in`)
             weights = {"w_u": lm_head.weight.T, "b_u": lm_head.bias, "norm_weight": norm.weight, "eps": eps,
-                       "w_o": [o.weight for o in o_projs], "b_o": [o.bias for o in o_projs],
-                       "b_v": [v.bias for v in v_projs]}
+                       "norm": norm_kind, "w_o": [o.weight for o in o_projs], "b_o": [o.bias for o in o_projs],
+                       "b_v": [v.bias for v in v_projs], "post_norm_weight": [n.weight for n in post_norms]}
             out.update(project_end(acts, weights, groups, targets, answers, known_only))
-        saved = {name: value.cpu() for name, value in dict(out).items()}
-        self.requests += 1
-        self.bytes_back += sum(t.numel() * t.element_size() for t in saved.values())
-        return saved
+        return self._received(model, out)
 
     def recall(
-        self, tokens: Int[torch.Tensor, "batch pos"], mask: Int[torch.Tensor, "batch pos"],
+        self, model, tokens: Int[torch.Tensor, "batch pos"], mask: Int[torch.Tensor, "batch pos"],
         ends: Int[torch.Tensor, " batch"], answers: Int[torch.Tensor, " batch"],
     ) -> dict[str, torch.Tensor]:
         """`end_maths.recall_stats` computed inside the trace: rank, probability, logit and top tokens per prompt
@@ -239,8 +258,54 @@ class NnsightEngine:
         inputs = {"input_ids": tokens.cpu(), "attention_mask": mask.cpu()}
         with self.lm.trace(inputs, logits_to_keep=ends.cpu()[:, None], remote=self.remote):
             out = nnsight.save({})
-            out.update(stats(lm_head.output[:, 0].detach().float(), answers))
+            logits = lm_head.output[:, 0]
+            out["model_dtype"] = logits[:0]
+            out.update(stats(logits.detach().float(), answers))
+        return self._received(model, out)
+
+    def knockout(
+        self, model, batch, query_is_end: Bool[torch.Tensor, "batch query"], keys: Bool[torch.Tensor, "batch key"],
+        heads: Bool[torch.Tensor, "layer head"],
+    ) -> dict[str, torch.Tensor]:
+        """One pass of `batch` (`forward.Batch`) with END's attention to `keys` cut, before the softmax, in the
+        chosen `heads` → `end_maths.answer_scores`. The cut is `end_maths.end_block`, the mask the local knockout
+        applies to TransformerLens's scores, applied here to the additive attention mask each attention module
+        receives (the scores plus −inf are −inf either way): no operation inside the attention code is named, so
+        nothing depends on how transformers writes it. Layers without a chosen head are left alone."""
+        import cloudpickle
+        import nnsight
+
+        from . import end_maths
+
+        if self.remote:
+            cloudpickle.register_pickle_by_value(end_maths)
+        block, score = end_maths.end_block, end_maths.answer_scores
+        attns, lm_head = self.envoys["attn"], self.envoys["lm_head"]
+        query_is_end, keys, heads, answers = query_is_end.cpu(), keys.cpu(), heads.cpu(), batch.answers.cpu()
+        inputs = {"input_ids": batch.tokens.cpu(), "attention_mask": batch.mask.cpu()}
+        with self.lm.trace(inputs, logits_to_keep=batch.ends.cpu()[:, None], remote=self.remote):
+            out = nnsight.save({})
+            for layer in range(len(attns)):
+                if heads[layer].any():
+                    args, kwargs = attns[layer].inputs
+                    mask = kwargs["attention_mask"]  # [batch, 1, query, key], added to the scores
+                    cut = block(heads[layer], query_is_end, keys).to(mask.device)
+                    attns[layer].inputs = (args, {**kwargs, "attention_mask": mask.masked_fill(cut, float("-inf"))})
+            logits = lm_head.output[:, 0]
+            out["model_dtype"] = logits[:0]
+            out.update(score(logits.detach().float(), answers))
+        return self._received(model, out)
+
+    def _received(self, model, out: dict) -> dict[str, torch.Tensor]:
+        """What a request brought back, counted for the cost report, once the dtype the model ran in is checked
+        against the one the run records (`model.dtype`, which also sets the tolerance the parts are checked at):
+        a remote run cannot choose it, the server's deployment does."""
         saved = {name: value.cpu() for name, value in dict(out).items()}
+        ran_in = _DTYPE_NAMES.get(saved.pop("model_dtype").dtype, "another dtype")
+        if ran_in != model.dtype:
+            where = "NDIF" if self.remote is True else "the nnsight engine"
+            raise FactscopeError(f"{where} ran {model.name} in {ran_in}, not in {model.dtype} as this run records it; "
+                                 "nothing was written")
         self.requests += 1
         self.bytes_back += sum(t.numel() * t.element_size() for t in saved.values())
         return saved
@@ -255,7 +320,7 @@ class ConfigOnlyModel:
     tokenizer: object
     prepend_bos: bool
     config: object
-    dtype: str = "bfloat16"  # NDIF serves bf16; the tolerance the parts are checked against (taxonomy.TOLERANCES)
+    dtype: str  # the dtype the server runs the model in (`remote.SERVED_DTYPE`; each request checks it)
     device: torch.device = torch.device("cpu")
 
     @property
@@ -278,7 +343,7 @@ class ConfigOnlyModel:
         return getattr(self.config, "max_position_embeddings", None)
 
 
-def config_only_model(name: str, config, tokenizer, prepend_bos: bool | None = None, dtype: str = "bfloat16") -> ConfigOnlyModel:
+def config_only_model(name: str, config, tokenizer, dtype: str, prepend_bos: bool | None = None) -> ConfigOnlyModel:
     from .models import tokenizer_prepends_bos
 
     module_paths((getattr(config, "architectures", None) or ["?"])[0])  # refuse an unknown architecture up front
@@ -288,10 +353,11 @@ def config_only_model(name: str, config, tokenizer, prepend_bos: bool | None = N
     return ConfigOnlyModel(name, tokenizer, prepend, config, dtype)
 
 
-def _requested(names: Sequence[str], n_layers: int) -> set[tuple[str, int | None]]:
+def _requested(names: Sequence[str], n_layers: int, paths: ModulePaths) -> set[tuple[str, int | None]]:
     """act_names → (kind, layer) pairs; a name this engine cannot fill is an error, not a silent gap."""
+    per_layer = [kind for kind in _PER_LAYER if kind != "post_norm_scale" or paths.attn_post_norm]
     known = {act_name(kind): (kind, None) for kind in _GLOBAL}
-    known |= {act_name(kind, layer): (kind, layer) for kind in _PER_LAYER for layer in range(n_layers)}
+    known |= {act_name(kind, layer): (kind, layer) for kind in per_layer for layer in range(n_layers)}
     missing = [name for name in names if name not in known]
     if missing:
         raise FactscopeError(f"the nnsight engine cannot provide {', '.join(missing)} (this architecture needs a "

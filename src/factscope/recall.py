@@ -28,7 +28,7 @@ def recall(
     engine=None,
 ) -> pd.DataFrame:
     """One row per prompt: `prompt_id, relation, subject, prompt, attribute, rank, prob, logit, correct, ...`.
-    `engine`: one with a `recall(tokens, mask, ends, answers)` method (`nnsight_engine.NnsightEngine`, on NDIF)
+    `engine`: one with a `recall(model, tokens, mask, ends, answers)` method (`nnsight_engine.NnsightEngine`, on NDIF)
     computes the statistics where the model runs; `model` then needs only its tokenizer."""
     rows = []
     for batch in chunks(encoded, batch_size):
@@ -38,7 +38,7 @@ def recall(
         else:
             tokens, mask, ends = pad_batch([item.token_ids for item in batch], pad_id(model.tokenizer))
             answers = torch.tensor([item.attribute_token for item in batch], dtype=torch.long)
-            rows.extend(recall_rows_from_stats(model.tokenizer, batch, engine.recall(tokens, mask, ends, answers)))
+            rows.extend(recall_rows_from_stats(model.tokenizer, batch, engine.recall(model, tokens, mask, ends, answers)))
         if progress:
             progress(len(batch))
     return pd.DataFrame(rows)

@@ -20,6 +20,8 @@ from .models import NAMED_MODELS
 from .taxonomy import GROUPS
 
 NNSIGHT_VERSION = "0.8.1"  # the one pinned by the `remote` extra; NDIF refuses clients it does not speak to
+# NDIF runs each model as deployed, in bf16: a request cannot ask for another dtype, and no fp32 copy exists there
+SERVED_DTYPE = "bfloat16"
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,16 @@ def recall_plan(model: str, prompts: int, batch_size: int) -> Plan:
     return Plan(model, prompts, -(-prompts // batch_size), prompts * RECALL_BYTES)
 
 
+SCORE_BYTES = 3 * 4  # per prompt and causal pass: p(a), a's logit and top-1 correct, fp32 (`end_maths.answer_scores`)
+
+
+def ablate_plan(model: str, recalled: int, recall_batch: int, prompts: int, passes: int) -> Plan:
+    """`ablate --remote`: the recall passes that find the known facts among `recalled` prompts again (none when
+    the run analysed every prompt), then `passes` knockout passes over `prompts`, one request each."""
+    recall = recall_plan(model, recalled, recall_batch)
+    return Plan(model, prompts, recall.requests + passes, recall.bytes_back + passes * prompts * SCORE_BYTES)
+
+
 def check_client() -> None:
     """nnsight installed, at the pinned version: the server rejects other versions after a long upload."""
     try:
@@ -88,6 +100,15 @@ def check_client() -> None:
     if nnsight.__version__ != NNSIGHT_VERSION:
         raise FactscopeError(f"--remote needs nnsight=={NNSIGHT_VERSION} (installed: {nnsight.__version__}); "
                              "pip install 'factscope[remote]'")
+
+
+def check_dtype(dtype: str | None) -> str:
+    """The dtype a remote run runs (and records): NDIF's. Asking for another is refused rather than ignored; the
+    engine also checks, on every request, that the server did run the model in it."""
+    if dtype not in (None, SERVED_DTYPE):
+        raise FactscopeError(f"--remote runs the model in {SERVED_DTYPE}, the dtype NDIF serves it in; --dtype {dtype} "
+                             f"cannot be honoured there (drop --dtype, or run locally)")
+    return SERVED_DTYPE
 
 
 def check_model_id(name: str) -> None:

@@ -16,10 +16,16 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import bootstrap, rundir
 from .errors import FactscopeError
 from .taxonomy import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from .data import Fact
 
 Advance = Callable[[int], None]
 
@@ -51,13 +57,14 @@ def recall(
     device: str = "cpu",
     batch_size: int = 32,
     bos: bool | None = None,
-    dtype: str = "float32",
+    dtype: str | None = None,
     threads: int | None = None,
     remote: bool = False,
     reporter: Reporter = QUIET,
 ) -> rundir.Run:
     """Which facts does the model know? Writes OUT/recall.csv and OUT/summary.json. `remote`: the passes run on
-    NDIF (`model` is a Hub id) and only each prompt's rank, probability, logit and top tokens come back."""
+    NDIF (`model` is a Hub id) and only each prompt's rank, probability, logit and top tokens come back. `dtype`:
+    float32 by default; a remote run runs in the dtype NDIF serves (`remote.check_dtype` refuses any other)."""
     from .recall import accuracy_table, recall as recall_table
 
     out = Path(out)
@@ -65,16 +72,18 @@ def recall(
     if remote:  # every check that can refuse the run comes before the run directory is touched
         from . import remote as ndif
 
+        dtype = ndif.check_dtype(dtype)
         ndif.preflight(model, send=True)
         reporter.warn(remote_plan(model, dataset, batch_size=batch_size, bos=bos, command="recall").describe())
         sending = ndif.one_line_errors()
     with rundir.locked(out):
         _refuse_existing(out, overwrite)
         if remote:
-            loaded, encoded, dataset_path = _prepare_remote(model, dataset, bos, reporter)
+            loaded, encoded, dataset_path = _prepare_remote(model, dataset, bos, dtype, reporter)
             engine = ndif.remote_engine(model, loaded.tokenizer)
         else:
-            loaded, encoded, dataset_path = _prepare(model, dataset, device, bos, reporter, dtype=dtype, threads=threads)
+            loaded, encoded, dataset_path = _prepare(model, dataset, device, bos, reporter, dtype=dtype or "float32",
+                                                     threads=threads)
         with reporter.progress("recall", len(encoded)) as advance, sending:
             table = recall_table(loaded, encoded, batch_size=batch_size, progress=advance, engine=engine)
         table.insert(0, "model", loaded.name)
@@ -116,7 +125,7 @@ def analyze(
     swap: bool = False,
     resume: bool = False,
     report: bool = True,
-    dtype: str = "float32",
+    dtype: str | None = None,
     threads: int | None = None,
     remote: bool = False,
     reporter: Reporter = QUIET,
@@ -125,7 +134,8 @@ def analyze(
     `swap`, the subject swap). `k` and `z` are the head-class rule's dominance ratio and significance.
 
     `remote`: the passes run on NDIF through nnsight (`model` is a Hub id; see `remote_plan`, printed before
-    anything is sent), and so do the maths that read weights: only the tokenizer and config are read here."""
+    anything is sent), and so do the maths that read weights: only the tokenizer and config are read here. `dtype`:
+    float32 by default; a remote run runs in the dtype NDIF serves (`remote.check_dtype` refuses any other)."""
     import pandas as pd
 
     from .data import relation_targets, targets_table
@@ -140,6 +150,7 @@ def analyze(
 
         if swap:
             raise FactscopeError("--swap does not run remotely yet (its passes use the local engine)")
+        dtype = ndif.check_dtype(dtype)
         ndif.preflight(model, send=True)
         reporter.warn(remote_plan(model, dataset, batch_size=batch_size, bos=bos).describe())
         sending = ndif.one_line_errors()
@@ -147,10 +158,11 @@ def analyze(
         _refuse_existing(out, overwrite, resume)
         rule = ClassRule(k=k, z=z)  # invalid k or z is refused before the model loads
         if remote:
-            loaded, encoded, dataset_path = _prepare_remote(model, dataset, bos, reporter)
+            loaded, encoded, dataset_path = _prepare_remote(model, dataset, bos, dtype, reporter)
             engine = ndif.remote_engine(model, loaded.tokenizer)
         else:
-            loaded, encoded, dataset_path = _prepare(model, dataset, device, bos, reporter, dtype=dtype, threads=threads)
+            loaded, encoded, dataset_path = _prepare(model, dataset, device, bos, reporter, dtype=dtype or "float32",
+                                                     threads=threads)
         config = {"command": "analyze", "batch_size": batch_size, "known_only": not all_prompts, "k": k, "z": z,
                   "swap": swap, "prepend_bos": loaded.prepend_bos, "device": _used_device(loaded, device),
                   "dtype": loaded.dtype, "remote": remote}
@@ -195,6 +207,7 @@ def ablate(
     threads: int | None = None,
     overwrite: bool = False,
     report: bool = True,
+    remote: bool = False,
     reporter: Reporter = QUIET,
 ) -> rundir.Run:
     """Causal checks of a finished run on its model's known facts: attention knockout (windows of `window`
@@ -203,10 +216,18 @@ def ablate(
     taken in turn from each relation. Adds their tables and summary.json["causal"] to the run. `method` "atp"
     also estimates the removal of every single head path and MLP at END by attribution patching
     (path_ablations.csv, with atp_path_agreement.csv from a sample ablated exactly); "both" ablates every path
-    exactly too and compares them on every (path, prompt)."""
+    exactly too and compares them on every (path, prompt).
+
+    `remote`: the passes of a run analysed with `analyze --remote` run on NDIF through nnsight, and only the
+    checks that can (`causal.remote_checks`: the attention knockout) run; each pass sends back three numbers per
+    prompt. The plan (`remote_ablate_plan`) is printed before anything is sent."""
     from .causal.atp_paths import METHODS
     from . import causal
 
+    if remote:
+        return _remote_ablate(run_dir, window=window, limit=limit, overwrite=overwrite, report=report,
+                              reporter=reporter, refused={"--method": method != "exact", "--noise-scales":
+                                                          noise_scales is not None, "--seeds": seeds is not None})
     if mode not in ("mean", "zero"):
         raise FactscopeError(f"ablation mode {mode!r}: use 'mean' or 'zero'")
     if method not in METHODS:
@@ -219,10 +240,10 @@ def ablate(
     run_dir = _finished_run(run_dir)
     with rundir.locked(run_dir):
         trace, targets = rundir.read_table(run_dir, "causal_trace"), _run_targets(run_dir, reporter)  # before the model
-        model, known, heads = _causal_inputs(run_dir, "ablate", overwrite, device, threads, limit, reporter)
+        model, known, heads, _ = _causal_inputs(run_dir, "ablate", overwrite, device, threads, limit, reporter)
         tables, summary = causal.ablate_checks(model, known, heads, **options, trace=trace, targets=targets,
                                                progress=reporter.progress)
-        return _write_causal(run_dir, tables, summary, report, reporter)
+        return _write_causal(run_dir, "ablate", tables, summary, report, reporter)
 
 
 def trace(
@@ -232,6 +253,7 @@ def trace(
     window: int = 10,
     seeds: Sequence[int] | None = None,
     method: str = "exact",
+    graddrop: bool = False,
     limit: int | None = None,
     device: str = "cpu",
     threads: int | None = None,
@@ -244,18 +266,72 @@ def trace(
     MLP outputs restored over `window` layers. Adds causal_trace.parquet, trace_peaks.csv and
     summary.json["causal"]["trace"] to the run. `method` "atp" estimates the restorations by attribution patching
     instead (atp_trace.parquet, with atp_agreement.csv from a sample restored exactly), "both" runs both and
-    compares them on every cell."""
+    compares them on every cell. `graddrop` (with "atp" or "both") adds AtP*'s GradDrop and its error to
+    atp_agreement.csv."""
     from . import causal
 
-    options = {"noise": noise, "window": window, "method": method}
+    if graddrop and method == "exact":
+        raise FactscopeError("--graddrop corrects attribution patching: use it with --method atp or both")
+    options = {"noise": noise, "window": window, "method": method, "graddrop": graddrop}
     if seeds is not None:
         options["seeds"] = list(seeds)
     run_dir = _finished_run(run_dir)
     with rundir.locked(run_dir):
         enrichment = rundir.read_table(run_dir, "enrichment")
-        model, known, _ = _causal_inputs(run_dir, "trace", overwrite, device, threads, limit, reporter)
+        model, known, _, _ = _causal_inputs(run_dir, "trace", overwrite, device, threads, limit, reporter)
         tables, summary = causal.trace_checks(model, known, **options, enrichment=enrichment, progress=reporter.progress)
-        return _write_causal(run_dir, tables, summary, report, reporter)
+        return _write_causal(run_dir, "trace", tables, summary, report, reporter)
+
+
+def remote_ablate_plan(run_dir: str | Path, *, window: int = 9, limit: int | None = None):
+    """What `ablate --remote` would send and get back (`remote.Plan`), from the run, the model's config and
+    tokenizer: the recall passes that find the known facts again, then one request per knockout pass, each
+    bringing back `remote.SCORE_BYTES` per prompt. The prompts are the run's known facts as its recall.csv has
+    them (the run finds them again on the server)."""
+    from . import causal
+    from . import remote as ndif
+    from .data import encode_all
+
+    run_dir = _finished_run(run_dir)
+    manifest, heads, facts = _causal_run(run_dir)
+    ndif.check_model_id(manifest["model"])
+    model = _remote_model(manifest["model"], manifest.get("config", {}).get("prepend_bos"), ndif.SERVED_DTYPE)
+    encoded = encode_all(facts, model.tokenizer, model.prepend_bos, max_tokens=model.max_tokens)
+    known_only = manifest.get("config", {}).get("known_only", True)
+    if known_only:
+        correct = set(rundir.read_table(run_dir, "recall", required=True).query("correct")["prompt_id"].astype(str))
+        checked = [item for item in encoded if item.fact.prompt_id in correct]
+    else:
+        checked = encoded
+    passes = causal.remote_ablate_passes(model, heads, window=window)
+    return ndif.ablate_plan(model.name, len(encoded) if known_only else 0, causal.KNOWN_BATCH,
+                            len(causal.spread(checked, limit)), passes)
+
+
+def _remote_ablate(run_dir: str | Path, *, window: int, limit: int | None, overwrite: bool, report: bool,
+                   reporter: Reporter, refused: dict[str, bool]) -> rundir.Run:
+    """`ablate(remote=True)`: every check that can refuse comes before the run directory is locked."""
+    from . import causal
+    from . import remote as ndif
+
+    given = [option for option, set_ in refused.items() if set_]
+    if given:
+        names = ", ".join(check.name for check in causal.remote_checks("ablate"))
+        raise FactscopeError(f"ablate --remote runs the {names} check only; {given[0]} does not run remotely")
+    run_dir = _finished_run(run_dir)
+    manifest = _run_json(run_dir / rundir.MANIFEST)
+    if not manifest.get("config", {}).get("remote"):
+        raise FactscopeError(f"{run_dir}: analysed locally; ablate --remote checks a run of `analyze --remote` "
+                             "(drop --remote to check this one locally)")
+    ndif.preflight(manifest.get("model", ""), send=True)
+    reporter.warn(remote_ablate_plan(run_dir, window=window, limit=limit).describe())
+    with rundir.locked(run_dir), ndif.one_line_errors():
+        model, known, heads, engine = _causal_inputs(run_dir, "ablate", overwrite, "cpu", None, limit, reporter,
+                                                     remote=True)
+        tables, summary = causal.remote_ablate_checks(model, known, heads, engine, window=window,
+                                                      progress=reporter.progress)
+        summary["ablate"]["remote"] |= {"requests": engine.requests, "bytes_back": engine.bytes_back}
+        return _write_causal(run_dir, "ablate", tables, summary, report, reporter)
 
 
 def write_report(run_dir: str | Path, pngs: bool = True, reporter: Reporter = QUIET) -> Path:
@@ -294,13 +370,15 @@ def import_facts(source: str | Path, format: str, out: str | Path = "facts.jsonl
 
 
 def remote_plan(model: str, dataset: str | Path | None = None, *, batch_size: int = 16, bos: bool | None = None,
-                command: str = "analyze"):
+                command: str = "analyze", dtype: str | None = None):
     """What `analyze --remote` (or `recall --remote`) would send and get back (`remote.Plan`), from the model's
-    config and tokenizer only: no weights are loaded and nothing is sent."""
+    config and tokenizer only: no weights are loaded and nothing is sent. A `dtype` the run could not honour is
+    refused here as it would be there."""
     from . import remote as ndif
     from .data import encode_all, load_facts, relation_targets, shipped_dataset
     from .models import tokenizer_prepends_bos
 
+    ndif.check_dtype(dtype)
     ndif.check_model_id(model)
     config, tokenizer = _hub_config_and_tokenizer(model)
     facts = load_facts(Path(dataset) if dataset is not None else shipped_dataset())
@@ -313,18 +391,24 @@ def remote_plan(model: str, dataset: str | Path | None = None, *, batch_size: in
     return ndif.plan(model, ndif.Shape.from_config(config), widths, batch_size)
 
 
-def _prepare_remote(model_name: str, dataset: str | Path | None, bos: bool | None, reporter: Reporter):
-    """`_prepare` for a remote run: the dataset, then the Hub config and tokenizer, never the weights
-    (`nnsight_engine.ConfigOnlyModel` stands in for the loaded model)."""
+def _prepare_remote(model_name: str, dataset: str | Path | None, bos: bool | None, dtype: str, reporter: Reporter):
+    """`_prepare` for a remote run: the dataset, then the Hub config and tokenizer, never the weights."""
     from .data import encode_all, load_facts, shipped_dataset
-    from .nnsight_engine import config_only_model
 
     dataset_path = Path(dataset) if dataset is not None else shipped_dataset()
     facts = load_facts(dataset_path)
+    model = _remote_model(model_name, bos, dtype, reporter)
+    return model, encode_all(facts, model.tokenizer, model.prepend_bos, max_tokens=model.max_tokens), dataset_path
+
+
+def _remote_model(model_name: str, bos: bool | None, dtype: str, reporter: Reporter = QUIET):
+    """What a remote run holds of the model: `nnsight_engine.ConfigOnlyModel` (config and tokenizer from the Hub, in
+    the server's `dtype`), which stands in for the loaded model."""
+    from .nnsight_engine import config_only_model
+
     with reporter.status(f"reading {model_name}'s config and tokenizer"):
         config, tokenizer = _hub_config_and_tokenizer(model_name)
-    model = config_only_model(model_name, config, tokenizer, bos)
-    return model, encode_all(facts, tokenizer, model.prepend_bos, max_tokens=model.max_tokens), dataset_path
+    return config_only_model(model_name, config, tokenizer, dtype, bos)
 
 
 def _hub_config_and_tokenizer(model: str):
@@ -409,18 +493,10 @@ def _refuse_existing(out: Path, overwrite: bool, resume: bool = False) -> None:
         raise FactscopeError(f"{out}: output directory exists; pass --overwrite to replace it")
 
 
-def _causal_inputs(run_dir: str | Path, command: str, overwrite: bool, device: str, threads: int | None,
-                   limit: int | None, reporter: Reporter):
-    """The run's model (same weights, same BOS) and the prompts it analysed (its known facts, or all of them
-    after `analyze --all-prompts`), checked before the slow work."""
-    from .causal import CHECKS, known_facts, spread
-    from .data import encode_all, load_facts
-    from .models import load_model
+def _causal_run(run_dir: Path) -> tuple[dict, pd.DataFrame, list[Fact]]:
+    """A finished run's manifest, head table and facts, each checked before any model work."""
+    from .data import load_facts
 
-    written = [name for check in CHECKS if check.command == command for name in check.tables]
-    existing = [rundir.table_path(run_dir, name) for name in written if rundir.table_path(run_dir, name).exists()]
-    if existing and not overwrite:
-        raise FactscopeError(f"{existing[0]}: exists; pass --overwrite to replace it")
     manifest = _run_json(run_dir / rundir.MANIFEST)
     _run_json(run_dir / rundir.SUMMARY)  # rewritten after the checks ran: a damaged one must stop them first
     heads = rundir.read_table(run_dir, "heads", required=True)
@@ -434,26 +510,51 @@ def _causal_inputs(run_dir: str | Path, command: str, overwrite: bool, device: s
         raise FactscopeError(f"{run_dir / rundir.MANIFEST}: its dataset {dataset} is not there (run from the directory the analysis ran in)")
     if rundir.dataset_sha256(dataset) != manifest.get("dataset_sha256"):
         raise FactscopeError(f"{dataset}: changed since the run that wrote run.json; rerun `factscope analyze`")
+    return manifest, heads, load_facts(dataset)
+
+
+def _causal_inputs(run_dir: str | Path, command: str, overwrite: bool, device: str, threads: int | None,
+                   limit: int | None, reporter: Reporter, remote: bool = False):
+    """The run's model (same weights, same BOS) and the prompts it analysed (its known facts, or all of them
+    after `analyze --all-prompts`), checked before the slow work; and the nnsight engine of a `remote` run (None
+    otherwise), whose model is the config-only stand-in of `_remote_model`."""
+    from .causal import CHECKS, known_facts, remote_checks, spread
+    from .data import encode_all
+
+    checks = remote_checks(command) if remote else [check for check in CHECKS if check.command == command]
+    existing = [rundir.table_path(run_dir, name) for check in checks for name in check.tables
+                if rundir.table_path(run_dir, name).exists()]
+    if existing and not overwrite:
+        raise FactscopeError(f"{existing[0]}: exists; pass --overwrite to replace it")
+    manifest, heads, facts = _causal_run(Path(run_dir))
     if threads:
         import torch
 
         torch.set_num_threads(threads)
-    facts = load_facts(dataset)
     _check_device(device)
     prepend_bos = manifest.get("config", {}).get("prepend_bos")
     dtype = manifest.get("config", {}).get("dtype", "float32")  # the dtype the analysis ran in
-    with reporter.status(f"loading {manifest['model']}"):
-        model = load_model(manifest["model"], device=device, prepend_bos=prepend_bos, dtype=dtype)
+    engine = None
+    if remote:
+        from . import remote as ndif
+
+        model = _remote_model(manifest["model"], prepend_bos, ndif.check_dtype(dtype), reporter)
+        engine = ndif.remote_engine(model.name, model.tokenizer)
+    else:
+        from .models import load_model
+
+        with reporter.status(f"loading {manifest['model']}"):
+            model = load_model(manifest["model"], device=device, prepend_bos=prepend_bos, dtype=dtype)
     if model.weights_sha256 != manifest.get("weights_sha256"):
         raise FactscopeError(f"{run_dir / rundir.MANIFEST}: the weights of {manifest['model']} changed since the run")
     encoded = encode_all(facts, model.tokenizer, model.prepend_bos, max_tokens=model.max_tokens)
     if manifest.get("config", {}).get("known_only", True):  # the same prompts the analysis used
         with reporter.status("finding the known facts"):
-            encoded = known_facts(model, encoded)
+            encoded = known_facts(model, encoded, engine=engine)
     known = spread(encoded, limit)
     if not known:
-        raise FactscopeError(f"{manifest['model']} knows none of the facts in {dataset}: nothing to check causally")
-    return model, known, heads
+        raise FactscopeError(f"{manifest['model']} knows none of the facts in {manifest['dataset']}: nothing to check causally")
+    return model, known, heads, engine
 
 
 def _run_targets(run_dir: Path, reporter: Reporter) -> dict[str, dict[int, str]] | None:
@@ -474,14 +575,24 @@ def _run_json(path: Path) -> dict:
     return rundir.read_json_object(path)
 
 
-def _write_causal(run_dir: Path, tables: dict, summary: dict, report: bool, reporter: Reporter) -> rundir.Run:
+def _write_causal(run_dir: Path, command: str, tables: dict, summary: dict, report: bool,
+                  reporter: Reporter) -> rundir.Run:
     """Every table, then summary.json, each replaced atomically; the report is re-rendered last, so a rendering
-    failure cannot cost the tables."""
+    failure cannot cost the tables. What an earlier run of `command` wrote and this one did not (AtP tables after
+    `--method atp`, rerun with `--method exact`) is removed with its summary entry, last: the report must not show
+    a previous run's results beside this one's as if they belonged together."""
+    from .causal import CHECKS
+
+    checks = [check for check in CHECKS if check.command == command]
     run_summary = _run_json(run_dir / rundir.SUMMARY)
     for name, table in tables.items():
         rundir.write_table(table, run_dir, name)
-    run_summary["causal"] = {**run_summary.get("causal", {}), **summary}
+    causal = {key: value for key, value in run_summary.get("causal", {}).items()
+              if key in summary or key not in {check.name for check in checks}}
+    run_summary["causal"] = {**causal, **summary}
     rundir.write_json(run_dir / rundir.SUMMARY, run_summary)
+    for name in {name for check in checks for name in check.tables} - set(tables):
+        rundir.table_path(run_dir, name).unlink(missing_ok=True)
     if report:
         write_report(run_dir, reporter=reporter)
     return rundir.load_run(run_dir)

@@ -39,14 +39,14 @@ from .enrichment import enrichment_summary
 from .extraction import extraction_summary
 from .knockout import knockout_summary
 from .noise import NOISE_SCALES, SEEDS, noise_summary
-from .scores import known_facts, spread
+from .scores import KNOWN_BATCH, known_facts, spread
 from .sites import taxonomy_paths
 from .trace import trace_peaks
 
 __all__ = [
-    "CHECKS", "CausalCheck", "NOISE_SCALES", "SEEDS", "ablate_checks", "enrichment_summary", "extraction_summary",
-    "knockout_summary", "known_facts", "noise_summary", "robustness_summary", "spread", "taxonomy_paths",
-    "trace_checks", "trace_peaks",
+    "CHECKS", "KNOWN_BATCH", "CausalCheck", "NOISE_SCALES", "SEEDS", "ablate_checks", "enrichment_summary",
+    "extraction_summary", "knockout_summary", "known_facts", "noise_summary", "remote_ablate_checks", "remote_ablate_passes", "remote_checks",
+    "robustness_summary", "spread", "taxonomy_paths", "trace_checks", "trace_peaks",
 ]
 
 CHECKS: tuple[CausalCheck, ...] = (
@@ -79,13 +79,12 @@ def ablate_checks(
     patching of every single path (with its error on a sample ablated exactly), "both" ablates every path exactly
     too; "exact" runs the mechanism grid only."""
     options = {
-        "window": window, "head_sets": knockout.class_head_sets(heads),
-        "blocked": knockout.blocked_groups(model.prepend_bos),
+        **_knockout_options(model, heads, window),
         "mechanisms": taxonomy_paths(heads, model.cfg.n_layers), "mode": mode,
         "noise_scales": noise_scales, "seeds": seeds, "targets": targets, "method": method,
         **atp_paths.path_sizes(model),
     }
-    tables = _run("ablate", model, known, options, progress)
+    tables = _run(_of("ablate"), model, known, options, progress)
     earlier = {"causal_trace": trace} if trace is not None else {}
     summary = {"ablate": {"mode": mode, "window": window, "noise_scales": list(noise_scales), "seeds": list(seeds),
                           "method": method, "n_prompts": len(known)}}
@@ -103,34 +102,70 @@ def trace_checks(
     window: int = trace.WINDOW,
     seeds: Sequence[int] = trace.SEEDS,
     method: str = "exact",
+    graddrop: bool = False,
     progress: ProgressBars = None,
     enrichment: pd.DataFrame | None = None,
 ) -> tuple[dict[str, pd.DataFrame], dict]:
     """The `trace` command's checks on the known facts: tables by rundir.TABLES name, and the entries of
     summary.json["causal"]. `method` is exact patching, attribution patching (`atp`, with its error on a sample
-    restored exactly) or both. `enrichment` is the run's enrichment table, if it has one: its summary is redone
-    with the new tracing peak (exact tracing only)."""
-    tables = _run("trace", model, known, {"noise": noise, "window": window, "seeds": seeds, "method": method}, progress)
-    settings = {"noise": noise, "window": window, "seeds": list(seeds), "method": method, "n_prompts": len(known)}
+    restored exactly) or both; `graddrop` adds AtP*'s GradDrop to the AtP check. `enrichment` is the run's
+    enrichment table, if it has one: its summary is redone with the new tracing peak (exact tracing only)."""
+    options = {"noise": noise, "window": window, "seeds": seeds, "method": method, "graddrop": graddrop}
+    tables = _run(_of("trace"), model, known, options, progress)
+    settings = {"noise": noise, "window": window, "seeds": list(seeds), "method": method, "graddrop": graddrop,
+                "n_prompts": len(known)}
     summary = {check.name: {**settings, **check.summarize(tables)} for check in _of("trace")}
     if enrichment is not None and "causal_trace" in tables:
         summary["enrichment"] = enrichment_summary(enrichment, tables["causal_trace"])
     return tables, summary
 
 
+def remote_ablate_checks(
+    model, known: list[Encoded], heads: pd.DataFrame, engine, *, window: int = knockout.WINDOW,
+    progress: ProgressBars = None,
+) -> tuple[dict[str, pd.DataFrame], dict]:
+    """`ablate --remote`: the `ablate` checks that run through an nnsight engine (`CausalCheck.remote`: the
+    attention knockout), with `engine`'s passes; `model` may hold no weights (`nnsight_engine.ConfigOnlyModel`)."""
+    checks = remote_checks("ablate")
+    tables = _run(checks, model, known, _knockout_options(model, heads, window), progress, engine)
+    remote = {"checks": [check.name for check in checks]}
+    summary = {"ablate": {"window": window, "n_prompts": len(known), "remote": remote}}
+    summary.update((check.name, check.summarize(tables)) for check in checks)
+    return tables, summary
+
+
+def remote_checks(command: str) -> list[CausalCheck]:
+    return [check for check in _of(command) if check.remote]
+
+
+def remote_ablate_passes(model, heads: pd.DataFrame, *, window: int = knockout.WINDOW) -> int:
+    """How many passes `remote_ablate_checks` sends (one request each)."""
+    options = _knockout_options(model, heads, window)
+    return sum(check.n_passes(model.cfg.n_layers, **{name: options[name] for name in check.options})
+               for check in remote_checks("ablate"))
+
+
+def _knockout_options(model, heads: pd.DataFrame, window: int) -> dict:
+    """The knockout's options as `ablate` sets them: every window, the run's subject and relation heads as sets."""
+    return {"window": window, "head_sets": knockout.class_head_sets(heads),
+            "blocked": knockout.blocked_groups(model.prepend_bos)}
+
+
 def _of(command: str) -> list[CausalCheck]:
     return [check for check in CHECKS if check.command == command]
 
 
-def _run(command: str, model: LoadedModel, known: list[Encoded], options: dict, progress: ProgressBars) -> dict[str, pd.DataFrame]:
+def _run(checks: list[CausalCheck], model: LoadedModel, known: list[Encoded], options: dict, progress: ProgressBars,
+         engine=None) -> dict[str, pd.DataFrame]:
     tables: dict[str, pd.DataFrame] = {}
-    for check in _of(command):
+    through = {} if engine is None else {"engine": engine}
+    for check in checks:
         chosen = {name: options[name] for name in check.options}
         total = check.n_passes(model.cfg.n_layers, **chosen)
         if total == 0:  # nothing to run (path AtP under --method exact): no empty progress bar
-            tables.update(check.run(model, known, progress=None, **chosen))
+            tables.update(check.run(model, known, progress=None, **chosen, **through))
             continue
         bar = progress(check.name, total) if progress else nullcontext()
         with bar as advance:
-            tables.update(check.run(model, known, progress=advance, **chosen))
+            tables.update(check.run(model, known, progress=advance, **chosen, **through))
     return tables

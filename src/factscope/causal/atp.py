@@ -18,10 +18,16 @@ draw for draw.
 
 AtP* (Kramár et al.) corrects two failure modes. Its attention-softmax recomputation applies to patches of queries
 and keys; the trace restores residual, attention-output and MLP-output states, whose effect on later attention is
-through both keys and values of every later layer, so it does not apply as such and is not done. GradDrop is not
-done either. Because of that, every AtP result comes with its error: `agreement` compares it with exact patching
-on every cell where both ran (`--method both`), or on a sample — the `N_TOP` largest AtP cells of each kind and
-`N_RANDOM` seeded random cells — restored exactly (`--method atp`). `atp_agreement.csv`, one row per kind and one
+through both keys and values of every later layer, so it does not apply as such and is not done. GradDrop, its
+correction for effects that cancel along different paths, is `graddrop_trace` (`trace --graddrop`): for every
+layer ℓ the AtP estimate is taken again with no gradient flowing back through layer ℓ's contributions to the
+residual stream (its attention and MLP outputs), and the cell's estimate is Σ_ℓ |estimate without ℓ| / (L − 1).
+Where nothing cancels, every path of an effect runs through some of the L layers, so the sum is (L − 1) × the
+effect and GradDrop equals |AtP|; where paths cancel, dropping one of them uncovers the rest. It is unsigned and
+costs L backward passes instead of one. Every AtP result comes with its error: `agreement` compares it with exact
+patching on every cell where both ran (`--method both`), or on a sample — the `N_TOP` largest AtP cells of each
+kind and `N_RANDOM` seeded random cells, and GradDrop's largest cells too when it ran — restored exactly
+(`--method atp`). `atp_agreement.csv`, one row per kind and one
 for all cells: Pearson and Spearman correlation over cells (a cell: kind, layer, prompt, position, averaged over
 seeds), the overlap of the `TOP_K` largest cells of each, and false negatives — cells whose exact effect is at
 least `THRESHOLD` (in p) where AtP gives less than half of it.
@@ -67,6 +73,32 @@ def atp_trace(
     """`trace.trace_effects` estimated by attribution patching: same shape, same zeros (positions before the
     subject, padding), one forward and one backward per seed and chunk of `chunk` prompts. Progress ticks:
     `atp_passes`."""
+    return _estimate(model, encoded, noise, seeds, window, kinds, chunk, progress, drops=(None,))
+
+
+def graddrop_trace(
+    model: LoadedModel,
+    encoded: list[Encoded],
+    noise: float = NOISE,
+    seeds: Sequence[int] = SEEDS,
+    window: int = WINDOW,
+    kinds: Sequence[str] = TRACE_KINDS,
+    chunk: int = 32,
+    progress: Progress = None,
+) -> TraceEffects:
+    """AtP* 's GradDrop of `atp_trace` (Kramár et al. 2024, §3.1.2): Σ_ℓ |AtP with no gradient through layer ℓ's
+    outputs| / (L − 1), per seed; unsigned. One forward and L backward passes per seed and chunk. Progress ticks:
+    `atp_passes`."""
+    n_layers = model.cfg.n_layers
+    if n_layers < 2:
+        raise FactscopeError("GradDrop needs a model of at least two layers")
+    return _estimate(model, encoded, noise, seeds, window, kinds, chunk, progress, drops=tuple(range(n_layers)))
+
+
+def _estimate(model: LoadedModel, encoded: list[Encoded], noise: float, seeds: Sequence[int], window: int,
+              kinds: Sequence[str], chunk: int, progress: Progress, drops: tuple[int | None, ...]) -> TraceEffects:
+    """AtP of every restoration with each of `drops` (None: no layer dropped) in turn; with one entry the signed
+    estimate, with several Σ |estimate| / (L − 1)."""
     batch = make_batch(model, encoded)
     n_layers = model.cfg.n_layers
     clean, std = _clean_states(model, batch, kinds)
@@ -79,20 +111,26 @@ def atp_trace(
         noise_all = subject_noise(batch, noise * std, seed, model.cfg.d_model)
         for rows in batch.rows.split(chunk):
             width = int(batch.ends[rows].max()) + 1
-            acts, grads, p = _gradients(model, batch, rows, width, noise_all[rows, :width], [n for kind in kinds for n in names[kind]])
+            acts, p, backward = _corrupted_run(model, batch, rows, width, noise_all[rows, :width], [n for kind in kinds for n in names[kind]])
             p_corrupted[s, rows.cpu()] = p.cpu()
-            for k, kind in enumerate(kinds):
-                single = torch.stack([((clean[name][rows, :width].float() - acts[name].float()) * grads[name].float()).sum(-1)
-                                      for name in names[kind]])  # [layer, rows, pos]
-                for layer in range(n_layers):
-                    first, last = (layer, layer) if kind == "resid" else layer_window(layer, window, n_layers)
-                    effects[s, k, layer, rows.cpu(), :width] = single[first : last + 1].sum(0).cpu()
+            delta = {name: clean[name][rows, :width].float() - acts[name].float() for kind in kinds for name in names[kind]}
+            for dropped in drops:
+                grads = backward(dropped)
+                for k, kind in enumerate(kinds):
+                    single = torch.stack([(delta[name] * grads[name].float()).sum(-1) for name in names[kind]])  # [layer, rows, pos]
+                    for layer in range(n_layers):
+                        first, last = (layer, layer) if kind == "resid" else layer_window(layer, window, n_layers)
+                        estimate = single[first : last + 1].sum(0).cpu()
+                        if dropped is None:
+                            effects[s, k, layer, rows.cpu(), :width] = estimate
+                        else:
+                            effects[s, k, layer, rows.cpu(), :width] += estimate.abs() / (n_layers - 1)
         tick(progress)
     return TraceEffects(effects * restored, clean["p"].cpu(), p_corrupted, noise * std, tuple(kinds), window, batch)
 
 
 def atp_passes(seeds: Sequence[int] = SEEDS) -> int:
-    """How many times `atp_trace` calls `progress(1)`."""
+    """How many times `atp_trace` (or `graddrop_trace`) calls `progress(1)`."""
     return 1 + len(seeds)
 
 
@@ -104,18 +142,49 @@ def _restorable(batch: Batch) -> Bool[torch.Tensor, "batch pos"]:
     return mask
 
 
-def _gradients(model: LoadedModel, batch: Batch, rows, width: int, noise, names: list[str]):
-    """The corrupted run of `rows` with gradients: each named activation, ∂(Σ p(a))/∂ of it, and p(a)."""
+class _LayerGate(torch.autograd.Function):
+    """Identity forward; backward passes the gradient on unless `dropped.layer` is this layer, where it passes
+    zero: GradDrop's 'no gradient through layer ℓ's outputs' for one backward pass of a graph recorded once."""
+
+    @staticmethod
+    def forward(ctx, x, layer: int, dropped: "_Dropped"):
+        ctx.layer, ctx.dropped = layer, dropped
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (torch.zeros_like(grad) if ctx.dropped.layer == ctx.layer else grad), None, None
+
+
+class _Dropped:
+    """The layer whose outputs pass no gradient in the current backward pass (None: every layer passes it)."""
+
+    layer: int | None = None
+
+
+def _corrupted_run(model: LoadedModel, batch: Batch, rows, width: int, noise, names: list[str]):
+    """The corrupted run of `rows`, recorded once: each named activation, p(a), and `backward(dropped)` → name →
+    ∂(Σ p(a))/∂ activation with no gradient through layer `dropped`'s attention and MLP outputs (None: none
+    dropped). The activations are taken after the gates, so a gate never drops its own site's gradient, only the
+    paths from a site through the dropped layer."""
     from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
     store: dict = {}
     ends = batch.ends[rows]
     local = torch.arange(len(rows), device=ends.device)
+    dropped = _Dropped()
 
     def corrupt(x, hook):
         # a leaf that needs a gradient, so the whole pass is recorded even when the weights are frozen
         x = (x + noise.to(x.dtype)).detach()
         return x.requires_grad_(True)
+
+    def gate(layer, name):
+        def hook(x, hook):
+            store[name] = _LayerGate.apply(x, layer, dropped)
+            return store[name]
+
+        return hook
 
     def keep(name):
         def hook(x, hook):
@@ -126,13 +195,20 @@ def _gradients(model: LoadedModel, batch: Batch, rows, width: int, noise, names:
     def stop(normed, hook):
         raise StopAtLayerException(normed[local, ends])
 
-    hooks = [(act_name("embed"), corrupt), *((name, keep(name)) for name in names), (act_name("final_out"), stop)]
+    gated = {act_name(site, layer): layer for layer in range(model.cfg.n_layers) for site in ("attn_out", "mlp_out")}
+    hooks = [(act_name("embed"), corrupt), *((name, gate(layer, name)) for name, layer in gated.items()),
+             *((name, keep(name)) for name in names if name not in gated), (act_name("final_out"), stop)]
     with torch.enable_grad():
         normed = model.bridge.run_with_hooks(batch.tokens[rows, :width], attention_mask=batch.mask[rows, :width], fwd_hooks=hooks)
-        logits = (normed @ model.W_U + model.b_U).float()
-        p = logits.softmax(-1)[local, batch.answers[rows]]
-        grads = torch.autograd.grad(p.sum(), [store[name] for name in names])
-    return {name: store[name].detach() for name in names}, dict(zip(names, grads)), p.detach()
+        p = (normed @ model.W_U + model.b_U).float().softmax(-1)[local, batch.answers[rows]]
+
+    def backward(layer: int | None) -> dict:
+        dropped.layer = layer
+        with torch.enable_grad():
+            grads = torch.autograd.grad(p.sum(), [store[name] for name in names], retain_graph=True)
+        return dict(zip(names, grads))
+
+    return {name: store[name].detach() for name in names}, p.detach(), backward
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -146,14 +222,17 @@ def agreement(
     kinds: Sequence[str],
     sampled: bool,
     threshold: float = THRESHOLD,
+    estimator: str = "atp",
 ) -> pd.DataFrame:
-    """AtP against exact patching on `cells` (seed-averaged effects): one row per kind and one for all cells.
-    Any shape with the kind first works (`atp_paths` passes [kind, layer, head, prompt]); `threshold` is the
-    smallest exact effect a false negative misses, in the effects' own unit."""
+    """An estimate (`estimator`: "atp", or "graddrop" for `graddrop_trace`) against exact patching on `cells`
+    (seed-averaged effects): one row per kind and one for all cells. Any shape with the kind first works
+    (`atp_paths` passes [kind, layer, head, prompt]); `threshold` is the smallest exact effect a false negative
+    misses, in the effects' own unit."""
     records = []
     parts = [(kind, exact[k][cells[k]], estimate[k][cells[k]]) for k, kind in enumerate(kinds)]
     for kind, x, y in [*parts, ("all", exact[cells], estimate[cells])]:
-        records.append({"kind": kind, "sampled": sampled, **_statistics(x.double().numpy(), y.double().numpy(), threshold)})
+        records.append({"kind": kind, "estimator": estimator, "sampled": sampled,
+                        **_statistics(x.double().numpy(), y.double().numpy(), threshold)})
     return pd.DataFrame.from_records(records)
 
 
@@ -220,24 +299,36 @@ def exact_cells(model: LoadedModel, atp: TraceEffects, cells: Bool[torch.Tensor,
     return out
 
 
-def sampled_agreement(model: LoadedModel, atp: TraceEffects, seeds: Sequence[int]) -> pd.DataFrame:
-    """`agreement` on `sample_cells`, their exact effects computed for them alone."""
-    estimate = atp.effects.mean(0)
-    cells = sample_cells(estimate, _restorable(atp.batch))
-    exact = exact_cells(model, atp, cells, seeds, atp.noise_std)
-    return agreement(exact, estimate, cells, atp.kinds, sampled=True)
+def sampled_agreement(model: LoadedModel, estimates: dict[str, TraceEffects], seeds: Sequence[int]) -> pd.DataFrame:
+    """`agreement` of every estimate (estimator → its effects) on the union of their `sample_cells`, whose exact
+    effects are computed for them alone."""
+    first = next(iter(estimates.values()))
+    means = {name: estimate.effects.mean(0) for name, estimate in estimates.items()}
+    cells = torch.stack([sample_cells(mean, _restorable(first.batch)) for mean in means.values()]).any(0)
+    exact = exact_cells(model, first, cells, seeds, first.noise_std)
+    return pd.concat([agreement(exact, mean, cells, first.kinds, sampled=True, estimator=name) for name, mean in means.items()],
+                     ignore_index=True)
 
 
-def full_agreement(exact: TraceEffects, atp: TraceEffects) -> pd.DataFrame:
-    """`agreement` on every restored cell of a run where both methods ran."""
+def full_agreement(exact: TraceEffects, estimates: dict[str, TraceEffects]) -> pd.DataFrame:
+    """`agreement` of every estimate on every restored cell of a run where exact patching ran too."""
     cells = _restorable(exact.batch).expand(exact.effects.shape[1:]).clone()
-    return agreement(exact.effects.mean(0), atp.effects.mean(0), cells, exact.kinds, sampled=False)
+    return pd.concat([agreement(exact.effects.mean(0), estimate.effects.mean(0), cells, exact.kinds, sampled=False,
+                                estimator=name) for name, estimate in estimates.items()], ignore_index=True)
 
 
 def agreement_summary(table: pd.DataFrame) -> dict:
-    """summary.json's line: the statistics over all cells (NaN → None)."""
-    row = table[table["kind"] == "all"].iloc[0].to_dict()
-    return {key: (None if isinstance(value, float) and value != value else value) for key, value in row.items() if key != "kind"}
+    """summary.json's line: AtP's statistics over all cells (NaN → None), and GradDrop's under "graddrop" where
+    it ran."""
+    def over_all(estimator: str) -> dict:
+        row = table[(table["kind"] == "all") & (table["estimator"] == estimator)].iloc[0].to_dict()
+        return {key: (None if isinstance(value, float) and value != value else value) for key, value in row.items()
+                if key not in ("kind", "estimator")}
+
+    summary = over_all("atp")
+    if (table["estimator"] == "graddrop").any():
+        summary["graddrop"] = over_all("graddrop")
+    return summary
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -248,26 +339,31 @@ METHODS = ("exact", "atp", "both")
 
 
 def _run(model: LoadedModel, known: list[Encoded], *, noise: float, window: int, seeds: Sequence[int], method: str,
-         progress: Progress) -> dict[str, pd.DataFrame]:
+         graddrop: bool, progress: Progress) -> dict[str, pd.DataFrame]:
     """`exact`: causal_trace and trace_peaks; `atp`: atp_trace and atp_agreement on a sample restored exactly;
-    `both`: all four, atp_agreement on every cell."""
+    `both`: all four, atp_agreement on every cell. `graddrop` adds GradDrop's rows to atp_agreement."""
     if method not in METHODS:
         raise FactscopeError(f"unknown trace method {method!r} (use {', '.join(METHODS)})")
+    if graddrop and method == "exact":
+        raise FactscopeError("--graddrop corrects attribution patching: use it with --method atp or both")
     tables, exact = {}, None
     if method != "atp":
         exact = trace_effects(model, known, noise, seeds, window, progress=progress)
         tables["causal_trace"] = trace_table(exact)
         tables["trace_peaks"] = trace_peaks(tables["causal_trace"])
     if method != "exact":
-        estimate = atp_trace(model, known, noise, seeds, window, progress=progress)
-        tables["atp_trace"] = trace_table(estimate)
-        tables["atp_agreement"] = (full_agreement(exact, estimate) if exact is not None
-                                   else sampled_agreement(model, estimate, seeds))
+        estimates = {"atp": atp_trace(model, known, noise, seeds, window, progress=progress)}
+        if graddrop:
+            estimates["graddrop"] = graddrop_trace(model, known, noise, seeds, window, progress=progress)
+        tables["atp_trace"] = trace_table(estimates["atp"])
+        tables["atp_agreement"] = (full_agreement(exact, estimates) if exact is not None
+                                   else sampled_agreement(model, estimates, seeds))
     return tables
 
 
-def _passes(n_layers: int, noise: float, window: int, seeds: Sequence[int], method: str) -> int:
-    return (trace_passes(n_layers, seeds) if method != "atp" else 0) + (atp_passes(seeds) if method != "exact" else 0)
+def _passes(n_layers: int, noise: float, window: int, seeds: Sequence[int], method: str, graddrop: bool) -> int:
+    exact = trace_passes(n_layers, seeds) if method != "atp" else 0
+    return exact + (atp_passes(seeds) * (1 + graddrop) if method != "exact" else 0)
 
 
 def _summary(tables) -> dict:
@@ -280,6 +376,7 @@ def _summary(tables) -> dict:
 
 
 CHECK = CausalCheck(
-    "trace", "trace", ("causal_trace", "trace_peaks", "atp_trace", "atp_agreement"), ("noise", "window", "seeds", "method"),
+    "trace", "trace", ("causal_trace", "trace_peaks", "atp_trace", "atp_agreement"),
+    ("noise", "window", "seeds", "method", "graddrop"),
     _passes, _run, _summary,
 )

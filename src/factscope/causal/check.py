@@ -21,6 +21,8 @@ class CausalCheck:
     - `n_passes(n_layers, **options)`: how many forward passes `run` reports to its progress callback;
     - `run(model, known, progress=..., **options)`: table name → table, for every name in `tables`;
     - `summarize(tables)`: its entry in summary.json["causal"]; `tables` holds every table of the run so far.
+
+    A check with `remote` runs through an nnsight engine too (`run(..., engine=...)`), for `ablate --remote`.
     """
 
     name: str  # its key in summary.json["causal"] and its progress label
@@ -30,6 +32,7 @@ class CausalCheck:
     n_passes: Callable[..., int]
     run: Callable[..., dict[str, pd.DataFrame]]
     summarize: Callable[[Mapping[str, pd.DataFrame]], dict]
+    remote: bool = False  # `run` also takes `engine=`, an nnsight engine whose passes may run on NDIF (`--remote`)
 
     def __post_init__(self) -> None:
         if self.command not in COMMANDS:

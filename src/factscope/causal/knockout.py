@@ -16,13 +16,14 @@ from jaxtyping import Bool, Float
 
 from .. import bootstrap
 from ..data import Encoded
+from ..end_maths import end_block
 from ..errors import FactscopeError
 from ..forward import Batch, Hook, act_name, make_batch
 from ..models import LoadedModel
 from ..taxonomy import GROUPS
 from .check import CausalCheck
 from .edits import freeze_final_scale_hook
-from .scores import Progress, finite_mean, scores, tick
+from .scores import Progress, as_numpy, finite_mean, scores, tick
 from .sites import head_mask, layer_window
 
 GroupSpec = str | tuple[str, ...]
@@ -59,17 +60,22 @@ def knockout_hooks(model: LoadedModel, batch: Batch, blocked: GroupSpec, heads: 
     """−inf on the scores END→blocked keys of the chosen heads, before the softmax. Every layer gets a hook
     (a no-op where no head is chosen), so an empty head set exercises the same code path."""
     keys = blocked_keys(batch, blocked)  # [batch, key]
-    query_is_end = torch.zeros_like(keys)
-    query_is_end[batch.rows, batch.ends] = True
+    query_is_end = end_queries(batch)
 
     def make(layer_heads: Bool[torch.Tensor, " head"]):
         def hook(scores: Float[torch.Tensor, "batch head query key"], hook):
-            block = layer_heads[None, :, None, None] & query_is_end[:, None, :, None] & keys[:, None, None, :]
-            return scores.masked_fill(block, float("-inf"))
+            return scores.masked_fill(end_block(layer_heads, query_is_end, keys), float("-inf"))
 
         return hook
 
     return [(act_name("attn_scores", layer), make(heads[layer])) for layer in range(model.cfg.n_layers)]
+
+
+def end_queries(batch: Batch) -> Bool[torch.Tensor, "batch query"]:
+    """True at each prompt's END: the one query a knockout edits."""
+    query_is_end = torch.zeros(batch.tokens.shape, dtype=torch.bool, device=batch.tokens.device)
+    query_is_end[batch.rows, batch.ends] = True
+    return query_is_end
 
 
 def knockout_logits(
@@ -95,9 +101,11 @@ def knockout(
     window: int = WINDOW,
     heads: dict[str, Iterable[tuple[int, int]]] | None = None,
     progress: Progress = None,
+    engine=None,
 ) -> pd.DataFrame:
     """Knock out END→group attention for a window of layers slid over the model, or for named sets of heads
-    (`heads={"subject_heads": [(23, 4), ...]}`, instead of the windows).
+    (`heads={"subject_heads": [(23, 4), ...]}`, instead of the windows). `engine`: an nnsight engine
+    (`NnsightEngine.knockout`, on NDIF with `ablate --remote`) runs each pass and sends back only the scores.
 
     One row per (blocked group, window or head set): `condition` ("window" | "heads"), `head_set` (the set's
     name; "window" for windows), `layer` (window centre; −1 for a head set), `first_layer`, `last_layer`,
@@ -108,7 +116,7 @@ def knockout(
     """
     batch = make_batch(model, encoded)
     cfg = model.cfg
-    before = scores(batch.logits(model), batch)
+    before = _knockout_scores(model, batch, None, [], engine)
     tick(progress)
     if heads is not None:
         conditions = []
@@ -125,7 +133,7 @@ def knockout(
     records = []
     for spec in blocked:
         for condition, name, center, first, last, pairs in conditions:
-            after = scores(knockout_logits(model, batch, spec, pairs), batch)
+            after = _knockout_scores(model, batch, spec, pairs, engine)
             tick(progress)
             records.append(
                 {
@@ -135,6 +143,16 @@ def knockout(
                 }
             )
     return pd.DataFrame.from_records(records)
+
+
+def _knockout_scores(model: LoadedModel, batch: Batch, blocked: GroupSpec | None, pairs: list[tuple[int, int]],
+                     engine) -> dict:
+    """`scores` of one pass with END→`blocked` cut for `pairs` (a clean pass: `blocked` None), here or through
+    `engine`, which applies the same cut (`end_maths.end_block`) where the model runs."""
+    if engine is None:
+        return scores(batch.logits(model) if blocked is None else knockout_logits(model, batch, blocked, pairs), batch)
+    keys = torch.zeros_like(batch.subject) if blocked is None else blocked_keys(batch, blocked)
+    return as_numpy(engine.knockout(model, batch, end_queries(batch), keys, head_mask(model, pairs)))
 
 
 def knockout_passes(n_layers: int, blocked: Sequence[GroupSpec] = BLOCKED, heads: dict | None = None) -> int:
@@ -204,9 +222,10 @@ def class_head_sets(heads: pd.DataFrame) -> dict[str, list[tuple[int, int]]]:
 
 
 def _run(model: LoadedModel, known: list[Encoded], *, window: int, head_sets: dict, blocked: Sequence[GroupSpec],
-         progress: Progress) -> dict[str, pd.DataFrame]:
-    table = pd.concat([knockout(model, known, blocked, window=window, progress=progress),
-                       knockout(model, known, blocked, heads=head_sets, progress=progress)], ignore_index=True)
+         progress: Progress, engine=None) -> dict[str, pd.DataFrame]:
+    table = pd.concat([knockout(model, known, blocked, window=window, progress=progress, engine=engine),
+                       knockout(model, known, blocked, heads=head_sets, progress=progress, engine=engine)],
+                      ignore_index=True)
     return {"knockout": table}
 
 
@@ -216,5 +235,5 @@ def _passes(n_layers: int, *, window: int, head_sets: dict, blocked: Sequence[Gr
 
 CHECK = CausalCheck(
     "knockout", "ablate", ("knockout",), ("window", "head_sets", "blocked"), _passes, _run,
-    lambda tables: knockout_summary(tables["knockout"]),
+    lambda tables: knockout_summary(tables["knockout"]), remote=True,
 )

@@ -9,6 +9,7 @@ import torch
 from jaxtyping import Float, Int
 
 from ..data import Encoded
+from ..end_maths import answer_scores
 from ..forward import Batch, lens_normalise, target_ids
 from ..models import LoadedModel
 from ..recall import recall
@@ -27,20 +28,20 @@ def scores(
     batch: Batch,
     others: tuple[Int[torch.Tensor, "batch n"], Float[torch.Tensor, "batch n"]] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Per prompt: p(a), logit of a, top-1 correct, and (with `others`) logit of a − mean logit of R_r \\ a."""
-    rows = batch.rows
-    logit = logits[rows, batch.answers]
-    out = {
-        "prob": logits.softmax(-1)[rows, batch.answers],
-        "logit": logit,
-        "correct": (logits.argmax(-1) == batch.answers).float(),
-    }
+    """Per prompt: p(a), logit of a, top-1 correct (`end_maths.answer_scores`, which a remote pass computes where
+    the model runs), and (with `others`) logit of a − mean logit of R_r \\ a."""
+    out = answer_scores(logits, batch.answers)
+    logit = out["logit"]
     if others is not None:
         ids, valid = others  # [batch, n_others]
         count = valid.sum(1)
         mean_others = (logits.gather(1, ids) * valid).sum(1) / count.clamp(min=1)
         out["logit_diff"] = torch.where(count > 0, logit - mean_others, torch.full_like(logit, float("nan")))
-    return {key: value.float().cpu().numpy() for key, value in out.items()}
+    return as_numpy(out)
+
+
+def as_numpy(stats: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {key: value.float().cpu().numpy() for key, value in stats.items()}
 
 
 def logit_lens(model: LoadedModel, vectors: Float[torch.Tensor, "batch d_model"]) -> Float[torch.Tensor, "batch vocab"]:
@@ -61,9 +62,13 @@ def finite_mean(values: np.ndarray) -> float:
     return float(finite.mean()) if len(finite) else float("nan")
 
 
-def known_facts(model: LoadedModel, encoded: list[Encoded], batch_size: int = 32) -> list[Encoded]:
-    """The prompts whose attribute is the model's top-1 next token: causal checks are about known facts."""
-    table = recall(model, encoded, batch_size=batch_size)
+KNOWN_BATCH = 32  # prompts per recall pass when the known facts are found
+
+
+def known_facts(model: LoadedModel, encoded: list[Encoded], batch_size: int = KNOWN_BATCH, engine=None) -> list[Encoded]:
+    """The prompts whose attribute is the model's top-1 next token: causal checks are about known facts.
+    `engine`: an nnsight engine's recall (`recall.recall`), on NDIF for a remote run."""
+    table = recall(model, encoded, batch_size=batch_size, engine=engine)
     return [item for item, correct in zip(encoded, table["correct"]) if correct]
 
 

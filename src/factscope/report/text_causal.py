@@ -152,15 +152,20 @@ def _noise_finding(run: Run) -> list[Finding]:
 
 
 def agreement_caption(table: pd.DataFrame, unit: str) -> str:
-    """atp_agreement.csv / atp_path_agreement.csv's row over all cells, in one sentence: no AtP figure without its
-    error against exact patching."""
-    row = table[table["kind"] == "all"].iloc[0]
-    scope = f"a seeded sample of {int(row['n_cells'])} cells patched exactly" if bool(row["sampled"]) else f"all {int(row['n_cells'])} cells"
+    """atp_agreement.csv / atp_path_agreement.csv's rows over all cells, in a sentence each: no AtP figure without
+    its error against exact patching (GradDrop's too, where `trace --graddrop` ran it)."""
+    overall = table[table["kind"] == "all"]
+    estimators = overall["estimator"] if "estimator" in overall else pd.Series("atp", index=overall.index)
     number = lambda value: "n/a" if pd.isna(value) else f"{value:.2f}"  # noqa: E731
-    return (f"AtP against exact patching on {scope} (prompt by prompt): Pearson {number(row['pearson'])}, Spearman "
-            f"{number(row['spearman'])}, top-{int(row['top_k'])} overlap {row['top_k_overlap']:.0%}; "
-            f"{int(row['false_negatives'])} of {int(row['n_exact_above'])} exact effects ≥ {row['threshold']:g} {unit} "
-            "estimated at less than half (false negatives).")
+    sentences = []
+    for (_, row), estimator in zip(overall.iterrows(), estimators):
+        scope = f"a seeded sample of {int(row['n_cells'])} cells patched exactly" if bool(row["sampled"]) else f"all {int(row['n_cells'])} cells"
+        name = "AtP" if estimator == "atp" else "AtP* GradDrop (unsigned)"
+        sentences.append(f"{name} against exact patching on {scope} (prompt by prompt): Pearson {number(row['pearson'])}, "
+                         f"Spearman {number(row['spearman'])}, top-{int(row['top_k'])} overlap {row['top_k_overlap']:.0%}; "
+                         f"{int(row['false_negatives'])} of {int(row['n_exact_above'])} exact effects ≥ {row['threshold']:g} "
+                         f"{unit} estimated at less than half (false negatives).")
+    return " ".join(sentences)
 
 
 def _atp_trace_finding(run: Run) -> list[Finding]:
