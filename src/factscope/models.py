@@ -503,12 +503,15 @@ def _load_hf(model_dir: Path, name: str, device_map: str | None = None, dtype: t
 
 
 def _check_placement(hf_model, name: str) -> None:
-    """After device_map="auto": refuse offloading, and drop a map that put everything on one device (no split)."""
+    """After device_map="auto": refuse offloading (still unreadable, tests/test_loading.py), and drop a map that put
+    everything on one device (no split)."""
     placed = {str(where) for where in (getattr(hf_model, "hf_device_map", None) or {}).values()}
     if len(placed) == 1:
         # TransformerLens would take a single-device map for CPU offloading; it is a plain model
         del hf_model.hf_device_map
     elif placed & {"cpu", "disk"}:
+        # accelerate keeps an offloaded layer's weights on the meta device between passes, and TransformerLens
+        # refuses to read W_O (or any weight) from there: the pass would run, the decomposition could not
         raise FactscopeError(
             f"model {name!r} does not fit on the GPUs (device_map put {sorted(placed & {'cpu', 'disk'})} layers "
             "off them); factscope needs every layer on a GPU"
