@@ -225,6 +225,11 @@ def wrap_model(hf_model, tokenizer, name: str, *, prepend_bos: bool | None = Non
         # TransformerLens reloads such a tokenizer from there (with add_bos_token=True); without it, a KeyError
         raise FactscopeError(f"model {name!r}: its tokenizer must be loaded from a directory "
                              "(AutoTokenizer.from_pretrained), not built in memory")
+    if tokenizer_prepends_bos(tokenizer):
+        # TransformerLens reloads any tokenizer whose add_bos_token is off, with it on, for its own `to_tokens`
+        # (factscope passes token ids): Gemma-3's copy cost 236 MB of the run's peak. Its tokenizer prepends BOS
+        # already, so the flag changes none of its tokenizations, and the bridge keeps this one
+        tokenizer.add_bos_token = True
     _await_library_imports()
     # a model placed by device_map keeps its placement (device=None); any other stays on the device it is on
     device = None if getattr(hf_model, "hf_device_map", None) else str(next(hf_model.parameters()).device)
