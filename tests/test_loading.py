@@ -88,3 +88,44 @@ def test_device_map_auto_decomposes_like_one_device(model_dirs):
     ours, theirs = decompose(auto, encoded, known_only=False), decompose(plain, encoded, known_only=False)
     pd.testing.assert_frame_equal(ours.attributions, theirs.attributions)
     pd.testing.assert_frame_equal(ours.logit_lens, theirs.logit_lens)
+
+
+def test_offloaded_layers_are_refused_because_their_weights_cannot_be_read(tiny_llama_dir, tmp_path):
+    """accelerate leaves an offloaded layer's weights on the meta device; TransformerLens still cannot read them.
+    A CPU-only machine can offload only to disk, which accelerate handles as it handles CPU offload beside a GPU.
+    If this starts to decompose, lift the refusal in `models._check_placement`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from factscope.errors import FactscopeError
+    from factscope.models import _check_placement, wrap_model
+
+    layers = json.loads((tiny_llama_dir / "config.json").read_text())["num_hidden_layers"]
+    placement = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu",
+                 **{f"model.layers.{layer}": "disk" if layer % 2 else "cpu" for layer in range(layers)}}
+    hf_model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, device_map=placement, offload_folder=tmp_path)
+    model = wrap_model(hf_model, AutoTokenizer.from_pretrained(tiny_llama_dir), "offloaded", prepend_bos=True)
+    with pytest.raises(NotImplementedError, match="meta device"):
+        decompose(model, encode_all(load_facts()[:4], model.tokenizer, model.prepend_bos), known_only=False)
+    with pytest.raises(FactscopeError, match=r"\['cpu', 'disk'\] layers off them"):
+        _check_placement(hf_model, "offloaded")
+
+
+def test_a_tokenizer_that_prepends_bos_is_shared_with_the_bridge(tiny_llama_dir, tmp_path):
+    """TransformerLens reloads a tokenizer whose add_bos_token is off (a second Gemma-3 tokenizer: 236 MB); one that
+    prepends BOS itself is flagged instead, which must change none of its tokenizations."""
+    from tokenizers import processors
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from factscope.models import wrap_model
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", tokenizer.bos_token_id)])
+    tokenizer.save_pretrained(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    texts = [fact.prompt for fact in load_facts()[::10]]
+    before = [tokenizer(text, return_offsets_mapping=True).data for text in texts]
+    assert all(ids["input_ids"][0] == tokenizer.bos_token_id for ids in before)
+    model = wrap_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), tokenizer, "bos-tokenizer")
+    assert model.bridge.tokenizer is tokenizer
+    assert [tokenizer(text, return_offsets_mapping=True).data for text in texts] == before

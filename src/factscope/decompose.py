@@ -33,6 +33,7 @@ from jaxtyping import Float, Int
 
 from .data import Encoded, relation_targets, token_table
 from .errors import FactscopeError
+from .memory import release_free_memory
 from .forward import (
     Engine, act_name, attn_bias, check_supported, frozen_post_norm, group_onehot, head_group_z_at_end, head_values,
     heads_to_resid, lens_normalise, local_end_activations, pad_batch, pad_id, target_ids, value_bias_per_head,
@@ -114,6 +115,7 @@ def decompose_to_dir(
         errors = {"reconstruction_error": result.reconstruction_error, "head_error": result.head_error,
                   "model_logit_error": result.model_logit_error}
         run.write_batch(index, tables, errors)
+        release_free_memory()  # what the batch freed, before the next one allocates elsewhere (see `memory`)
     run.merge("attributions")
     run.merge("logit_lens")
     recall = run.read_parts("recall")

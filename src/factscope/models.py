@@ -225,6 +225,11 @@ def wrap_model(hf_model, tokenizer, name: str, *, prepend_bos: bool | None = Non
         # TransformerLens reloads such a tokenizer from there (with add_bos_token=True); without it, a KeyError
         raise FactscopeError(f"model {name!r}: its tokenizer must be loaded from a directory "
                              "(AutoTokenizer.from_pretrained), not built in memory")
+    if tokenizer_prepends_bos(tokenizer):
+        # TransformerLens reloads any tokenizer whose add_bos_token is off, with it on, for its own `to_tokens`
+        # (factscope passes token ids): Gemma-3's copy cost 236 MB of the run's peak. Its tokenizer prepends BOS
+        # already, so the flag changes none of its tokenizations, and the bridge keeps this one
+        tokenizer.add_bos_token = True
     _await_library_imports()
     # a model placed by device_map keeps its placement (device=None); any other stays on the device it is on
     device = None if getattr(hf_model, "hf_device_map", None) else str(next(hf_model.parameters()).device)
@@ -492,9 +497,11 @@ def _load_hf(model_dir: Path, name: str, device_map: str | None = None, dtype: t
     _quiet_transformers()
     placement = {"device_map": device_map} if device_map else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        # the model first: casting to bf16 holds the fp32 file's pages and the bf16 copy at once, the load's peak,
+        # and Gemma-3's tokenizer (~300 MB) would add to it (2,376 MB against 1,978 MB for the model alone)
         model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, use_safetensors=True,
                                                      dtype=dtype, **placement)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     except (OSError, ValueError, KeyError, RuntimeError, ImportError) as err:
         raise FactscopeError(f"model {name!r}: cannot load {model_dir} ({str(err).splitlines()[0]})") from None
     if not tokenizer.is_fast:
@@ -503,12 +510,15 @@ def _load_hf(model_dir: Path, name: str, device_map: str | None = None, dtype: t
 
 
 def _check_placement(hf_model, name: str) -> None:
-    """After device_map="auto": refuse offloading, and drop a map that put everything on one device (no split)."""
+    """After device_map="auto": refuse offloading (still unreadable, tests/test_loading.py), and drop a map that put
+    everything on one device (no split)."""
     placed = {str(where) for where in (getattr(hf_model, "hf_device_map", None) or {}).values()}
     if len(placed) == 1:
         # TransformerLens would take a single-device map for CPU offloading; it is a plain model
         del hf_model.hf_device_map
     elif placed & {"cpu", "disk"}:
+        # accelerate keeps an offloaded layer's weights on the meta device between passes, and TransformerLens
+        # refuses to read W_O (or any weight) from there: the pass would run, the decomposition could not
         raise FactscopeError(
             f"model {name!r} does not fit on the GPUs (device_map put {sorted(placed & {'cpu', 'disk'})} layers "
             "off them); factscope needs every layer on a GPU"
