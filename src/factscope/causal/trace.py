@@ -43,6 +43,7 @@ from jaxtyping import Bool, Float, Int
 
 from .. import bootstrap
 from ..data import Encoded
+from ..end_maths import restore_rows, scaled_noise
 from ..errors import FactscopeError
 from ..forward import Batch, act_name, capture, end_logits, make_batch
 from ..models import LoadedModel
@@ -62,9 +63,35 @@ def subject_noise(
 ) -> Float[torch.Tensor, "batch pos d_model"]:
     """Gaussian noise of standard deviation `std` on the subject's positions (position 0 included when the subject
     starts the prompt, as in ROME), zero elsewhere; seeded, deterministic."""
+    return scaled_noise(noise_draws(batch, seed, d_model), std, batch.subject)
+
+
+def noise_draws(batch: Batch, seed: int, d_model: int) -> Float[torch.Tensor, "batch pos d_model"]:
+    """The unit Gaussian draws of `subject_noise`, at every position (only the subject's are used)."""
     generator = torch.Generator().manual_seed(seed)
-    eps = torch.randn((*batch.tokens.shape, d_model), generator=generator).to(batch.tokens.device)
-    return eps * std * batch.subject[..., None]
+    return torch.randn((*batch.tokens.shape, d_model), generator=generator).to(batch.tokens.device)
+
+
+def restored_blocks(kind: str, layer: int, window: int, n_layers: int) -> tuple[int, int]:
+    """What a restoration at `layer` puts back, as blocks: a `resid` restoration sets the residual stream entering
+    block `layer` + 1 (first = last = layer + 1); an `attn` / `mlp` restoration sets that sublayer's output in
+    blocks first..last (`layer_window`). Either way the pass is the corrupted one below block `first`."""
+    return (layer + 1, layer + 1) if kind == "resid" else layer_window(layer, window, n_layers)
+
+
+def last_resid(batch: Batch, rows: Restorations, p_clean: Float[torch.Tensor, " batch"],
+               p_corrupt: Float[torch.Tensor, " batch"]) -> Float[torch.Tensor, " rows"]:
+    """Restoring the residual stream after the last block: only END's own state reaches the logits, so the
+    restored p is the clean p exactly at END and the corrupted p elsewhere (no pass)."""
+    prompts = rows.prompts
+    return torch.where(rows.positions == batch.ends[prompts], p_clean[prompts], p_corrupt[prompts])
+
+
+def restoration_chunks(batch: Batch, rows: Restorations, max_rows: int) -> list[Int[torch.Tensor, " chunk"]]:
+    """Full-width restoration passes: rows sorted by prompt length (longest first), `max_rows` per pass, so a pass
+    is as wide as its longest prompt."""
+    lengths = batch.ends[rows.prompts] + 1
+    return list(torch.argsort(lengths, descending=True, stable=True).split(max_rows))
 
 
 @dataclass
@@ -286,8 +313,8 @@ def _restored_probs_cached(
     n_layers = model.cfg.n_layers
     prompts, positions, clean, p_corrupt = rows.prompts, rows.positions, states.clean, states.p_corrupt
     if kind == "resid" and layer == n_layers - 1:
-        return torch.where(positions == batch.ends[prompts], clean["p"][prompts], p_corrupt[prompts])
-    first, last = (layer + 1, layer + 1) if kind == "resid" else layer_window(layer, window, n_layers)
+        return last_resid(batch, rows, clean["p"], p_corrupt)
+    first, last = restored_blocks(kind, layer, window, n_layers)
     out = torch.empty(len(prompts), device=batch.tokens.device)
     for position in positions.unique().tolist():
         for chunk in torch.nonzero(positions == position).flatten().split(max_rows):
@@ -324,40 +351,27 @@ def _restored_probs(
     n_layers = model.cfg.n_layers
     prompts, positions, clean, p_corrupt = rows.prompts, rows.positions, states.clean, states.p_corrupt
     if kind == "resid" and layer == n_layers - 1:
-        # After the last block only END's own state reaches the logits: restoring it gives the clean p exactly.
-        return torch.where(positions == batch.ends[prompts], clean["p"][prompts], p_corrupt[prompts])
-    first, last = (layer + 1, layer + 1) if kind == "resid" else layer_window(layer, window, n_layers)
-    lengths = batch.ends[prompts] + 1
-    order = torch.argsort(lengths, descending=True, stable=True)
+        return last_resid(batch, rows, clean["p"], p_corrupt)
+    first, last = restored_blocks(kind, layer, window, n_layers)
     out = torch.empty(len(prompts), device=batch.tokens.device)
-    for chunk in order.split(max_rows):
+    for chunk in restoration_chunks(batch, rows, max_rows):
         p, i = prompts[chunk], positions[chunk]
-        width = int(lengths[chunk].max())
-        resid = states.corrupt_pre[first][p, :width].clone()
-        local = torch.arange(len(chunk), device=p.device)
+        width = int(batch.ends[p].max()) + 1
+        resid = states.corrupt_pre[first][p, :width]
         hooks = []
         if kind == "resid":
-            resid[local, i] = clean[act_name("resid_post", layer)][p, i]
+            resid = restore_rows(resid, clean[act_name("resid_post", layer)], p, i)
         else:
             names = [act_name(_RESTORED[kind], j) for j in range(first, last + 1)]
-            hooks = [(name, _restore(clean[name], p, i, local)) for name in names]
+            hooks = [(name, _restore(clean[name], p, i)) for name in names]
         logits = end_logits(model, None, batch.mask[p, :width], batch.ends[p], hooks, resid=resid, start=first)
-        out[chunk] = logits.softmax(-1)[local, batch.answers[p]]
+        out[chunk] = logits.softmax(-1)[torch.arange(len(chunk), device=p.device), batch.answers[p]]
     return out
 
 
-def _restore(
-    clean_out: Float[torch.Tensor, "batch pos d_model"],
-    prompts: Int[torch.Tensor, " rows"],
-    positions: Int[torch.Tensor, " rows"],
-    local: Int[torch.Tensor, " rows"],
-):
-    def hook(x: Float[torch.Tensor, "rows pos d_model"], hook):
-        x = x.clone()
-        x[local, positions] = clean_out[prompts, positions]
-        return x
-
-    return hook
+def _restore(clean_out: Float[torch.Tensor, "batch pos d_model"], prompts: Int[torch.Tensor, " rows"],
+             positions: Int[torch.Tensor, " rows"]):
+    return lambda x, hook: restore_rows(x, clean_out, prompts, positions)
 
 
 def _trace_table(
