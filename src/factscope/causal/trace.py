@@ -172,6 +172,7 @@ def trace_effects(
     max_rows: int = 1024,
     progress: Progress = None,
     kv_cache: bool = True,
+    engine=None,
 ) -> TraceEffects:
     """Causal tracing, per prompt and position: corrupt the subject's token embeddings with Gaussian noise
     (`noise` × the std of the subjects' token embeddings over the dataset; one seeded draw per seed), then
@@ -182,11 +183,16 @@ def trace_effects(
     `max_rows` rows) and run from the first block they change; with `kv_cache`, from the restored position on,
     one pass per restored position, the earlier positions read from the corrupted run's keys and values (same
     results, up to float rounding). Progress ticks: `trace_passes`.
+
+    `engine`: an nnsight engine (`NnsightEngine.causal_trace`, on NDIF with `trace --remote`) runs each seed in
+    one session, full-width as with `kv_cache=False`, from the same noise draws, and sends back p(a) only.
     """
     unknown = [kind for kind in kinds if kind not in TRACE_KINDS]
     if unknown:
         raise FactscopeError(f"unknown trace kind {unknown[0]!r} (use {', '.join(TRACE_KINDS)})")
     batch = make_batch(model, encoded)
+    if engine is not None:
+        return _engine_trace_effects(model, batch, engine, noise, seeds, window, kinds, max_rows, progress)
     n_layers = model.cfg.n_layers
     clean, std = _clean_states(model, batch, kinds)
     tick(progress)
@@ -206,6 +212,35 @@ def trace_effects(
                 effects[s, k, layer, prompts.cpu(), positions.cpu()] = (restored - p_corrupt[prompts]).cpu()
                 tick(progress)
     return TraceEffects(effects, clean["p"].cpu(), torch.stack(p_corrupted), noise * std, tuple(kinds), window, batch)
+
+
+def _engine_trace_effects(model, batch: Batch, engine, noise: float, seeds: Sequence[int], window: int,
+                          kinds: Sequence[str], max_rows: int, progress: Progress) -> TraceEffects:
+    """`trace_effects` through `engine`: per seed one request, whose restorations are the sites the local passes
+    restore (`restored_blocks`), chunked as they chunk them; the progress ticks are the local ones."""
+    n_layers = model.cfg.n_layers
+    rows = _trace_rows(batch)
+    prompts, positions = rows.prompts.cpu(), rows.positions.cpu()
+    cells = [(k, layer) for k, kind in enumerate(kinds) for layer in range(n_layers)
+             if not (kind == "resid" and layer == n_layers - 1)]
+    sites = [(kinds[k], *restored_blocks(kinds[k], layer, window, n_layers)) for k, layer in cells]
+    chunks = restoration_chunks(batch, rows, max_rows)
+    effects = torch.zeros((len(seeds), len(kinds), n_layers, *batch.tokens.shape))
+    p_corrupted, got = [], {}
+    for s, seed in enumerate(seeds):
+        draws = noise_draws(batch, seed, model.cfg.d_model)[batch.subject]
+        got = engine.causal_trace(model, batch, prompts, positions, chunks, draws, noise, sites)
+        p_corrupt = got["p_corrupt"]
+        p_corrupted.append(p_corrupt)
+        for (k, layer), restored in zip(cells, got["restored"]):
+            effects[s, k, layer, prompts, positions] = restored - p_corrupt[prompts]
+        if "resid" in kinds:
+            restored = last_resid(batch, Restorations(prompts, positions), got["p_clean"], p_corrupt)
+            effects[s, kinds.index("resid"), n_layers - 1, prompts, positions] = restored - p_corrupt[prompts]
+        if progress:  # as many ticks as the local passes: the clean pass once, then the seed's passes
+            progress((s == 0) + 1 + len(kinds) * n_layers)
+    return TraceEffects(effects, got["p_clean"], torch.stack(p_corrupted), noise * float(got["std"]), tuple(kinds),
+                        window, batch)
 
 
 def trace_passes(n_layers: int, seeds: Sequence[int] = SEEDS, kinds: Sequence[str] = TRACE_KINDS) -> int:
