@@ -137,11 +137,15 @@ def test_the_request_names_no_factscope_module(tiny, monkeypatch):
     from factscope.causal.knockout import knockout
 
     knockout(config_only(folder, engine), encoded[:4], heads={"some": [(1, 0)]}, engine=engine)  # 1 + 2 passes
-    assert len(payloads) == 5
+    from factscope.causal.trace import trace_effects
+
+    trace_effects(config_only(folder, engine), encoded[:4], seeds=(0,), engine=engine)  # one session
+    assert len(payloads) == 6
     for payload in payloads:
         strings = [arg for _, arg, _ in pickletools.genops(io.BytesIO(payload)) if isinstance(arg, str)]
         assert not [s for s in strings if s.split(".")[0] in ("factscope", "jaxtyping", "einops")]
-        assert any(f"def {name}" in s for s in strings for name in ("project_end", "recall_stats", "end_block"))
+        assert any(f"def {name}" in s for s in strings
+                   for name in ("project_end", "recall_stats", "end_block", "restore_rows"))
 
 
 def test_recall_through_the_engine_equals_local_recall(tiny):
@@ -502,3 +506,25 @@ def test_cli_ablate_dry_run_prints_the_plan_and_sends_nothing(tiny, monkeypatch,
     plan = stages.remote_ablate_plan(run.path, window=3, limit=12)
     assert plan.describe() in result.output and "12 prompts" in result.output
     assert not run.path.joinpath("knockout.csv").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# trace --remote: causal tracing in one nnsight session per seed
+
+@pytest.mark.parametrize("remote", [False, "local"])
+def test_causal_trace_through_the_engine_equals_local_full_width_tracing(tiny, remote):
+    """The clean, corrupted and restoration passes of a seed run in one session, from the local noise draws, and
+    the effects are the local full-width ones (`kv_cache=False`), in chunks as the local passes chunk them."""
+    from factscope.causal.trace import trace_effects
+
+    folder, model, encoded, _ = tiny
+    engine = local_engine(str(folder), remote=remote)
+    options = {"seeds": (0, 1), "window": 2, "max_rows": 16}
+    expected = trace_effects(model, encoded[:12], kv_cache=False, **options)
+    got = trace_effects(config_only(folder, engine), encoded[:12], engine=engine, **options)
+    assert (expected.effects != 0).any()
+    torch.testing.assert_close(got.effects, expected.effects, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got.p_clean, expected.p_clean, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got.p_corrupted, expected.p_corrupted, rtol=0, atol=1e-6)
+    assert got.noise_std == pytest.approx(expected.noise_std, rel=1e-6)
+    assert engine.requests == 2  # one session per seed

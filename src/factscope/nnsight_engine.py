@@ -100,6 +100,7 @@ class NnsightEngine:
         self.remote = remote
         self.requests = 0  # traces sent, for the cost report
         self.bytes_back = 0  # bytes of saved tensors received
+        self.bytes_sent = 0  # bytes of tensors sent besides token ids (causal tracing's noise draws)
         # the final norm's epsilon: TransformerLens's hook_scale is sqrt(mean(x²) + eps), recomputed here from the
         # norm's input at END, so nothing of vocabulary or position size comes back for it
         self.eps = float(eps if eps is not None else getattr(lm.config, "rms_norm_eps"))
@@ -317,8 +318,10 @@ class NnsightEngine:
 
         if self.remote:
             cloudpickle.register_pickle_by_value(end_maths)
+        self.bytes_sent += draws.numel() * draws.element_size()
         restore, noised, score = end_maths.restore_rows, end_maths.scaled_noise, end_maths.answer_scores
-        embed, layers, lm_head = self.envoys["embed"], self.envoys["layers"], self.envoys["lm_head"]
+        # `self` stays out of the session: the block is shipped with what it names, and the server has no factscope
+        lm, embed, layers, lm_head = self.lm, self.envoys["embed"], self.envoys["layers"], self.envoys["lm_head"]
         # what TransformerLens calls attn_out: what the attention adds to the residual stream (after Gemma's post-norm)
         outputs = {"attn": self.envoys["attn_post_norm"] or self.envoys["o_proj"], "mlp": self.envoys["mlp_out"]}
         tokens, mask, ends, answers = batch.tokens.cpu(), batch.mask.cpu(), batch.ends.cpu(), batch.answers.cpu()
@@ -326,9 +329,9 @@ class NnsightEngine:
         # per chunk: its rows' prompts, positions, width
         passes = [(prompts[c], positions[c], int(ends[prompts[c]].max()) + 1, c) for c in chunks]
         kinds = {kind for kind, _, _ in sites}
-        with self.lm.session(remote=self.remote):
+        with lm.session(remote=self.remote):
             out = nnsight.save({})
-            with self.lm.trace({"input_ids": tokens, "attention_mask": mask}, logits_to_keep=ends[:, None]):
+            with lm.trace({"input_ids": tokens, "attention_mask": mask}, logits_to_keep=ends[:, None]):
                 clean_embed = embed.output
                 clean = {}
                 for layer in range(len(layers)):
@@ -343,7 +346,7 @@ class NnsightEngine:
             out["std"] = std.double()
             full = torch.zeros((*tokens.shape, draws.shape[-1]), dtype=draws.dtype)
             full[subject] = draws
-            with self.lm.trace({"input_ids": tokens, "attention_mask": mask}, logits_to_keep=ends[:, None]):
+            with lm.trace({"input_ids": tokens, "attention_mask": mask}, logits_to_keep=ends[:, None]):
                 embed.output = embed.output + noised(full.to(embed.output.device), noise * float(std), subject)
                 corrupt = [embed.output] + [layers[layer].output for layer in range(len(layers))]
                 out["p_corrupt"] = score(lm_head.output[:, 0].detach().float(), answers)["prob"]
@@ -352,7 +355,7 @@ class NnsightEngine:
                 row = torch.empty(len(prompts))
                 for p, i, width, c in passes:
                     inputs = {"input_ids": tokens[p, :width], "attention_mask": mask[p, :width]}
-                    with self.lm.trace(inputs, logits_to_keep=ends[p][:, None]):
+                    with lm.trace(inputs, logits_to_keep=ends[p][:, None]):
                         start = embed if first == 0 else layers[first - 1]
                         state = corrupt[first][p.to(corrupt[first].device), :width]
                         if kind == "resid":

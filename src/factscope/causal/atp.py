@@ -337,16 +337,19 @@ METHODS = ("exact", "atp", "both")
 
 
 def _run(model: LoadedModel, known: list[Encoded], *, noise: float, window: int, seeds: Sequence[int], method: str,
-         graddrop: bool, progress: Progress) -> dict[str, pd.DataFrame]:
+         graddrop: bool, progress: Progress, engine=None) -> dict[str, pd.DataFrame]:
     """`exact`: causal_trace and trace_peaks; `atp`: atp_trace and atp_agreement on a sample restored exactly;
-    `both`: all four, atp_agreement on every cell. `graddrop` adds GradDrop's rows to atp_agreement."""
+    `both`: all four, atp_agreement on every cell. `graddrop` adds GradDrop's rows to atp_agreement. `engine` (an
+    nnsight engine, `trace --remote`) runs exact tracing only: AtP needs gradients the server does not send."""
+    if engine is not None and method != "exact":
+        raise FactscopeError(f"trace --remote runs exact tracing only; --method {method} does not run remotely")
     if method not in METHODS:
         raise FactscopeError(f"unknown trace method {method!r} (use {', '.join(METHODS)})")
     if graddrop and method == "exact":
         raise FactscopeError("--graddrop corrects attribution patching: use it with --method atp or both")
     tables, exact = {}, None
     if method != "atp":
-        exact = trace_effects(model, known, noise, seeds, window, progress=progress)
+        exact = trace_effects(model, known, noise, seeds, window, progress=progress, engine=engine)
         tables["causal_trace"] = trace_table(exact)
         tables["trace_peaks"] = trace_peaks(tables["causal_trace"])
     if method != "exact":
@@ -376,5 +379,5 @@ def _summary(tables) -> dict:
 CHECK = CausalCheck(
     "trace", "trace", ("causal_trace", "trace_peaks", "atp_trace", "atp_agreement"),
     ("noise", "window", "seeds", "method", "graddrop"),
-    _passes, _run, _summary,
+    _passes, _run, _summary, remote=True,
 )
