@@ -528,3 +528,59 @@ def test_causal_trace_through_the_engine_equals_local_full_width_tracing(tiny, r
     torch.testing.assert_close(got.p_corrupted, expected.p_corrupted, rtol=0, atol=1e-6)
     assert got.noise_std == pytest.approx(expected.noise_std, rel=1e-6)
     assert engine.requests == 2  # one session per seed
+
+
+def test_remote_trace_equals_local_full_width_tracing_and_costs_its_plan(tiny, monkeypatch, tmp_path):
+    """analyze --remote, then trace --remote on its run (NDIF: the tiny model in bf16 through nnsight's serialisation
+    path): the causal_trace table is the local bf16 full-width tracing's over the same prompts and noise draws,
+    and the requests and bytes both ways are the plan's exactly."""
+    from factscope.causal import spread
+    from factscope.causal.trace import trace_effects, trace_table
+
+    folder = tiny[0]
+    local_model = load_model(str(folder), dtype="bfloat16")
+    engines = []
+    stages = _remote_stages(monkeypatch, folder, engines)
+    run = stages.analyze("org/tiny", None, tmp_path / "run", remote=True, all_prompts=True, report=False)
+    plan = stages.remote_trace_plan(run.path, seeds=[0, 1], limit=6)
+    run = stages.trace(run.path, remote=True, seeds=[0, 1], window=2, limit=6, report=False)
+    known = spread(encode_all(load_facts(), local_model.tokenizer, local_model.prepend_bos), 6)
+    expected = trace_table(trace_effects(local_model, known, seeds=(0, 1), window=2, kv_cache=False))
+    pd.testing.assert_frame_equal(expected, run.causal_trace, check_exact=False, rtol=0, atol=1e-6)
+    trace = run.summary["causal"]["trace"]
+    assert trace["remote"] == {"requests": plan.requests, "bytes_back": plan.bytes_back,
+                               "bytes_sent": plan.bytes_sent}
+    assert (plan.prompts, plan.requests) == (6, 2)  # all prompts analysed: no recall pass; one session per seed
+    assert plan.bytes_sent == 2 * sum(len(item.subject_positions) for item in known) * 32 * 4
+
+
+def test_remote_trace_refusals_are_one_line(tiny, tmp_path):
+    from factscope import stages
+
+    local = stages.analyze(str(tiny[0]), None, tmp_path / "local", all_prompts=True, report=False)
+    with pytest.raises(FactscopeError, match="analysed locally; trace --remote checks a run of `analyze --remote`"):
+        stages.trace(local.path, remote=True)
+    for method in ("atp", "both"):
+        with pytest.raises(FactscopeError, match=f"^trace --remote runs exact tracing only; --method {method} does "):
+            stages.trace(local.path, remote=True, method=method)
+        with pytest.raises(FactscopeError, match="exact tracing only"):
+            stages.remote_trace_plan(local.path, method=method)
+
+
+def test_cli_trace_dry_run_prints_the_plan_and_sends_nothing(tiny, monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from factscope import cli
+
+    stages = _remote_stages(monkeypatch, tiny[0], [])
+    run = stages.analyze("org/tiny", None, tmp_path / "run", remote=True, all_prompts=True, report=False)
+    monkeypatch.setattr(remote, "remote_engine", lambda *a: pytest.fail("a dry run built an engine"))
+    result = CliRunner().invoke(cli.app, ["trace", str(run.path), "--remote", "--dry-run", "--limit", "6",
+                                          "--seeds", "0"])
+    assert result.exit_code == 0, result.output
+    plan = stages.remote_trace_plan(run.path, seeds=[0], limit=6)
+    printed = " ".join(result.output.split())  # the console wraps long lines
+    assert plan.describe() in printed and "MB of noise draws sent" in printed
+    assert not run.path.joinpath("causal_trace.parquet").exists()
+    result = CliRunner().invoke(cli.app, ["trace", str(run.path), "--remote", "--dry-run", "--method", "atp"])
+    assert isinstance(result.exception, FactscopeError) and "--method atp does not run remotely" in str(result.exception)

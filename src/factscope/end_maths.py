@@ -124,6 +124,13 @@ def scaled_noise(
     return draws * scale * subject.to(draws.device)[..., None]
 
 
+def add_noise(x: Float[torch.Tensor, "batch pos d_model"],
+              noise: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos d_model"]:
+    """The corrupted embeddings: the noise (fp32) cast to the residual stream's dtype, then added, so that a bf16
+    model's blocks get bf16 (and every path adds the same numbers)."""
+    return x + noise.to(x.device, x.dtype)
+
+
 def restore_rows(
     x: Float[torch.Tensor, "rows pos d_model"],
     clean: Float[torch.Tensor, "batch pos d_model"],

@@ -320,6 +320,7 @@ class NnsightEngine:
             cloudpickle.register_pickle_by_value(end_maths)
         self.bytes_sent += draws.numel() * draws.element_size()
         restore, noised, score = end_maths.restore_rows, end_maths.scaled_noise, end_maths.answer_scores
+        add_noise = end_maths.add_noise
         # `self` stays out of the session: the block is shipped with what it names, and the server has no factscope
         lm, embed, layers, lm_head = self.lm, self.envoys["embed"], self.envoys["layers"], self.envoys["lm_head"]
         # what TransformerLens calls attn_out: what the attention adds to the residual stream (after Gemma's post-norm)
@@ -347,7 +348,7 @@ class NnsightEngine:
             full = torch.zeros((*tokens.shape, draws.shape[-1]), dtype=draws.dtype)
             full[subject] = draws
             with lm.trace({"input_ids": tokens, "attention_mask": mask}, logits_to_keep=ends[:, None]):
-                embed.output = embed.output + noised(full.to(embed.output.device), noise * float(std), subject)
+                embed.output = add_noise(embed.output, noised(full, noise * float(std), subject))
                 corrupt = [embed.output] + [layers[layer].output for layer in range(len(layers))]
                 out["p_corrupt"] = score(lm_head.output[:, 0].detach().float(), answers)["prob"]
             restored = []

@@ -43,6 +43,7 @@ import torch
 from jaxtyping import Bool, Float
 
 from ..data import Encoded
+from ..end_maths import add_noise
 from ..forward import Batch, act_name, make_batch
 from ..models import LoadedModel
 from ..errors import FactscopeError
@@ -176,7 +177,7 @@ def _corrupted_run(model: LoadedModel, batch: Batch, rows, width: int, noise, na
 
     def corrupt(x, hook):
         # a leaf that needs a gradient, so the whole pass is recorded even when the weights are frozen
-        x = (x + noise.to(x.dtype)).detach()
+        x = add_noise(x, noise).detach()
         return x.requires_grad_(True)
 
     def gate(layer, name):

@@ -43,7 +43,7 @@ from jaxtyping import Bool, Float, Int
 
 from .. import bootstrap
 from ..data import Encoded
-from ..end_maths import restore_rows, scaled_noise
+from ..end_maths import add_noise, restore_rows, scaled_noise
 from ..errors import FactscopeError
 from ..forward import Batch, act_name, capture, end_logits, make_batch
 from ..models import LoadedModel
@@ -288,7 +288,7 @@ def _corrupted_states(
 
     store: dict = {}
     names = [act_name("resid_pre", layer) for layer in range(model.cfg.n_layers)]
-    hooks = [(act_name("embed"), lambda x, hook: x + noise), *(capture(store, name) for name in names)]
+    hooks = [(act_name("embed"), lambda x, hook: add_noise(x, noise)), *(capture(store, name) for name in names)]
     # A cache without the model's config keeps every position: one built from Gemma's config would keep only the
     # last `sliding_window` keys of its local layers, and the prefixes cut from it would be the wrong positions.
     cache = DynamicCache() if kv_cache else None
