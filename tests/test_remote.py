@@ -584,3 +584,41 @@ def test_cli_trace_dry_run_prints_the_plan_and_sends_nothing(tiny, monkeypatch, 
     assert not run.path.joinpath("causal_trace.parquet").exists()
     result = CliRunner().invoke(cli.app, ["trace", str(run.path), "--remote", "--dry-run", "--method", "atp"])
     assert isinstance(result.exception, FactscopeError) and "--method atp does not run remotely" in str(result.exception)
+
+
+def test_a_tracing_session_refused_or_unreachable_is_one_line(tiny, monkeypatch):
+    """A session goes out through the same transport as a trace: its failures are the same one-line errors."""
+    import httpx
+    import nnsight.modeling.huggingface as hf_modeling
+    import websocket
+
+    from factscope.causal.trace import trace_effects
+
+    folder, model, encoded, _ = tiny
+    engine = local_engine(str(folder), remote=True)
+    engine.lm.repo_id = "org/tiny"
+    monkeypatch.setitem(hf_modeling._ID_CACHE, "org/tiny", "org/tiny")
+
+    def refuse(*args, **kwargs):
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(websocket, "create_connection", refuse)
+    with pytest.raises(FactscopeError, match="cannot reach NDIF .*ConnectionRefusedError"), remote.one_line_errors():
+        trace_effects(model, encoded[:2], seeds=(0,), engine=engine)
+
+    class Subscription:
+        def recv(self):
+            return json.dumps({"session_id": "s1"})
+
+        def close(self):
+            pass
+
+    def post(self, url, **kwargs):
+        return httpx.Response(401, json={"detail": "Invalid API key."}, request=httpx.Request("POST", url))
+
+    monkeypatch.setattr(websocket, "create_connection", lambda *a, **k: Subscription())
+    monkeypatch.setattr(httpx.Client, "post", post)
+    with pytest.raises(FactscopeError, match="NDIF refused or failed the request: .*Invalid API key"), \
+            remote.one_line_errors():
+        trace_effects(model, encoded[:2], seeds=(0,), engine=engine)
+    assert engine.requests == 0
