@@ -622,3 +622,21 @@ def test_a_tracing_session_refused_or_unreachable_is_one_line(tiny, monkeypatch)
             remote.one_line_errors():
         trace_effects(model, encoded[:2], seeds=(0,), engine=engine)
     assert engine.requests == 0
+
+
+@pytest.mark.real
+def test_causal_trace_through_the_engine_on_smollm2():
+    """SmolLM2, fp32, through the serialisation path: one seed's session on 2 known facts equals the local
+    full-width tracing within 1e-6 on every (kind, layer, prompt, position)."""
+    from factscope.causal import known_facts, spread
+    from factscope.causal.trace import trace_effects
+
+    torch.set_num_threads(1)
+    model = load_model("smollm2-135m")
+    known = spread(known_facts(model, encode_all(load_facts(), model.tokenizer, model.prepend_bos)), 2)
+    engine = local_engine("smollm2-135m", remote="local")
+    expected = trace_effects(model, known, seeds=(0,), kv_cache=False)
+    got = trace_effects(model, known, seeds=(0,), engine=engine)
+    torch.testing.assert_close(got.effects, expected.effects, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got.p_corrupted, expected.p_corrupted, rtol=0, atol=1e-6)
+    assert engine.requests == 1
