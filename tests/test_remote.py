@@ -583,7 +583,8 @@ def test_cli_trace_dry_run_prints_the_plan_and_sends_nothing(tiny, monkeypatch, 
     assert plan.describe() in printed and "MB of noise draws sent" in printed
     assert not run.path.joinpath("causal_trace.parquet").exists()
     result = CliRunner().invoke(cli.app, ["trace", str(run.path), "--remote", "--dry-run", "--method", "atp"])
-    assert isinstance(result.exception, FactscopeError) and "--method atp does not run remotely" in str(result.exception)
+    assert isinstance(result.exception, FactscopeError)
+    assert "--method atp does not run remotely" in str(result.exception)
 
 
 def test_a_tracing_session_refused_or_unreachable_is_one_line(tiny, monkeypatch):
