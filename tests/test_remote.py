@@ -511,22 +511,25 @@ def test_cli_ablate_dry_run_prints_the_plan_and_sends_nothing(tiny, monkeypatch,
 # ---------------------------------------------------------------------------------------------------------------
 # trace --remote: causal tracing in one nnsight session per seed
 
-@pytest.mark.parametrize("remote", [False, "local"])
-def test_causal_trace_through_the_engine_equals_local_full_width_tracing(tiny, remote):
+@pytest.mark.parametrize(("family", "remote"), [("llama", False), ("llama", "local"), ("gemma3", "local"),
+                                                 ("qwen2", "local")])
+def test_causal_trace_through_the_engine_equals_local_full_width_tracing_bitwise(model_dirs, family, remote):
     """The clean, corrupted and restoration passes of a seed run in one session, from the local noise draws, and
-    the effects are the local full-width ones (`kv_cache=False`), in chunks as the local passes chunk them."""
+    the effects are the local full-width ones (`kv_cache=False`), in chunks as the local passes chunk them: bit for
+    bit here (same functions, same fp32 tensors, same CPU); the tiny models' effects are small (~1e-4), so a
+    tolerance would not tell a wrong restoration from rounding."""
     from factscope.causal.trace import trace_effects
 
-    folder, model, encoded, _ = tiny
+    folder = model_dirs[family]
+    model = load_model(str(folder))
+    encoded = encode_all(load_facts()[:12], model.tokenizer, model.prepend_bos)
     engine = local_engine(str(folder), remote=remote)
     options = {"seeds": (0, 1), "window": 2, "max_rows": 16}
-    expected = trace_effects(model, encoded[:12], kv_cache=False, **options)
-    got = trace_effects(config_only(folder, engine), encoded[:12], engine=engine, **options)
+    expected = trace_effects(model, encoded, kv_cache=False, **options)
+    got = trace_effects(config_only(folder, engine), encoded, engine=engine, **options)
     assert (expected.effects != 0).any()
-    torch.testing.assert_close(got.effects, expected.effects, rtol=0, atol=1e-6)
-    torch.testing.assert_close(got.p_clean, expected.p_clean, rtol=0, atol=1e-6)
-    torch.testing.assert_close(got.p_corrupted, expected.p_corrupted, rtol=0, atol=1e-6)
-    assert got.noise_std == pytest.approx(expected.noise_std, rel=1e-6)
+    for name in ("effects", "p_clean", "p_corrupted", "noise_std"):
+        assert torch.equal(torch.as_tensor(getattr(got, name)), torch.as_tensor(getattr(expected, name))), name
     assert engine.requests == 2  # one session per seed
 
 
