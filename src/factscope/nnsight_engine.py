@@ -307,7 +307,8 @@ class NnsightEngine:
         restore), the corrupted pass (noise = `draws` × `noise` × that std on the subject, `end_maths.scaled_noise`;
         `draws` are the subject positions' rows of the local draws, so both paths add the same noise), then one
         full-width pass per site and chunk of restorations. A site is (kind, first, last) from
-        `trace.restored_blocks`: the pass is the corrupted one up to block `first`, then each row gets its clean
+        `trace.restored_blocks`: the blocks below `first` are skipped, the corrupted run's residual stream entering
+        `first` standing in for what they hand on (the local passes start there), then each row gets its clean
         state back (`end_maths.restore_rows`) at the input of block `first` (`resid`) or at the attention / MLP
         output of blocks first..last. What comes back: p_clean and p_corrupt per prompt, the std, and p(a) per
         restoration, [site, row]."""
@@ -357,11 +358,13 @@ class NnsightEngine:
                 for p, i, width, c in passes:
                     inputs = {"input_ids": tokens[p, :width], "attention_mask": mask[p, :width]}
                     with lm.trace(inputs, logits_to_keep=ends[p][:, None]):
-                        start = embed if first == 0 else layers[first - 1]
                         state = corrupt[first][p.to(corrupt[first].device), :width]
                         if kind == "resid":
                             state = restore(state, clean[("resid", first - 1)], p, i)
-                        start.output = state
+                        if first == 0:
+                            embed.output = state
+                        for layer in range(first):  # not run: what enters block `first` is `state`
+                            layers[layer].skip(state)
                         if kind != "resid":
                             for layer in range(first, last + 1):
                                 module = outputs[kind][layer]
