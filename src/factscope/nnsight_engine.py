@@ -5,7 +5,8 @@ the model (NDIF, through nnsight's remote execution) and send back only what the
 Two ways to use it. As a `forward.Engine` (`__call__`), it saves the END activations (and the value vectors at every
 key position) and the maths run here, over a local copy of the weights. With `project` (and `recall`), the maths that
 read weights run inside the trace (`end_maths`), so a remote run needs no weights locally (`ConfigOnlyModel`) and
-only small per-target tensors come back. `knockout` runs the attention knockout of `causal.knockout` the same way.
+only small per-target tensors come back. `knockout` runs the attention knockout of `causal.knockout` the same way,
+and `causal_trace` one seed of causal tracing in one nnsight session (the restored states never leave the server).
 Only what is `.save()`d leaves the trace, and every request checks the dtype the model ran in against the run's.
 
 Module paths differ by architecture; `ARCHITECTURES` maps a Hugging Face class name to them (with the RMSNorm
