@@ -295,8 +295,9 @@ def _remote_trace(run_dir: str | Path, *, options: dict, limit: int | None, over
     """`trace(remote=True)`: exact tracing through nnsight sessions; the refusals come before the run is locked."""
     from . import causal
     from . import remote as ndif
+    from .causal.atp import check_remote_method
 
-    _remote_trace_method(options["method"])
+    check_remote_method(options["method"])
     run_dir = _remote_run(run_dir, "trace")
     reporter.warn(remote_trace_plan(run_dir, seeds=options.get("seeds"), limit=limit).describe())
     with rundir.locked(run_dir), ndif.one_line_errors():
@@ -308,12 +309,6 @@ def _remote_trace(run_dir: str | Path, *, options: dict, limit: int | None, over
         summary["trace"]["remote"] = {"requests": engine.requests, "bytes_back": engine.bytes_back,
                                       "bytes_sent": engine.bytes_sent}
         return _write_causal(run_dir, "trace", tables, summary, report, reporter)
-
-
-def _remote_trace_method(method: str) -> None:
-    if method != "exact":
-        raise FactscopeError(f"trace --remote runs exact tracing only; --method {method} does not run remotely "
-                             "(attribution patching needs gradients the server does not send)")
 
 
 def _remote_run(run_dir: str | Path, command: str) -> Path:
@@ -346,8 +341,10 @@ def remote_trace_plan(run_dir: str | Path, *, seeds: Sequence[int] | None = None
                       method: str = "exact"):
     """What `trace --remote` would send and get back (`remote.Plan`): the recall passes, then one session per
     seed (`remote.trace_plan`), over the prompts `_remote_plan_inputs` expects the server to find again."""
-    _remote_trace_method(method)
     from . import causal
+    from .causal.atp import check_remote_method
+
+    check_remote_method(method)
     from . import remote as ndif
     from .causal.trace import SEEDS, TRACE_KINDS
 

@@ -342,8 +342,8 @@ def _run(model: LoadedModel, known: list[Encoded], *, noise: float, window: int,
     """`exact`: causal_trace and trace_peaks; `atp`: atp_trace and atp_agreement on a sample restored exactly;
     `both`: all four, atp_agreement on every cell. `graddrop` adds GradDrop's rows to atp_agreement. `engine` (an
     nnsight engine, `trace --remote`) runs exact tracing only: AtP needs gradients the server does not send."""
-    if engine is not None and method != "exact":
-        raise FactscopeError(f"trace --remote runs exact tracing only; --method {method} does not run remotely")
+    if engine is not None:
+        check_remote_method(method)
     if method not in METHODS:
         raise FactscopeError(f"unknown trace method {method!r} (use {', '.join(METHODS)})")
     if graddrop and method == "exact":
@@ -361,6 +361,13 @@ def _run(model: LoadedModel, known: list[Encoded], *, noise: float, window: int,
         tables["atp_agreement"] = (full_agreement(exact, estimates) if exact is not None
                                    else sampled_agreement(model, estimates, seeds))
     return tables
+
+
+def check_remote_method(method: str) -> None:
+    """Only exact tracing runs through an nnsight engine (`trace --remote`)."""
+    if method != "exact":
+        raise FactscopeError(f"trace --remote runs exact tracing only; --method {method} does not run remotely "
+                             "(attribution patching needs gradients the server does not send)")
 
 
 def _passes(n_layers: int, noise: float, window: int, seeds: Sequence[int], method: str, graddrop: bool) -> int:
