@@ -137,11 +137,15 @@ def test_the_request_names_no_factscope_module(tiny, monkeypatch):
     from factscope.causal.knockout import knockout
 
     knockout(config_only(folder, engine), encoded[:4], heads={"some": [(1, 0)]}, engine=engine)  # 1 + 2 passes
-    assert len(payloads) == 5
+    from factscope.causal.trace import trace_effects
+
+    trace_effects(config_only(folder, engine), encoded[:4], seeds=(0,), engine=engine)  # one session
+    assert len(payloads) == 6
     for payload in payloads:
         strings = [arg for _, arg, _ in pickletools.genops(io.BytesIO(payload)) if isinstance(arg, str)]
         assert not [s for s in strings if s.split(".")[0] in ("factscope", "jaxtyping", "einops")]
-        assert any(f"def {name}" in s for s in strings for name in ("project_end", "recall_stats", "end_block"))
+        assert any(f"def {name}" in s for s in strings
+                   for name in ("project_end", "recall_stats", "end_block", "restore_rows"))
 
 
 def test_recall_through_the_engine_equals_local_recall(tiny):
@@ -502,3 +506,141 @@ def test_cli_ablate_dry_run_prints_the_plan_and_sends_nothing(tiny, monkeypatch,
     plan = stages.remote_ablate_plan(run.path, window=3, limit=12)
     assert plan.describe() in result.output and "12 prompts" in result.output
     assert not run.path.joinpath("knockout.csv").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# trace --remote: causal tracing in one nnsight session per seed
+
+@pytest.mark.parametrize(("family", "remote"), [("llama", False), ("llama", "local"), ("gemma3", "local"),
+                                                 ("qwen2", "local")])
+def test_causal_trace_through_the_engine_equals_local_full_width_tracing_bitwise(model_dirs, family, remote):
+    """The clean, corrupted and restoration passes of a seed run in one session, from the local noise draws, and
+    the effects are the local full-width ones (`kv_cache=False`), in chunks as the local passes chunk them: bit for
+    bit here (same functions, same fp32 tensors, same CPU); the tiny models' effects are small (~1e-4), so a
+    tolerance would not tell a wrong restoration from rounding."""
+    from factscope.causal.trace import trace_effects
+
+    folder = model_dirs[family]
+    model = load_model(str(folder))
+    encoded = encode_all(load_facts()[:12], model.tokenizer, model.prepend_bos)
+    engine = local_engine(str(folder), remote=remote)
+    options = {"seeds": (0, 1), "window": 2, "max_rows": 16}
+    expected = trace_effects(model, encoded, kv_cache=False, **options)
+    got = trace_effects(config_only(folder, engine), encoded, engine=engine, **options)
+    assert (expected.effects != 0).any()
+    for name in ("effects", "p_clean", "p_corrupted", "noise_std"):
+        assert torch.equal(torch.as_tensor(getattr(got, name)), torch.as_tensor(getattr(expected, name))), name
+    assert engine.requests == 2  # one session per seed
+
+
+def test_remote_trace_equals_local_full_width_tracing_and_costs_its_plan(tiny, monkeypatch, tmp_path):
+    """analyze --remote, then trace --remote on its run (NDIF: the tiny model in bf16 through nnsight's serialisation
+    path): the causal_trace table is the local bf16 full-width tracing's over the same prompts and noise draws,
+    and the requests and bytes both ways are the plan's exactly."""
+    from factscope.causal import spread
+    from factscope.causal.trace import trace_effects, trace_table
+
+    folder = tiny[0]
+    local_model = load_model(str(folder), dtype="bfloat16")
+    engines = []
+    stages = _remote_stages(monkeypatch, folder, engines)
+    run = stages.analyze("org/tiny", None, tmp_path / "run", remote=True, all_prompts=True, report=False)
+    plan = stages.remote_trace_plan(run.path, seeds=[0, 1], limit=6)
+    run = stages.trace(run.path, remote=True, seeds=[0, 1], window=2, limit=6, report=False)
+    known = spread(encode_all(load_facts(), local_model.tokenizer, local_model.prepend_bos), 6)
+    expected = trace_table(trace_effects(local_model, known, seeds=(0, 1), window=2, kv_cache=False))
+    pd.testing.assert_frame_equal(expected, run.causal_trace, check_exact=False, rtol=0, atol=1e-6)
+    trace = run.summary["causal"]["trace"]
+    assert trace["remote"] == {"requests": plan.requests, "bytes_back": plan.bytes_back,
+                               "bytes_sent": plan.bytes_sent}
+    assert (plan.prompts, plan.requests) == (6, 2)  # all prompts analysed: no recall pass; one session per seed
+    assert plan.bytes_sent == 2 * sum(len(item.subject_positions) for item in known) * 32 * 4
+
+
+def test_remote_trace_refusals_are_one_line(tiny, tmp_path):
+    from factscope import stages
+
+    local = stages.analyze(str(tiny[0]), None, tmp_path / "local", all_prompts=True, report=False)
+    with pytest.raises(FactscopeError, match="analysed locally; trace --remote checks a run of `analyze --remote`"):
+        stages.trace(local.path, remote=True)
+    for method in ("atp", "both"):
+        with pytest.raises(FactscopeError, match=f"^trace --remote runs exact tracing only; --method {method} does "):
+            stages.trace(local.path, remote=True, method=method)
+        with pytest.raises(FactscopeError, match="exact tracing only"):
+            stages.remote_trace_plan(local.path, method=method)
+
+
+def test_cli_trace_dry_run_prints_the_plan_and_sends_nothing(tiny, monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from factscope import cli
+
+    stages = _remote_stages(monkeypatch, tiny[0], [])
+    run = stages.analyze("org/tiny", None, tmp_path / "run", remote=True, all_prompts=True, report=False)
+    monkeypatch.setattr(remote, "remote_engine", lambda *a: pytest.fail("a dry run built an engine"))
+    result = CliRunner().invoke(cli.app, ["trace", str(run.path), "--remote", "--dry-run", "--limit", "6",
+                                          "--seeds", "0"])
+    assert result.exit_code == 0, result.output
+    plan = stages.remote_trace_plan(run.path, seeds=[0], limit=6)
+    printed = " ".join(result.output.split())  # the console wraps long lines
+    assert plan.describe() in printed and "MB of noise draws sent" in printed
+    assert not run.path.joinpath("causal_trace.parquet").exists()
+    result = CliRunner().invoke(cli.app, ["trace", str(run.path), "--remote", "--dry-run", "--method", "atp"])
+    assert isinstance(result.exception, FactscopeError)
+    assert "--method atp does not run remotely" in str(result.exception)
+
+
+def test_a_tracing_session_refused_or_unreachable_is_one_line(tiny, monkeypatch):
+    """A session goes out through the same transport as a trace: its failures are the same one-line errors."""
+    import httpx
+    import nnsight.modeling.huggingface as hf_modeling
+    import websocket
+
+    from factscope.causal.trace import trace_effects
+
+    folder, model, encoded, _ = tiny
+    engine = local_engine(str(folder), remote=True)
+    engine.lm.repo_id = "org/tiny"
+    monkeypatch.setitem(hf_modeling._ID_CACHE, "org/tiny", "org/tiny")
+
+    def refuse(*args, **kwargs):
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(websocket, "create_connection", refuse)
+    with pytest.raises(FactscopeError, match="cannot reach NDIF .*ConnectionRefusedError"), remote.one_line_errors():
+        trace_effects(model, encoded[:2], seeds=(0,), engine=engine)
+
+    class Subscription:
+        def recv(self):
+            return json.dumps({"session_id": "s1"})
+
+        def close(self):
+            pass
+
+    def post(self, url, **kwargs):
+        return httpx.Response(401, json={"detail": "Invalid API key."}, request=httpx.Request("POST", url))
+
+    monkeypatch.setattr(websocket, "create_connection", lambda *a, **k: Subscription())
+    monkeypatch.setattr(httpx.Client, "post", post)
+    with pytest.raises(FactscopeError, match="NDIF refused or failed the request: .*Invalid API key"), \
+            remote.one_line_errors():
+        trace_effects(model, encoded[:2], seeds=(0,), engine=engine)
+    assert engine.requests == 0
+
+
+@pytest.mark.real
+def test_causal_trace_through_the_engine_on_smollm2():
+    """SmolLM2, fp32, through the serialisation path: one seed's session on 2 known facts equals the local
+    full-width tracing within 1e-6 on every (kind, layer, prompt, position)."""
+    from factscope.causal import known_facts, spread
+    from factscope.causal.trace import trace_effects
+
+    torch.set_num_threads(1)
+    model = load_model("smollm2-135m")
+    known = spread(known_facts(model, encode_all(load_facts(), model.tokenizer, model.prepend_bos)), 2)
+    engine = local_engine("smollm2-135m", remote="local")
+    expected = trace_effects(model, known, seeds=(0,), kv_cache=False)
+    got = trace_effects(model, known, seeds=(0,), engine=engine)
+    torch.testing.assert_close(got.effects, expected.effects, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got.p_corrupted, expected.p_corrupted, rtol=0, atol=1e-6)
+    assert engine.requests == 1

@@ -116,6 +116,35 @@ def end_block(
     return heads[None, :, None, None] & query_is_end[:, None, :, None] & keys[:, None, None, :]
 
 
+def scaled_noise(
+    draws: Float[torch.Tensor, "batch pos d_model"], scale: float, subject: Bool[torch.Tensor, "batch pos"]
+) -> Float[torch.Tensor, "batch pos d_model"]:
+    """Causal tracing's corruption: unit Gaussian `draws` × `scale` on the subject's positions, zero elsewhere
+    (`causal.trace.subject_noise` here; `NnsightEngine.causal_trace` on the server, from the same draws)."""
+    return draws * scale * subject.to(draws.device)[..., None]
+
+
+def add_noise(x: Float[torch.Tensor, "batch pos d_model"],
+              noise: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos d_model"]:
+    """The corrupted embeddings: the noise (fp32) cast to the residual stream's dtype, then added, so that a bf16
+    model's blocks get bf16 (and every path adds the same numbers)."""
+    return x + noise.to(x.device, x.dtype)
+
+
+def restore_rows(
+    x: Float[torch.Tensor, "rows pos d_model"],
+    clean: Float[torch.Tensor, "batch pos d_model"],
+    prompts: Int[torch.Tensor, " rows"],
+    positions: Int[torch.Tensor, " rows"],
+) -> Float[torch.Tensor, "rows pos d_model"]:
+    """A restoration of causal tracing: row r of `x` (a corrupted state, one row per restoration) gets the clean
+    run's state of prompt `prompts[r]` at `positions[r]`, and nothing else changes."""
+    prompts, positions = prompts.to(x.device), positions.to(x.device)
+    x = x.clone()
+    x[torch.arange(len(prompts), device=x.device), positions] = clean[prompts, positions].to(x.device)
+    return x
+
+
 def answer_scores(
     logits: Float[torch.Tensor, "batch vocab"], answers: Int[torch.Tensor, " batch"]
 ) -> dict[str, torch.Tensor]:

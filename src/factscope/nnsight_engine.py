@@ -5,7 +5,8 @@ the model (NDIF, through nnsight's remote execution) and send back only what the
 Two ways to use it. As a `forward.Engine` (`__call__`), it saves the END activations (and the value vectors at every
 key position) and the maths run here, over a local copy of the weights. With `project` (and `recall`), the maths that
 read weights run inside the trace (`end_maths`), so a remote run needs no weights locally (`ConfigOnlyModel`) and
-only small per-target tensors come back. `knockout` runs the attention knockout of `causal.knockout` the same way.
+only small per-target tensors come back. `knockout` runs the attention knockout of `causal.knockout` the same way,
+and `causal_trace` one seed of causal tracing in one nnsight session (the restored states never leave the server).
 Only what is `.save()`d leaves the trace, and every request checks the dtype the model ran in against the run's.
 
 Module paths differ by architecture; `ARCHITECTURES` maps a Hugging Face class name to them (with the RMSNorm
@@ -100,6 +101,7 @@ class NnsightEngine:
         self.remote = remote
         self.requests = 0  # traces sent, for the cost report
         self.bytes_back = 0  # bytes of saved tensors received
+        self.bytes_sent = 0  # bytes of tensors sent besides token ids (causal tracing's noise draws)
         # the final norm's epsilon: TransformerLens's hook_scale is sqrt(mean(x²) + eps), recomputed here from the
         # norm's input at END, so nothing of vocabulary or position size comes back for it
         self.eps = float(eps if eps is not None else getattr(lm.config, "rms_norm_eps"))
@@ -294,6 +296,83 @@ class NnsightEngine:
             logits = lm_head.output[:, 0]
             out["model_dtype"] = logits[:0]
             out.update(score(logits.detach().float(), answers))
+        return self._received(model, out)
+
+    def causal_trace(
+        self, model, batch, prompts: Int[torch.Tensor, " rows"], positions: Int[torch.Tensor, " rows"],
+        chunks: list[Int[torch.Tensor, " chunk"]], draws: Float[torch.Tensor, "subject_token d_model"], noise: float,
+        sites: list[tuple[str, int, int]],
+    ) -> dict[str, torch.Tensor]:
+        """One seed of causal tracing (`causal.trace.trace_effects`) in one nnsight session, so that no residual
+        state leaves the server: the clean pass (its p(a), the std of the subjects' embeddings, the states to
+        restore), the corrupted pass (noise = `draws` × `noise` × that std on the subject, `end_maths.scaled_noise`;
+        `draws` are the subject positions' rows of the local draws, so both paths add the same noise), then one
+        full-width pass per site and chunk of restorations. A site is (kind, first, last) from
+        `trace.restored_blocks`: the blocks below `first` are skipped, the corrupted run's residual stream entering
+        `first` standing in for what they hand on (the local passes start there), then each row gets its clean
+        state back (`end_maths.restore_rows`) at the input of block `first` (`resid`) or at the attention / MLP
+        output of blocks first..last. What comes back: p_clean and p_corrupt per prompt, the std, and p(a) per
+        restoration, [site, row]."""
+        import cloudpickle
+        import nnsight
+
+        from . import end_maths
+
+        if self.remote:
+            cloudpickle.register_pickle_by_value(end_maths)
+        self.bytes_sent += draws.numel() * draws.element_size()
+        restore, noised, score = end_maths.restore_rows, end_maths.scaled_noise, end_maths.answer_scores
+        add_noise = end_maths.add_noise
+        # `self` stays out of the session: the block is shipped with what it names, and the server has no factscope
+        lm, embed, layers, lm_head = self.lm, self.envoys["embed"], self.envoys["layers"], self.envoys["lm_head"]
+        # what TransformerLens calls attn_out: what the attention adds to the residual stream (after Gemma's post-norm)
+        outputs = {"attn": self.envoys["attn_post_norm"] or self.envoys["o_proj"], "mlp": self.envoys["mlp_out"]}
+        tokens, mask, ends, answers = batch.tokens.cpu(), batch.mask.cpu(), batch.ends.cpu(), batch.answers.cpu()
+        subject, prompts, positions = batch.subject.cpu(), prompts.cpu(), positions.cpu()
+        # per chunk: its rows' prompts, positions, width
+        passes = [(prompts[c], positions[c], int(ends[prompts[c]].max()) + 1, c) for c in chunks]
+        kinds = {kind for kind, _, _ in sites}
+        with lm.session(remote=self.remote):
+            out = nnsight.save({})
+            with lm.trace({"input_ids": tokens, "attention_mask": mask}, logits_to_keep=ends[:, None]):
+                clean_embed = embed.output
+                clean = {}
+                for layer in range(len(layers)):
+                    for kind in ("attn", "mlp"):
+                        if kind in kinds:
+                            clean[(kind, layer)] = outputs[kind][layer].output
+                    clean[("resid", layer)] = layers[layer].output
+                logits = lm_head.output[:, 0]
+                out["model_dtype"] = logits[:0]
+                out["p_clean"] = score(logits.detach().float(), answers)["prob"]
+            std = clean_embed.detach()[subject.to(clean_embed.device)].std()
+            out["std"] = std.double()
+            full = torch.zeros((*tokens.shape, draws.shape[-1]), dtype=draws.dtype)
+            full[subject] = draws
+            with lm.trace({"input_ids": tokens, "attention_mask": mask}, logits_to_keep=ends[:, None]):
+                embed.output = add_noise(embed.output, noised(full, noise * float(std), subject))
+                corrupt = [embed.output] + [layers[layer].output for layer in range(len(layers))]
+                out["p_corrupt"] = score(lm_head.output[:, 0].detach().float(), answers)["prob"]
+            restored = []
+            for kind, first, last in sites:
+                row = torch.empty(len(prompts))
+                for p, i, width, c in passes:
+                    inputs = {"input_ids": tokens[p, :width], "attention_mask": mask[p, :width]}
+                    with lm.trace(inputs, logits_to_keep=ends[p][:, None]):
+                        state = corrupt[first][p.to(corrupt[first].device), :width]
+                        if kind == "resid":
+                            state = restore(state, clean[("resid", first - 1)], p, i)
+                        if first == 0:
+                            embed.output = state
+                        for layer in range(first):  # not run: what enters block `first` is `state`
+                            layers[layer].skip(state)
+                        if kind != "resid":
+                            for layer in range(first, last + 1):
+                                module = outputs[kind][layer]
+                                module.output = restore(module.output, clean[(kind, layer)], p, i)
+                        row[c] = score(lm_head.output[:, 0].detach().float(), answers[p])["prob"].cpu()
+                restored.append(row)
+            out["restored"] = torch.stack(restored)
         return self._received(model, out)
 
     def _received(self, model, out: dict) -> dict[str, torch.Tensor]:

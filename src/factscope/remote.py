@@ -49,10 +49,12 @@ class Plan:
     prompts: int
     requests: int  # one trace per batch
     bytes_back: int
+    bytes_sent: int = 0  # tensors the client sends besides the prompts' token ids (causal tracing's noise draws)
 
     def describe(self) -> str:
+        sent = f", {self.bytes_sent / 1e6:.2f} MB of noise draws sent" if self.bytes_sent else ""
         return (f"remote plan for {self.model}: {self.prompts} prompts in {self.requests} request"
-                f"{'s' * (self.requests != 1)}, {self.bytes_back / 1e6:.2f} MB back")
+                f"{'s' * (self.requests != 1)}, {self.bytes_back / 1e6:.2f} MB back{sent}")
 
 
 GROUP_COUNT = len(GROUPS)  # the source groups a head's contribution is split over
@@ -89,6 +91,18 @@ def ablate_plan(model: str, recalled: int, recall_batch: int, prompts: int, pass
     the run analysed every prompt), then `passes` knockout passes over `prompts`, one request each."""
     recall = recall_plan(model, recalled, recall_batch)
     return Plan(model, prompts, recall.requests + passes, recall.bytes_back + passes * prompts * SCORE_BYTES)
+
+
+def trace_plan(model: str, recalled: int, recall_batch: int, prompts: int, restorations: int, subject_tokens: int,
+               seeds: int, sites: int, d_model: int) -> Plan:
+    """`trace --remote`: the recall passes (as `ablate_plan`), then one session per seed
+    (`NnsightEngine.causal_trace`): it sends the seed's noise draws on the subject's tokens (fp32, d_model each)
+    and brings back p_clean and p_corrupt per prompt, the std, and p(a) for each of the `restorations` (prompt,
+    position) pairs at each of the `sites` (kind, layer) that need a pass, all fp32 but the std (fp64)."""
+    recall = recall_plan(model, recalled, recall_batch)
+    per_seed = 2 * 4 * prompts + 8 + 4 * sites * restorations
+    return Plan(model, prompts, recall.requests + seeds, recall.bytes_back + seeds * per_seed,
+                seeds * subject_tokens * d_model * 4)
 
 
 def check_client() -> None:

@@ -265,6 +265,7 @@ def trace(
     threads: int | None = None,
     overwrite: bool = False,
     report: bool = True,
+    remote: bool = False,
     reporter: Reporter = QUIET,
 ) -> rundir.Run:
     """Causal tracing (Meng et al. 2022) on a finished run's known facts: noise of `noise` × the std of the
@@ -273,7 +274,10 @@ def trace(
     summary.json["causal"]["trace"] to the run. `method` "atp" estimates the restorations by attribution patching
     instead (atp_trace.parquet, with atp_agreement.csv from a sample restored exactly), "both" runs both and
     compares them on every cell. `graddrop` (with "atp" or "both") adds AtP*'s GradDrop and its error to
-    atp_agreement.csv."""
+    atp_agreement.csv.
+
+    `remote`: exact tracing of a run analysed with `analyze --remote`, on NDIF through nnsight, one session per
+    seed, p(a) per restoration coming back (`remote_trace_plan` is printed before anything is sent)."""
     from . import causal
 
     if graddrop and method == "exact":
@@ -281,6 +285,9 @@ def trace(
     options = {"noise": noise, "window": window, "method": method, "graddrop": graddrop}
     if seeds is not None:
         options["seeds"] = list(seeds)
+    if remote:
+        return _remote_trace(run_dir, options=options, limit=limit, overwrite=overwrite, report=report,
+                             reporter=reporter)
     run_dir = _finished_run(run_dir)
     with rundir.locked(run_dir):
         enrichment = rundir.read_table(run_dir, "enrichment")
@@ -289,11 +296,76 @@ def trace(
         return _write_causal(run_dir, "trace", tables, summary, report, reporter)
 
 
+def _remote_trace(run_dir: str | Path, *, options: dict, limit: int | None, overwrite: bool, report: bool,
+                  reporter: Reporter) -> rundir.Run:
+    """`trace(remote=True)`: exact tracing through nnsight sessions; the refusals come before the run is locked."""
+    from . import causal
+    from . import remote as ndif
+    from .causal.atp import check_remote_method
+
+    check_remote_method(options["method"])
+    run_dir = _remote_run(run_dir, "trace")
+    reporter.warn(remote_trace_plan(run_dir, seeds=options.get("seeds"), limit=limit).describe())
+    with rundir.locked(run_dir), ndif.one_line_errors():
+        enrichment = rundir.read_table(run_dir, "enrichment")
+        model, known, _, engine = _causal_inputs(run_dir, "trace", overwrite, "cpu", None, limit, reporter,
+                                                 remote=True)
+        tables, summary = causal.trace_checks(model, known, **options, enrichment=enrichment, engine=engine,
+                                              progress=reporter.progress)
+        summary["trace"]["remote"] = {"requests": engine.requests, "bytes_back": engine.bytes_back,
+                                      "bytes_sent": engine.bytes_sent}
+        return _write_causal(run_dir, "trace", tables, summary, report, reporter)
+
+
+def _remote_run(run_dir: str | Path, command: str) -> Path:
+    """A finished run of `analyze --remote` (a local one is refused), once NDIF's preflight passed."""
+    from . import remote as ndif
+
+    run_dir = _finished_run(run_dir)
+    manifest = _run_json(run_dir / rundir.MANIFEST)
+    if not manifest.get("config", {}).get("remote"):
+        raise FactscopeError(f"{run_dir}: analysed locally; {command} --remote checks a run of `analyze --remote` "
+                             "(drop --remote to check this one locally)")
+    ndif.preflight(manifest.get("model", ""), send=True)
+    return run_dir
+
+
 def remote_ablate_plan(run_dir: str | Path, *, window: int = 9, limit: int | None = None):
     """What `ablate --remote` would send and get back (`remote.Plan`), from the run, the model's config and
     tokenizer: the recall passes that find the known facts again, then one request per knockout pass, each
     bringing back `remote.SCORE_BYTES` per prompt. The prompts are the run's known facts as its recall.csv has
     them (the run finds them again on the server)."""
+    from . import causal
+    from . import remote as ndif
+
+    model, heads, recalled, checked = _remote_plan_inputs(run_dir, limit)
+    passes = causal.remote_ablate_passes(model, heads, window=window)
+    return ndif.ablate_plan(model.name, recalled, causal.KNOWN_BATCH, len(checked), passes)
+
+
+def remote_trace_plan(run_dir: str | Path, *, seeds: Sequence[int] | None = None, limit: int | None = None,
+                      method: str = "exact"):
+    """What `trace --remote` would send and get back (`remote.Plan`): the recall passes, then one session per
+    seed (`remote.trace_plan`), over the prompts `_remote_plan_inputs` expects the server to find again."""
+    from . import causal
+    from .causal.atp import check_remote_method
+
+    check_remote_method(method)
+    from . import remote as ndif
+    from .causal.trace import SEEDS, TRACE_KINDS
+
+    model, _, recalled, checked = _remote_plan_inputs(run_dir, limit)
+    restorations = sum(len(item.token_ids) - item.subject_positions[0] for item in checked)
+    subject_tokens = sum(len(item.subject_positions) for item in checked)
+    sites = len(TRACE_KINDS) * model.cfg.n_layers - 1  # resid after the last block needs no pass (`last_resid`)
+    return ndif.trace_plan(model.name, recalled, causal.KNOWN_BATCH, len(checked), restorations, subject_tokens,
+                           len(seeds if seeds is not None else SEEDS), sites, model.cfg.d_model)
+
+
+def _remote_plan_inputs(run_dir: str | Path, limit: int | None):
+    """For a remote causal plan, from the run, the model's config and tokenizer: the config-only model, the run's
+    heads, how many prompts the recall passes will read (none when the run analysed every prompt), and the prompts
+    checked: the run's known facts as its recall.csv has them (the run finds them again on the server), spread."""
     from . import causal
     from . import remote as ndif
     from .data import encode_all
@@ -309,9 +381,7 @@ def remote_ablate_plan(run_dir: str | Path, *, window: int = 9, limit: int | Non
         checked = [item for item in encoded if item.fact.prompt_id in correct]
     else:
         checked = encoded
-    passes = causal.remote_ablate_passes(model, heads, window=window)
-    return ndif.ablate_plan(model.name, len(encoded) if known_only else 0, causal.KNOWN_BATCH,
-                            len(causal.spread(checked, limit)), passes)
+    return model, heads, len(encoded) if known_only else 0, causal.spread(checked, limit)
 
 
 def _remote_ablate(run_dir: str | Path, *, window: int, limit: int | None, overwrite: bool, report: bool,
@@ -324,12 +394,7 @@ def _remote_ablate(run_dir: str | Path, *, window: int, limit: int | None, overw
     if given:
         names = ", ".join(check.name for check in causal.remote_checks("ablate"))
         raise FactscopeError(f"ablate --remote runs the {names} check only; {given[0]} does not run remotely")
-    run_dir = _finished_run(run_dir)
-    manifest = _run_json(run_dir / rundir.MANIFEST)
-    if not manifest.get("config", {}).get("remote"):
-        raise FactscopeError(f"{run_dir}: analysed locally; ablate --remote checks a run of `analyze --remote` "
-                             "(drop --remote to check this one locally)")
-    ndif.preflight(manifest.get("model", ""), send=True)
+    run_dir = _remote_run(run_dir, "ablate")
     reporter.warn(remote_ablate_plan(run_dir, window=window, limit=limit).describe())
     with rundir.locked(run_dir), ndif.one_line_errors():
         model, known, heads, engine = _causal_inputs(run_dir, "ablate", overwrite, "cpu", None, limit, reporter,

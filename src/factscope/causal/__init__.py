@@ -105,13 +105,15 @@ def trace_checks(
     graddrop: bool = False,
     progress: ProgressBars = None,
     enrichment: pd.DataFrame | None = None,
+    engine=None,
 ) -> tuple[dict[str, pd.DataFrame], dict]:
     """The `trace` command's checks on the known facts: tables by rundir.TABLES name, and the entries of
     summary.json["causal"]. `method` is exact patching, attribution patching (`atp`, with its error on a sample
     restored exactly) or both; `graddrop` adds AtP*'s GradDrop to the AtP check. `enrichment` is the run's
-    enrichment table, if it has one: its summary is redone with the new tracing peak (exact tracing only)."""
+    enrichment table, if it has one: its summary is redone with the new tracing peak (exact tracing only).
+    `engine`: an nnsight engine whose sessions run exact tracing (`trace --remote`; `model` may hold no weights)."""
     options = {"noise": noise, "window": window, "seeds": seeds, "method": method, "graddrop": graddrop}
-    tables = _run(_of("trace"), model, known, options, progress)
+    tables = _run(_of("trace"), model, known, options, progress, engine)
     settings = {"noise": noise, "window": window, "seeds": list(seeds), "method": method, "graddrop": graddrop,
                 "n_prompts": len(known)}
     summary = {check.name: {**settings, **check.summarize(tables)} for check in _of("trace")}

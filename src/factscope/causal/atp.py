@@ -43,6 +43,7 @@ import torch
 from jaxtyping import Bool, Float
 
 from ..data import Encoded
+from ..end_maths import add_noise
 from ..forward import Batch, act_name, make_batch
 from ..models import LoadedModel
 from ..errors import FactscopeError
@@ -176,7 +177,7 @@ def _corrupted_run(model: LoadedModel, batch: Batch, rows, width: int, noise, na
 
     def corrupt(x, hook):
         # a leaf that needs a gradient, so the whole pass is recorded even when the weights are frozen
-        x = (x + noise.to(x.dtype)).detach()
+        x = add_noise(x, noise).detach()
         return x.requires_grad_(True)
 
     def gate(layer, name):
@@ -339,16 +340,19 @@ METHODS = ("exact", "atp", "both")
 
 
 def _run(model: LoadedModel, known: list[Encoded], *, noise: float, window: int, seeds: Sequence[int], method: str,
-         graddrop: bool, progress: Progress) -> dict[str, pd.DataFrame]:
+         graddrop: bool, progress: Progress, engine=None) -> dict[str, pd.DataFrame]:
     """`exact`: causal_trace and trace_peaks; `atp`: atp_trace and atp_agreement on a sample restored exactly;
-    `both`: all four, atp_agreement on every cell. `graddrop` adds GradDrop's rows to atp_agreement."""
+    `both`: all four, atp_agreement on every cell. `graddrop` adds GradDrop's rows to atp_agreement. `engine` (an
+    nnsight engine, `trace --remote`) runs exact tracing only: AtP needs gradients the server does not send."""
+    if engine is not None:
+        check_remote_method(method)
     if method not in METHODS:
         raise FactscopeError(f"unknown trace method {method!r} (use {', '.join(METHODS)})")
     if graddrop and method == "exact":
         raise FactscopeError("--graddrop corrects attribution patching: use it with --method atp or both")
     tables, exact = {}, None
     if method != "atp":
-        exact = trace_effects(model, known, noise, seeds, window, progress=progress)
+        exact = trace_effects(model, known, noise, seeds, window, progress=progress, engine=engine)
         tables["causal_trace"] = trace_table(exact)
         tables["trace_peaks"] = trace_peaks(tables["causal_trace"])
     if method != "exact":
@@ -359,6 +363,13 @@ def _run(model: LoadedModel, known: list[Encoded], *, noise: float, window: int,
         tables["atp_agreement"] = (full_agreement(exact, estimates) if exact is not None
                                    else sampled_agreement(model, estimates, seeds))
     return tables
+
+
+def check_remote_method(method: str) -> None:
+    """Only exact tracing runs through an nnsight engine (`trace --remote`)."""
+    if method != "exact":
+        raise FactscopeError(f"trace --remote runs exact tracing only; --method {method} does not run remotely "
+                             "(attribution patching needs gradients the server does not send)")
 
 
 def _passes(n_layers: int, noise: float, window: int, seeds: Sequence[int], method: str, graddrop: bool) -> int:
@@ -378,5 +389,5 @@ def _summary(tables) -> dict:
 CHECK = CausalCheck(
     "trace", "trace", ("causal_trace", "trace_peaks", "atp_trace", "atp_agreement"),
     ("noise", "window", "seeds", "method", "graddrop"),
-    _passes, _run, _summary,
+    _passes, _run, _summary, remote=True,
 )

@@ -49,6 +49,7 @@ from jaxtyping import Bool, Float, Int
 
 from .. import bootstrap
 from ..data import Encoded
+from ..end_maths import add_noise, restore_rows, scaled_noise
 from ..errors import FactscopeError
 from ..forward import Batch, act_name, capture, end_logits, make_batch
 from ..models import LoadedModel
@@ -68,9 +69,35 @@ def subject_noise(
 ) -> Float[torch.Tensor, "batch pos d_model"]:
     """Gaussian noise of standard deviation `std` on the subject's positions (position 0 included when the subject
     starts the prompt, as in ROME), zero elsewhere; seeded, deterministic."""
+    return scaled_noise(noise_draws(batch, seed, d_model), std, batch.subject)
+
+
+def noise_draws(batch: Batch, seed: int, d_model: int) -> Float[torch.Tensor, "batch pos d_model"]:
+    """The unit Gaussian draws of `subject_noise`, at every position (only the subject's are used)."""
     generator = torch.Generator().manual_seed(seed)
-    eps = torch.randn((*batch.tokens.shape, d_model), generator=generator).to(batch.tokens.device)
-    return eps * std * batch.subject[..., None]
+    return torch.randn((*batch.tokens.shape, d_model), generator=generator).to(batch.tokens.device)
+
+
+def restored_blocks(kind: str, layer: int, window: int, n_layers: int) -> tuple[int, int]:
+    """What a restoration at `layer` puts back, as blocks: a `resid` restoration sets the residual stream entering
+    block `layer` + 1 (first = last = layer + 1); an `attn` / `mlp` restoration sets that sublayer's output in
+    blocks first..last (`layer_window`). Either way the pass is the corrupted one below block `first`."""
+    return (layer + 1, layer + 1) if kind == "resid" else layer_window(layer, window, n_layers)
+
+
+def last_resid(batch: Batch, rows: Restorations, p_clean: Float[torch.Tensor, " batch"],
+               p_corrupt: Float[torch.Tensor, " batch"]) -> Float[torch.Tensor, " rows"]:
+    """Restoring the residual stream after the last block: only END's own state reaches the logits, so the
+    restored p is the clean p exactly at END and the corrupted p elsewhere (no pass)."""
+    prompts = rows.prompts
+    return torch.where(rows.positions == batch.ends[prompts], p_clean[prompts], p_corrupt[prompts])
+
+
+def restoration_chunks(batch: Batch, rows: Restorations, max_rows: int) -> list[Int[torch.Tensor, " chunk"]]:
+    """Full-width restoration passes: rows sorted by prompt length (longest first), `max_rows` per pass, so a pass
+    is as wide as its longest prompt."""
+    lengths = batch.ends[rows.prompts] + 1
+    return list(torch.argsort(lengths, descending=True, stable=True).split(max_rows))
 
 
 @dataclass
@@ -151,6 +178,7 @@ def trace_effects(
     max_rows: int = 1024,
     progress: Progress = None,
     kv_cache: bool = True,
+    engine=None,
 ) -> TraceEffects:
     """Causal tracing, per prompt and position: corrupt the subject's token embeddings with Gaussian noise
     (`noise` × the std of the subjects' token embeddings over the dataset; one seeded draw per seed), then
@@ -162,11 +190,16 @@ def trace_effects(
     run's keys and values, and every (kind, layer) resuming at the same block in the same passes (same results, up
     to float rounding; module docstring). Progress ticks: `trace_passes`, one per (kind, layer) once its rows are
     done.
+
+    `engine`: an nnsight engine (`NnsightEngine.causal_trace`, on NDIF with `trace --remote`) runs each seed in
+    one session, full-width as with `kv_cache=False`, from the same noise draws, and sends back p(a) only.
     """
     unknown = [kind for kind in kinds if kind not in TRACE_KINDS]
     if unknown:
         raise FactscopeError(f"unknown trace kind {unknown[0]!r} (use {', '.join(TRACE_KINDS)})")
     batch = make_batch(model, encoded)
+    if engine is not None:
+        return _engine_trace_effects(model, batch, engine, noise, seeds, window, kinds, max_rows, progress)
     n_layers = model.cfg.n_layers
     clean, std = _clean_states(model, batch, kinds)
     tick(progress)
@@ -190,6 +223,35 @@ def trace_effects(
         for (kind, layer, _), probs in zip(jobs, restored):
             effects[s, kinds.index(kind), layer, prompts.cpu(), positions.cpu()] = (probs - p_corrupt[prompts]).cpu()
     return TraceEffects(effects, clean["p"].cpu(), torch.stack(p_corrupted), noise * std, tuple(kinds), window, batch)
+
+
+def _engine_trace_effects(model, batch: Batch, engine, noise: float, seeds: Sequence[int], window: int,
+                          kinds: Sequence[str], max_rows: int, progress: Progress) -> TraceEffects:
+    """`trace_effects` through `engine`: per seed one request, whose restorations are the sites the local passes
+    restore (`restored_blocks`), chunked as they chunk them; the progress ticks are the local ones."""
+    n_layers = model.cfg.n_layers
+    rows = _trace_rows(batch)
+    prompts, positions = rows.prompts.cpu(), rows.positions.cpu()
+    cells = [(k, layer) for k, kind in enumerate(kinds) for layer in range(n_layers)
+             if not (kind == "resid" and layer == n_layers - 1)]
+    sites = [(kinds[k], *restored_blocks(kinds[k], layer, window, n_layers)) for k, layer in cells]
+    chunks = restoration_chunks(batch, rows, max_rows)
+    effects = torch.zeros((len(seeds), len(kinds), n_layers, *batch.tokens.shape))
+    p_corrupted, got = [], {}
+    for s, seed in enumerate(seeds):
+        draws = noise_draws(batch, seed, model.cfg.d_model)[batch.subject]
+        got = engine.causal_trace(model, batch, prompts, positions, chunks, draws, noise, sites)
+        p_corrupt = got["p_corrupt"]
+        p_corrupted.append(p_corrupt)
+        for (k, layer), restored in zip(cells, got["restored"]):
+            effects[s, k, layer, prompts, positions] = restored - p_corrupt[prompts]
+        if "resid" in kinds:
+            restored = last_resid(batch, Restorations(prompts, positions), got["p_clean"], p_corrupt)
+            effects[s, kinds.index("resid"), n_layers - 1, prompts, positions] = restored - p_corrupt[prompts]
+        if progress:  # as many ticks as the local passes: the clean pass once, then the seed's passes
+            progress((s == 0) + 1 + len(kinds) * n_layers)
+    return TraceEffects(effects, got["p_clean"], torch.stack(p_corrupted), noise * float(got["std"]), tuple(kinds),
+                        window, batch)
 
 
 def trace_passes(n_layers: int, seeds: Sequence[int] = SEEDS, kinds: Sequence[str] = TRACE_KINDS) -> int:
@@ -237,7 +299,7 @@ def _corrupted_states(
 
     store: dict = {}
     names = [act_name("resid_pre", layer) for layer in range(model.cfg.n_layers)]
-    hooks = [(act_name("embed"), lambda x, hook: x + noise), *(capture(store, name) for name in names)]
+    hooks = [(act_name("embed"), lambda x, hook: add_noise(x, noise)), *(capture(store, name) for name in names)]
     # A cache without the model's config keeps every position: one built from Gemma's config would keep only the
     # last `sliding_window` keys of its local layers, and the prefixes cut from it would be the wrong positions.
     cache = DynamicCache() if kv_cache else None
@@ -276,17 +338,12 @@ def _bridge_reads_cache(bridge, active: bool = True):
             del block.attn._update_kv_cache
 
 
-def _start(kind: str, layer: int, window: int, n_layers: int) -> int:
-    """The first block a restoration changes: the one after a restored residual, the window's first for a sublayer."""
-    return layer + 1 if kind == "resid" else layer_window(layer, window, n_layers)[0]
-
-
 def _restored_probs_cached(
     model: LoadedModel, batch: Batch, jobs: Sequence[tuple[str, int, Restorations]], states: States, window: int,
     max_rows: int, progress: Progress = None,
 ) -> list[Float[torch.Tensor, " rows"]]:
     """`_restored_probs` of every (kind, layer, rows) job, computing only what a restoration can change: each row from
-    its job's first changed block (`_start`) and from its restored position on (`_resume`). Rows of every job with the
+    its job's first changed block (`restored_blocks`) and from its restored position on (`_resume`). Rows of every job with the
     same first block share passes, whatever their kind, layer and position (`_passes`); a job ticks `progress` when
     its rows are done."""
     n_layers = model.cfg.n_layers
@@ -295,12 +352,10 @@ def _restored_probs_cached(
     by_start: dict[int, list[int]] = {}
     for j, (kind, layer, rows) in enumerate(jobs):
         if kind == "resid" and layer == n_layers - 1:
-            # After the last block only END's own state reaches the logits: restoring it gives the clean p exactly.
-            prompts, positions = rows.prompts, rows.positions
-            out[j] = torch.where(positions == batch.ends[prompts], clean["p"][prompts], p_corrupt[prompts])
+            out[j] = last_resid(batch, rows, clean["p"], p_corrupt)
             tick(progress)
         else:
-            by_start.setdefault(_start(kind, layer, window, n_layers), []).append(j)
+            by_start.setdefault(restored_blocks(kind, layer, window, n_layers)[0], []).append(j)
     for start, members in sorted(by_start.items()):
         job = torch.cat([torch.full((len(jobs[j][2].prompts),), j) for j in members])
         row = torch.cat([torch.arange(len(jobs[j][2].prompts)) for j in members])
@@ -314,7 +369,7 @@ def _restored_probs_cached(
                 resid[is_resid, 0] = clean[act_name("resid_post", start - 1)][p[is_resid], i[is_resid]]
             hooks = []
             for kind in ("attn", "mlp"):
-                windows = {j: layer_window(jobs[j][1], window, n_layers) for j in members if jobs[j][0] == kind}
+                windows = {j: restored_blocks(kind, jobs[j][1], window, n_layers) for j in members if jobs[j][0] == kind}
                 for layer in range(start, n_layers):
                     covered = [j for j, (first, last) in windows.items() if first <= layer <= last]
                     local = torch.nonzero(torch.isin(chunk_jobs, torch.tensor(covered, dtype=torch.long))).flatten()
@@ -428,40 +483,27 @@ def _restored_probs(
     n_layers = model.cfg.n_layers
     prompts, positions, clean, p_corrupt = rows.prompts, rows.positions, states.clean, states.p_corrupt
     if kind == "resid" and layer == n_layers - 1:
-        # After the last block only END's own state reaches the logits: restoring it gives the clean p exactly.
-        return torch.where(positions == batch.ends[prompts], clean["p"][prompts], p_corrupt[prompts])
-    first, last = (layer + 1, layer + 1) if kind == "resid" else layer_window(layer, window, n_layers)
-    lengths = batch.ends[prompts] + 1
-    order = torch.argsort(lengths, descending=True, stable=True)
+        return last_resid(batch, rows, clean["p"], p_corrupt)
+    first, last = restored_blocks(kind, layer, window, n_layers)
     out = torch.empty(len(prompts), device=batch.tokens.device)
-    for chunk in order.split(max_rows):
+    for chunk in restoration_chunks(batch, rows, max_rows):
         p, i = prompts[chunk], positions[chunk]
-        width = int(lengths[chunk].max())
-        resid = states.corrupt_pre[first][p, :width].clone()
-        local = torch.arange(len(chunk), device=p.device)
+        width = int(batch.ends[p].max()) + 1
+        resid = states.corrupt_pre[first][p, :width]
         hooks = []
         if kind == "resid":
-            resid[local, i] = clean[act_name("resid_post", layer)][p, i]
+            resid = restore_rows(resid, clean[act_name("resid_post", layer)], p, i)
         else:
             names = [act_name(_RESTORED[kind], j) for j in range(first, last + 1)]
-            hooks = [(name, _restore(clean[name], p, i, local)) for name in names]
+            hooks = [(name, _restore(clean[name], p, i)) for name in names]
         logits = end_logits(model, None, batch.mask[p, :width], batch.ends[p], hooks, resid=resid, start=first)
-        out[chunk] = logits.softmax(-1)[local, batch.answers[p]]
+        out[chunk] = logits.softmax(-1)[torch.arange(len(chunk), device=p.device), batch.answers[p]]
     return out
 
 
-def _restore(
-    clean_out: Float[torch.Tensor, "batch pos d_model"],
-    prompts: Int[torch.Tensor, " rows"],
-    positions: Int[torch.Tensor, " rows"],
-    local: Int[torch.Tensor, " rows"],
-):
-    def hook(x: Float[torch.Tensor, "rows pos d_model"], hook):
-        x = x.clone()
-        x[local, positions] = clean_out[prompts, positions]
-        return x
-
-    return hook
+def _restore(clean_out: Float[torch.Tensor, "batch pos d_model"], prompts: Int[torch.Tensor, " rows"],
+             positions: Int[torch.Tensor, " rows"]):
+    return lambda x, hook: restore_rows(x, clean_out, prompts, positions)
 
 
 def _trace_table(
