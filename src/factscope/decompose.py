@@ -400,14 +400,15 @@ def _attribution_table(
     components = ["attn", "bias", "mlp", *parts]
     labels = [*sources, "all"]
     blocks = [
-        _block(0, heads, ("layer", "head", "source"), target_valid, valid),
-        _block(1, biases, ("layer",), target_valid, valid),
-        _block(2, mlps, ("layer",), target_valid, valid),
-        *(_block(3 + i, value[:, None], ("",), target_valid, valid) for i, value in enumerate(parts.values())),
+        _block(0, heads, ("layer", "head", "source"), target_valid),
+        _block(1, biases, ("layer",), target_valid),
+        _block(2, mlps, ("layer",), target_valid),
+        *(_block(3 + i, value[:, None], ("",), target_valid) for i, value in enumerate(parts.values())),
     ]
     columns = {key: np.concatenate([block[key] for block in blocks]) for key in blocks[0]}
     rows, target_index = columns.pop("row"), columns.pop("target_index")
-    pick = np.argsort(rows, kind="stable")
+    kept = valid[rows, target_index]
+    pick = np.flatnonzero(kept)[np.argsort(rows[kept], kind="stable")]
     rows, target_index = rows[pick], target_index[pick]
     # The correct target comes first and carries the fact's own spelling, even when another attribute of the
     # relation shares its first token (" yen" / " yuan") and so names that token elsewhere.
@@ -437,23 +438,19 @@ def _strings(values: list[str], index: np.ndarray) -> pd.api.extensions.Extensio
 
 def _block(
     component: int, with_mean: Float[torch.Tensor, "batch *axes target_and_mean"], axes: tuple[str, ...],
-    target_valid: Float[torch.Tensor, "batch target"], kept: np.ndarray,
+    target_valid: Float[torch.Tensor, "batch target"],
 ) -> dict:
-    """values: [batch, *axes, target (+ the vocabulary's average last)] → flat columns of the (prompt, target)
-    pairs `kept` marks ([batch, target]); layer/head are −1 and source is "all" (code −1) where absent. Only the kept
-    entries are indexed and copied: building every padded entry first was ~50–90 MB per batch of 16 on SmolLM2,
-    part of `analyze`'s peak (BENCHMARKS.md)."""
+    """values: [batch, *axes, target (+ the vocabulary's average last)] → flat columns; layer/head are −1 and source
+    is "all" (code −1) where absent."""
     values, uniform = with_mean[..., :-1], with_mean[..., -1:]
     valid = target_valid.reshape(target_valid.shape[0], *([1] * len(axes)), -1)  # broadcast over the axes
     n_targets = target_valid.sum(-1).reshape(valid.shape[0], *([1] * (len(axes) + 1)))
     # each target's value against the mean of the relation's other attributes (a − mean(R \ a) for the correct one)
     others = ((values * valid).sum(-1, keepdim=True) - values) / (n_targets - 1)
     logit_diff = torch.where(n_targets > 1, values - others, torch.full_like(values, float("nan")))
-    shape = tuple(values.shape)
-    flat = np.flatnonzero(np.broadcast_to(kept.reshape(kept.shape[0], *([1] * len(axes)), -1), shape))
-    index = np.unravel_index(flat, shape)
+    index = np.indices(values.shape).reshape(values.dim(), -1)
     named = dict(zip(axes, index[1:-1]))
-    size = len(flat)
+    size = index.shape[1]
     return {
         "row": index[0],
         "target_index": index[-1],
@@ -461,7 +458,7 @@ def _block(
         "layer": named.get("layer", np.full(size, -1)),
         "head": named.get("head", np.full(size, -1)),
         "source": named.get("source", np.full(size, -1)),
-        "value": values.reshape(-1).numpy()[flat].astype(np.float32),
-        "centred": (values - uniform).reshape(-1).numpy()[flat].astype(np.float32),
-        "logit_diff": logit_diff.reshape(-1).numpy()[flat].astype(np.float32),
+        "value": values.reshape(-1).numpy().astype(np.float32),
+        "centred": (values - uniform).reshape(-1).numpy().astype(np.float32),
+        "logit_diff": logit_diff.reshape(-1).numpy().astype(np.float32),
     }
