@@ -20,7 +20,7 @@ from rich.table import Table
 from . import stages
 from .errors import FactscopeError
 from .taxonomy import CLASSES, DEFAULT_MODEL, MECHANISM_ORDER
-from .stages import Reporter
+from .stage_io import Reporter
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="How a language model recalls a fact.")
 console = Console(stderr=True)

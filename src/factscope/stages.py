@@ -13,39 +13,17 @@ spinners, progress bars, warnings — is a `Reporter`; the default says nothing,
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from . import bootstrap, rundir
 from .errors import FactscopeError
+from .stage_io import (
+    QUIET, Reporter, causal_inputs, causal_run, check_device, finished_run, hub_config_and_tokenizer, refuse_existing,
+    remote_model, run_json, run_targets, write_causal, write_report,
+)
 from .taxonomy import DEFAULT_MODEL
-
-if TYPE_CHECKING:
-    import pandas as pd
-
-    from .data import Fact
-
-Advance = Callable[[int], None]
-
-
-class Reporter:
-    """What a stage tells the person running it. Subclass it to show progress; this one is silent."""
-
-    def status(self, text: str) -> AbstractContextManager:
-        """Around a step of unknown length (loading a model)."""
-        return nullcontext()
-
-    def progress(self, label: str, total: int) -> AbstractContextManager[Advance]:
-        """Around `total` steps; the context yields `advance(n)`."""
-        return nullcontext(lambda n: None)
-
-    def warn(self, text: str) -> None:
-        """Something the person should know that does not stop the stage."""
-
-
-QUIET = Reporter()
 
 
 def recall(
@@ -77,7 +55,7 @@ def recall(
         reporter.warn(remote_plan(model, dataset, batch_size=batch_size, bos=bos, command="recall").describe())
         sending = ndif.one_line_errors()
     with rundir.locked(out):
-        _refuse_existing(out, overwrite)
+        refuse_existing(out, overwrite)
         if remote:
             loaded, encoded, dataset_path = _prepare_remote(model, dataset, bos, dtype, reporter)
             engine = ndif.remote_engine(model, loaded.tokenizer)
@@ -156,7 +134,7 @@ def analyze(
         reporter.warn(remote_plan(model, dataset, batch_size=batch_size, bos=bos).describe())
         sending = ndif.one_line_errors()
     with rundir.locked(out):
-        _refuse_existing(out, overwrite, resume)
+        refuse_existing(out, overwrite, resume)
         rule = ClassRule(k=k, z=z)  # invalid k or z is refused before the model loads
         if remote:
             loaded, encoded, dataset_path = _prepare_remote(model, dataset, bos, dtype, reporter)
@@ -243,13 +221,13 @@ def ablate(
         options["noise_scales"] = list(noise_scales)
     if seeds is not None:
         options["seeds"] = list(seeds)
-    run_dir = _finished_run(run_dir)
+    run_dir = finished_run(run_dir)
     with rundir.locked(run_dir):
-        trace, targets = rundir.read_table(run_dir, "causal_trace"), _run_targets(run_dir, reporter)  # before the model
-        model, known, heads, _ = _causal_inputs(run_dir, "ablate", overwrite, device, threads, limit, reporter)
+        trace, targets = rundir.read_table(run_dir, "causal_trace"), run_targets(run_dir, reporter)  # before the model
+        model, known, heads, _ = causal_inputs(run_dir, "ablate", overwrite, device, threads, limit, reporter)
         tables, summary = causal.ablate_checks(model, known, heads, **options, trace=trace, targets=targets,
                                                progress=reporter.progress)
-        return _write_causal(run_dir, "ablate", tables, summary, report, reporter)
+        return write_causal(run_dir, "ablate", tables, summary, report, reporter)
 
 
 def trace(
@@ -288,12 +266,12 @@ def trace(
     if remote:
         return _remote_trace(run_dir, options=options, limit=limit, overwrite=overwrite, report=report,
                              reporter=reporter)
-    run_dir = _finished_run(run_dir)
+    run_dir = finished_run(run_dir)
     with rundir.locked(run_dir):
         enrichment = rundir.read_table(run_dir, "enrichment")
-        model, known, _, _ = _causal_inputs(run_dir, "trace", overwrite, device, threads, limit, reporter)
+        model, known, _, _ = causal_inputs(run_dir, "trace", overwrite, device, threads, limit, reporter)
         tables, summary = causal.trace_checks(model, known, **options, enrichment=enrichment, progress=reporter.progress)
-        return _write_causal(run_dir, "trace", tables, summary, report, reporter)
+        return write_causal(run_dir, "trace", tables, summary, report, reporter)
 
 
 def _remote_trace(run_dir: str | Path, *, options: dict, limit: int | None, overwrite: bool, report: bool,
@@ -308,21 +286,21 @@ def _remote_trace(run_dir: str | Path, *, options: dict, limit: int | None, over
     reporter.warn(remote_trace_plan(run_dir, seeds=options.get("seeds"), limit=limit).describe())
     with rundir.locked(run_dir), ndif.one_line_errors():
         enrichment = rundir.read_table(run_dir, "enrichment")
-        model, known, _, engine = _causal_inputs(run_dir, "trace", overwrite, "cpu", None, limit, reporter,
+        model, known, _, engine = causal_inputs(run_dir, "trace", overwrite, "cpu", None, limit, reporter,
                                                  remote=True)
         tables, summary = causal.trace_checks(model, known, **options, enrichment=enrichment, engine=engine,
                                               progress=reporter.progress)
         summary["trace"]["remote"] = {"requests": engine.requests, "bytes_back": engine.bytes_back,
                                       "bytes_sent": engine.bytes_sent}
-        return _write_causal(run_dir, "trace", tables, summary, report, reporter)
+        return write_causal(run_dir, "trace", tables, summary, report, reporter)
 
 
 def _remote_run(run_dir: str | Path, command: str) -> Path:
     """A finished run of `analyze --remote` (a local one is refused), once NDIF's preflight passed."""
     from . import remote as ndif
 
-    run_dir = _finished_run(run_dir)
-    manifest = _run_json(run_dir / rundir.MANIFEST)
+    run_dir = finished_run(run_dir)
+    manifest = run_json(run_dir / rundir.MANIFEST)
     if not manifest.get("config", {}).get("remote"):
         raise FactscopeError(f"{run_dir}: analysed locally; {command} --remote checks a run of `analyze --remote` "
                              "(drop --remote to check this one locally)")
@@ -370,10 +348,10 @@ def _remote_plan_inputs(run_dir: str | Path, limit: int | None):
     from . import remote as ndif
     from .data import encode_all
 
-    run_dir = _finished_run(run_dir)
-    manifest, heads, facts = _causal_run(run_dir)
+    run_dir = finished_run(run_dir)
+    manifest, heads, facts = causal_run(run_dir)
     ndif.check_model_id(manifest["model"])
-    model = _remote_model(manifest["model"], manifest.get("config", {}).get("prepend_bos"), ndif.SERVED_DTYPE)
+    model = remote_model(manifest["model"], manifest.get("config", {}).get("prepend_bos"), ndif.SERVED_DTYPE)
     encoded = encode_all(facts, model.tokenizer, model.prepend_bos, max_tokens=model.max_tokens)
     known_only = manifest.get("config", {}).get("known_only", True)
     if known_only:
@@ -397,20 +375,12 @@ def _remote_ablate(run_dir: str | Path, *, window: int, limit: int | None, overw
     run_dir = _remote_run(run_dir, "ablate")
     reporter.warn(remote_ablate_plan(run_dir, window=window, limit=limit).describe())
     with rundir.locked(run_dir), ndif.one_line_errors():
-        model, known, heads, engine = _causal_inputs(run_dir, "ablate", overwrite, "cpu", None, limit, reporter,
+        model, known, heads, engine = causal_inputs(run_dir, "ablate", overwrite, "cpu", None, limit, reporter,
                                                      remote=True)
         tables, summary = causal.remote_ablate_checks(model, known, heads, engine, window=window,
                                                       progress=reporter.progress)
         summary["ablate"]["remote"] |= {"requests": engine.requests, "bytes_back": engine.bytes_back}
-        return _write_causal(run_dir, "ablate", tables, summary, report, reporter)
-
-
-def write_report(run_dir: str | Path, pngs: bool = True, reporter: Reporter = QUIET) -> Path:
-    """DIR/report.html (one self-contained file, opens offline) and DIR/figures/*.png from a finished run."""
-    from .report import write_report as render
-
-    with reporter.status("rendering the report"):
-        return render(run_dir, pngs=pngs)
+        return write_causal(run_dir, "ablate", tables, summary, report, reporter)
 
 
 def compare(run_dirs: Sequence[str | Path], out: str | Path = "compare.html", overwrite: bool = False) -> tuple[Path, Path]:
@@ -451,7 +421,7 @@ def remote_plan(model: str, dataset: str | Path | None = None, *, batch_size: in
 
     ndif.check_dtype(dtype)
     ndif.check_model_id(model)
-    config, tokenizer = _hub_config_and_tokenizer(model)
+    config, tokenizer = hub_config_and_tokenizer(model)
     facts = load_facts(Path(dataset) if dataset is not None else shipped_dataset())
     prepend = tokenizer_prepends_bos(tokenizer) if bos is None else bos
     encoded = encode_all(facts, tokenizer, prepend)
@@ -468,27 +438,8 @@ def _prepare_remote(model_name: str, dataset: str | Path | None, bos: bool | Non
 
     dataset_path = Path(dataset) if dataset is not None else shipped_dataset()
     facts = load_facts(dataset_path)
-    model = _remote_model(model_name, bos, dtype, reporter)
+    model = remote_model(model_name, bos, dtype, reporter)
     return model, encode_all(facts, model.tokenizer, model.prepend_bos, max_tokens=model.max_tokens), dataset_path
-
-
-def _remote_model(model_name: str, bos: bool | None, dtype: str, reporter: Reporter = QUIET):
-    """What a remote run holds of the model: `nnsight_engine.ConfigOnlyModel` (config and tokenizer from the Hub, in
-    the server's `dtype`), which stands in for the loaded model."""
-    from .nnsight_engine import config_only_model
-
-    with reporter.status(f"reading {model_name}'s config and tokenizer"):
-        config, tokenizer = _hub_config_and_tokenizer(model_name)
-    return config_only_model(model_name, config, tokenizer, dtype, bos)
-
-
-def _hub_config_and_tokenizer(model: str):
-    from transformers import AutoConfig, AutoTokenizer
-
-    try:
-        return AutoConfig.from_pretrained(model), AutoTokenizer.from_pretrained(model)
-    except (OSError, ValueError) as err:
-        raise FactscopeError(f"cannot read {model!r}'s config and tokenizer from the Hub ({str(err).splitlines()[0]})") from None
 
 
 def _prepare(model_name: str, dataset: str | Path | None, device: str, bos: bool | None, reporter: Reporter, seed: int = 0,
@@ -505,7 +456,7 @@ def _prepare(model_name: str, dataset: str | Path | None, device: str, bos: bool
 
     dataset_path = Path(dataset) if dataset is not None else shipped_dataset()
     facts = load_facts(dataset_path)
-    _check_device(device)
+    check_device(device)
     if threads:
         torch.set_num_threads(threads)
     tune_allocator()
@@ -521,151 +472,8 @@ def _prepare(model_name: str, dataset: str | Path | None, device: str, bos: bool
     return model, encoded, dataset_path
 
 
-def _check_device(device: str) -> None:
-    """`device` in one line before the model loads: a device torch knows, on hardware this machine has. Without
-    the check `--device cuda` on a machine with no GPU ran on the CPU and recorded "cuda"."""
-    import torch
-
-    if device == "auto":
-        if not torch.cuda.is_available():
-            raise FactscopeError("--device auto splits the layers over the GPUs, and torch sees no CUDA GPU; use --device cpu")
-        return
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise FactscopeError(f"--device {device!r}: unknown device; use cpu, cuda, cuda:N, mps or auto") from None
-    if parsed.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise FactscopeError(f"--device {device}: torch sees no CUDA GPU (torch {torch.__version__}); use --device cpu")
-        if parsed.index is not None and parsed.index >= count:
-            raise FactscopeError(f"--device {device}: torch sees {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
-    elif parsed.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise FactscopeError(f"--device {device}: MPS (Apple GPU) is not available here; use --device cpu")
-    elif parsed.type != "cpu":
-        raise FactscopeError(f"--device {device!r}: factscope runs on cpu, cuda, cuda:N, mps or auto")
-
-
 def _used_device(model, requested: str) -> str:
     """What run.json records: where the weights are, not only what was asked for."""
     return requested if requested == "auto" else str(model.device)
 
 
-def _finished_run(run_dir: str | Path) -> Path:
-    """Checked before the run directory is locked, so that locking never creates a folder."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FactscopeError(f"{run_dir}: not a directory; give a finished `factscope analyze` run")
-    return run_dir
-
-
-def _refuse_existing(out: Path, overwrite: bool, resume: bool = False) -> None:
-    """Checked before any slow work, so a wrong --out costs nothing."""
-    if out.exists() and not (overwrite or resume):
-        raise FactscopeError(f"{out}: output directory exists; pass --overwrite to replace it")
-
-
-def _causal_run(run_dir: Path) -> tuple[dict, pd.DataFrame, list[Fact]]:
-    """A finished run's manifest, head table and facts, each checked before any model work."""
-    from .data import load_facts
-
-    manifest = _run_json(run_dir / rundir.MANIFEST)
-    _run_json(run_dir / rundir.SUMMARY)  # rewritten after the checks ran: a damaged one must stop them first
-    heads = rundir.read_table(run_dir, "heads", required=True)
-    lacking = sorted({"layer", "head", "class"} - set(heads.columns))
-    if lacking:
-        raise FactscopeError(f"{rundir.table_path(run_dir, 'heads')}: lacks column {lacking[0]!r}; rerun `factscope analyze`")
-    if "model" not in manifest:
-        raise FactscopeError(f"{run_dir / rundir.MANIFEST}: names no model; rerun `factscope analyze`")
-    dataset = Path(manifest.get("dataset", ""))
-    if not dataset.is_file():
-        raise FactscopeError(f"{run_dir / rundir.MANIFEST}: its dataset {dataset} is not there (run from the directory the analysis ran in)")
-    if rundir.dataset_sha256(dataset) != manifest.get("dataset_sha256"):
-        raise FactscopeError(f"{dataset}: changed since the run that wrote run.json; rerun `factscope analyze`")
-    return manifest, heads, load_facts(dataset)
-
-
-def _causal_inputs(run_dir: str | Path, command: str, overwrite: bool, device: str, threads: int | None,
-                   limit: int | None, reporter: Reporter, remote: bool = False):
-    """The run's model (same weights, same BOS) and the prompts it analysed (its known facts, or all of them
-    after `analyze --all-prompts`), checked before the slow work; and the nnsight engine of a `remote` run (None
-    otherwise), whose model is the config-only stand-in of `_remote_model`."""
-    from .causal import CHECKS, known_facts, remote_checks, spread
-    from .data import encode_all
-
-    checks = remote_checks(command) if remote else [check for check in CHECKS if check.command == command]
-    existing = [rundir.table_path(run_dir, name) for check in checks for name in check.tables
-                if rundir.table_path(run_dir, name).exists()]
-    if existing and not overwrite:
-        raise FactscopeError(f"{existing[0]}: exists; pass --overwrite to replace it")
-    manifest, heads, facts = _causal_run(Path(run_dir))
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-    _check_device(device)
-    prepend_bos = manifest.get("config", {}).get("prepend_bos")
-    dtype = manifest.get("config", {}).get("dtype", "float32")  # the dtype the analysis ran in
-    engine = None
-    if remote:
-        from . import remote as ndif
-
-        model = _remote_model(manifest["model"], prepend_bos, ndif.check_dtype(dtype), reporter)
-        engine = ndif.remote_engine(model.name, model.tokenizer)
-    else:
-        from .models import load_model
-
-        with reporter.status(f"loading {manifest['model']}"):
-            model = load_model(manifest["model"], device=device, prepend_bos=prepend_bos, dtype=dtype)
-    if model.weights_sha256 != manifest.get("weights_sha256"):
-        raise FactscopeError(f"{run_dir / rundir.MANIFEST}: the weights of {manifest['model']} changed since the run")
-    encoded = encode_all(facts, model.tokenizer, model.prepend_bos, max_tokens=model.max_tokens)
-    if manifest.get("config", {}).get("known_only", True):  # the same prompts the analysis used
-        with reporter.status("finding the known facts"):
-            encoded = known_facts(model, encoded, engine=engine)
-    known = spread(encoded, limit)
-    if not known:
-        raise FactscopeError(f"{manifest['model']} knows none of the facts in {manifest['dataset']}: nothing to check causally")
-    return model, known, heads, engine
-
-
-def _run_targets(run_dir: Path, reporter: Reporter) -> dict[str, dict[int, str]] | None:
-    """The run's own R_r (relation_targets.csv, written by `analyze`); None for a run from before it was kept."""
-    from .data import targets_from_rows
-
-    table = rundir.read_table(run_dir, "relation_targets")
-    if table is None:
-        reporter.warn(f"warning: {run_dir} has no {rundir.TABLES['relation_targets']} (an older run): R_r is taken "
-                      "from the checked prompts, so a − mean(R∖a) may differ from the analysis's")
-        return None
-    return targets_from_rows(table[["relation", "target_token", "attribute"]].itertuples(index=False, name=None))
-
-
-def _run_json(path: Path) -> dict:
-    if not path.is_file():
-        raise FactscopeError(f"{path}: missing; is {path.parent} a finished `factscope analyze` run?")
-    return rundir.read_json_object(path)
-
-
-def _write_causal(run_dir: Path, command: str, tables: dict, summary: dict, report: bool,
-                  reporter: Reporter) -> rundir.Run:
-    """Every table, then summary.json, each replaced atomically; the report is re-rendered last, so a rendering
-    failure cannot cost the tables. What an earlier run of `command` wrote and this one did not (AtP tables after
-    `--method atp`, rerun with `--method exact`) is removed with its summary entry, last: the report must not show
-    a previous run's results beside this one's as if they belonged together."""
-    from .causal import CHECKS
-
-    checks = [check for check in CHECKS if check.command == command]
-    run_summary = _run_json(run_dir / rundir.SUMMARY)
-    for name, table in tables.items():
-        rundir.write_table(table, run_dir, name)
-    causal = {key: value for key, value in run_summary.get("causal", {}).items()
-              if key in summary or key not in {check.name for check in checks}}
-    run_summary["causal"] = {**causal, **summary}
-    rundir.write_json(run_dir / rundir.SUMMARY, run_summary)
-    for name in {name for check in checks for name in check.tables} - set(tables):
-        rundir.table_path(run_dir, name).unlink(missing_ok=True)
-    if report:
-        write_report(run_dir, reporter=reporter)
-    return rundir.load_run(run_dir)
