@@ -167,7 +167,7 @@ def test_remote_stage_reads_no_weights_and_writes_the_local_tables(tiny, monkeyp
     from transformers import AutoConfig, AutoTokenizer
 
     import factscope.models
-    from factscope import stages
+    from factscope import stage_io, stages
 
     folder = tiny[0]
     engines = []
@@ -180,7 +180,7 @@ def test_remote_stage_reads_no_weights_and_writes_the_local_tables(tiny, monkeyp
     local = getattr(stages, command)(str(folder), None, tmp_path / "local", dtype="bfloat16", **kwargs)
     monkeypatch.setattr(remote, "preflight", lambda model_id, send: None)
     monkeypatch.setattr(remote, "remote_engine", engine)
-    monkeypatch.setattr(stages, "_hub_config_and_tokenizer",
+    monkeypatch.setattr(stage_io, "hub_config_and_tokenizer",
                         lambda model: (AutoConfig.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)))
     monkeypatch.setattr(factscope.models, "load_model", lambda *a, **k: pytest.fail("a remote run loaded weights"))
     run = getattr(stages, command)("org/tiny", None, tmp_path / "remote", remote=True, **kwargs)
@@ -362,12 +362,12 @@ def test_a_server_running_another_dtype_is_refused_and_nothing_written(tiny, mon
     under a run that records bf16 stops at the first request, in one line, with no run directory left."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from factscope import stages
+    from factscope import stage_io, stages
 
     folder = tiny[0]
     monkeypatch.setattr(remote, "preflight", lambda model_id, send: None)
     monkeypatch.setattr(remote, "remote_engine", lambda model_id, tokenizer: local_engine(str(folder), remote="local"))
-    monkeypatch.setattr(stages, "_hub_config_and_tokenizer",
+    monkeypatch.setattr(stage_io, "hub_config_and_tokenizer",
                         lambda model: (AutoConfig.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)))
     for command in ("analyze", "recall"):
         with pytest.raises(FactscopeError, match="ran org/tiny in float32, not in bfloat16 as this run records it"):
@@ -379,10 +379,10 @@ def test_cli_dry_run_prints_the_plan_and_sends_nothing(tiny, monkeypatch, tmp_pa
     from transformers import AutoConfig, AutoTokenizer
     from typer.testing import CliRunner
 
-    from factscope import cli, stages
+    from factscope import cli, stage_io
 
     folder = tiny[0]
-    monkeypatch.setattr(stages, "_hub_config_and_tokenizer",
+    monkeypatch.setattr(stage_io, "hub_config_and_tokenizer",
                         lambda model: (AutoConfig.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)))
 
     def no_network(*args, **kwargs):
@@ -426,7 +426,7 @@ def _remote_stages(monkeypatch, folder, engines):
     from transformers import AutoConfig, AutoTokenizer
 
     import factscope.models
-    from factscope import stages
+    from factscope import stage_io, stages
 
     def engine(model_id, tokenizer):
         engines.append(local_engine(str(folder), dtype="bfloat16", remote="local"))
@@ -434,7 +434,7 @@ def _remote_stages(monkeypatch, folder, engines):
 
     monkeypatch.setattr(remote, "preflight", lambda model_id, send: None)
     monkeypatch.setattr(remote, "remote_engine", engine)
-    monkeypatch.setattr(stages, "_hub_config_and_tokenizer",
+    monkeypatch.setattr(stage_io, "hub_config_and_tokenizer",
                         lambda model: (AutoConfig.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)))
     monkeypatch.setattr(factscope.models, "load_model", lambda *a, **k: pytest.fail("a remote run loaded weights"))
     return stages

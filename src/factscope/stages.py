@@ -17,11 +17,11 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
-from . import bootstrap, rundir
+from . import bootstrap, rundir, stage_io
 from .errors import FactscopeError
 from .stage_io import (
-    QUIET, Reporter, causal_inputs, causal_run, check_device, finished_run, hub_config_and_tokenizer, refuse_existing,
-    remote_model, run_json, run_targets, write_causal, write_report,
+    QUIET, Reporter, causal_inputs, causal_run, check_device, finished_run, refuse_existing, remote_model,
+    run_json, run_targets, write_causal, write_report,
 )
 from .taxonomy import DEFAULT_MODEL
 
@@ -421,7 +421,7 @@ def remote_plan(model: str, dataset: str | Path | None = None, *, batch_size: in
 
     ndif.check_dtype(dtype)
     ndif.check_model_id(model)
-    config, tokenizer = hub_config_and_tokenizer(model)
+    config, tokenizer = stage_io.hub_config_and_tokenizer(model)  # looked up at call time, as remote_model does
     facts = load_facts(Path(dataset) if dataset is not None else shipped_dataset())
     prepend = tokenizer_prepends_bos(tokenizer) if bos is None else bos
     encoded = encode_all(facts, tokenizer, prepend)
