@@ -294,19 +294,18 @@ def sending_engine(tiny, monkeypatch):
                           ["hook_embed"])
 
 
-def test_unreachable_while_sending_is_one_line(sending_engine, monkeypatch):
+def unreachable_ndif(monkeypatch) -> None:
+    """The transport at its boundary: the websocket to NDIF cannot be opened."""
     import websocket
 
     def refuse(*args, **kwargs):
         raise ConnectionRefusedError(111, "Connection refused")
 
     monkeypatch.setattr(websocket, "create_connection", refuse)
-    with pytest.raises(FactscopeError, match="cannot reach NDIF .*ConnectionRefusedError"), remote.one_line_errors():
-        sending_engine()
 
 
-def test_refused_request_is_one_line(sending_engine, monkeypatch):
-    """The server's own reason (here a bad key) comes through nnsight's RemoteError as one line."""
+def refusing_ndif(monkeypatch) -> None:
+    """The transport at its boundary: NDIF answers the request with 401 and the server's reason (a bad key)."""
     import websocket
 
     class Subscription:
@@ -321,6 +320,17 @@ def test_refused_request_is_one_line(sending_engine, monkeypatch):
 
     monkeypatch.setattr(websocket, "create_connection", lambda *a, **k: Subscription())
     monkeypatch.setattr(httpx.Client, "post", post)
+
+
+def test_unreachable_while_sending_is_one_line(sending_engine, monkeypatch):
+    unreachable_ndif(monkeypatch)
+    with pytest.raises(FactscopeError, match="cannot reach NDIF .*ConnectionRefusedError"), remote.one_line_errors():
+        sending_engine()
+
+
+def test_refused_request_is_one_line(sending_engine, monkeypatch):
+    """The server's own reason (here a bad key) comes through nnsight's RemoteError as one line."""
+    refusing_ndif(monkeypatch)
     with pytest.raises(FactscopeError, match="NDIF refused or failed the request: .*Invalid API key"), \
             remote.one_line_errors():
         sending_engine()
@@ -592,9 +602,7 @@ def test_cli_trace_dry_run_prints_the_plan_and_sends_nothing(tiny, monkeypatch, 
 
 def test_a_tracing_session_refused_or_unreachable_is_one_line(tiny, monkeypatch):
     """A session goes out through the same transport as a trace: its failures are the same one-line errors."""
-    import httpx
     import nnsight.modeling.huggingface as hf_modeling
-    import websocket
 
     from factscope.causal.trace import trace_effects
 
@@ -603,25 +611,11 @@ def test_a_tracing_session_refused_or_unreachable_is_one_line(tiny, monkeypatch)
     engine.lm.repo_id = "org/tiny"
     monkeypatch.setitem(hf_modeling._ID_CACHE, "org/tiny", "org/tiny")
 
-    def refuse(*args, **kwargs):
-        raise ConnectionRefusedError(111, "Connection refused")
-
-    monkeypatch.setattr(websocket, "create_connection", refuse)
+    unreachable_ndif(monkeypatch)
     with pytest.raises(FactscopeError, match="cannot reach NDIF .*ConnectionRefusedError"), remote.one_line_errors():
         trace_effects(model, encoded[:2], seeds=(0,), engine=engine)
 
-    class Subscription:
-        def recv(self):
-            return json.dumps({"session_id": "s1"})
-
-        def close(self):
-            pass
-
-    def post(self, url, **kwargs):
-        return httpx.Response(401, json={"detail": "Invalid API key."}, request=httpx.Request("POST", url))
-
-    monkeypatch.setattr(websocket, "create_connection", lambda *a, **k: Subscription())
-    monkeypatch.setattr(httpx.Client, "post", post)
+    refusing_ndif(monkeypatch)
     with pytest.raises(FactscopeError, match="NDIF refused or failed the request: .*Invalid API key"), \
             remote.one_line_errors():
         trace_effects(model, encoded[:2], seeds=(0,), engine=engine)
