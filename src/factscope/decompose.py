@@ -106,7 +106,22 @@ def decompose_to_dir(
     """Decompose batch by batch into a run directory, skipping batches a previous (killed) run finished.
 
     Writes attributions.parquet, logit_lens.parquet, recall.csv, tokens.parquet; returns the summary entries.
+    `write_batches` then `finish_batches`: a caller that can free the model in between should call them itself.
     """
+    return finish_batches(run, encoded, write_batches(run, model, encoded, batch_size, progress, known_only, engine))
+
+
+def write_batches(
+    run: RunDir,
+    model: LoadedModel,
+    encoded: list[Encoded],
+    batch_size: int = 32,
+    progress: Callable[[int], None] | None = None,
+    known_only: bool = True,
+    engine: Engine = local_end_activations,
+) -> dict:
+    """The part of `decompose_to_dir` that runs the model: each batch's tables into run.batches. Returns what
+    `finish_batches` needs of the model, so that the model can be freed before it runs."""
     done = run.done_batches()
     if progress:
         progress(sum(len(batch) for index, batch in enumerate(chunks(encoded, batch_size)) if index in done))
@@ -116,6 +131,12 @@ def decompose_to_dir(
                   "model_logit_error": result.model_logit_error}
         run.write_batch(index, tables, errors)
         release_free_memory()  # what the batch freed, before the next one allocates elsewhere (see `memory`)
+    return {"prepend_bos": model.prepend_bos, "known_only": known_only, "dtype": model.dtype}
+
+
+def finish_batches(run: RunDir, encoded: list[Encoded], written: dict) -> dict:
+    """The batches `write_batches` wrote (and returned `written` of), merged into the run's tables; returns the
+    summary entries. Runs no model."""
     run.merge("attributions")
     run.merge("logit_lens")
     recall = run.read_parts("recall")
@@ -123,16 +144,16 @@ def decompose_to_dir(
     write_parquet(pd.DataFrame(token_table(encoded)), run.staging / "tokens.parquet")
     errors = run.done_batches().values()
     return {
-        "prepend_bos": model.prepend_bos,
-        "known_only": known_only,
+        "prepend_bos": written["prepend_bos"],
+        "known_only": written["known_only"],
         "n_prompts": len(recall),
-        "n_analysed": int(recall["correct"].sum()) if known_only else len(recall),
+        "n_analysed": int(recall["correct"].sum()) if written["known_only"] else len(recall),
         "accuracy": float(recall["correct"].mean()),
         "max_abs_reconstruction_error": max(meta["reconstruction_error"] for meta in errors),
         "max_abs_head_error": max(meta["head_error"] for meta in errors),
         "max_abs_model_logit_error": max(meta.get("model_logit_error", float("nan")) for meta in errors),
-        "dtype": model.dtype,
-        "tolerance": TOLERANCES[model.dtype],
+        "dtype": written["dtype"],
+        "tolerance": TOLERANCES[written["dtype"]],
     }
 
 
@@ -417,18 +438,17 @@ def _attribution_table(
         for item, ids in zip(batch, target_ids.tolist())
         for name in [item.fact.attribute, *(targets[item.fact.relation].get(t, "") for t in ids[1:])]
     ]
-    table = pd.DataFrame(
-        {
-            "prompt_id": _strings([item.fact.prompt_id for item in batch], rows),
-            "relation": _strings([item.fact.relation for item in batch], rows),
-            "target": _strings(names, rows * target_ids.shape[1] + target_index),
-            "is_correct_target": target_index == 0,
-            "component": _strings(components, columns.pop("component")[pick]),
-            "source": _strings(labels, columns.pop("source")[pick]),
-            **{key: value[pick] for key, value in columns.items()},
-        }
-    )
-    return table[list(ATTRIBUTION_COLUMNS)]
+    data = {
+        "prompt_id": _strings([item.fact.prompt_id for item in batch], rows),
+        "relation": _strings([item.fact.relation for item in batch], rows),
+        "target": _strings(names, rows * target_ids.shape[1] + target_index),
+        "is_correct_target": target_index == 0,
+        "component": _strings(components, columns.pop("component")[pick]),
+        "source": _strings(labels, columns.pop("source")[pick]),
+        **{key: value[pick] for key, value in columns.items()},
+    }
+    # built in the table's column order: reordering a built frame would copy every column once more
+    return pd.DataFrame({name: data.pop(name) for name in ATTRIBUTION_COLUMNS})
 
 
 def _strings(values: list[str], index: np.ndarray) -> pd.api.extensions.ExtensionArray:

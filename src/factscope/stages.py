@@ -117,7 +117,7 @@ def analyze(
     import pandas as pd
 
     from .data import relation_targets, targets_table
-    from .decompose import decompose_to_dir
+    from .decompose import finish_batches, write_batches
     from .forward import local_end_activations
     from .mechanisms import ClassRule, summarize
     from .memory import release_unreferenced
@@ -150,20 +150,22 @@ def analyze(
             with reporter.progress("analyze", len(encoded)) as advance:
                 summary = {"model": loaded.name, "weights_sha256": loaded.weights_sha256, "dataset": str(dataset_path)}
                 with sending:
-                    summary.update(decompose_to_dir(run, loaded, encoded, batch_size, advance,
-                                                    known_only=not all_prompts, engine=engine))
+                    written = write_batches(run, loaded, encoded, batch_size, advance, known_only=not all_prompts,
+                                            engine=engine)
                 if remote:
                     summary["remote"] = {"requests": engine.requests, "bytes_back": engine.bytes_back}
+            if not swap:
+                # the weights' pages beside the merge of the batch tables, or beside the attribution tables read by
+                # `summarize`, were the run's peak (SmolLM2, fp32: 1.7 GB against 0.95 GB for the model alone);
+                # nothing after this point runs the model
+                loaded = None
+                release_unreferenced()
+            summary.update(finish_batches(run, encoded, written))
             # R_r over every prompt of the dataset, known or not: the one every later stage of this run uses
             rundir.write_table(pd.DataFrame(targets_table(relation_targets(encoded))), run.staging, "relation_targets")
             summary["accuracy_ci"] = bootstrap.mean_interval(rundir.read_table(run.staging, "recall", required=True)["correct"])
             if summary["n_analysed"] == 0:
                 raise FactscopeError("no prompt is a known fact for this model; rerun with --all-prompts")
-            if not swap:
-                # the weights' pages and the attribution tables were the run's peak together (SmolLM2, fp32:
-                # 1.7 GB against 0.95 GB for the model alone); nothing after this point runs the model
-                loaded = None
-                release_unreferenced()
             summary.update(summarize(run.staging, rule))
             if swap:
                 from .swap import subject_swap, swap_summary
