@@ -1,8 +1,9 @@
-"""The baseline of BENCHMARKS.md's memory table: a bare Hugging Face load of a cached model and one 8-token forward
-(which pages in every memory-mapped weight), no tokenizer, no factscope. Run it and `factscope analyze` each in its
-own process and compare their peak RSS:
+"""The baselines of BENCHMARKS.md's memory table: a bare Hugging Face load of a cached model and one forward (which
+pages in every memory-mapped weight), no factscope; with `--tokenizer`, the model's tokenizer is loaded too (after
+the model, as factscope loads them) and the forward runs on a tokenized prompt. Run it and `factscope analyze` each
+in its own process and compare their peak RSS:
 
-    FACTSCOPE_CACHE=... /usr/bin/time -v python benchmarks/bare_load.py smollm2-135m float32
+    FACTSCOPE_CACHE=... /usr/bin/time -v python benchmarks/bare_load.py smollm2-135m float32 --tokenizer
     FACTSCOPE_CACHE=... /usr/bin/time -v factscope analyze --model smollm2-135m --dtype float32 --out run --threads 1
 
 ("Maximum resident set size" in each). Prints the process's resident memory (anonymous / file-backed) after the
@@ -15,7 +16,7 @@ import argparse
 import sys
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from factscope.models import cache_root
 
@@ -31,13 +32,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="a cached model's name (its folder under FACTSCOPE_CACHE/models)")
     parser.add_argument("dtype", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--tokenizer", action="store_true",
+                        help="load the model's tokenizer too, after the model (as factscope does), and tokenize the input")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print("imported", status(), file=sys.stderr)
-    model = AutoModelForCausalLM.from_pretrained(cache_root() / "models" / args.model, dtype=getattr(torch, args.dtype))
+    folder = cache_root() / "models" / args.model
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype))
+    tokens = torch.arange(1, 9)[None]
+    if args.tokenizer:
+        tokens = AutoTokenizer.from_pretrained(folder)("Fact: The Colosseum is in the country of", return_tensors="pt")["input_ids"]
     print("loaded", status(), file=sys.stderr)
     with torch.inference_mode():
-        model(torch.arange(1, 9)[None])
+        model(tokens)
     print("forward", status(), file=sys.stderr)
 
 
