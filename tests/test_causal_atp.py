@@ -57,7 +57,7 @@ def test_graddrop_equals_one_detached_forward_per_layer(model_dirs, family):
             grads = torch.autograd.grad(p.sum(), [store[n] for n in names])
         for layer, (name, grad) in enumerate(zip(names, grads)):
             expected[layer] += ((clean[name] - store[name].detach()) * grad).sum(-1).abs() / (n_layers - 1)
-    got = atp.graddrop_trace(model, encoded, noise=3.0, seeds=(0,), window=1, kinds=("resid",), chunk=5)
+    got = atp.atp_trace(model, encoded, noise=3.0, seeds=(0,), window=1, kinds=("resid",), chunk=5, graddrop=True)
     assert torch.allclose(got.effects[0, 0], expected * atp._restorable(batch), atol=1e-6)
     # the last layer's residual is downstream of every gate: all L estimates are AtP's, so GradDrop = L/(L−1)·|AtP|
     plain = atp.atp_trace(model, encoded, noise=3.0, seeds=(0,), window=1, kinds=("resid",), chunk=5)

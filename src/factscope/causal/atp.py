@@ -19,7 +19,7 @@ draw for draw.
 AtP* (Kramár et al.) corrects two failure modes. Its attention-softmax recomputation applies to patches of queries
 and keys; the trace restores residual, attention-output and MLP-output states, whose effect on later attention is
 through both keys and values of every later layer, so it does not apply as such and is not done. GradDrop, its
-correction for effects that cancel along different paths, is `graddrop_trace` (`trace --graddrop`): for every
+correction for effects that cancel along different paths, is `atp_trace(graddrop=True)` (`trace --graddrop`): for every
 layer ℓ the AtP estimate is taken again with no gradient flowing back through layer ℓ's contributions to the
 residual stream (its attention and MLP outputs), and the cell's estimate is Σ_ℓ |estimate without ℓ| / (L − 1).
 Where nothing cancels, every path of an effect runs through some of the L layers, so the sum is (L − 1) × the
@@ -70,30 +70,18 @@ def atp_trace(
     kinds: Sequence[str] = TRACE_KINDS,
     chunk: int = 32,
     progress: Progress = None,
+    graddrop: bool = False,
 ) -> TraceEffects:
     """`trace.trace_effects` estimated by attribution patching: same shape, same zeros (positions before the
     subject, padding), one forward and one backward per seed and chunk of `chunk` prompts. Progress ticks:
-    `atp_passes`."""
-    return _estimate(model, encoded, noise, seeds, window, kinds, chunk, progress, drops=(None,))
+    `atp_passes`.
 
-
-def graddrop_trace(
-    model: LoadedModel,
-    encoded: list[Encoded],
-    noise: float = NOISE,
-    seeds: Sequence[int] = SEEDS,
-    window: int = WINDOW,
-    kinds: Sequence[str] = TRACE_KINDS,
-    chunk: int = 32,
-    progress: Progress = None,
-) -> TraceEffects:
-    """AtP* 's GradDrop of `atp_trace` (Kramár et al. 2024, §3.1.2): Σ_ℓ |AtP with no gradient through layer ℓ's
-    outputs| / (L − 1), per seed; unsigned. One forward and L backward passes per seed and chunk. Progress ticks:
-    `atp_passes`."""
-    n_layers = model.cfg.n_layers
-    if n_layers < 2:
+    `graddrop`: AtP*'s GradDrop instead (Kramár et al. 2024, §3.1.2): Σ_ℓ |AtP with no gradient through layer ℓ's
+    outputs| / (L − 1), per seed; unsigned. One forward and L backward passes per seed and chunk."""
+    if graddrop and model.cfg.n_layers < 2:
         raise FactscopeError("GradDrop needs a model of at least two layers")
-    return _estimate(model, encoded, noise, seeds, window, kinds, chunk, progress, drops=tuple(range(n_layers)))
+    drops = tuple(range(model.cfg.n_layers)) if graddrop else (None,)
+    return _estimate(model, encoded, noise, seeds, window, kinds, chunk, progress, drops=drops)
 
 
 def _estimate(model: LoadedModel, encoded: list[Encoded], noise: float, seeds: Sequence[int], window: int,
@@ -131,7 +119,7 @@ def _estimate(model: LoadedModel, encoded: list[Encoded], noise: float, seeds: S
 
 
 def atp_passes(seeds: Sequence[int] = SEEDS) -> int:
-    """How many times `atp_trace` (or `graddrop_trace`) calls `progress(1)`."""
+    """How many times `atp_trace` calls `progress(1)`."""
     return 1 + len(seeds)
 
 
@@ -225,7 +213,7 @@ def agreement(
     threshold: float = THRESHOLD,
     estimator: str = "atp",
 ) -> pd.DataFrame:
-    """An estimate (`estimator`: "atp", or "graddrop" for `graddrop_trace`) against exact patching on `cells`
+    """An estimate (`estimator`: "atp", or "graddrop" for `atp_trace(graddrop=True)`) against exact patching on `cells`
     (seed-averaged effects): one row per kind and one for all cells. Any shape with the kind first works
     (`atp_paths` passes [kind, layer, head, prompt]); `threshold` is the smallest exact effect a false negative
     misses, in the effects' own unit."""
@@ -358,7 +346,7 @@ def _run(model: LoadedModel, known: list[Encoded], *, noise: float, window: int,
     if method != "exact":
         estimates = {"atp": atp_trace(model, known, noise, seeds, window, progress=progress)}
         if graddrop:
-            estimates["graddrop"] = graddrop_trace(model, known, noise, seeds, window, progress=progress)
+            estimates["graddrop"] = atp_trace(model, known, noise, seeds, window, progress=progress, graddrop=True)
         tables["atp_trace"] = trace_table(estimates["atp"])
         tables["atp_agreement"] = (full_agreement(exact, estimates) if exact is not None
                                    else sampled_agreement(model, estimates, seeds))
