@@ -46,22 +46,13 @@ def recall(
     from .recall import accuracy_table, recall as recall_table
 
     out = Path(out)
-    engine, sending = None, nullcontext()
-    if remote:  # every check that can refuse the run comes before the run directory is touched
-        from . import remote as ndif
-
-        dtype = ndif.check_dtype(dtype)
-        ndif.preflight(model, send=True)
-        reporter.warn(remote_plan(model, dataset, batch_size=batch_size, bos=bos, command="recall").describe())
-        sending = ndif.one_line_errors()
+    sending = nullcontext()
+    if remote:
+        dtype, sending = _before_remote(model, dataset, dtype, batch_size, bos, reporter, command="recall")
     with rundir.locked(out):
         refuse_existing(out, overwrite)
-        if remote:
-            loaded, encoded, dataset_path = _prepare_remote(model, dataset, bos, dtype, reporter)
-            engine = ndif.remote_engine(model, loaded.tokenizer)
-        else:
-            loaded, encoded, dataset_path = _prepare(model, dataset, device, bos, reporter, dtype=dtype or "float32",
-                                                     threads=threads)
+        loaded, encoded, dataset_path, engine = _load(model, dataset, remote=remote, device=device, bos=bos,
+                                                      dtype=dtype, threads=threads, reporter=reporter)
         with reporter.progress("recall", len(encoded)) as advance, sending:
             table = recall_table(loaded, encoded, batch_size=batch_size, progress=advance, engine=engine)
         table.insert(0, "model", loaded.name)
@@ -123,25 +114,16 @@ def analyze(
     from .memory import release_unreferenced
 
     out = Path(out)
-    engine, sending = local_end_activations, nullcontext()
-    if remote:  # every check that can refuse the run comes before the run directory is touched
-        from . import remote as ndif
-
+    sending = nullcontext()
+    if remote:
         if swap:
             raise FactscopeError("--swap does not run remotely yet (its passes use the local engine)")
-        dtype = ndif.check_dtype(dtype)
-        ndif.preflight(model, send=True)
-        reporter.warn(remote_plan(model, dataset, batch_size=batch_size, bos=bos).describe())
-        sending = ndif.one_line_errors()
+        dtype, sending = _before_remote(model, dataset, dtype, batch_size, bos, reporter, command="analyze")
     with rundir.locked(out):
         refuse_existing(out, overwrite, resume)
         rule = ClassRule(k=k, z=z)  # invalid k or z is refused before the model loads
-        if remote:
-            loaded, encoded, dataset_path = _prepare_remote(model, dataset, bos, dtype, reporter)
-            engine = ndif.remote_engine(model, loaded.tokenizer)
-        else:
-            loaded, encoded, dataset_path = _prepare(model, dataset, device, bos, reporter, dtype=dtype or "float32",
-                                                     threads=threads)
+        loaded, encoded, dataset_path, engine = _load(model, dataset, remote=remote, device=device, bos=bos,
+                                                      dtype=dtype, threads=threads, reporter=reporter)
         config = {"command": "analyze", "batch_size": batch_size, "known_only": not all_prompts, "k": k, "z": z,
                   "swap": swap, "prepend_bos": loaded.prepend_bos, "device": _used_device(loaded, device),
                   "dtype": loaded.dtype, "remote": remote}
@@ -151,7 +133,7 @@ def analyze(
                 summary = {"model": loaded.name, "weights_sha256": loaded.weights_sha256, "dataset": str(dataset_path)}
                 with sending:
                     written = write_batches(run, loaded, encoded, batch_size, advance, known_only=not all_prompts,
-                                            engine=engine)
+                                            engine=engine or local_end_activations)
                 if remote:
                     summary["remote"] = {"requests": engine.requests, "bytes_back": engine.bytes_back}
             if not swap:
@@ -432,6 +414,33 @@ def remote_plan(model: str, dataset: str | Path | None = None, *, batch_size: in
     targets = relation_targets(encoded)
     widths = [1 + sum(t != item.attribute_token for t in targets[item.fact.relation]) for item in encoded]
     return ndif.plan(model, ndif.Shape.from_config(config), widths, batch_size)
+
+
+def _before_remote(model: str, dataset: str | Path | None, dtype: str | None, batch_size: int, bos: bool | None,
+                   reporter: Reporter, command: str):
+    """What a remote `recall` or `analyze` does before the run directory is touched: every check that can refuse
+    it, and its cost plan printed. Returns the dtype it runs in and the context that turns the transport's errors
+    into one line."""
+    from . import remote as ndif
+
+    dtype = ndif.check_dtype(dtype)
+    ndif.preflight(model, send=True)
+    reporter.warn(remote_plan(model, dataset, batch_size=batch_size, bos=bos, command=command).describe())
+    return dtype, ndif.one_line_errors()
+
+
+def _load(model: str, dataset: str | Path | None, *, remote: bool, device: str, bos: bool | None, dtype: str | None,
+          threads: int | None, reporter: Reporter):
+    """The model, the dataset encoded for it, the dataset's path, and the engine whose passes a remote run sends
+    (None: the local engine). A remote run reads the model's config and tokenizer only (`_prepare_remote`)."""
+    if remote:
+        from . import remote as ndif
+
+        loaded, encoded, dataset_path = _prepare_remote(model, dataset, bos, dtype, reporter)
+        return loaded, encoded, dataset_path, ndif.remote_engine(model, loaded.tokenizer)
+    loaded, encoded, dataset_path = _prepare(model, dataset, device, bos, reporter, dtype=dtype or "float32",
+                                             threads=threads)
+    return loaded, encoded, dataset_path, None
 
 
 def _prepare_remote(model_name: str, dataset: str | Path | None, bos: bool | None, dtype: str, reporter: Reporter):
