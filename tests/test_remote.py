@@ -281,14 +281,20 @@ def test_unreachable_status_is_one_line(monkeypatch):
 
 
 @pytest.fixture
-def sending_engine(tiny, monkeypatch):
+def hub_engine(tiny, monkeypatch):
     """The engine with remote=True over the tiny model, its Hub id faked so that nnsight builds a request."""
     import nnsight.modeling.huggingface as hf_modeling
 
-    folder, model, encoded, _ = tiny
-    engine = local_engine(str(folder), remote=True)
+    engine = local_engine(str(tiny[0]), remote=True)
     engine.lm.repo_id = "org/tiny"
     monkeypatch.setitem(hf_modeling._ID_CACHE, "org/tiny", "org/tiny")  # no Hub canonicalisation call
+    return engine
+
+
+@pytest.fixture
+def sending_engine(tiny, hub_engine):
+    """A call that sends one trace through `hub_engine`."""
+    engine, (_, model, encoded, _) = hub_engine, tiny
     tokens = torch.tensor([encoded[0].token_ids])
     return lambda: engine(model, tokens, torch.ones_like(tokens), torch.tensor([tokens.shape[1] - 1]),
                           ["hook_embed"])
@@ -600,16 +606,11 @@ def test_cli_trace_dry_run_prints_the_plan_and_sends_nothing(tiny, monkeypatch, 
     assert "--method atp does not run remotely" in str(result.exception)
 
 
-def test_a_tracing_session_refused_or_unreachable_is_one_line(tiny, monkeypatch):
+def test_a_tracing_session_refused_or_unreachable_is_one_line(tiny, hub_engine, monkeypatch):
     """A session goes out through the same transport as a trace: its failures are the same one-line errors."""
-    import nnsight.modeling.huggingface as hf_modeling
-
     from factscope.causal.trace import trace_effects
 
-    folder, model, encoded, _ = tiny
-    engine = local_engine(str(folder), remote=True)
-    engine.lm.repo_id = "org/tiny"
-    monkeypatch.setitem(hf_modeling._ID_CACHE, "org/tiny", "org/tiny")
+    engine, (_, model, encoded, _) = hub_engine, tiny
 
     unreachable_ndif(monkeypatch)
     with pytest.raises(FactscopeError, match="cannot reach NDIF .*ConnectionRefusedError"), remote.one_line_errors():
