@@ -24,7 +24,7 @@ import psutil
 import torch
 
 from factscope.data import GROUPS, encode_all, load_facts
-from factscope.decompose import decompose, decompose_to_dir
+from factscope.decompose import decompose, finish_batches, write_batches
 from factscope.forward import act_name, pad_batch, pad_id
 from factscope.models import _resolve, load_model
 from factscope.rundir import RunDir
@@ -149,7 +149,8 @@ def streamed(model, encoded, batch_size: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         staging = Path(tmp) / "staging"
         staging.mkdir()
-        decompose_to_dir(RunDir(Path(tmp) / "run", staging), model, encoded, batch_size)
+        run = RunDir(Path(tmp) / "run", staging)
+        finish_batches(run, encoded, write_batches(run, model, encoded, batch_size))
 
 
 LOADED_RSS = """

@@ -7,7 +7,7 @@
 Each model is built in place from its published configuration (written out below, with the config.json it comes
 from) with random weights: nothing is downloaded, and an 8B model is initialised directly on the GPU instead of
 being saved and reloaded. `factscope.models.wrap_model` turns it into a `LoadedModel`, the same last step
-`load_model` takes for a local Hugging Face directory, and the prompts run through `decompose_to_dir` as
+`load_model` takes for a local Hugging Face directory, and the prompts run through `write_batches` / `finish_batches` as
 `factscope analyze --all-prompts` runs them (every prompt decomposed, known or not, batches streamed to parquet).
 
 Every (configuration, dtype) runs in its own subprocess, so that its peak memory is its own: on a GPU
@@ -202,7 +202,7 @@ def run_one(name: str, small: bool, dtype: str, device: str, n_prompts: int, bat
     """One configuration in this process; its peak memory is this process's."""
     import psutil
 
-    from factscope.decompose import decompose, decompose_to_dir
+    from factscope.decompose import decompose, finish_batches, write_batches
     from factscope.rundir import RunDir
 
     import transformer_lens.model_bridge  # noqa: F401  (its import, ~2 s, is not part of the build)
@@ -226,7 +226,8 @@ def run_one(name: str, small: bool, dtype: str, device: str, n_prompts: int, bat
         run.staging.mkdir()
         synchronize(device)
         start = time.perf_counter()
-        summary = decompose_to_dir(run, model, encoded, batch_size, known_only=False)  # what analyze --all-prompts runs
+        # what analyze --all-prompts runs
+        summary = finish_batches(run, encoded, write_batches(run, model, encoded, batch_size, known_only=False))
         synchronize(device)
         decompose_s = time.perf_counter() - start
         # Linux reports ru_maxrss in KiB; read now, before the bare forward can add to it

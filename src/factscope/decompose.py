@@ -94,23 +94,6 @@ def decompose(
     )
 
 
-def decompose_to_dir(
-    run: RunDir,
-    model: LoadedModel,
-    encoded: list[Encoded],
-    batch_size: int = 32,
-    progress: Callable[[int], None] | None = None,
-    known_only: bool = True,
-    engine: Engine = local_end_activations,
-) -> dict:
-    """Decompose batch by batch into a run directory, skipping batches a previous (killed) run finished.
-
-    Writes attributions.parquet, logit_lens.parquet, recall.csv, tokens.parquet; returns the summary entries.
-    `write_batches` then `finish_batches`: a caller that can free the model in between should call them itself.
-    """
-    return finish_batches(run, encoded, write_batches(run, model, encoded, batch_size, progress, known_only, engine))
-
-
 def write_batches(
     run: RunDir,
     model: LoadedModel,
@@ -120,8 +103,9 @@ def write_batches(
     known_only: bool = True,
     engine: Engine = local_end_activations,
 ) -> dict:
-    """The part of `decompose_to_dir` that runs the model: each batch's tables into run.batches. Returns what
-    `finish_batches` needs of the model, so that the model can be freed before it runs."""
+    """Decompose batch by batch into a run directory, skipping batches a previous (killed) run finished: each
+    batch's tables into run.batches. Returns what `finish_batches` needs of the model, so that the model can be freed
+    before it merges them (`analyze` does: the merge beside the weights' pages was its peak)."""
     done = run.done_batches()
     if progress:
         progress(sum(len(batch) for index, batch in enumerate(chunks(encoded, batch_size)) if index in done))
@@ -135,8 +119,8 @@ def write_batches(
 
 
 def finish_batches(run: RunDir, encoded: list[Encoded], written: dict) -> dict:
-    """The batches `write_batches` wrote (and returned `written` of), merged into the run's tables; returns the
-    summary entries. Runs no model."""
+    """The batches `write_batches` wrote (and returned `written` of), merged into attributions.parquet,
+    logit_lens.parquet, recall.csv and tokens.parquet; returns the summary entries. Runs no model."""
     run.merge("attributions")
     run.merge("logit_lens")
     recall = run.read_parts("recall")
