@@ -431,6 +431,36 @@ def test_knockout_through_the_engine_equals_local_knockout_bitwise(model_dirs, f
     assert engine.requests == (1 + len(blocked) * 3) + (1 + len(blocked) * 2)
 
 
+@pytest.mark.parametrize(("family", "remote"), [("llama", False), ("llama", "local"), ("qwen2", "local"),
+                                                 ("gemma3", "local")])
+def test_extraction_and_enrichment_through_the_engine_equal_local_bitwise(model_dirs, family, remote):
+    """One read-only pass each: the engine reads attn_out / mlp_out at END (Gemma 3: after the post-norms) and the
+    residual stream at the last subject token, and the projections, top-k and ranks run on the server
+    (`end_maths.extraction_events`, `lens_ranks`) over the model's own unembedding and final norm: the tables are
+    the local ones bit for bit, and only the events and the ranks come back."""
+    from factscope.causal import enrichment, extraction
+    from factscope.data import relation_targets
+
+    folder = model_dirs[family]
+    model = load_model(str(folder))
+    encoded = encode_all(load_facts()[:12], model.tokenizer, model.prepend_bos)
+    engine = local_engine(str(folder), remote=remote)
+    stand_in = config_only(folder, engine)
+    for top_k in (1, 10):  # top_k 1: the top-k event is the top-1 event
+        expected = extraction.extraction_rate(model, encoded, top_k=top_k)
+        got = extraction.extraction_rate(stand_in, encoded, top_k=top_k, engine=engine)
+        pd.testing.assert_frame_equal(expected, got, check_exact=True)
+    assert expected["extraction_rate_top_k"].nunique() > 1  # the events are not all alike
+    expected = enrichment.subject_enrichment(model, encoded)
+    got = enrichment.subject_enrichment(stand_in, encoded, engine=engine)
+    pd.testing.assert_frame_equal(expected, got, check_exact=True)
+    assert expected["mean_rank_a"].nunique() > 1
+    n_layers = model.cfg.n_layers
+    assert engine.requests == 3
+    assert engine.bytes_back == 2 * extraction.remote_bytes(n_layers, encoded) + enrichment.remote_bytes(
+        n_layers, encoded, relation_targets(encoded))
+
+
 def _remote_stages(monkeypatch, folder, engines):
     """stages with NDIF replaced by the tiny model in bf16 through nnsight's serialisation path."""
     from transformers import AutoConfig, AutoTokenizer
@@ -450,10 +480,12 @@ def _remote_stages(monkeypatch, folder, engines):
     return stages
 
 
-def test_remote_ablate_equals_the_local_knockout_and_costs_its_plan(tiny, monkeypatch, tmp_path):
-    """analyze --remote, then ablate --remote on its run: the knockout table is the local bf16 knockout's bit for
-    bit over the same prompts, no other check runs, and the requests and bytes are the plan's exactly."""
-    from factscope.causal import knockout, spread
+def test_remote_ablate_equals_the_local_checks_and_costs_its_plan(tiny, monkeypatch, tmp_path):
+    """analyze --remote, then ablate --remote on its run: the knockout, extraction-rate and enrichment tables are
+    the local bf16 checks' bit for bit over the same prompts (enrichment with the run's R_r), the other checks do
+    not run, and the requests and bytes the engine counted are the plan's exactly."""
+    from factscope import stage_io
+    from factscope.causal import enrichment, extraction, knockout, spread
 
     folder = tiny[0]
     local_model = load_model(str(folder), dtype="bfloat16")
@@ -464,14 +496,23 @@ def test_remote_ablate_equals_the_local_knockout_and_costs_its_plan(tiny, monkey
     run = stages.ablate(run.path, remote=True, window=3, limit=12, report=False)
     known = spread(encode_all(load_facts(), local_model.tokenizer, local_model.prepend_bos), 12)
     head_sets, blocked = knockout.class_head_sets(run.heads), knockout.blocked_groups(local_model.prepend_bos)
-    expected = knockout.CHECK.run(local_model, known, progress=None, window=3, head_sets=head_sets,
-                                  blocked=blocked)["knockout"]
-    pd.testing.assert_frame_equal(expected, run.knockout, check_exact=True, check_dtype=False)
+    targets = stage_io.run_targets(run.path, stage_io.QUIET)
+    expected = {
+        **knockout.CHECK.run(local_model, known, progress=None, window=3, head_sets=head_sets, blocked=blocked),
+        **extraction.CHECK.run(local_model, known, progress=None),
+        **enrichment.CHECK.run(local_model, known, progress=None, targets=targets),
+    }
+    for name, table in expected.items():
+        pd.testing.assert_frame_equal(table, getattr(run, name), check_exact=True, check_dtype=False)
     ablate = run.summary["causal"]["ablate"]
-    assert ablate["remote"] == {"checks": ["knockout"], "requests": plan.requests, "bytes_back": plan.bytes_back}
-    passes = knockout.knockout_passes(3, blocked) + knockout.knockout_passes(3, blocked, heads=head_sets)
+    assert ablate["remote"] == {"checks": ["knockout", "extraction_rate", "enrichment"], "requests": plan.requests,
+                                "bytes_back": plan.bytes_back}
+    assert ablate["remote"]["requests"] == engines[-1].requests and ablate["remote"]["bytes_back"] == engines[-1].bytes_back
+    passes = knockout.knockout_passes(3, blocked) + knockout.knockout_passes(3, blocked, heads=head_sets) + 2
     assert (plan.prompts, plan.requests) == (12, passes)  # all prompts analysed: no recall pass
-    assert not any(run.has(name) for name in ("ablations", "noise_robustness", "extraction_rate"))
+    assert "ablations, noise_robustness, path_ablations do not run remotely" in plan.describe()
+    assert not any(run.has(name) for name in ("ablations", "noise_robustness", "path_ablations"))
+    assert {"knockout", "extraction_rate", "enrichment"} <= set(run.summary["causal"])
 
 
 def test_remote_ablate_refusals_are_one_line(tiny, monkeypatch, tmp_path):
@@ -481,8 +522,11 @@ def test_remote_ablate_refusals_are_one_line(tiny, monkeypatch, tmp_path):
     local = stages.analyze(str(folder), None, tmp_path / "local", all_prompts=True, report=False)
     with pytest.raises(FactscopeError, match="analysed locally; ablate --remote checks a run of `analyze --remote`"):
         stages.ablate(local.path, remote=True)
-    with pytest.raises(FactscopeError, match="runs the knockout check only; --method does not run remotely"):
-        stages.ablate(local.path, remote=True, method="atp")
+    for option, value in (("--method", {"method": "atp"}), ("--noise-scales", {"noise_scales": [1.0]})):
+        with pytest.raises(FactscopeError, match=rf"ablate --remote runs knockout, extraction_rate, enrichment "
+                                                 rf"\(ablations, noise_robustness, path_ablations do not run "
+                                                 rf"remotely\); {option} does not run remotely"):
+            stages.ablate(local.path, remote=True, **value)
 
 
 @pytest.mark.real
@@ -514,7 +558,8 @@ def test_cli_ablate_dry_run_prints_the_plan_and_sends_nothing(tiny, monkeypatch,
                                           "--window", "3"])
     assert result.exit_code == 0, result.output
     plan = stages.remote_ablate_plan(run.path, window=3, limit=12)
-    assert plan.describe() in result.output and "12 prompts" in result.output
+    printed = " ".join(result.output.split())  # the console wraps the line at its width
+    assert plan.describe() in printed and "12 prompts" in printed and "enrichment (ablations" in printed
     assert not run.path.joinpath("knockout.csv").exists()
 
 

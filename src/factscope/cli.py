@@ -173,7 +173,7 @@ def ablate(
     device: DeviceOpt = "cpu",
     threads: ThreadsOpt = None,
     overwrite: CausalOverwriteOpt = False,
-    remote: Annotated[bool, typer.Option("--remote", help="Run the attention knockout on NDIF through nnsight, for a run of analyze --remote (the other checks do not run remotely).")] = False,
+    remote: Annotated[bool, typer.Option("--remote", help="Run the attention knockout, the extraction rate and subject enrichment on NDIF through nnsight, for a run of analyze --remote (the mechanism ablations, noise and path AtP do not run remotely).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="With --remote: print the requests and bytes the checks would cost, send nothing.")] = False,
 ) -> None:
     """Causal checks of a finished run on its model's known facts: attention knockout, mechanism ablations (alone,

@@ -77,6 +77,85 @@ def rms_gain(weight: Float[torch.Tensor, " d_model"], eps: float, norm: str = "l
     return RMS_NORMS[norm](probe, weight, eps).reshape(-1).float()
 
 
+def lens_norm(
+    resid: Float[torch.Tensor, "*rows d_model"], gain: Float[torch.Tensor, " d_model"], bias: Float[torch.Tensor, " d_model"],
+    eps: float, centres: bool = False,
+) -> Float[torch.Tensor, "*rows d_model"]:
+    """A residual-stream vector through the final norm with its OWN scale, not a frozen one, in fp32: what the
+    logit lens unembeds (`centres`: a LayerNorm's mean is removed first)."""
+    resid = resid.float()
+    if centres:
+        resid = resid - resid.mean(-1, keepdim=True)
+    return resid / (resid.pow(2).mean(-1, keepdim=True) + eps).sqrt() * gain + bias
+
+
+def unembed(vectors: Float[torch.Tensor, "batch d_model"], w_u: Float[torch.Tensor, "d_model vocab"],
+            b_u: Float[torch.Tensor, " vocab"] | None = None) -> Float[torch.Tensor, "batch vocab"]:
+    """Vectors times W_U (plus b_U), returned in fp32 but multiplied in the unembedding's dtype: a vocabulary-sized
+    fp32 copy of W_U would be the largest tensor of the analysis."""
+    logits = vectors.to(w_u.dtype) @ w_u
+    return (logits if b_u is None else logits + b_u).float()
+
+
+def lens_logits(vectors: Float[torch.Tensor, "batch d_model"], lens: dict) -> Float[torch.Tensor, "batch vocab"]:
+    """The logit lens of residual-stream vectors: `lens_norm`, then `unembed`. `lens` holds the model's "w_u"
+    [d_model, vocab] and "b_u" (None: no bias, a zero one is added as the local model adds its zeros), the final
+    norm's fp32 "gain" and "bias", its "eps" and whether it "centres"."""
+    w_u, b_u = lens["w_u"], lens["b_u"]
+    if b_u is None:
+        b_u = torch.zeros(w_u.shape[1], device=w_u.device, dtype=w_u.dtype)
+    device = w_u.device
+    normed = lens_norm(vectors.to(device), lens["gain"].to(device), lens["bias"].to(device), lens["eps"], lens["centres"])
+    return unembed(normed, w_u, b_u)
+
+
+def answer_ranks(logits: Float[torch.Tensor, "batch vocab"], ids: Int[torch.Tensor, "batch n"]) -> Int[torch.Tensor, "batch n"]:
+    """The rank (1 = top) of each of `ids` in its prompt's logits."""
+    # one column at a time: a [batch, n, vocab] comparison would not fit for Gemma's 262k vocabulary
+    chosen = logits.gather(1, ids.to(logits.device))
+    return torch.stack([(logits > chosen[:, [j]]).sum(-1) + 1 for j in range(ids.shape[1])], dim=1)
+
+
+# Attribute extraction (`causal.extraction`): what is read at END per layer, how it is projected to the vocabulary,
+# and the events counted per prompt, in the order of `extraction_events`' axes
+SUBLAYER_OUTPUTS = ("attn", "mlp")  # what the attention and the MLP add to the residual stream (attn_out, mlp_out)
+PROJECTIONS = ("raw", "normed")  # W_U alone (Geva et al.), and the logit lens (`lens_logits`)
+EXTRACTION_EVENTS = ("extraction_rate", "attribute_rate", "extraction_rate_top_k")
+
+
+def extraction_events(reads: dict, lens: dict, answers: Int[torch.Tensor, " batch"],
+                      top_k: int) -> dict[str, torch.Tensor]:
+    """Geva et al.'s extraction events of every sublayer's END output: `reads` holds, per name of
+    `SUBLAYER_OUTPUTS`, one [batch, d_model] tensor per layer, and "logits", the model's END logits. Per prompt,
+    for each projection (`PROJECTIONS`): the top-1 token is the model's own top-1 prediction, it is the attribute,
+    the prediction is among the `top_k` tokens. → {"events": [layer, sublayer, projection, event, batch] bool}, a
+    few bytes per prompt where the projections are vocabulary-sized."""
+    with torch.no_grad():  # the weights are parameters and the pass may run with autograd on
+        device = lens["w_u"].device
+        predicted, answers = reads["logits"].to(device).argmax(-1), answers.to(device)
+        layers = []
+        for layer in range(len(reads[SUBLAYER_OUTPUTS[0]])):
+            sublayers = []
+            for sublayer in SUBLAYER_OUTPUTS:
+                output = reads[sublayer][layer].to(device)
+                projected = (unembed(output, lens["w_u"]), lens_logits(output, lens))  # in the order of PROJECTIONS
+                events = []
+                for logits in projected:
+                    top = logits.topk(top_k, dim=-1).indices  # [batch, k]
+                    events.append(torch.stack([top[:, 0] == predicted, top[:, 0] == answers,
+                                               (top == predicted[:, None]).any(1)]))
+                sublayers.append(torch.stack(events))
+            layers.append(torch.stack(sublayers))
+        return {"events": torch.stack(layers)}
+
+
+def lens_ranks(reads: dict, lens: dict, ids: Int[torch.Tensor, "batch n"]) -> dict[str, torch.Tensor]:
+    """The logit lens of the residual stream after every layer (`reads["resid"]`, one [batch, d_model] tensor per
+    layer): the rank of each of `ids` → {"ranks": [layer, batch, n]}, never the vocabulary-sized logits."""
+    with torch.no_grad():
+        return {"ranks": torch.stack([answer_ranks(lens_logits(resid, lens), ids) for resid in reads["resid"]])}
+
+
 def rms_scale(resid: Float[torch.Tensor, "batch d_model"], eps: float) -> Float[torch.Tensor, "batch 1"]:
     """The final norm's scale at END, in the order TransformerLens's normalisation bridge computes hook_scale."""
     return (resid.float().pow(2).mean(-1, keepdim=True) + eps).sqrt()
@@ -287,7 +366,7 @@ def _project_end(acts: dict, weights: dict, groups: Float[torch.Tensor, "batch p
     recall = recall_stats(logits, answers)
     keep = recall["top"][:, 0] == answers if known_only else torch.ones(batch, dtype=torch.bool, device=device)
     lens_resid = torch.stack([r[keep] for r in resid], dim=1)  # [kept, layer, d_model]
-    lens_resid = lens_resid / (lens_resid.pow(2).mean(-1, keepdim=True) + eps).sqrt() * gain + norm_bias
+    lens_resid = lens_norm(lens_resid, gain, norm_bias, eps)
     lens = lens_stats(lens_resid.reshape(-1, lens_resid.shape[-1]), answers[keep].repeat_interleave(n_layers), w_u, b_u)
     return {
         "embed": to_logit(acts["embed"].to(device).float(), scale, unembed),

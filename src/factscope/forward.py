@@ -17,7 +17,7 @@ from jaxtyping import Bool, Float, Int
 
 from .data import Encoded
 # shared with the server-side maths (`end_maths`), re-exported
-from .end_maths import frozen_post_norm, head_group_z_at_end  # noqa: F401
+from .end_maths import frozen_post_norm, head_group_z_at_end, lens_norm  # noqa: F401
 from .errors import FactscopeError
 from .models import LoadedModel
 from .taxonomy import GROUPS
@@ -335,12 +335,9 @@ def attn_bias(model: LoadedModel, layer: int) -> Float[torch.Tensor, " d_model"]
 
 def lens_normalise(model: LoadedModel, resid: Float[torch.Tensor, "*rows d_model"]) -> Float[torch.Tensor, "*rows d_model"]:
     """A residual-stream vector through the final norm with its OWN scale, not a frozen one, in fp32: what the
-    logit lens unembeds."""
-    resid = resid.float()
-    if model.centres:
-        resid = resid - resid.mean(-1, keepdim=True)
+    logit lens unembeds (`end_maths.lens_norm`, which the nnsight engine runs on the server)."""
     gain, bias = model.final_norm
-    return resid / (resid.pow(2).mean(-1, keepdim=True) + model.cfg.eps).sqrt() * gain + bias
+    return lens_norm(resid, gain, bias, model.cfg.eps, model.centres)
 
 
 def target_ids(

@@ -18,7 +18,7 @@ holds, and adds the attention mask it receives to the scores, which is where a k
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import reduce
 
@@ -325,8 +325,7 @@ class NnsightEngine:
         add_noise = end_maths.add_noise
         # `self` stays out of the session: the block is shipped with what it names, and the server has no factscope
         lm, embed, layers, lm_head = self.lm, self.envoys["embed"], self.envoys["layers"], self.envoys["lm_head"]
-        # what TransformerLens calls attn_out: what the attention adds to the residual stream (after Gemma's post-norm)
-        outputs = {"attn": self.envoys["attn_post_norm"] or self.envoys["o_proj"], "mlp": self.envoys["mlp_out"]}
+        outputs = self._outputs()
         tokens, mask, ends, answers = batch.tokens.cpu(), batch.mask.cpu(), batch.ends.cpu(), batch.answers.cpu()
         subject, prompts, positions = batch.subject.cpu(), prompts.cpu(), positions.cpu()
         # per chunk: its rows' prompts, positions, width
@@ -374,6 +373,49 @@ class NnsightEngine:
                 restored.append(row)
             out["restored"] = torch.stack(restored)
         return self._received(model, out)
+
+    def read_pass(
+        self, model, batch, reads: Sequence[str], at: Int[torch.Tensor, " batch"], reduce: Callable[..., dict],
+        **args,
+    ) -> dict[str, torch.Tensor]:
+        """One read-only pass of `batch` (`forward.Batch`) whose readings are reduced where the weights are. Per
+        layer, the outputs `reads` names (keys of `_outputs`: "attn", "mlp", "resid") at position `at[i]` of
+        prompt i, and the END logits ("logits"), go to `reduce(reads, lens, **args)`, an `end_maths` function,
+        with the unembedding and the final norm as `end_maths.lens_logits` takes them: only what it returns comes
+        back (`extraction_events`: a few booleans per prompt; `lens_ranks`: ranks), never a vocabulary-sized row."""
+        import cloudpickle
+        import nnsight
+
+        from . import end_maths
+
+        if self.remote:
+            cloudpickle.register_pickle_by_value(end_maths)
+        gain_of, eps, norm_kind = end_maths.rms_gain, self.eps, self.paths.norm
+        layers, norm, lm_head = self.envoys["layers"], self.envoys["final_norm"], self.envoys["lm_head"]
+        outputs = self._outputs()
+        order = [read for read in outputs if read in reads]  # as the layer runs them: nnsight cannot go back
+        rows, at = torch.arange(len(at)), at.cpu()
+        inputs = {"input_ids": batch.tokens.cpu(), "attention_mask": batch.mask.cpu()}
+        with self.lm.trace(inputs, logits_to_keep=batch.ends.cpu()[:, None], remote=self.remote):
+            out = nnsight.save({})
+            got = {read: [] for read in order}
+            for layer in range(len(layers)):
+                for read in order:
+                    got[read].append(outputs[read][layer].output[rows, at])
+            logits = lm_head.output[:, 0]
+            out["model_dtype"] = logits[:0]
+            got["logits"] = logits.detach().float()
+            weight = norm.weight.detach()
+            lens = {"w_u": lm_head.weight.T, "b_u": lm_head.bias, "gain": gain_of(weight, eps, norm_kind),
+                    "bias": torch.zeros(weight.shape[0], device=weight.device), "eps": eps, "centres": False}
+            out.update(reduce(got, lens, **args))
+        return self._received(model, out)
+
+    def _outputs(self) -> dict[str, list]:
+        """Per layer, the modules whose outputs TransformerLens calls attn_out (what the attention adds to the
+        residual stream: after Gemma's post-norm), mlp_out and resid_post, in the order a layer runs them."""
+        return {"attn": self.envoys["attn_post_norm"] or self.envoys["o_proj"], "mlp": self.envoys["mlp_out"],
+                "resid": self.envoys["layers"]}
 
     def _received(self, model, out: dict) -> dict[str, torch.Tensor]:
         """What a request brought back, counted for the cost report, once the dtype the model ran in is checked

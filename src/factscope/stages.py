@@ -203,8 +203,9 @@ def ablate(
     exactly too and compares them on every (path, prompt).
 
     `remote`: the passes of a run analysed with `analyze --remote` run on NDIF through nnsight, and only the
-    checks that can (`causal.remote_checks`: the attention knockout) run; each pass sends back three numbers per
-    prompt. The plan (`remote_ablate_plan`) is printed before anything is sent."""
+    checks that can (`causal.remote_checks`: the attention knockout, the extraction rate, subject enrichment)
+    run; each pass sends back a few numbers per prompt. The plan (`remote_ablate_plan`) is printed before
+    anything is sent."""
     from .causal.atp_paths import METHODS
     from . import causal
 
@@ -310,15 +311,17 @@ def _remote_run(run_dir: str | Path, command: str) -> Path:
 
 def remote_ablate_plan(run_dir: str | Path, *, window: int = 9, limit: int | None = None):
     """What `ablate --remote` would send and get back (`remote.Plan`), from the run, the model's config and
-    tokenizer: the recall passes that find the known facts again, then one request per knockout pass, each
-    bringing back `remote.SCORE_BYTES` per prompt. The prompts are the run's known facts as its recall.csv has
-    them (the run finds them again on the server)."""
+    tokenizer: the recall passes that find the known facts again, then one request per pass of the checks that
+    run remotely, each bringing back what its check says (`CausalCheck.remote_bytes`). The prompts are the run's
+    known facts as its recall.csv has them (the run finds them again on the server)."""
     from . import causal
     from . import remote as ndif
 
     model, heads, recalled, checked = _remote_plan_inputs(run_dir, limit)
-    passes = causal.remote_ablate_passes(model, heads, window=window)
-    return ndif.ablate_plan(model.name, recalled, causal.KNOWN_BATCH, len(checked), passes)
+    passes, bytes_back = causal.remote_ablate_cost(model, checked, heads, window=window,
+                                                   targets=run_targets(Path(run_dir), QUIET))
+    return ndif.ablate_plan(model.name, recalled, causal.KNOWN_BATCH, len(checked), passes, bytes_back,
+                            causal.remote_scope("ablate"))
 
 
 def remote_trace_plan(run_dir: str | Path, *, seeds: Sequence[int] | None = None, limit: int | None = None,
@@ -370,15 +373,15 @@ def _remote_ablate(run_dir: str | Path, *, window: int, limit: int | None, overw
 
     given = [option for option, set_ in refused.items() if set_]
     if given:
-        names = ", ".join(check.name for check in causal.remote_checks("ablate"))
-        raise FactscopeError(f"ablate --remote runs the {names} check only; {given[0]} does not run remotely")
+        raise FactscopeError(f"{causal.remote_scope('ablate')}; {given[0]} does not run remotely")
     run_dir = _remote_run(run_dir, "ablate")
     reporter.warn(remote_ablate_plan(run_dir, window=window, limit=limit).describe())
     with rundir.locked(run_dir), ndif.one_line_errors():
+        trace, targets = rundir.read_table(run_dir, "causal_trace"), run_targets(run_dir, reporter)
         model, known, heads, engine = causal_inputs(run_dir, "ablate", overwrite, "cpu", None, limit, reporter,
                                                      remote=True)
-        tables, summary = causal.remote_ablate_checks(model, known, heads, engine, window=window,
-                                                      progress=reporter.progress)
+        tables, summary = causal.remote_ablate_checks(model, known, heads, engine, window=window, targets=targets,
+                                                      trace=trace, progress=reporter.progress)
         summary["ablate"]["remote"] |= {"requests": engine.requests, "bytes_back": engine.bytes_back}
         return write_causal(run_dir, "ablate", tables, summary, report, reporter)
 

@@ -45,7 +45,8 @@ from .trace import trace_peaks
 
 __all__ = [
     "CHECKS", "KNOWN_BATCH", "CausalCheck", "NOISE_SCALES", "SEEDS", "ablate_checks", "enrichment_summary",
-    "extraction_summary", "knockout_summary", "known_facts", "noise_summary", "remote_ablate_checks", "remote_ablate_passes", "remote_checks",
+    "extraction_summary", "knockout_summary", "known_facts", "noise_summary", "remote_ablate_checks",
+    "remote_ablate_cost", "remote_checks", "remote_scope",
     "robustness_summary", "spread", "taxonomy_paths", "trace_checks", "trace_peaks",
 ]
 
@@ -124,15 +125,18 @@ def trace_checks(
 
 def remote_ablate_checks(
     model, known: list[Encoded], heads: pd.DataFrame, engine, *, window: int = knockout.WINDOW,
+    targets: dict[str, dict[int, str]] | None = None, trace: pd.DataFrame | None = None,
     progress: ProgressBars = None,
 ) -> tuple[dict[str, pd.DataFrame], dict]:
     """`ablate --remote`: the `ablate` checks that run through an nnsight engine (`CausalCheck.remote`: the
-    attention knockout), with `engine`'s passes; `model` may hold no weights (`nnsight_engine.ConfigOnlyModel`)."""
+    attention knockout, the attribute extraction rate and subject enrichment), with `engine`'s passes; `model`
+    may hold no weights (`nnsight_engine.ConfigOnlyModel`). `targets` and `trace` as `ablate_checks` takes them."""
     checks = remote_checks("ablate")
-    tables = _run(checks, model, known, _knockout_options(model, heads, window), progress, engine)
+    tables = _run(checks, model, known, _remote_options(model, heads, window, targets), progress, engine)
+    earlier = {"causal_trace": trace} if trace is not None else {}
     remote = {"checks": [check.name for check in checks]}
     summary = {"ablate": {"window": window, "n_prompts": len(known), "remote": remote}}
-    summary.update((check.name, check.summarize(tables)) for check in checks)
+    summary.update((check.name, check.summarize({**earlier, **tables})) for check in checks)
     return tables, summary
 
 
@@ -140,11 +144,25 @@ def remote_checks(command: str) -> list[CausalCheck]:
     return [check for check in _of(command) if check.remote]
 
 
-def remote_ablate_passes(model, heads: pd.DataFrame, *, window: int = knockout.WINDOW) -> int:
-    """How many passes `remote_ablate_checks` sends (one request each)."""
-    options = _knockout_options(model, heads, window)
-    return sum(check.n_passes(model.cfg.n_layers, **{name: options[name] for name in check.options})
-               for check in remote_checks("ablate"))
+def remote_scope(command: str) -> str:
+    """Which of `command`'s checks run remotely and which do not, in one line (the plan, the refusals)."""
+    runs = ", ".join(check.name for check in remote_checks(command))
+    skipped = ", ".join(check.name for check in _of(command) if not check.remote)
+    return f"{command} --remote runs {runs}" + (f" ({skipped} do not run remotely)" if skipped else "")
+
+
+def remote_ablate_cost(model, known: list[Encoded], heads: pd.DataFrame, *, window: int = knockout.WINDOW,
+                       targets: dict[str, dict[int, str]] | None = None) -> tuple[int, int]:
+    """How many passes `remote_ablate_checks` sends over `known` (one request each) and the bytes they bring back
+    (`CausalCheck.remote_bytes`)."""
+    options, checks, n_layers = _remote_options(model, heads, window, targets), remote_checks("ablate"), model.cfg.n_layers
+    chosen = [{name: options[name] for name in check.options} for check in checks]
+    return (sum(check.n_passes(n_layers, **opts) for check, opts in zip(checks, chosen)),
+            sum(check.remote_bytes(n_layers, known, **opts) for check, opts in zip(checks, chosen)))
+
+
+def _remote_options(model, heads: pd.DataFrame, window: int, targets: dict[str, dict[int, str]] | None) -> dict:
+    return {**_knockout_options(model, heads, window), "targets": targets}
 
 
 def _knockout_options(model, heads: pd.DataFrame, window: int) -> dict:

@@ -10,7 +10,7 @@ from jaxtyping import Float, Int
 
 from ..data import Encoded
 from ..end_maths import answer_scores
-from ..forward import Batch, lens_normalise, target_ids
+from ..forward import Batch, target_ids
 from ..models import LoadedModel
 from ..recall import recall
 
@@ -44,10 +44,12 @@ def as_numpy(stats: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {key: value.float().cpu().numpy() for key, value in stats.items()}
 
 
-def logit_lens(model: LoadedModel, vectors: Float[torch.Tensor, "batch d_model"]) -> Float[torch.Tensor, "batch vocab"]:
-    """Residual-stream vectors through the final norm with their own scale (`forward.lens_normalise`), unembedded
-    in the model's dtype (a vocabulary-sized fp32 copy of W_U would be the largest tensor of the analysis)."""
-    return (lens_normalise(model, vectors).to(model.W_U.dtype) @ model.W_U + model.b_U).float()
+def model_lens(model: LoadedModel) -> dict:
+    """The unembedding and the final norm as `end_maths.lens_logits` takes them (the nnsight engine fills the same
+    dict on the server, from the modules' weights)."""
+    gain, bias = model.final_norm
+    return {"w_u": model.W_U, "b_u": model.b_U, "gain": gain, "bias": bias, "eps": model.cfg.eps,
+            "centres": model.centres}
 
 
 def other_targets(batch: Batch, targets: dict[str, dict[int, str]]) -> tuple[Int[torch.Tensor, "batch n"], Float[torch.Tensor, "batch n"]]:
