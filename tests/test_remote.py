@@ -140,12 +140,18 @@ def test_the_request_names_no_factscope_module(tiny, monkeypatch):
     from factscope.causal.trace import trace_effects
 
     trace_effects(config_only(folder, engine), encoded[:4], seeds=(0,), engine=engine)  # one session
-    assert len(payloads) == 6
+    from factscope.causal.enrichment import subject_enrichment
+    from factscope.causal.extraction import extraction_rate
+
+    extraction_rate(config_only(folder, engine), encoded[:4], engine=engine)
+    subject_enrichment(config_only(folder, engine), encoded[:4], engine=engine)
+    assert len(payloads) == 8
     for payload in payloads:
         strings = [arg for _, arg, _ in pickletools.genops(io.BytesIO(payload)) if isinstance(arg, str)]
         assert not [s for s in strings if s.split(".")[0] in ("factscope", "jaxtyping", "einops")]
         assert any(f"def {name}" in s for s in strings
-                   for name in ("project_end", "recall_stats", "end_block", "restore_rows"))
+                   for name in ("project_end", "recall_stats", "end_block", "restore_rows", "extraction_events",
+                                "lens_ranks"))
 
 
 def test_recall_through_the_engine_equals_local_recall(tiny):
@@ -544,6 +550,22 @@ def test_knockout_through_the_engine_on_smollm2():
         expected = knockout.knockout(model, known, **options)
         got = knockout.knockout(model, known, **options, engine=engine)
         pd.testing.assert_frame_equal(expected, got, check_exact=True)
+
+
+@pytest.mark.real
+def test_extraction_and_enrichment_through_the_engine_on_smollm2():
+    """SmolLM2, fp32, through the serialisation path, on 8 known facts: the extraction-rate table (every layer and
+    sublayer, both projections) and the enrichment table (the lens at the last subject token) bit for bit."""
+    from factscope.causal import enrichment, extraction, known_facts, spread
+
+    torch.set_num_threads(1)
+    model = load_model("smollm2-135m")
+    known = spread(known_facts(model, encode_all(load_facts(), model.tokenizer, model.prepend_bos)), 8)
+    engine = local_engine("smollm2-135m", remote="local")
+    pd.testing.assert_frame_equal(extraction.extraction_rate(model, known),
+                                  extraction.extraction_rate(model, known, engine=engine), check_exact=True)
+    pd.testing.assert_frame_equal(enrichment.subject_enrichment(model, known),
+                                  enrichment.subject_enrichment(model, known, engine=engine), check_exact=True)
 
 
 def test_cli_ablate_dry_run_prints_the_plan_and_sends_nothing(tiny, monkeypatch, tmp_path):
