@@ -6,10 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import torch
+from jaxtyping import Int
 
 from ..data import Encoded, relation_targets
 from ..end_maths import lens_ranks
-from ..forward import act_name, capture, make_batch, target_ids
+from ..forward import Batch, act_name, capture, make_batch, target_ids
 from ..models import LoadedModel
 from .check import CausalCheck
 from .scores import Progress, finite_mean, model_lens, other_targets, tick
@@ -63,7 +64,8 @@ def subject_enrichment(
     return pd.DataFrame.from_records(records)
 
 
-def _local_ranks(model: LoadedModel, batch, last_subject: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def _local_ranks(model: LoadedModel, batch: Batch, last_subject: Int[torch.Tensor, " batch"],
+                 ids: Int[torch.Tensor, "batch n"]) -> Int[torch.Tensor, "layer batch n"]:
     store: dict = {}
     names = [act_name("resid_post", layer) for layer in range(model.cfg.n_layers)]
     batch.logits(model, [capture(store, name, at_end=last_subject) for name in names])

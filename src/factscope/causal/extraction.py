@@ -10,10 +10,16 @@ from __future__ import annotations
 
 import pandas as pd
 import torch
+from jaxtyping import Bool
 
 from ..data import Encoded
-from ..end_maths import EXTRACTION_EVENTS, PROJECTIONS, SUBLAYER_OUTPUTS, extraction_events
-from ..forward import act_name, capture, make_batch
+from ..end_maths import (
+    EXTRACTION_EVENTS,
+    PROJECTIONS,
+    SUBLAYER_OUTPUTS,
+    extraction_events,
+)
+from ..forward import Batch, act_name, capture, make_batch
 from ..models import LoadedModel
 from .check import CausalCheck
 from .scores import Progress, model_lens, tick
@@ -49,7 +55,7 @@ def extraction_rate(model: LoadedModel, encoded: list[Encoded], top_k: int = TOP
     return pd.DataFrame.from_records(records)
 
 
-def _local_events(model: LoadedModel, batch, top_k: int) -> torch.Tensor:
+def _local_events(model: LoadedModel, batch: Batch, top_k: int) -> Bool[torch.Tensor, "layer sublayer projection event batch"]:
     store: dict = {}
     names = {sublayer: [act_name(hook, layer) for layer in range(model.cfg.n_layers)] for sublayer, hook in HOOKS.items()}
     logits = batch.logits(model, [capture(store, name, at_end=batch.ends) for sublayer in SUBLAYER_OUTPUTS
