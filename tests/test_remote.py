@@ -145,13 +145,18 @@ def test_the_request_names_no_factscope_module(tiny, monkeypatch):
 
     extraction_rate(config_only(folder, engine), encoded[:4], engine=engine)
     subject_enrichment(config_only(folder, engine), encoded[:4], engine=engine)
-    assert len(payloads) == 8
+    from factscope.causal.ablation import ablation_grid
+    from factscope.causal.sites import HeadPath, MlpPath
+
+    ablation_grid(config_only(folder, engine), encoded[:4], {"a": [HeadPath(1, 0, "subject")], "b": [MlpPath(1)]},
+                  engine=engine)  # one session
+    assert len(payloads) == 9
     for payload in payloads:
         strings = [arg for _, arg, _ in pickletools.genops(io.BytesIO(payload)) if isinstance(arg, str)]
         assert not [s for s in strings if s.split(".")[0] in ("factscope", "jaxtyping", "einops")]
         assert any(f"def {name}" in s for s in strings
                    for name in ("project_end", "recall_stats", "end_block", "restore_rows", "extraction_events",
-                                "lens_ranks"))
+                                "lens_ranks", "frozen_final_norm"))
 
 
 def test_recall_through_the_engine_equals_local_recall(tiny):
@@ -462,9 +467,35 @@ def test_extraction_and_enrichment_through_the_engine_equal_local_bitwise(model_
     pd.testing.assert_frame_equal(expected, got, check_exact=True)
     assert expected["mean_rank_a"].nunique() > 1
     n_layers = model.cfg.n_layers
-    assert engine.requests == 3
-    assert engine.bytes_back == 2 * extraction.remote_bytes(n_layers, encoded) + enrichment.remote_bytes(
-        n_layers, encoded, relation_targets(encoded))
+    costs = [extraction.remote_cost(n_layers, encoded)] * 2 + [enrichment.remote_cost(n_layers, encoded,
+                                                                                       relation_targets(encoded))]
+    assert (engine.requests, engine.bytes_back) == tuple(map(sum, zip(*costs)))
+
+
+@pytest.mark.parametrize(("family", "remote", "mode"), [("llama", False, "mean"), ("llama", "local", "zero"),
+                                                         ("llama", "local", "mean"), ("qwen2", "local", "mean"),
+                                                         ("gemma3", "local", "mean"), ("gemma3", "local", "zero")])
+def test_mechanism_grid_through_the_engine_equals_local_bitwise(model_dirs, family, remote, mode):
+    """Every set of the grid, as total and as direct effects, in one nnsight session: the head paths removed from
+    what the attention adds at END (Llama: the attention module's output, read after its pattern; Gemma 3: after
+    its post-norm, with this pass's scale), MLPs replaced by their mean or zero, the direct effects added after the
+    last block with the final norm's scale pinned to the clean one (TransformerLens's arithmetic for an edited
+    scale): the table is the local one bit for bit, from one request bringing back the scores only."""
+    from factscope.causal import ablation
+    from factscope.causal.sites import HeadPath, MlpPath
+
+    folder = model_dirs[family]
+    model = load_model(str(folder))
+    encoded = encode_all(load_facts()[:12], model.tokenizer, model.prepend_bos)
+    mechanisms = {"a": [HeadPath(1, 0, "subject"), HeadPath(0, 2, "end")],
+                  "b": [HeadPath(2, 1, "relation"), MlpPath(0)], "c": [MlpPath(2), HeadPath(1, 3, "all")]}
+    expected = ablation.ablation_grid(model, encoded, mechanisms, mode)
+    engine = local_engine(str(folder), remote=remote)
+    got = ablation.ablation_grid(config_only(folder, engine), encoded, mechanisms, mode, engine=engine)
+    pd.testing.assert_frame_equal(expected, got, check_exact=True)
+    assert (expected["delta_logit"] != 0).sum() == 2 * (len(ablation.mechanism_sets(list(mechanisms))) - 1)
+    assert (engine.requests, engine.bytes_back) == ablation.CHECK.remote_cost(
+        model.cfg.n_layers, encoded, mechanisms=mechanisms, mode=mode, targets=None)
 
 
 def _remote_stages(monkeypatch, folder, engines):
@@ -487,11 +518,12 @@ def _remote_stages(monkeypatch, folder, engines):
 
 
 def test_remote_ablate_equals_the_local_checks_and_costs_its_plan(tiny, monkeypatch, tmp_path):
-    """analyze --remote, then ablate --remote on its run: the knockout, extraction-rate and enrichment tables are
-    the local bf16 checks' bit for bit over the same prompts (enrichment with the run's R_r), the other checks do
-    not run, and the requests and bytes the engine counted are the plan's exactly."""
+    """analyze --remote, then ablate --remote on its run: the knockout, mechanism-grid, extraction-rate and
+    enrichment tables are the local bf16 checks' bit for bit over the same prompts (the grid and enrichment with
+    the run's R_r), noise and path AtP do not run, and the requests and bytes the engine counted are the plan's
+    exactly."""
     from factscope import stage_io
-    from factscope.causal import enrichment, extraction, knockout, spread
+    from factscope.causal import ablation, enrichment, extraction, knockout, spread, taxonomy_paths
 
     folder = tiny[0]
     local_model = load_model(str(folder), dtype="bfloat16")
@@ -505,20 +537,22 @@ def test_remote_ablate_equals_the_local_checks_and_costs_its_plan(tiny, monkeypa
     targets = stage_io.run_targets(run.path, stage_io.QUIET)
     expected = {
         **knockout.CHECK.run(local_model, known, progress=None, window=3, head_sets=head_sets, blocked=blocked),
+        **ablation.CHECK.run(local_model, known, progress=None, mode="mean", targets=targets,
+                             mechanisms=taxonomy_paths(run.heads, local_model.cfg.n_layers)),
         **extraction.CHECK.run(local_model, known, progress=None),
         **enrichment.CHECK.run(local_model, known, progress=None, targets=targets),
     }
     for name, table in expected.items():
         pd.testing.assert_frame_equal(table, getattr(run, name), check_exact=True, check_dtype=False)
     ablate = run.summary["causal"]["ablate"]
-    assert ablate["remote"] == {"checks": ["knockout", "extraction_rate", "enrichment"], "requests": plan.requests,
-                                "bytes_back": plan.bytes_back}
+    assert ablate["remote"] == {"checks": ["knockout", "ablations", "extraction_rate", "enrichment"],
+                                "requests": plan.requests, "bytes_back": plan.bytes_back}
     assert ablate["remote"]["requests"] == engines[-1].requests and ablate["remote"]["bytes_back"] == engines[-1].bytes_back
-    passes = knockout.knockout_passes(3, blocked) + knockout.knockout_passes(3, blocked, heads=head_sets) + 2
-    assert (plan.prompts, plan.requests) == (12, passes)  # all prompts analysed: no recall pass
-    assert "ablations, noise_robustness, path_ablations do not run remotely" in plan.describe()
-    assert not any(run.has(name) for name in ("ablations", "noise_robustness", "path_ablations"))
-    assert {"knockout", "extraction_rate", "enrichment"} <= set(run.summary["causal"])
+    passes = knockout.knockout_passes(3, blocked) + knockout.knockout_passes(3, blocked, heads=head_sets)
+    assert (plan.prompts, plan.requests) == (12, passes + 3)  # all prompts analysed: no recall pass
+    assert "(noise_robustness, path_ablations do not run remotely)" in plan.describe()
+    assert not any(run.has(name) for name in ("noise_robustness", "path_ablations"))
+    assert {"knockout", "ablations", "extraction_rate", "enrichment"} <= set(run.summary["causal"])
 
 
 def test_remote_ablate_refusals_are_one_line(tiny, monkeypatch, tmp_path):
@@ -529,8 +563,8 @@ def test_remote_ablate_refusals_are_one_line(tiny, monkeypatch, tmp_path):
     with pytest.raises(FactscopeError, match="analysed locally; ablate --remote checks a run of `analyze --remote`"):
         stages.ablate(local.path, remote=True)
     for option, value in (("--method", {"method": "atp"}), ("--noise-scales", {"noise_scales": [1.0]})):
-        with pytest.raises(FactscopeError, match=rf"ablate --remote runs knockout, extraction_rate, enrichment "
-                                                 rf"\(ablations, noise_robustness, path_ablations do not run "
+        with pytest.raises(FactscopeError, match=rf"ablate --remote runs knockout, ablations, extraction_rate, "
+                                                 rf"enrichment \(noise_robustness, path_ablations do not run "
                                                  rf"remotely\); {option} does not run remotely"):
             stages.ablate(local.path, remote=True, **value)
 
@@ -581,7 +615,7 @@ def test_cli_ablate_dry_run_prints_the_plan_and_sends_nothing(tiny, monkeypatch,
     assert result.exit_code == 0, result.output
     plan = stages.remote_ablate_plan(run.path, window=3, limit=12)
     printed = " ".join(result.output.split())  # the console wraps the line at its width
-    assert plan.describe() in printed and "12 prompts" in printed and "enrichment (ablations" in printed
+    assert plan.describe() in printed and "12 prompts" in printed and "enrichment (noise_robustness" in printed
     assert not run.path.joinpath("knockout.csv").exists()
 
 

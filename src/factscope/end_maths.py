@@ -176,6 +176,36 @@ def head_group_z_at_end(
     return torch.einsum("bhk,bkhd,bkg->bhgd", pattern, values, onehot)
 
 
+def heads_to_resid(
+    z: Float[torch.Tensor, "batch head group d_head"], w_o: Float[torch.Tensor, "head d_head d_model"]
+) -> Float[torch.Tensor, "batch head group d_model"]:
+    """Per-head, per-group z through each head's own W_O, into the residual stream."""
+    return torch.einsum("bhgd,hdm->bhgm", z, w_o)
+
+
+def head_change(
+    paths: Float[torch.Tensor, "batch head group d_model"], weights: Float[torch.Tensor, "head group"],
+    mean: Float[torch.Tensor, "head group d_model"] | None = None,
+) -> Float[torch.Tensor, "batch d_model"]:
+    """What removing the head paths `weights` selects does to END's residual: minus their vectors, plus their
+    dataset mean in mean mode (`causal.edits.Ablate`; `NnsightEngine.ablation_grid` on the server)."""
+    change = -torch.einsum("bhgm,hg->bm", paths, weights)
+    if mean is not None:
+        change = change + torch.einsum("hgm,hg->m", mean, weights)
+    return change
+
+
+def frozen_final_norm(
+    x: Float[torch.Tensor, "batch pos d_model"], scale: Float[torch.Tensor, "batch pos 1"],
+    weight: Float[torch.Tensor, " d_model"], norm: str = "llama",
+) -> Float[torch.Tensor, "batch pos d_model"]:
+    """The final RMSNorm with its scale pinned to `scale` (a clean pass's): the arithmetic TransformerLens's norm
+    bridge falls back to when its hook_scale is edited (fp32 x / scale, times the gain, cast back), so the direct
+    effects through nnsight round as the local ones do. Gemma's gain is 1 + weight."""
+    gain = 1.0 + weight if norm == "gemma" else weight
+    return ((x.float() / scale.to(x.device)) * gain).to(x.dtype)
+
+
 def frozen_post_norm(
     gain: Float[torch.Tensor, " d_model"], scale: Float[torch.Tensor, "batch 1"]
 ) -> Callable[[Float[torch.Tensor, "batch *parts d_model"]], Float[torch.Tensor, "batch *parts d_model"]]:
@@ -225,17 +255,26 @@ def restore_rows(
 
 
 def answer_scores(
-    logits: Float[torch.Tensor, "batch vocab"], answers: Int[torch.Tensor, " batch"]
+    logits: Float[torch.Tensor, "batch vocab"], answers: Int[torch.Tensor, " batch"],
+    ids: Int[torch.Tensor, "batch n"] | None = None, valid: Float[torch.Tensor, "batch n"] | None = None,
 ) -> dict[str, torch.Tensor]:
     """What a causal check measures at END (`causal.scores`): the attribute's probability and logit, and whether
-    it is the top-1 token."""
+    it is the top-1 token; with the other attributes of its relation (`ids`, padded, `valid` marking the real ones)
+    also a's logit − their mean logit (NaN where there is none)."""
     answers = answers.to(logits.device)
     rows = torch.arange(len(answers), device=logits.device)
-    return {
+    out = {
         "prob": logits.softmax(-1)[rows, answers],
         "logit": logits[rows, answers],
         "correct": (logits.argmax(-1) == answers).float(),
     }
+    if ids is not None:
+        ids, valid = ids.to(logits.device), valid.to(logits.device)
+        count = valid.sum(1)
+        mean_others = (logits.gather(1, ids) * valid).sum(1) / count.clamp(min=1)
+        logit = out["logit"]
+        out["logit_diff"] = torch.where(count > 0, logit - mean_others, torch.full_like(logit, float("nan")))
+    return out
 
 
 def recall_stats(

@@ -17,7 +17,7 @@ from jaxtyping import Bool, Float, Int
 
 from .data import Encoded
 # shared with the server-side maths (`end_maths`), re-exported
-from .end_maths import frozen_post_norm, head_group_z_at_end, lens_norm  # noqa: F401
+from .end_maths import frozen_post_norm, head_group_z_at_end, heads_to_resid, lens_norm  # noqa: F401
 from .errors import FactscopeError
 from .models import LoadedModel
 from .taxonomy import GROUPS
@@ -299,13 +299,6 @@ def head_group_z(
     each keeps its own so that its tables stay bit-identical.
     """
     return head_group_z_at_end(pattern[rows, :, ends], values, onehot, groups_first)
-
-
-def heads_to_resid(
-    z: Float[torch.Tensor, "batch head group d_head"], w_o: Float[torch.Tensor, "head d_head d_model"]
-) -> Float[torch.Tensor, "batch head group d_model"]:
-    """Per-head, per-group z through each head's own W_O, into the residual stream."""
-    return torch.einsum("bhgd,hdm->bhgm", z, w_o)
 
 
 def head_values(model: LoadedModel, layer: int, v: Float[torch.Tensor, "batch key kv_head d_head"]) -> Float[torch.Tensor, "batch key kv_head d_head"]:

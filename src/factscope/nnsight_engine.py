@@ -374,6 +374,112 @@ class NnsightEngine:
             out["restored"] = torch.stack(restored)
         return self._received(model, out)
 
+    def ablation_grid(
+        self, model, batch, sets: list, mode: str, ids: Int[torch.Tensor, "batch n"],
+        valid: Float[torch.Tensor, "batch n"], effects: Sequence[str] = ("total", "direct"),
+    ) -> dict[str, torch.Tensor]:
+        """`causal.ablation.ablation_grid`'s passes in one nnsight session, so that no path vector or mean leaves
+        the server: a clean pass (its scores, the final norm's scale at every position, and in "mean" mode the
+        dataset mean at END of every head path and MLP of the union of `sets`), then per effect of `effects`
+        ("total", "direct": `causal.ablation.EFFECTS`) one pass per set but the first (the empty one). `sets` are
+        `causal.sites.PathSet`s (head masks [layer, head, group] and MLP layers; no embedding path). A head path's
+        vector is the one the local edit computes (`end_maths.head_group_z_at_end` of this pass's pattern and
+        values, through W_O and Gemma's attention post-norm with this pass's END scale); a total effect edits what
+        the attention / MLP adds at END (`end_maths.head_change`, or the MLP's output replaced by its mean or zero),
+        a direct one adds the summed change to END's residual after the last block and pins the final norm's scale
+        to the clean one (`end_maths.frozen_final_norm`). What comes back: `end_maths.answer_scores` (with a's
+        logit − mean of R_r ∖ a) per pass and prompt, [pass, batch]: the clean pass, then effect by effect the sets.
+        """
+        import cloudpickle
+        import nnsight
+
+        from . import end_maths
+
+        if self.remote:
+            cloudpickle.register_pickle_by_value(end_maths)
+        if any(paths.embed for paths in sets):
+            raise FactscopeError("the nnsight engine ablates head paths and MLPs, not the embedding")
+        group_z, to_resid, change_of = end_maths.head_group_z_at_end, end_maths.heads_to_resid, end_maths.head_change
+        score, rms_scale_of, gain_of = end_maths.answer_scores, end_maths.rms_scale, end_maths.rms_gain
+        post_norm_of, frozen_norm = end_maths.frozen_post_norm, end_maths.frozen_final_norm
+        lm, eps, d_head, norm_kind, recording = self.lm, self.eps, self.d_head, self.paths.norm, mode == "mean"
+        layers, norm, lm_head = self.envoys["layers"], self.envoys["final_norm"], self.envoys["lm_head"]
+        v_projs, o_projs, attns, mlps, post_norms = (self.envoys[key] for key in _LAYER_MODULES)
+        n_layers, rows, ends = len(layers), torch.arange(len(batch)), batch.ends.cpu()
+        onehot, answers, ids, valid = batch.onehot.cpu(), batch.answers.cpu(), ids.cpu(), valid.cpu()
+        heads = [paths.heads.cpu() for paths in sets]
+        head_layers = [{int(layer) for layer in torch.nonzero(h.sum((1, 2)) > 0).flatten()} for h in heads]
+        mlp_layers = [set(paths.mlps) for paths in sets]
+        all_heads, all_mlps = set().union(*head_layers), set().union(*mlp_layers)
+        # the clean pass (no effect; set 0 is the empty set), then every edited one
+        passes = [(None, 0)] + [(effect, s) for effect in effects for s in range(1, len(sets))]
+        inputs = {"input_ids": batch.tokens.cpu(), "attention_mask": batch.mask.cpu()}
+        with lm.session(remote=self.remote):
+            out = nnsight.save({})
+            means, scores = {}, {}
+            for effect, s in passes:
+                record = effect is None and recording
+                with lm.trace(inputs, logits_to_keep=ends[:, None]):
+                    change = 0.0
+                    for layer in range(n_layers):
+                        if (record and layer in all_heads) or layer in head_layers[s]:
+                            v = v_projs[layer].output
+                            values = v.detach().view(v.shape[0], v.shape[1], -1, d_head).float()
+                            if v_projs[layer].bias is not None:
+                                values = values - v_projs[layer].bias.detach().float().view(-1, d_head).to(values.device)
+                            attn_output = attns[layer].output
+                            pattern = attn_output[1][rows, :, ends].detach().float()
+                            z = group_z(pattern, values, onehot.to(values.device), groups_first=True)
+                            w_o = o_projs[layer].weight.detach().T.reshape(z.shape[1], d_head, -1).float()
+                            paths = to_resid(z, w_o.to(z.device))
+                            if post_norms:  # Gemma: through the attention post-norm, its END scale this pass's
+                                scale = rms_scale_of(post_norms[layer].input[rows, ends], eps).to(z.device)
+                                gain = gain_of(post_norms[layer].weight.detach(), eps, norm_kind).to(z.device)
+                                paths = post_norm_of(gain, scale)(paths)
+                            if record:
+                                means[("head", layer)] = paths.mean(0)
+                            else:
+                                delta = change_of(paths, heads[s][layer].to(paths.device), means.get(("head", layer)))
+                                if effect == "direct":
+                                    change = change + delta
+                                elif post_norms:
+                                    written = post_norms[layer].output.clone()
+                                    written[rows, ends] = (written[rows, ends].float() + delta).to(written.dtype)
+                                    post_norms[layer].output = written
+                                else:  # the attention module's output is o_proj's, read after its pattern
+                                    written = attn_output[0].clone()
+                                    written[rows, ends] = (written[rows, ends].float() + delta).to(written.dtype)
+                                    attns[layer].output = (written, *attn_output[1:])
+                        if (record and layer in all_mlps) or layer in mlp_layers[s]:
+                            x = mlps[layer].output
+                            x_end = x[rows, ends].float()
+                            if record:
+                                means[("mlp", layer)] = x_end.mean(0)
+                            else:
+                                mean = means.get(("mlp", layer))
+                                new = torch.zeros_like(x_end) if mean is None else mean.expand_as(x_end).clone()
+                                if effect == "direct":
+                                    change = change + (new - x_end)
+                                else:
+                                    written = x.clone()
+                                    written[rows, ends] = new.to(written.dtype)
+                                    mlps[layer].output = written
+                    if effect is None:
+                        clean_scale = rms_scale_of(norm.input.detach(), eps)  # every position, as the local hook
+                    if effect == "direct":
+                        resid = layers[-1].output.clone()
+                        resid[rows, ends] = (resid[rows, ends].float() + change).to(resid.dtype)
+                        layers[-1].output = resid
+                        norm.output = frozen_norm(norm.input, clean_scale, norm.weight.detach(), norm_kind)
+                    logits = lm_head.output[:, 0]
+                    if effect is None:
+                        out["model_dtype"] = logits[:0]
+                    for key, value in score(logits.detach().float(), answers, ids, valid).items():
+                        scores.setdefault(key, []).append(value)
+            for key, values in scores.items():
+                out[key] = torch.stack(values)
+        return self._received(model, out)
+
     def read_pass(
         self, model, batch, reads: Sequence[str], at: Int[torch.Tensor, " batch"], reduce: Callable[..., dict],
         **args,

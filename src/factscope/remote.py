@@ -86,6 +86,7 @@ def recall_plan(model: str, prompts: int, batch_size: int) -> Plan:
 
 
 SCORE_BYTES = 3 * 4  # per prompt and causal pass: p(a), a's logit and top-1 correct, fp32 (`end_maths.answer_scores`)
+SCORE_DIFF_BYTES = SCORE_BYTES + 4  # and a's logit − the mean of R_r ∖ a's
 
 
 def ablate_plan(model: str, recalled: int, recall_batch: int, prompts: int, passes: int, bytes_back: int,

@@ -125,17 +125,18 @@ def trace_checks(
 
 def remote_ablate_checks(
     model, known: list[Encoded], heads: pd.DataFrame, engine, *, window: int = knockout.WINDOW,
-    targets: dict[str, dict[int, str]] | None = None, trace: pd.DataFrame | None = None,
-    progress: ProgressBars = None,
+    mode: str = ablation.MODE, targets: dict[str, dict[int, str]] | None = None,
+    trace: pd.DataFrame | None = None, progress: ProgressBars = None,
 ) -> tuple[dict[str, pd.DataFrame], dict]:
     """`ablate --remote`: the `ablate` checks that run through an nnsight engine (`CausalCheck.remote`: the
-    attention knockout, the attribute extraction rate and subject enrichment), with `engine`'s passes; `model`
-    may hold no weights (`nnsight_engine.ConfigOnlyModel`). `targets` and `trace` as `ablate_checks` takes them."""
+    attention knockout, the mechanism ablations, the attribute extraction rate and subject enrichment), with
+    `engine`'s passes; `model` may hold no weights (`nnsight_engine.ConfigOnlyModel`). `mode`, `targets` and
+    `trace` as `ablate_checks` takes them."""
     checks = remote_checks("ablate")
-    tables = _run(checks, model, known, _remote_options(model, heads, window, targets), progress, engine)
+    tables = _run(checks, model, known, _remote_options(model, heads, window, mode, targets), progress, engine)
     earlier = {"causal_trace": trace} if trace is not None else {}
     remote = {"checks": [check.name for check in checks]}
-    summary = {"ablate": {"window": window, "n_prompts": len(known), "remote": remote}}
+    summary = {"ablate": {"mode": mode, "window": window, "n_prompts": len(known), "remote": remote}}
     summary.update((check.name, check.summarize({**earlier, **tables})) for check in checks)
     return tables, summary
 
@@ -152,17 +153,18 @@ def remote_scope(command: str) -> str:
 
 
 def remote_ablate_cost(model, known: list[Encoded], heads: pd.DataFrame, *, window: int = knockout.WINDOW,
-                       targets: dict[str, dict[int, str]] | None = None) -> tuple[int, int]:
-    """How many passes `remote_ablate_checks` sends over `known` (one request each) and the bytes they bring back
-    (`CausalCheck.remote_bytes`)."""
-    options, checks, n_layers = _remote_options(model, heads, window, targets), remote_checks("ablate"), model.cfg.n_layers
-    chosen = [{name: options[name] for name in check.options} for check in checks]
-    return (sum(check.n_passes(n_layers, **opts) for check, opts in zip(checks, chosen)),
-            sum(check.remote_bytes(n_layers, known, **opts) for check, opts in zip(checks, chosen)))
+                       mode: str = ablation.MODE, targets: dict[str, dict[int, str]] | None = None) -> tuple[int, int]:
+    """How many requests `remote_ablate_checks` sends over `known` and the bytes they bring back
+    (`CausalCheck.remote_cost`)."""
+    options, checks, n_layers = _remote_options(model, heads, window, mode, targets), remote_checks("ablate"), model.cfg.n_layers
+    costs = [check.remote_cost(n_layers, known, **{name: options[name] for name in check.options}) for check in checks]
+    return sum(requests for requests, _ in costs), sum(size for _, size in costs)
 
 
-def _remote_options(model, heads: pd.DataFrame, window: int, targets: dict[str, dict[int, str]] | None) -> dict:
-    return {**_knockout_options(model, heads, window), "targets": targets}
+def _remote_options(model, heads: pd.DataFrame, window: int, mode: str,
+                    targets: dict[str, dict[int, str]] | None) -> dict:
+    return {**_knockout_options(model, heads, window), "mechanisms": taxonomy_paths(heads, model.cfg.n_layers),
+            "mode": mode, "targets": targets}
 
 
 def _knockout_options(model, heads: pd.DataFrame, window: int) -> dict:

@@ -23,8 +23,8 @@ class CausalCheck:
     - `summarize(tables)`: its entry in summary.json["causal"]; `tables` holds every table of the run so far.
 
     A check with `remote` runs through an nnsight engine too (`run(..., engine=...)`), for `ablate --remote` and
-    `trace --remote`; an `ablate` one also says what its passes bring back, for the cost plan printed before
-    anything is sent: `remote_bytes(n_layers, known, **options)`, in bytes (`causal.remote_ablate_cost`).
+    `trace --remote`; an `ablate` one also says what it costs, for the plan printed before anything is sent:
+    `remote_cost(n_layers, known, **options)` → (requests, bytes back) (`causal.remote_ablate_cost`).
     """
 
     name: str  # its key in summary.json["causal"] and its progress label
@@ -35,7 +35,7 @@ class CausalCheck:
     run: Callable[..., dict[str, pd.DataFrame]]
     summarize: Callable[[Mapping[str, pd.DataFrame]], dict]
     remote: bool = False  # `run` also takes `engine=`, an nnsight engine whose passes may run on NDIF (`--remote`)
-    remote_bytes: Callable[..., int] | None = None
+    remote_cost: Callable[..., tuple[int, int]] | None = None
 
     def __post_init__(self) -> None:
         if self.command not in COMMANDS:
@@ -43,5 +43,5 @@ class CausalCheck:
         unknown = [table for table in self.tables if table not in TABLES]
         if unknown:
             raise ValueError(f"check {self.name!r}: table {unknown[0]!r} is not in rundir.TABLES")
-        if self.remote and self.command == "ablate" and self.remote_bytes is None:
-            raise ValueError(f"check {self.name!r} runs remotely: its plan needs remote_bytes")
+        if self.remote and self.command == "ablate" and self.remote_cost is None:
+            raise ValueError(f"check {self.name!r} runs remotely: its plan needs remote_cost")

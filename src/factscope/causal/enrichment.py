@@ -73,11 +73,11 @@ def _local_ranks(model: LoadedModel, batch: Batch, last_subject: Int[torch.Tenso
         return lens_ranks({"resid": [store[name] for name in names]}, model_lens(model), ids)["ranks"]
 
 
-def remote_bytes(n_layers: int, known: list[Encoded], targets: dict[str, dict[int, str]] | None) -> int:
-    """What `subject_enrichment` brings back through an engine: per layer and prompt, the ranks of a and of the
-    widest R_r \\ a of the prompts."""
+def remote_cost(n_layers: int, known: list[Encoded], targets: dict[str, dict[int, str]] | None) -> tuple[int, int]:
+    """`subject_enrichment` through an engine: one request, bringing back per layer and prompt the ranks of a and
+    of the widest R_r \\ a of the prompts."""
     ids, _ = target_ids(known, targets if targets is not None else relation_targets(known), with_answer=False)
-    return n_layers * len(known) * (1 + ids.shape[1]) * RANK_BYTES
+    return 1, n_layers * len(known) * (1 + ids.shape[1]) * RANK_BYTES
 
 
 def enrichment_summary(enrichment: pd.DataFrame, trace: pd.DataFrame | None = None) -> dict:
@@ -108,5 +108,5 @@ CHECK = CausalCheck(
         "enrichment": subject_enrichment(model, known, targets, progress=progress, engine=engine)},
     # the causal-tracing peak joins it when the run has been traced
     lambda tables: enrichment_summary(tables["enrichment"], tables.get("causal_trace")),
-    remote=True, remote_bytes=remote_bytes,
+    remote=True, remote_cost=remote_cost,
 )

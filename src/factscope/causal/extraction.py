@@ -65,10 +65,10 @@ def _local_events(model: LoadedModel, batch: Batch, top_k: int) -> Bool[torch.Te
         return extraction_events({**reads, "logits": logits}, model_lens(model), batch.answers, top_k)["events"]
 
 
-def remote_bytes(n_layers: int, known: list[Encoded]) -> int:
-    """What `extraction_rate` brings back through an engine: one bool per (layer, sublayer, projection, event,
-    prompt)."""
-    return n_layers * len(SUBLAYER_OUTPUTS) * len(PROJECTIONS) * len(EXTRACTION_EVENTS) * len(known)
+def remote_cost(n_layers: int, known: list[Encoded]) -> tuple[int, int]:
+    """`extraction_rate` through an engine: one request, bringing back one bool per (layer, sublayer, projection,
+    event, prompt)."""
+    return 1, n_layers * len(SUBLAYER_OUTPUTS) * len(PROJECTIONS) * len(EXTRACTION_EVENTS) * len(known)
 
 
 def extraction_summary(table: pd.DataFrame) -> dict:
@@ -90,5 +90,5 @@ CHECK = CausalCheck(
     "extraction_rate", "ablate", ("extraction_rate",), (), lambda n_layers: 1,
     lambda model, known, progress, engine=None: {
         "extraction_rate": extraction_rate(model, known, progress=progress, engine=engine)},
-    lambda tables: extraction_summary(tables["extraction_rate"]), remote=True, remote_bytes=remote_bytes,
+    lambda tables: extraction_summary(tables["extraction_rate"]), remote=True, remote_cost=remote_cost,
 )

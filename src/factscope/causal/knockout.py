@@ -234,12 +234,13 @@ def _passes(n_layers: int, *, window: int, head_sets: dict, blocked: Sequence[Gr
     return knockout_passes(n_layers, blocked) + knockout_passes(n_layers, blocked, heads=head_sets)
 
 
-def _remote_bytes(n_layers: int, known: list[Encoded], **options) -> int:
-    """Through an engine, each pass brings back `end_maths.answer_scores` per prompt."""
-    return _passes(n_layers, **options) * len(known) * SCORE_BYTES
+def _remote_cost(n_layers: int, known: list[Encoded], **options) -> tuple[int, int]:
+    """Through an engine, one request per pass, each bringing back `end_maths.answer_scores` per prompt."""
+    passes = _passes(n_layers, **options)
+    return passes, passes * len(known) * SCORE_BYTES
 
 
 CHECK = CausalCheck(
     "knockout", "ablate", ("knockout",), ("window", "head_sets", "blocked"), _passes, _run,
-    lambda tables: knockout_summary(tables["knockout"]), remote=True, remote_bytes=_remote_bytes,
+    lambda tables: knockout_summary(tables["knockout"]), remote=True, remote_cost=_remote_cost,
 )

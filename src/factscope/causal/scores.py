@@ -30,14 +30,7 @@ def scores(
 ) -> dict[str, np.ndarray]:
     """Per prompt: p(a), logit of a, top-1 correct (`end_maths.answer_scores`, which a remote pass computes where
     the model runs), and (with `others`) logit of a − mean logit of R_r \\ a."""
-    out = answer_scores(logits, batch.answers)
-    logit = out["logit"]
-    if others is not None:
-        ids, valid = others  # [batch, n_others]
-        count = valid.sum(1)
-        mean_others = (logits.gather(1, ids) * valid).sum(1) / count.clamp(min=1)
-        out["logit_diff"] = torch.where(count > 0, logit - mean_others, torch.full_like(logit, float("nan")))
-    return as_numpy(out)
+    return as_numpy(answer_scores(logits, batch.answers, *(others or ())))
 
 
 def as_numpy(stats: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
