@@ -602,6 +602,25 @@ def test_extraction_and_enrichment_through_the_engine_on_smollm2():
                                   enrichment.subject_enrichment(model, known, engine=engine), check_exact=True)
 
 
+@pytest.mark.real
+def test_mechanism_grid_through_the_engine_on_smollm2():
+    """SmolLM2, fp32, through the serialisation path, on 8 known facts: the mean-ablation grid (two head sets and
+    every MLP; alone, in pairs, together; total and direct effects) in one session, bit for bit."""
+    from factscope.causal import ablation, known_facts, spread
+    from factscope.causal.sites import HeadPath, MlpPath
+
+    torch.set_num_threads(1)
+    model = load_model("smollm2-135m")
+    known = spread(known_facts(model, encode_all(load_facts(), model.tokenizer, model.prepend_bos)), 8)
+    engine = local_engine("smollm2-135m", remote="local")
+    mechanisms = {"subject_heads": [HeadPath(14, 3, "subject"), HeadPath(20, 1, "subject")],
+                  "relation_heads": [HeadPath(25, 0, "relation"), HeadPath(28, 7, "relation")],
+                  "mlps": [MlpPath(layer) for layer in range(model.cfg.n_layers)]}
+    pd.testing.assert_frame_equal(ablation.ablation_grid(model, known, mechanisms),
+                                  ablation.ablation_grid(model, known, mechanisms, engine=engine), check_exact=True)
+    assert engine.requests == 1
+
+
 def test_cli_ablate_dry_run_prints_the_plan_and_sends_nothing(tiny, monkeypatch, tmp_path):
     from typer.testing import CliRunner
 
