@@ -183,6 +183,35 @@ def heads_to_resid(
     return torch.einsum("bhgd,hdm->bhgm", z, w_o)
 
 
+def head_paths_at_end(
+    v: Float[torch.Tensor, "batch key kv_head_d_head"], v_bias: Float[torch.Tensor, " kv_head_d_head"] | None,
+    pattern: Float[torch.Tensor, "batch head key"], onehot: Float[torch.Tensor, "batch key group"],
+    o_weight: Float[torch.Tensor, "d_model head_d_head"], d_head: int, post_norm: tuple | None = None,
+) -> Float[torch.Tensor, "batch head group d_model"]:
+    """Every head path's vector at END, from a pass's Hugging Face tensors (v_proj's output and bias, END's row of
+    the pattern, o_proj's weight) as `causal.edits` builds it from TransformerLens's: the value bias left out,
+    the groups multiplied first, then W_O and, with `post_norm` = (its input at END, its weight, eps, the norm's
+    kind), the attention post-norm with that END scale frozen (Gemma)."""
+    values = v.detach().view(v.shape[0], v.shape[1], -1, d_head).float()
+    if v_bias is not None:  # counted with the attention bias, not with a source group
+        values = values - v_bias.detach().float().view(-1, d_head).to(values.device)
+    z = head_group_z_at_end(pattern.detach().float(), values, onehot.to(values.device), groups_first=True)
+    paths = heads_to_resid(z, o_weight.T.reshape(z.shape[1], d_head, -1).float().to(z.device))
+    if post_norm is None:
+        return paths
+    post_in, weight, eps, norm = post_norm
+    gain = rms_gain(weight, eps, norm).to(z.device)
+    return frozen_post_norm(gain, rms_scale(post_in, eps).to(z.device))(paths)
+
+
+def write_at_end(x: Float[torch.Tensor, "batch pos d_model"], rows: Int[torch.Tensor, " batch"],
+                 ends: Int[torch.Tensor, " batch"], value: Float[torch.Tensor, "batch d_model"]) -> Float[torch.Tensor, "batch pos d_model"]:
+    """A copy of `x` with each prompt's END row replaced by `value`, cast to `x`'s dtype (an edit is made in fp32)."""
+    x = x.clone()
+    x[rows, ends] = value.to(x.dtype)
+    return x
+
+
 def head_change(
     paths: Float[torch.Tensor, "batch head group d_model"], weights: Float[torch.Tensor, "head group"],
     mean: Float[torch.Tensor, "head group d_model"] | None = None,

@@ -378,18 +378,13 @@ class NnsightEngine:
         self, model, batch, sets: list, mode: str, ids: Int[torch.Tensor, "batch n"],
         valid: Float[torch.Tensor, "batch n"], effects: Sequence[str] = ("total", "direct"),
     ) -> dict[str, torch.Tensor]:
-        """`causal.ablation.ablation_grid`'s passes in one nnsight session, so that no path vector or mean leaves
-        the server: a clean pass (its scores, the final norm's scale at every position, and in "mean" mode the
-        dataset mean at END of every head path and MLP of the union of `sets`), then per effect of `effects`
-        ("total", "direct": `causal.ablation.EFFECTS`) one pass per set but the first (the empty one). `sets` are
-        `causal.sites.PathSet`s (head masks [layer, head, group] and MLP layers; no embedding path). A head path's
-        vector is the one the local edit computes (`end_maths.head_group_z_at_end` of this pass's pattern and
-        values, through W_O and Gemma's attention post-norm with this pass's END scale); a total effect edits what
-        the attention / MLP adds at END (`end_maths.head_change`, or the MLP's output replaced by its mean or zero),
-        a direct one adds the summed change to END's residual after the last block and pins the final norm's scale
-        to the clean one (`end_maths.frozen_final_norm`). What comes back: `end_maths.answer_scores` (with a's
-        logit − mean of R_r ∖ a) per pass and prompt, [pass, batch]: the clean pass, then effect by effect the sets.
-        """
+        """`causal.ablation.ablation_grid`'s passes in one nnsight session (no path vector or mean leaves the
+        server): a clean pass (scores, the final norm's scale, in "mean" mode the END means of every path of
+        `sets`, `causal.sites.PathSet`s without embedding), then per effect of `effects` ("total", "direct") one
+        pass per set but the empty first. Head paths are `end_maths.head_paths_at_end` of each pass's own pattern
+        and values; a total effect edits what the attention / MLP adds at END, a direct one adds the summed change
+        after the last block and pins the final norm's scale (`end_maths.frozen_final_norm`). What comes back:
+        `end_maths.answer_scores` with a − mean(R_r ∖ a), [pass, batch]: clean, then effect by effect the sets."""
         import cloudpickle
         import nnsight
 
@@ -399,9 +394,8 @@ class NnsightEngine:
             cloudpickle.register_pickle_by_value(end_maths)
         if any(paths.embed for paths in sets):
             raise FactscopeError("the nnsight engine ablates head paths and MLPs, not the embedding")
-        group_z, to_resid, change_of = end_maths.head_group_z_at_end, end_maths.heads_to_resid, end_maths.head_change
-        score, rms_scale_of, gain_of = end_maths.answer_scores, end_maths.rms_scale, end_maths.rms_gain
-        post_norm_of, frozen_norm = end_maths.frozen_post_norm, end_maths.frozen_final_norm
+        head_paths, change_of, write = end_maths.head_paths_at_end, end_maths.head_change, end_maths.write_at_end
+        score, rms_scale_of, frozen_norm = end_maths.answer_scores, end_maths.rms_scale, end_maths.frozen_final_norm
         lm, eps, d_head, norm_kind, recording = self.lm, self.eps, self.d_head, self.paths.norm, mode == "mean"
         layers, norm, lm_head = self.envoys["layers"], self.envoys["final_norm"], self.envoys["lm_head"]
         v_projs, o_projs, attns, mlps, post_norms = (self.envoys[key] for key in _LAYER_MODULES)
@@ -423,19 +417,11 @@ class NnsightEngine:
                     change = 0.0
                     for layer in range(n_layers):
                         if (record and layer in all_heads) or layer in head_layers[s]:
-                            v = v_projs[layer].output
-                            values = v.detach().view(v.shape[0], v.shape[1], -1, d_head).float()
-                            if v_projs[layer].bias is not None:
-                                values = values - v_projs[layer].bias.detach().float().view(-1, d_head).to(values.device)
-                            attn_output = attns[layer].output
-                            pattern = attn_output[1][rows, :, ends].detach().float()
-                            z = group_z(pattern, values, onehot.to(values.device), groups_first=True)
-                            w_o = o_projs[layer].weight.detach().T.reshape(z.shape[1], d_head, -1).float()
-                            paths = to_resid(z, w_o.to(z.device))
-                            if post_norms:  # Gemma: through the attention post-norm, its END scale this pass's
-                                scale = rms_scale_of(post_norms[layer].input[rows, ends], eps).to(z.device)
-                                gain = gain_of(post_norms[layer].weight.detach(), eps, norm_kind).to(z.device)
-                                paths = post_norm_of(gain, scale)(paths)
+                            v, attn_output = v_projs[layer].output, attns[layer].output
+                            post_norm = (post_norms[layer].input[rows, ends], post_norms[layer].weight.detach(), eps,
+                                         norm_kind) if post_norms else None  # Gemma: with this pass's END scale
+                            paths = head_paths(v, v_projs[layer].bias, attn_output[1][rows, :, ends], onehot,
+                                               o_projs[layer].weight.detach(), d_head, post_norm)
                             if record:
                                 means[("head", layer)] = paths.mean(0)
                             else:
@@ -443,13 +429,12 @@ class NnsightEngine:
                                 if effect == "direct":
                                     change = change + delta
                                 elif post_norms:
-                                    written = post_norms[layer].output.clone()
-                                    written[rows, ends] = (written[rows, ends].float() + delta).to(written.dtype)
-                                    post_norms[layer].output = written
+                                    x = post_norms[layer].output
+                                    post_norms[layer].output = write(x, rows, ends, x[rows, ends].float() + delta)
                                 else:  # the attention module's output is o_proj's, read after its pattern
-                                    written = attn_output[0].clone()
-                                    written[rows, ends] = (written[rows, ends].float() + delta).to(written.dtype)
-                                    attns[layer].output = (written, *attn_output[1:])
+                                    x = attn_output[0]
+                                    attns[layer].output = (write(x, rows, ends, x[rows, ends].float() + delta),
+                                                           *attn_output[1:])
                         if (record and layer in all_mlps) or layer in mlp_layers[s]:
                             x = mlps[layer].output
                             x_end = x[rows, ends].float()
@@ -461,15 +446,12 @@ class NnsightEngine:
                                 if effect == "direct":
                                     change = change + (new - x_end)
                                 else:
-                                    written = x.clone()
-                                    written[rows, ends] = new.to(written.dtype)
-                                    mlps[layer].output = written
+                                    mlps[layer].output = write(x, rows, ends, new)
                     if effect is None:
                         clean_scale = rms_scale_of(norm.input.detach(), eps)  # every position, as the local hook
                     if effect == "direct":
-                        resid = layers[-1].output.clone()
-                        resid[rows, ends] = (resid[rows, ends].float() + change).to(resid.dtype)
-                        layers[-1].output = resid
+                        x = layers[-1].output
+                        layers[-1].output = write(x, rows, ends, x[rows, ends].float() + change)
                         norm.output = frozen_norm(norm.input, clean_scale, norm.weight.detach(), norm_kind)
                     logits = lm_head.output[:, 0]
                     if effect is None:
