@@ -376,7 +376,7 @@ class NnsightEngine:
 
     def ablation_grid(
         self, model, batch, sets: list, mode: str, ids: Int[torch.Tensor, "batch n"],
-        valid: Float[torch.Tensor, "batch n"], effects: Sequence[str] = ("total", "direct"),
+        valid: Float[torch.Tensor, "batch n"], effects: Sequence[str],
     ) -> dict[str, torch.Tensor]:
         """`causal.ablation.ablation_grid`'s passes in one nnsight session (no path vector or mean leaves the
         server): a clean pass (scores, the final norm's scale, in "mean" mode the END means of every path of
@@ -414,7 +414,7 @@ class NnsightEngine:
             for effect, s in passes:
                 record = effect is None and recording
                 with lm.trace(inputs, logits_to_keep=ends[:, None]):
-                    change = 0.0
+                    changes = []  # a direct effect's, layer by layer (the layers may sit on several devices)
                     for layer in range(n_layers):
                         if (record and layer in all_heads) or layer in head_layers[s]:
                             v, attn_output = v_projs[layer].output, attns[layer].output
@@ -427,7 +427,7 @@ class NnsightEngine:
                             else:
                                 delta = change_of(paths, heads[s][layer].to(paths.device), means.get(("head", layer)))
                                 if effect == "direct":
-                                    change = change + delta
+                                    changes.append(delta)
                                 elif post_norms:
                                     x = post_norms[layer].output
                                     post_norms[layer].output = write(x, rows, ends, x[rows, ends].float() + delta)
@@ -444,13 +444,15 @@ class NnsightEngine:
                                 mean = means.get(("mlp", layer))
                                 new = torch.zeros_like(x_end) if mean is None else mean.expand_as(x_end).clone()
                                 if effect == "direct":
-                                    change = change + (new - x_end)
+                                    changes.append(new - x_end)
                                 else:
                                     mlps[layer].output = write(x, rows, ends, new)
                     if effect is None:
                         clean_scale = rms_scale_of(norm.input.detach(), eps)  # every position, as the local hook
                     if effect == "direct":
-                        x = layers[-1].output
+                        x, change = layers[-1].output, 0.0
+                        for delta in changes:  # summed in the order the local editor sums them
+                            change = change + delta.to(x.device)
                         layers[-1].output = write(x, rows, ends, x[rows, ends].float() + change)
                         norm.output = frozen_norm(norm.input, clean_scale, norm.weight.detach(), norm_kind)
                     logits = lm_head.output[:, 0]
