@@ -8,7 +8,8 @@ import torch
 from causal_helpers import tiny
 
 from factscope.causal.extraction import extraction_rate, extraction_summary
-from factscope.causal.scores import logit_lens
+from factscope.causal.scores import model_lens
+from factscope.end_maths import lens_logits
 from factscope.forward import capture, make_batch
 
 
@@ -34,7 +35,7 @@ def test_extraction_rate_projects_with_the_raw_unembedding_and_keeps_the_normed_
     predicted = batch.logits(model, [capture(store, "blocks.1.hook_attn_out", at_end=batch.ends)]).argmax(-1)
     output = store["blocks.1.hook_attn_out"]
     raw = (output.float() @ model.W_U.float()).argmax(-1)
-    normed = logit_lens(model, output).argmax(-1)
+    normed = lens_logits(output, model_lens(model)).argmax(-1)
     row = extraction_rate(model, encoded).set_index(["layer", "sublayer"]).loc[(1, "attn")]
     assert row["extraction_rate"] == float((raw == predicted).float().mean())
     assert row["extraction_rate_normed"] == float((normed == predicted).float().mean())
@@ -56,4 +57,5 @@ def test_logit_lens_of_the_final_residual_is_the_output(model_dirs):
     batch = make_batch(model, encoded)
     store = {}
     logits = batch.logits(model, [capture(store, "blocks.2.hook_resid_post", at_end=batch.ends)])
-    torch.testing.assert_close(logit_lens(model, store["blocks.2.hook_resid_post"]), logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(lens_logits(store["blocks.2.hook_resid_post"], model_lens(model)), logits, atol=1e-4,
+                               rtol=0)

@@ -140,12 +140,23 @@ def test_the_request_names_no_factscope_module(tiny, monkeypatch):
     from factscope.causal.trace import trace_effects
 
     trace_effects(config_only(folder, engine), encoded[:4], seeds=(0,), engine=engine)  # one session
-    assert len(payloads) == 6
+    from factscope.causal.enrichment import subject_enrichment
+    from factscope.causal.extraction import extraction_rate
+
+    extraction_rate(config_only(folder, engine), encoded[:4], engine=engine)
+    subject_enrichment(config_only(folder, engine), encoded[:4], engine=engine)
+    from factscope.causal.ablation import ablation_grid
+    from factscope.causal.sites import HeadPath, MlpPath
+
+    ablation_grid(config_only(folder, engine), encoded[:4], {"a": [HeadPath(1, 0, "subject")], "b": [MlpPath(1)]},
+                  engine=engine)  # one session
+    assert len(payloads) == 9
     for payload in payloads:
         strings = [arg for _, arg, _ in pickletools.genops(io.BytesIO(payload)) if isinstance(arg, str)]
         assert not [s for s in strings if s.split(".")[0] in ("factscope", "jaxtyping", "einops")]
         assert any(f"def {name}" in s for s in strings
-                   for name in ("project_end", "recall_stats", "end_block", "restore_rows"))
+                   for name in ("project_end", "recall_stats", "end_block", "restore_rows", "extraction_events",
+                                "lens_ranks", "frozen_final_norm"))
 
 
 def test_recall_through_the_engine_equals_local_recall(tiny):
@@ -437,6 +448,62 @@ def test_knockout_through_the_engine_equals_local_knockout_bitwise(model_dirs, f
     assert engine.requests == (1 + len(blocked) * 3) + (1 + len(blocked) * 2)
 
 
+@pytest.mark.parametrize(("family", "remote"), [("llama", False), ("llama", "local"), ("qwen2", "local"),
+                                                 ("gemma3", "local")])
+def test_extraction_and_enrichment_through_the_engine_equal_local_bitwise(model_dirs, family, remote):
+    """One read-only pass each: the engine reads attn_out / mlp_out at END (Gemma 3: after the post-norms) and the
+    residual stream at the last subject token, and the projections, top-k and ranks run on the server
+    (`end_maths.extraction_events`, `lens_ranks`) over the model's own unembedding and final norm: the tables are
+    the local ones bit for bit, and only the events and the ranks come back."""
+    from factscope.causal import enrichment, extraction
+    from factscope.data import relation_targets
+
+    folder = model_dirs[family]
+    model = load_model(str(folder))
+    encoded = encode_all(load_facts()[:12], model.tokenizer, model.prepend_bos)
+    engine = local_engine(str(folder), remote=remote)
+    stand_in = config_only(folder, engine)
+    for top_k in (1, 10):  # top_k 1: the top-k event is the top-1 event
+        expected = extraction.extraction_rate(model, encoded, top_k=top_k)
+        got = extraction.extraction_rate(stand_in, encoded, top_k=top_k, engine=engine)
+        pd.testing.assert_frame_equal(expected, got, check_exact=True)
+    assert expected["extraction_rate_top_k"].nunique() > 1  # the events are not all alike
+    expected = enrichment.subject_enrichment(model, encoded)
+    got = enrichment.subject_enrichment(stand_in, encoded, engine=engine)
+    pd.testing.assert_frame_equal(expected, got, check_exact=True)
+    assert expected["mean_rank_a"].nunique() > 1
+    n_layers = model.cfg.n_layers
+    costs = [extraction.remote_cost(n_layers, encoded)] * 2 + [enrichment.remote_cost(n_layers, encoded,
+                                                                                       relation_targets(encoded))]
+    assert (engine.requests, engine.bytes_back) == tuple(map(sum, zip(*costs)))
+
+
+@pytest.mark.parametrize(("family", "remote", "mode"), [("llama", False, "mean"), ("llama", "local", "zero"),
+                                                         ("llama", "local", "mean"), ("qwen2", "local", "mean"),
+                                                         ("gemma3", "local", "mean"), ("gemma3", "local", "zero")])
+def test_mechanism_grid_through_the_engine_equals_local_bitwise(model_dirs, family, remote, mode):
+    """Every set of the grid, as total and as direct effects, in one nnsight session: the head paths removed from
+    what the attention adds at END (Llama: the attention module's output, read after its pattern; Gemma 3: after
+    its post-norm, with this pass's scale), MLPs replaced by their mean or zero, the direct effects added after the
+    last block with the final norm's scale pinned to the clean one (TransformerLens's arithmetic for an edited
+    scale): the table is the local one bit for bit, from one request bringing back the scores only."""
+    from factscope.causal import ablation
+    from factscope.causal.sites import HeadPath, MlpPath
+
+    folder = model_dirs[family]
+    model = load_model(str(folder))
+    encoded = encode_all(load_facts()[:12], model.tokenizer, model.prepend_bos)
+    mechanisms = {"a": [HeadPath(1, 0, "subject"), HeadPath(0, 2, "end")],
+                  "b": [HeadPath(2, 1, "relation"), MlpPath(0)], "c": [MlpPath(2), HeadPath(1, 3, "all")]}
+    expected = ablation.ablation_grid(model, encoded, mechanisms, mode)
+    engine = local_engine(str(folder), remote=remote)
+    got = ablation.ablation_grid(config_only(folder, engine), encoded, mechanisms, mode, engine=engine)
+    pd.testing.assert_frame_equal(expected, got, check_exact=True)
+    assert (expected["delta_logit"] != 0).sum() == 2 * (len(ablation.mechanism_sets(list(mechanisms))) - 1)
+    assert (engine.requests, engine.bytes_back) == ablation.CHECK.remote_cost(
+        model.cfg.n_layers, encoded, mechanisms=mechanisms, mode=mode, targets=None)
+
+
 def _remote_stages(monkeypatch, folder, engines):
     """stages with NDIF replaced by the tiny model in bf16 through nnsight's serialisation path."""
     from transformers import AutoConfig, AutoTokenizer
@@ -456,10 +523,13 @@ def _remote_stages(monkeypatch, folder, engines):
     return stages
 
 
-def test_remote_ablate_equals_the_local_knockout_and_costs_its_plan(tiny, monkeypatch, tmp_path):
-    """analyze --remote, then ablate --remote on its run: the knockout table is the local bf16 knockout's bit for
-    bit over the same prompts, no other check runs, and the requests and bytes are the plan's exactly."""
-    from factscope.causal import knockout, spread
+def test_remote_ablate_equals_the_local_checks_and_costs_its_plan(tiny, monkeypatch, tmp_path):
+    """analyze --remote, then ablate --remote on its run: the knockout, mechanism-grid, extraction-rate and
+    enrichment tables are the local bf16 checks' bit for bit over the same prompts (the grid and enrichment with
+    the run's R_r), noise and path AtP do not run, and the requests and bytes the engine counted are the plan's
+    exactly."""
+    from factscope import stage_io
+    from factscope.causal import ablation, enrichment, extraction, knockout, spread, taxonomy_paths
 
     folder = tiny[0]
     local_model = load_model(str(folder), dtype="bfloat16")
@@ -470,14 +540,25 @@ def test_remote_ablate_equals_the_local_knockout_and_costs_its_plan(tiny, monkey
     run = stages.ablate(run.path, remote=True, window=3, limit=12, report=False)
     known = spread(encode_all(load_facts(), local_model.tokenizer, local_model.prepend_bos), 12)
     head_sets, blocked = knockout.class_head_sets(run.heads), knockout.blocked_groups(local_model.prepend_bos)
-    expected = knockout.CHECK.run(local_model, known, progress=None, window=3, head_sets=head_sets,
-                                  blocked=blocked)["knockout"]
-    pd.testing.assert_frame_equal(expected, run.knockout, check_exact=True, check_dtype=False)
+    targets = stage_io.run_targets(run.path, stage_io.QUIET)
+    expected = {
+        **knockout.CHECK.run(local_model, known, progress=None, window=3, head_sets=head_sets, blocked=blocked),
+        **ablation.CHECK.run(local_model, known, progress=None, mode="mean", targets=targets,
+                             mechanisms=taxonomy_paths(run.heads, local_model.cfg.n_layers)),
+        **extraction.CHECK.run(local_model, known, progress=None),
+        **enrichment.CHECK.run(local_model, known, progress=None, targets=targets),
+    }
+    for name, table in expected.items():
+        pd.testing.assert_frame_equal(table, getattr(run, name), check_exact=True, check_dtype=False)
     ablate = run.summary["causal"]["ablate"]
-    assert ablate["remote"] == {"checks": ["knockout"], "requests": plan.requests, "bytes_back": plan.bytes_back}
+    assert ablate["remote"] == {"checks": ["knockout", "ablations", "extraction_rate", "enrichment"],
+                                "requests": plan.requests, "bytes_back": plan.bytes_back}
+    assert ablate["remote"]["requests"] == engines[-1].requests and ablate["remote"]["bytes_back"] == engines[-1].bytes_back
     passes = knockout.knockout_passes(3, blocked) + knockout.knockout_passes(3, blocked, heads=head_sets)
-    assert (plan.prompts, plan.requests) == (12, passes)  # all prompts analysed: no recall pass
-    assert not any(run.has(name) for name in ("ablations", "noise_robustness", "extraction_rate"))
+    assert (plan.prompts, plan.requests) == (12, passes + 3)  # all prompts analysed: no recall pass
+    assert "(noise_robustness, path_ablations do not run remotely)" in plan.describe()
+    assert not any(run.has(name) for name in ("noise_robustness", "path_ablations"))
+    assert {"knockout", "ablations", "extraction_rate", "enrichment"} <= set(run.summary["causal"])
 
 
 def test_remote_ablate_refusals_are_one_line(tiny, monkeypatch, tmp_path):
@@ -487,8 +568,11 @@ def test_remote_ablate_refusals_are_one_line(tiny, monkeypatch, tmp_path):
     local = stages.analyze(str(folder), None, tmp_path / "local", all_prompts=True, report=False)
     with pytest.raises(FactscopeError, match="analysed locally; ablate --remote checks a run of `analyze --remote`"):
         stages.ablate(local.path, remote=True)
-    with pytest.raises(FactscopeError, match="runs the knockout check only; --method does not run remotely"):
-        stages.ablate(local.path, remote=True, method="atp")
+    for option, value in (("--method", {"method": "atp"}), ("--noise-scales", {"noise_scales": [1.0]})):
+        with pytest.raises(FactscopeError, match=rf"ablate --remote runs knockout, ablations, extraction_rate, "
+                                                 rf"enrichment \(noise_robustness, path_ablations do not run "
+                                                 rf"remotely\); {option} does not run remotely"):
+            stages.ablate(local.path, remote=True, **value)
 
 
 @pytest.mark.real
@@ -508,6 +592,41 @@ def test_knockout_through_the_engine_on_smollm2():
         pd.testing.assert_frame_equal(expected, got, check_exact=True)
 
 
+@pytest.mark.real
+def test_extraction_and_enrichment_through_the_engine_on_smollm2():
+    """SmolLM2, fp32, through the serialisation path, on 8 known facts: the extraction-rate table (every layer and
+    sublayer, both projections) and the enrichment table (the lens at the last subject token) bit for bit."""
+    from factscope.causal import enrichment, extraction, known_facts, spread
+
+    torch.set_num_threads(1)
+    model = load_model("smollm2-135m")
+    known = spread(known_facts(model, encode_all(load_facts(), model.tokenizer, model.prepend_bos)), 8)
+    engine = local_engine("smollm2-135m", remote="local")
+    pd.testing.assert_frame_equal(extraction.extraction_rate(model, known),
+                                  extraction.extraction_rate(model, known, engine=engine), check_exact=True)
+    pd.testing.assert_frame_equal(enrichment.subject_enrichment(model, known),
+                                  enrichment.subject_enrichment(model, known, engine=engine), check_exact=True)
+
+
+@pytest.mark.real
+def test_mechanism_grid_through_the_engine_on_smollm2():
+    """SmolLM2, fp32, through the serialisation path, on 8 known facts: the mean-ablation grid (two head sets and
+    every MLP; alone, in pairs, together; total and direct effects) in one session, bit for bit."""
+    from factscope.causal import ablation, known_facts, spread
+    from factscope.causal.sites import HeadPath, MlpPath
+
+    torch.set_num_threads(1)
+    model = load_model("smollm2-135m")
+    known = spread(known_facts(model, encode_all(load_facts(), model.tokenizer, model.prepend_bos)), 8)
+    engine = local_engine("smollm2-135m", remote="local")
+    mechanisms = {"subject_heads": [HeadPath(14, 3, "subject"), HeadPath(20, 1, "subject")],
+                  "relation_heads": [HeadPath(25, 0, "relation"), HeadPath(28, 7, "relation")],
+                  "mlps": [MlpPath(layer) for layer in range(model.cfg.n_layers)]}
+    pd.testing.assert_frame_equal(ablation.ablation_grid(model, known, mechanisms),
+                                  ablation.ablation_grid(model, known, mechanisms, engine=engine), check_exact=True)
+    assert engine.requests == 1
+
+
 def test_cli_ablate_dry_run_prints_the_plan_and_sends_nothing(tiny, monkeypatch, tmp_path):
     from typer.testing import CliRunner
 
@@ -520,7 +639,8 @@ def test_cli_ablate_dry_run_prints_the_plan_and_sends_nothing(tiny, monkeypatch,
                                           "--window", "3"])
     assert result.exit_code == 0, result.output
     plan = stages.remote_ablate_plan(run.path, window=3, limit=12)
-    assert plan.describe() in result.output and "12 prompts" in result.output
+    printed = " ".join(result.output.split())  # the console wraps the line at its width
+    assert plan.describe() in printed and "12 prompts" in printed and "enrichment (noise_robustness" in printed
     assert not run.path.joinpath("knockout.csv").exists()
 
 

@@ -173,7 +173,7 @@ def ablate(
     device: DeviceOpt = "cpu",
     threads: ThreadsOpt = None,
     overwrite: CausalOverwriteOpt = False,
-    remote: Annotated[bool, typer.Option("--remote", help="Run the attention knockout on NDIF through nnsight, for a run of analyze --remote (the other checks do not run remotely).")] = False,
+    remote: Annotated[bool, typer.Option("--remote", help="Run the attention knockout, the mechanism ablations, the extraction rate and subject enrichment on NDIF through nnsight, for a run of analyze --remote (noise and path AtP do not run remotely).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="With --remote: print the requests and bytes the checks would cost, send nothing.")] = False,
 ) -> None:
     """Causal checks of a finished run on its model's known facts: attention knockout, mechanism ablations (alone,
@@ -181,7 +181,7 @@ def ablate(
     summary.json["causal"] to RUN_DIR and re-renders the report. --method atp|both adds path_ablations.csv and
     atp_path_agreement.csv (every head path and MLP at END removed alone)."""
     if _plan_only(dry_run, remote):
-        console.print(stages.remote_ablate_plan(run_dir, window=window, limit=limit).describe())
+        console.print(stages.remote_ablate_plan(run_dir, window=window, mode=mode.value, limit=limit).describe())
         return
     run = stages.ablate(run_dir, mode=mode.value, window=window, noise_scales=_numbers(noise_scales, float, "--noise-scales"),
                         seeds=_numbers(seeds, int, "--seeds"), method=method, limit=limit, device=device, threads=threads,

@@ -77,6 +77,85 @@ def rms_gain(weight: Float[torch.Tensor, " d_model"], eps: float, norm: str = "l
     return RMS_NORMS[norm](probe, weight, eps).reshape(-1).float()
 
 
+def lens_norm(
+    resid: Float[torch.Tensor, "*rows d_model"], gain: Float[torch.Tensor, " d_model"], bias: Float[torch.Tensor, " d_model"],
+    eps: float, centres: bool = False,
+) -> Float[torch.Tensor, "*rows d_model"]:
+    """A residual-stream vector through the final norm with its OWN scale, not a frozen one, in fp32: what the
+    logit lens unembeds (`centres`: a LayerNorm's mean is removed first)."""
+    resid = resid.float()
+    if centres:
+        resid = resid - resid.mean(-1, keepdim=True)
+    return resid / (resid.pow(2).mean(-1, keepdim=True) + eps).sqrt() * gain + bias
+
+
+def unembed(vectors: Float[torch.Tensor, "batch d_model"], w_u: Float[torch.Tensor, "d_model vocab"],
+            b_u: Float[torch.Tensor, " vocab"] | None = None) -> Float[torch.Tensor, "batch vocab"]:
+    """Vectors times W_U (plus b_U), returned in fp32 but multiplied in the unembedding's dtype: a vocabulary-sized
+    fp32 copy of W_U would be the largest tensor of the analysis."""
+    logits = vectors.to(w_u.dtype) @ w_u
+    return (logits if b_u is None else logits + b_u).float()
+
+
+def lens_logits(vectors: Float[torch.Tensor, "batch d_model"], lens: dict) -> Float[torch.Tensor, "batch vocab"]:
+    """The logit lens of residual-stream vectors: `lens_norm`, then `unembed`. `lens` holds the model's "w_u"
+    [d_model, vocab] and "b_u" (None: no bias, a zero one is added as the local model adds its zeros), the final
+    norm's fp32 "gain" and "bias", its "eps" and whether it "centres"."""
+    w_u, b_u = lens["w_u"], lens["b_u"]
+    if b_u is None:
+        b_u = torch.zeros(w_u.shape[1], device=w_u.device, dtype=w_u.dtype)
+    device = w_u.device
+    normed = lens_norm(vectors.to(device), lens["gain"].to(device), lens["bias"].to(device), lens["eps"], lens["centres"])
+    return unembed(normed, w_u, b_u)
+
+
+def answer_ranks(logits: Float[torch.Tensor, "batch vocab"], ids: Int[torch.Tensor, "batch n"]) -> Int[torch.Tensor, "batch n"]:
+    """The rank (1 = top) of each of `ids` in its prompt's logits."""
+    # one column at a time: a [batch, n, vocab] comparison would not fit for Gemma's 262k vocabulary
+    chosen = logits.gather(1, ids.to(logits.device))
+    return torch.stack([(logits > chosen[:, [j]]).sum(-1) + 1 for j in range(ids.shape[1])], dim=1)
+
+
+# Attribute extraction (`causal.extraction`): what is read at END per layer, how it is projected to the vocabulary,
+# and the events counted per prompt, in the order of `extraction_events`' axes
+SUBLAYER_OUTPUTS = ("attn", "mlp")  # what the attention and the MLP add to the residual stream (attn_out, mlp_out)
+PROJECTIONS = ("raw", "normed")  # W_U alone (Geva et al.), and the logit lens (`lens_logits`)
+EXTRACTION_EVENTS = ("extraction_rate", "attribute_rate", "extraction_rate_top_k")
+
+
+def extraction_events(reads: dict, lens: dict, answers: Int[torch.Tensor, " batch"],
+                      top_k: int) -> dict[str, torch.Tensor]:
+    """Geva et al.'s extraction events of every sublayer's END output: `reads` holds, per name of
+    `SUBLAYER_OUTPUTS`, one [batch, d_model] tensor per layer, and "logits", the model's END logits. Per prompt,
+    for each projection (`PROJECTIONS`): the top-1 token is the model's own top-1 prediction, it is the attribute,
+    the prediction is among the `top_k` tokens. → {"events": [layer, sublayer, projection, event, batch] bool}, a
+    few bytes per prompt where the projections are vocabulary-sized."""
+    with torch.no_grad():  # the weights are parameters and the pass may run with autograd on
+        device = lens["w_u"].device
+        predicted, answers = reads["logits"].to(device).argmax(-1), answers.to(device)
+        layers = []
+        for layer in range(len(reads[SUBLAYER_OUTPUTS[0]])):
+            sublayers = []
+            for sublayer in SUBLAYER_OUTPUTS:
+                output = reads[sublayer][layer].to(device)
+                projected = (unembed(output, lens["w_u"]), lens_logits(output, lens))  # in the order of PROJECTIONS
+                events = []
+                for logits in projected:
+                    top = logits.topk(top_k, dim=-1).indices  # [batch, k]
+                    events.append(torch.stack([top[:, 0] == predicted, top[:, 0] == answers,
+                                               (top == predicted[:, None]).any(1)]))
+                sublayers.append(torch.stack(events))
+            layers.append(torch.stack(sublayers))
+        return {"events": torch.stack(layers)}
+
+
+def lens_ranks(reads: dict, lens: dict, ids: Int[torch.Tensor, "batch n"]) -> dict[str, torch.Tensor]:
+    """The logit lens of the residual stream after every layer (`reads["resid"]`, one [batch, d_model] tensor per
+    layer): the rank of each of `ids` → {"ranks": [layer, batch, n]}, never the vocabulary-sized logits."""
+    with torch.no_grad():
+        return {"ranks": torch.stack([answer_ranks(lens_logits(resid, lens), ids) for resid in reads["resid"]])}
+
+
 def rms_scale(resid: Float[torch.Tensor, "batch d_model"], eps: float) -> Float[torch.Tensor, "batch 1"]:
     """The final norm's scale at END, in the order TransformerLens's normalisation bridge computes hook_scale."""
     return (resid.float().pow(2).mean(-1, keepdim=True) + eps).sqrt()
@@ -95,6 +174,65 @@ def head_group_z_at_end(
     if groups_first:
         return torch.einsum("bhk,bkg,bkhd->bhgd", pattern, onehot, values)
     return torch.einsum("bhk,bkhd,bkg->bhgd", pattern, values, onehot)
+
+
+def heads_to_resid(
+    z: Float[torch.Tensor, "batch head group d_head"], w_o: Float[torch.Tensor, "head d_head d_model"]
+) -> Float[torch.Tensor, "batch head group d_model"]:
+    """Per-head, per-group z through each head's own W_O, into the residual stream."""
+    return torch.einsum("bhgd,hdm->bhgm", z, w_o)
+
+
+def head_paths_at_end(
+    v: Float[torch.Tensor, "batch key kv_head_d_head"], v_bias: Float[torch.Tensor, " kv_head_d_head"] | None,
+    pattern: Float[torch.Tensor, "batch head key"], onehot: Float[torch.Tensor, "batch key group"],
+    o_weight: Float[torch.Tensor, "d_model head_d_head"], d_head: int, post_norm: tuple | None = None,
+) -> Float[torch.Tensor, "batch head group d_model"]:
+    """Every head path's vector at END, from a pass's Hugging Face tensors (v_proj's output and bias, END's row of
+    the pattern, o_proj's weight) as `causal.edits` builds it from TransformerLens's: the value bias left out,
+    the groups multiplied first, then W_O and, with `post_norm` = (its input at END, its weight, eps, the norm's
+    kind), the attention post-norm with that END scale frozen (Gemma)."""
+    values = v.detach().view(v.shape[0], v.shape[1], -1, d_head).float()
+    if v_bias is not None:  # counted with the attention bias, not with a source group
+        values = values - v_bias.detach().float().view(-1, d_head).to(values.device)
+    z = head_group_z_at_end(pattern.detach().float(), values, onehot.to(values.device), groups_first=True)
+    paths = heads_to_resid(z, o_weight.T.reshape(z.shape[1], d_head, -1).float().to(z.device))
+    if post_norm is None:
+        return paths
+    post_in, weight, eps, norm = post_norm
+    gain = rms_gain(weight, eps, norm).to(z.device)
+    return frozen_post_norm(gain, rms_scale(post_in, eps).to(z.device))(paths)
+
+
+def write_at_end(x: Float[torch.Tensor, "batch pos d_model"], rows: Int[torch.Tensor, " batch"],
+                 ends: Int[torch.Tensor, " batch"], value: Float[torch.Tensor, "batch d_model"]) -> Float[torch.Tensor, "batch pos d_model"]:
+    """A copy of `x` with each prompt's END row replaced by `value`, cast to `x`'s dtype (an edit is made in fp32)."""
+    x = x.clone()
+    x[rows, ends] = value.to(x.dtype)
+    return x
+
+
+def head_change(
+    paths: Float[torch.Tensor, "batch head group d_model"], weights: Float[torch.Tensor, "head group"],
+    mean: Float[torch.Tensor, "head group d_model"] | None = None,
+) -> Float[torch.Tensor, "batch d_model"]:
+    """What removing the head paths `weights` selects does to END's residual: minus their vectors, plus their
+    dataset mean in mean mode (`causal.edits.Ablate`; `NnsightEngine.ablation_grid` on the server)."""
+    change = -torch.einsum("bhgm,hg->bm", paths, weights)
+    if mean is not None:
+        change = change + torch.einsum("hgm,hg->m", mean, weights)
+    return change
+
+
+def frozen_final_norm(
+    x: Float[torch.Tensor, "batch pos d_model"], scale: Float[torch.Tensor, "batch pos 1"],
+    weight: Float[torch.Tensor, " d_model"], norm: str = "llama",
+) -> Float[torch.Tensor, "batch pos d_model"]:
+    """The final RMSNorm with its scale pinned to `scale` (a clean pass's): the arithmetic TransformerLens's norm
+    bridge falls back to when its hook_scale is edited (fp32 x / scale, times the gain, cast back), so the direct
+    effects through nnsight round as the local ones do. Gemma's gain is 1 + weight."""
+    gain = 1.0 + weight if norm == "gemma" else weight
+    return ((x.float() / scale.to(x.device)) * gain).to(x.dtype)
 
 
 def frozen_post_norm(
@@ -146,17 +284,26 @@ def restore_rows(
 
 
 def answer_scores(
-    logits: Float[torch.Tensor, "batch vocab"], answers: Int[torch.Tensor, " batch"]
+    logits: Float[torch.Tensor, "batch vocab"], answers: Int[torch.Tensor, " batch"],
+    ids: Int[torch.Tensor, "batch n"] | None = None, valid: Float[torch.Tensor, "batch n"] | None = None,
 ) -> dict[str, torch.Tensor]:
     """What a causal check measures at END (`causal.scores`): the attribute's probability and logit, and whether
-    it is the top-1 token."""
+    it is the top-1 token; with the other attributes of its relation (`ids`, padded, `valid` marking the real ones)
+    also a's logit − their mean logit (NaN where there is none)."""
     answers = answers.to(logits.device)
     rows = torch.arange(len(answers), device=logits.device)
-    return {
+    out = {
         "prob": logits.softmax(-1)[rows, answers],
         "logit": logits[rows, answers],
         "correct": (logits.argmax(-1) == answers).float(),
     }
+    if ids is not None:
+        ids, valid = ids.to(logits.device), valid.to(logits.device)
+        count = valid.sum(1)
+        mean_others = (logits.gather(1, ids) * valid).sum(1) / count.clamp(min=1)
+        logit = out["logit"]
+        out["logit_diff"] = torch.where(count > 0, logit - mean_others, torch.full_like(logit, float("nan")))
+    return out
 
 
 def recall_stats(
@@ -287,7 +434,7 @@ def _project_end(acts: dict, weights: dict, groups: Float[torch.Tensor, "batch p
     recall = recall_stats(logits, answers)
     keep = recall["top"][:, 0] == answers if known_only else torch.ones(batch, dtype=torch.bool, device=device)
     lens_resid = torch.stack([r[keep] for r in resid], dim=1)  # [kept, layer, d_model]
-    lens_resid = lens_resid / (lens_resid.pow(2).mean(-1, keepdim=True) + eps).sqrt() * gain + norm_bias
+    lens_resid = lens_norm(lens_resid, gain, norm_bias, eps)
     lens = lens_stats(lens_resid.reshape(-1, lens_resid.shape[-1]), answers[keep].repeat_interleave(n_layers), w_u, b_u)
     return {
         "embed": to_logit(acts["embed"].to(device).float(), scale, unembed),

@@ -17,7 +17,7 @@ from jaxtyping import Bool, Float, Int
 
 from .data import Encoded
 # shared with the server-side maths (`end_maths`), re-exported
-from .end_maths import frozen_post_norm, head_group_z_at_end  # noqa: F401
+from .end_maths import frozen_post_norm, head_group_z_at_end, heads_to_resid, lens_norm  # noqa: F401
 from .errors import FactscopeError
 from .models import LoadedModel
 from .taxonomy import GROUPS
@@ -301,13 +301,6 @@ def head_group_z(
     return head_group_z_at_end(pattern[rows, :, ends], values, onehot, groups_first)
 
 
-def heads_to_resid(
-    z: Float[torch.Tensor, "batch head group d_head"], w_o: Float[torch.Tensor, "head d_head d_model"]
-) -> Float[torch.Tensor, "batch head group d_model"]:
-    """Per-head, per-group z through each head's own W_O, into the residual stream."""
-    return torch.einsum("bhgd,hdm->bhgm", z, w_o)
-
-
 def head_values(model: LoadedModel, layer: int, v: Float[torch.Tensor, "batch key kv_head d_head"]) -> Float[torch.Tensor, "batch key kv_head d_head"]:
     """hook_v without the value bias, in fp32: the bias reaches END whatever a head attends to (its pattern sums to
     1), so it is counted with the attention output bias (`attn_bias`), not with any source group."""
@@ -335,12 +328,9 @@ def attn_bias(model: LoadedModel, layer: int) -> Float[torch.Tensor, " d_model"]
 
 def lens_normalise(model: LoadedModel, resid: Float[torch.Tensor, "*rows d_model"]) -> Float[torch.Tensor, "*rows d_model"]:
     """A residual-stream vector through the final norm with its OWN scale, not a frozen one, in fp32: what the
-    logit lens unembeds."""
-    resid = resid.float()
-    if model.centres:
-        resid = resid - resid.mean(-1, keepdim=True)
+    logit lens unembeds (`end_maths.lens_norm`, which the nnsight engine runs on the server)."""
     gain, bias = model.final_norm
-    return resid / (resid.pow(2).mean(-1, keepdim=True) + model.cfg.eps).sqrt() * gain + bias
+    return lens_norm(resid, gain, bias, model.cfg.eps, model.centres)
 
 
 def target_ids(

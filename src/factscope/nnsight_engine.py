@@ -18,7 +18,7 @@ holds, and adds the attention mask it receives to the scores, which is where a k
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import reduce
 
@@ -325,8 +325,7 @@ class NnsightEngine:
         add_noise = end_maths.add_noise
         # `self` stays out of the session: the block is shipped with what it names, and the server has no factscope
         lm, embed, layers, lm_head = self.lm, self.envoys["embed"], self.envoys["layers"], self.envoys["lm_head"]
-        # what TransformerLens calls attn_out: what the attention adds to the residual stream (after Gemma's post-norm)
-        outputs = {"attn": self.envoys["attn_post_norm"] or self.envoys["o_proj"], "mlp": self.envoys["mlp_out"]}
+        outputs = self._outputs()
         tokens, mask, ends, answers = batch.tokens.cpu(), batch.mask.cpu(), batch.ends.cpu(), batch.answers.cpu()
         subject, prompts, positions = batch.subject.cpu(), prompts.cpu(), positions.cpu()
         # per chunk: its rows' prompts, positions, width
@@ -374,6 +373,139 @@ class NnsightEngine:
                 restored.append(row)
             out["restored"] = torch.stack(restored)
         return self._received(model, out)
+
+    def ablation_grid(
+        self, model, batch, sets: list, mode: str, ids: Int[torch.Tensor, "batch n"],
+        valid: Float[torch.Tensor, "batch n"], effects: Sequence[str],
+    ) -> dict[str, torch.Tensor]:
+        """`causal.ablation.ablation_grid`'s passes in one nnsight session (no path vector or mean leaves the
+        server): a clean pass (scores, the final norm's scale, in "mean" mode the END means of every path of
+        `sets`, `causal.sites.PathSet`s without embedding), then per effect of `effects` ("total", "direct") one
+        pass per set but the empty first. Head paths are `end_maths.head_paths_at_end` of each pass's own pattern
+        and values; a total effect edits what the attention / MLP adds at END, a direct one adds the summed change
+        after the last block and pins the final norm's scale (`end_maths.frozen_final_norm`). What comes back:
+        `end_maths.answer_scores` with a − mean(R_r ∖ a), [pass, batch]: clean, then effect by effect the sets."""
+        import cloudpickle
+        import nnsight
+
+        from . import end_maths
+
+        if self.remote:
+            cloudpickle.register_pickle_by_value(end_maths)
+        if any(paths.embed for paths in sets):
+            raise FactscopeError("the nnsight engine ablates head paths and MLPs, not the embedding")
+        head_paths, change_of, write = end_maths.head_paths_at_end, end_maths.head_change, end_maths.write_at_end
+        score, rms_scale_of, frozen_norm = end_maths.answer_scores, end_maths.rms_scale, end_maths.frozen_final_norm
+        lm, eps, d_head, norm_kind, recording = self.lm, self.eps, self.d_head, self.paths.norm, mode == "mean"
+        layers, norm, lm_head = self.envoys["layers"], self.envoys["final_norm"], self.envoys["lm_head"]
+        v_projs, o_projs, attns, mlps, post_norms = (self.envoys[key] for key in _LAYER_MODULES)
+        n_layers, rows, ends = len(layers), torch.arange(len(batch)), batch.ends.cpu()
+        onehot, answers, ids, valid = batch.onehot.cpu(), batch.answers.cpu(), ids.cpu(), valid.cpu()
+        heads = [paths.heads.cpu() for paths in sets]
+        head_layers = [{int(layer) for layer in torch.nonzero(h.sum((1, 2)) > 0).flatten()} for h in heads]
+        mlp_layers = [set(paths.mlps) for paths in sets]
+        all_heads, all_mlps = set().union(*head_layers), set().union(*mlp_layers)
+        # the clean pass (no effect; set 0 is the empty set), then every edited one
+        passes = [(None, 0)] + [(effect, s) for effect in effects for s in range(1, len(sets))]
+        inputs = {"input_ids": batch.tokens.cpu(), "attention_mask": batch.mask.cpu()}
+        with lm.session(remote=self.remote):
+            out = nnsight.save({})
+            means, scores = {}, {}
+            for effect, s in passes:
+                record = effect is None and recording
+                with lm.trace(inputs, logits_to_keep=ends[:, None]):
+                    changes = []  # a direct effect's, layer by layer (the layers may sit on several devices)
+                    for layer in range(n_layers):
+                        if (record and layer in all_heads) or layer in head_layers[s]:
+                            v, attn_output = v_projs[layer].output, attns[layer].output
+                            post_norm = (post_norms[layer].input[rows, ends], post_norms[layer].weight.detach(), eps,
+                                         norm_kind) if post_norms else None  # Gemma: with this pass's END scale
+                            paths = head_paths(v, v_projs[layer].bias, attn_output[1][rows, :, ends], onehot,
+                                               o_projs[layer].weight.detach(), d_head, post_norm)
+                            if record:
+                                means[("head", layer)] = paths.mean(0)
+                            else:
+                                delta = change_of(paths, heads[s][layer].to(paths.device), means.get(("head", layer)))
+                                if effect == "direct":
+                                    changes.append(delta)
+                                elif post_norms:
+                                    x = post_norms[layer].output
+                                    post_norms[layer].output = write(x, rows, ends, x[rows, ends].float() + delta)
+                                else:  # the attention module's output is o_proj's, read after its pattern
+                                    x = attn_output[0]
+                                    attns[layer].output = (write(x, rows, ends, x[rows, ends].float() + delta),
+                                                           *attn_output[1:])
+                        if (record and layer in all_mlps) or layer in mlp_layers[s]:
+                            x = mlps[layer].output
+                            x_end = x[rows, ends].float()
+                            if record:
+                                means[("mlp", layer)] = x_end.mean(0)
+                            else:
+                                mean = means.get(("mlp", layer))
+                                new = torch.zeros_like(x_end) if mean is None else mean.expand_as(x_end).clone()
+                                if effect == "direct":
+                                    changes.append(new - x_end)
+                                else:
+                                    mlps[layer].output = write(x, rows, ends, new)
+                    if effect is None:
+                        clean_scale = rms_scale_of(norm.input.detach(), eps)  # every position, as the local hook
+                    if effect == "direct":
+                        x, change = layers[-1].output, 0.0
+                        for delta in changes:  # summed in the order the local editor sums them
+                            change = change + delta.to(x.device)
+                        layers[-1].output = write(x, rows, ends, x[rows, ends].float() + change)
+                        norm.output = frozen_norm(norm.input, clean_scale, norm.weight.detach(), norm_kind)
+                    logits = lm_head.output[:, 0]
+                    if effect is None:
+                        out["model_dtype"] = logits[:0]
+                    for key, value in score(logits.detach().float(), answers, ids, valid).items():
+                        scores.setdefault(key, []).append(value)
+            for key, values in scores.items():
+                out[key] = torch.stack(values)
+        return self._received(model, out)
+
+    def read_pass(
+        self, model, batch, reads: Sequence[str], at: Int[torch.Tensor, " batch"], reduce: Callable[..., dict],
+        **args,
+    ) -> dict[str, torch.Tensor]:
+        """One read-only pass of `batch` (`forward.Batch`) whose readings are reduced where the weights are. Per
+        layer, the outputs `reads` names (keys of `_outputs`: "attn", "mlp", "resid") at position `at[i]` of
+        prompt i, and the END logits ("logits"), go to `reduce(reads, lens, **args)`, an `end_maths` function,
+        with the unembedding and the final norm as `end_maths.lens_logits` takes them: only what it returns comes
+        back (`extraction_events`: a few booleans per prompt; `lens_ranks`: ranks), never a vocabulary-sized row."""
+        import cloudpickle
+        import nnsight
+
+        from . import end_maths
+
+        if self.remote:
+            cloudpickle.register_pickle_by_value(end_maths)
+        gain_of, eps, norm_kind = end_maths.rms_gain, self.eps, self.paths.norm
+        layers, norm, lm_head = self.envoys["layers"], self.envoys["final_norm"], self.envoys["lm_head"]
+        outputs = self._outputs()
+        order = [read for read in outputs if read in reads]  # as the layer runs them: nnsight cannot go back
+        rows, at = torch.arange(len(at)), at.cpu()
+        inputs = {"input_ids": batch.tokens.cpu(), "attention_mask": batch.mask.cpu()}
+        with self.lm.trace(inputs, logits_to_keep=batch.ends.cpu()[:, None], remote=self.remote):
+            out = nnsight.save({})
+            got = {read: [] for read in order}
+            for layer in range(len(layers)):
+                for read in order:
+                    got[read].append(outputs[read][layer].output[rows, at])
+            logits = lm_head.output[:, 0]
+            out["model_dtype"] = logits[:0]
+            got["logits"] = logits.detach().float()
+            weight = norm.weight.detach()
+            lens = {"w_u": lm_head.weight.T, "b_u": lm_head.bias, "gain": gain_of(weight, eps, norm_kind),
+                    "bias": torch.zeros(weight.shape[0], device=weight.device), "eps": eps, "centres": False}
+            out.update(reduce(got, lens, **args))
+        return self._received(model, out)
+
+    def _outputs(self) -> dict[str, list]:
+        """Per layer, the modules whose outputs TransformerLens calls attn_out (what the attention adds to the
+        residual stream: after Gemma's post-norm), mlp_out and resid_post, in the order a layer runs them."""
+        return {"attn": self.envoys["attn_post_norm"] or self.envoys["o_proj"], "mlp": self.envoys["mlp_out"],
+                "resid": self.envoys["layers"]}
 
     def _received(self, model, out: dict) -> dict[str, torch.Tensor]:
         """What a request brought back, counted for the cost report, once the dtype the model ran in is checked

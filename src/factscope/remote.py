@@ -50,11 +50,13 @@ class Plan:
     requests: int  # one trace per batch
     bytes_back: int
     bytes_sent: int = 0  # tensors the client sends besides the prompts' token ids (causal tracing's noise draws)
+    note: str = ""  # what the plan covers, where a command runs only part of its work remotely
 
     def describe(self) -> str:
         sent = f", {self.bytes_sent / 1e6:.2f} MB of noise draws sent" if self.bytes_sent else ""
+        note = f"; {self.note}" if self.note else ""
         return (f"remote plan for {self.model}: {self.prompts} prompts in {self.requests} request"
-                f"{'s' * (self.requests != 1)}, {self.bytes_back / 1e6:.2f} MB back{sent}")
+                f"{'s' * (self.requests != 1)}, {self.bytes_back / 1e6:.2f} MB back{sent}{note}")
 
 
 GROUP_COUNT = len(GROUPS)  # the source groups a head's contribution is split over
@@ -84,13 +86,16 @@ def recall_plan(model: str, prompts: int, batch_size: int) -> Plan:
 
 
 SCORE_BYTES = 3 * 4  # per prompt and causal pass: p(a), a's logit and top-1 correct, fp32 (`end_maths.answer_scores`)
+SCORE_DIFF_BYTES = SCORE_BYTES + 4  # and a's logit − the mean of R_r ∖ a's
 
 
-def ablate_plan(model: str, recalled: int, recall_batch: int, prompts: int, passes: int) -> Plan:
+def ablate_plan(model: str, recalled: int, recall_batch: int, prompts: int, passes: int, bytes_back: int,
+                checks: str = "") -> Plan:
     """`ablate --remote`: the recall passes that find the known facts among `recalled` prompts again (none when
-    the run analysed every prompt), then `passes` knockout passes over `prompts`, one request each."""
+    the run analysed every prompt), then the checks' `passes` over `prompts`, one request each, bringing back
+    `bytes_back` (`causal.remote_ablate_cost`); `checks` says which run remotely and which do not."""
     recall = recall_plan(model, recalled, recall_batch)
-    return Plan(model, prompts, recall.requests + passes, recall.bytes_back + passes * prompts * SCORE_BYTES)
+    return Plan(model, prompts, recall.requests + passes, recall.bytes_back + bytes_back, note=checks)
 
 
 def trace_plan(model: str, recalled: int, recall_batch: int, prompts: int, restorations: int, subject_tokens: int,

@@ -187,17 +187,18 @@ def ablate(
     exactly too and compares them on every (path, prompt).
 
     `remote`: the passes of a run analysed with `analyze --remote` run on NDIF through nnsight, and only the
-    checks that can (`causal.remote_checks`: the attention knockout) run; each pass sends back three numbers per
-    prompt. The plan (`remote_ablate_plan`) is printed before anything is sent."""
+    checks that can (`causal.remote_checks`: the attention knockout, the mechanism ablations, the extraction
+    rate, subject enrichment) run; each pass sends back a few numbers per prompt. The plan (`remote_ablate_plan`) is printed before
+    anything is sent."""
     from .causal.atp_paths import METHODS
     from . import causal
 
-    if remote:
-        return _remote_ablate(run_dir, window=window, limit=limit, overwrite=overwrite, report=report,
-                              reporter=reporter, refused={"--method": method != "exact", "--noise-scales":
-                                                          noise_scales is not None, "--seeds": seeds is not None})
     if mode not in ("mean", "zero"):
         raise FactscopeError(f"ablation mode {mode!r}: use 'mean' or 'zero'")
+    if remote:
+        return _remote_ablate(run_dir, window=window, mode=mode, limit=limit, overwrite=overwrite, report=report,
+                              reporter=reporter, refused={"--method": method != "exact", "--noise-scales":
+                                                          noise_scales is not None, "--seeds": seeds is not None})
     if method not in METHODS:
         raise FactscopeError(f"ablate method {method!r}: use {', '.join(METHODS)}")
     options = {"mode": mode, "window": window, "method": method}
@@ -292,17 +293,19 @@ def _remote_run(run_dir: str | Path, command: str) -> Path:
     return run_dir
 
 
-def remote_ablate_plan(run_dir: str | Path, *, window: int = 9, limit: int | None = None):
+def remote_ablate_plan(run_dir: str | Path, *, window: int = 9, mode: str = "mean", limit: int | None = None):
     """What `ablate --remote` would send and get back (`remote.Plan`), from the run, the model's config and
-    tokenizer: the recall passes that find the known facts again, then one request per knockout pass, each
-    bringing back `remote.SCORE_BYTES` per prompt. The prompts are the run's known facts as its recall.csv has
-    them (the run finds them again on the server)."""
+    tokenizer: the recall passes that find the known facts again, then the requests of the checks that run
+    remotely, each bringing back what its check says (`CausalCheck.remote_cost`). The prompts are the run's
+    known facts as its recall.csv has them (the run finds them again on the server)."""
     from . import causal
     from . import remote as ndif
 
     model, heads, recalled, checked = _remote_plan_inputs(run_dir, limit)
-    passes = causal.remote_ablate_passes(model, heads, window=window)
-    return ndif.ablate_plan(model.name, recalled, causal.KNOWN_BATCH, len(checked), passes)
+    requests, bytes_back = causal.remote_ablate_cost(model, checked, heads, window=window, mode=mode,
+                                                     targets=run_targets(Path(run_dir), QUIET))
+    return ndif.ablate_plan(model.name, recalled, causal.KNOWN_BATCH, len(checked), requests, bytes_back,
+                            causal.remote_scope("ablate"))
 
 
 def remote_trace_plan(run_dir: str | Path, *, seeds: Sequence[int] | None = None, limit: int | None = None,
@@ -346,7 +349,7 @@ def _remote_plan_inputs(run_dir: str | Path, limit: int | None):
     return model, heads, len(encoded) if known_only else 0, causal.spread(checked, limit)
 
 
-def _remote_ablate(run_dir: str | Path, *, window: int, limit: int | None, overwrite: bool, report: bool,
+def _remote_ablate(run_dir: str | Path, *, window: int, mode: str, limit: int | None, overwrite: bool, report: bool,
                    reporter: Reporter, refused: dict[str, bool]) -> rundir.Run:
     """`ablate(remote=True)`: every check that can refuse comes before the run directory is locked."""
     from . import causal
@@ -354,15 +357,15 @@ def _remote_ablate(run_dir: str | Path, *, window: int, limit: int | None, overw
 
     given = [option for option, set_ in refused.items() if set_]
     if given:
-        names = ", ".join(check.name for check in causal.remote_checks("ablate"))
-        raise FactscopeError(f"ablate --remote runs the {names} check only; {given[0]} does not run remotely")
+        raise FactscopeError(f"{causal.remote_scope('ablate')}; {given[0]} does not run remotely")
     run_dir = _remote_run(run_dir, "ablate")
-    reporter.warn(remote_ablate_plan(run_dir, window=window, limit=limit).describe())
+    reporter.warn(remote_ablate_plan(run_dir, window=window, mode=mode, limit=limit).describe())
     with rundir.locked(run_dir), ndif.one_line_errors():
+        trace, targets = rundir.read_table(run_dir, "causal_trace"), run_targets(run_dir, reporter)
         model, known, heads, engine = causal_inputs(run_dir, "ablate", overwrite, "cpu", None, limit, reporter,
                                                      remote=True)
-        tables, summary = causal.remote_ablate_checks(model, known, heads, engine, window=window,
-                                                      progress=reporter.progress)
+        tables, summary = causal.remote_ablate_checks(model, known, heads, engine, window=window, mode=mode,
+                                                      targets=targets, trace=trace, progress=reporter.progress)
         summary["ablate"]["remote"] |= {"requests": engine.requests, "bytes_back": engine.bytes_back}
         return write_causal(run_dir, "ablate", tables, summary, report, reporter)
 

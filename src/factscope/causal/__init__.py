@@ -45,7 +45,8 @@ from .trace import trace_peaks
 
 __all__ = [
     "CHECKS", "KNOWN_BATCH", "CausalCheck", "NOISE_SCALES", "SEEDS", "ablate_checks", "enrichment_summary",
-    "extraction_summary", "knockout_summary", "known_facts", "noise_summary", "remote_ablate_checks", "remote_ablate_passes", "remote_checks",
+    "extraction_summary", "knockout_summary", "known_facts", "noise_summary", "remote_ablate_checks",
+    "remote_ablate_cost", "remote_checks", "remote_scope",
     "robustness_summary", "spread", "taxonomy_paths", "trace_checks", "trace_peaks",
 ]
 
@@ -124,15 +125,19 @@ def trace_checks(
 
 def remote_ablate_checks(
     model, known: list[Encoded], heads: pd.DataFrame, engine, *, window: int = knockout.WINDOW,
-    progress: ProgressBars = None,
+    mode: str = ablation.MODE, targets: dict[str, dict[int, str]] | None = None,
+    trace: pd.DataFrame | None = None, progress: ProgressBars = None,
 ) -> tuple[dict[str, pd.DataFrame], dict]:
     """`ablate --remote`: the `ablate` checks that run through an nnsight engine (`CausalCheck.remote`: the
-    attention knockout), with `engine`'s passes; `model` may hold no weights (`nnsight_engine.ConfigOnlyModel`)."""
+    attention knockout, the mechanism ablations, the attribute extraction rate and subject enrichment), with
+    `engine`'s passes; `model` may hold no weights (`nnsight_engine.ConfigOnlyModel`). `mode`, `targets` and
+    `trace` as `ablate_checks` takes them."""
     checks = remote_checks("ablate")
-    tables = _run(checks, model, known, _knockout_options(model, heads, window), progress, engine)
+    tables = _run(checks, model, known, _remote_options(model, heads, window, mode, targets), progress, engine)
+    earlier = {"causal_trace": trace} if trace is not None else {}
     remote = {"checks": [check.name for check in checks]}
-    summary = {"ablate": {"window": window, "n_prompts": len(known), "remote": remote}}
-    summary.update((check.name, check.summarize(tables)) for check in checks)
+    summary = {"ablate": {"mode": mode, "window": window, "n_prompts": len(known), "remote": remote}}
+    summary.update((check.name, check.summarize({**earlier, **tables})) for check in checks)
     return tables, summary
 
 
@@ -140,11 +145,26 @@ def remote_checks(command: str) -> list[CausalCheck]:
     return [check for check in _of(command) if check.remote]
 
 
-def remote_ablate_passes(model, heads: pd.DataFrame, *, window: int = knockout.WINDOW) -> int:
-    """How many passes `remote_ablate_checks` sends (one request each)."""
-    options = _knockout_options(model, heads, window)
-    return sum(check.n_passes(model.cfg.n_layers, **{name: options[name] for name in check.options})
-               for check in remote_checks("ablate"))
+def remote_scope(command: str) -> str:
+    """Which of `command`'s checks run remotely and which do not, in one line (the plan, the refusals)."""
+    runs = ", ".join(check.name for check in remote_checks(command))
+    skipped = ", ".join(check.name for check in _of(command) if not check.remote)
+    return f"{command} --remote runs {runs}" + (f" ({skipped} do not run remotely)" if skipped else "")
+
+
+def remote_ablate_cost(model, known: list[Encoded], heads: pd.DataFrame, *, window: int = knockout.WINDOW,
+                       mode: str = ablation.MODE, targets: dict[str, dict[int, str]] | None = None) -> tuple[int, int]:
+    """How many requests `remote_ablate_checks` sends over `known` and the bytes they bring back
+    (`CausalCheck.remote_cost`)."""
+    options, checks, n_layers = _remote_options(model, heads, window, mode, targets), remote_checks("ablate"), model.cfg.n_layers
+    costs = [check.remote_cost(n_layers, known, **{name: options[name] for name in check.options}) for check in checks]
+    return sum(requests for requests, _ in costs), sum(size for _, size in costs)
+
+
+def _remote_options(model, heads: pd.DataFrame, window: int, mode: str,
+                    targets: dict[str, dict[int, str]] | None) -> dict:
+    return {**_knockout_options(model, heads, window), "mechanisms": taxonomy_paths(heads, model.cfg.n_layers),
+            "mode": mode, "targets": targets}
 
 
 def _knockout_options(model, heads: pd.DataFrame, window: int) -> dict:

@@ -24,9 +24,10 @@ from ..data import Encoded, relation_targets
 from ..errors import FactscopeError
 from ..forward import Batch, act_name, capture, make_batch
 from ..models import LoadedModel
+from ..remote import SCORE_DIFF_BYTES
 from .check import CausalCheck
 from .edits import Ablate, DirectAblate, Record, direct_hook, edit_hooks, freeze_final_scale_hook
-from .scores import Progress, finite_mean, other_targets, scores, tick
+from .scores import Progress, as_numpy, finite_mean, other_targets, scores, tick
 from .sites import PathSpec, parse, union
 
 MODE = "mean"
@@ -90,9 +91,12 @@ def ablation_grid(
     mode: str = MODE,
     targets: dict[str, dict[int, str]] | None = None,
     progress: Progress = None,
+    engine=None,
 ) -> pd.DataFrame:
     """Remove each mechanism alone, every pair, and all together, as a total and as a direct effect: one clean
     pass (which also records the means in mean mode), then one pass per set and effect (`ablation_passes`).
+    `engine`: an nnsight engine runs the passes in one session (`NnsightEngine.ablation_grid`, on NDIF with
+    `ablate --remote`), and only the scores per prompt come back.
 
     One row per (effect, set), total first: `effect` ("total" | "direct"), `mechanism_set` (names joined by
     " + "; "none" is the clean model), `n_mechanisms`, `n_removed` (paths), `mean_logit`, `mean_logit_diff`
@@ -105,25 +109,20 @@ def ablation_grid(
     """
     if not mechanisms:
         raise FactscopeError("no mechanisms to ablate")
+    if mode not in ("zero", "mean"):
+        raise FactscopeError(f"ablation mode {mode!r}: use 'mean' or 'zero'")
     batch = make_batch(model, encoded)
     others = other_targets(batch, targets if targets is not None else relation_targets(encoded))
-    store: dict = {}
-    hooks = [capture(store, act_name("final_scale"))]
-    means = None
-    if mode == "mean":
-        means = Record()
-        hooks += edit_hooks(model, batch, parse(model, union(*mechanisms.values())), means)
-    clean = scores(batch.logits(model, hooks), batch, others)
-    tick(progress)
     sets = mechanism_sets(list(mechanisms))
+    if engine is None:
+        clean, ablated = _local_grid(model, batch, mechanisms, sets, mode, others, progress)
+    else:
+        clean, ablated = _engine_grid(model, batch, mechanisms, sets, mode, others, engine)
+        for _ in range(ablation_passes(len(mechanisms))):
+            tick(progress)
     tables = []
     for effect in EFFECTS:
-        per_set = [clean]
-        for names in sets[1:]:
-            paths = union(*(mechanisms[name] for name in names))
-            logits = ablated_logits(model, batch, paths, mode, means, effect=effect, clean_scale=store[act_name("final_scale")])
-            per_set.append(scores(logits, batch, others))
-            tick(progress)
+        per_set = [clean, *ablated[effect]]
         records = [
             {
                 "effect": effect, "mechanism_set": " + ".join(names) or "none", "n_mechanisms": len(names),
@@ -137,6 +136,36 @@ def ablation_grid(
         table = _with_interactions(pd.DataFrame.from_records(records), sets)
         tables.append(_with_intervals(table, sets, per_set))
     return pd.concat(tables, ignore_index=True)
+
+
+def _local_grid(model: LoadedModel, batch: Batch, mechanisms: dict[str, list[PathSpec]], sets: list[tuple[str, ...]],
+                mode: str, others, progress: Progress) -> tuple[dict, dict[str, list[dict]]]:
+    store: dict = {}
+    hooks = [capture(store, act_name("final_scale"))]
+    means = None
+    if mode == "mean":
+        means = Record()
+        hooks += edit_hooks(model, batch, parse(model, union(*mechanisms.values())), means)
+    clean = scores(batch.logits(model, hooks), batch, others)
+    tick(progress)
+    ablated: dict[str, list[dict]] = {}
+    for effect in EFFECTS:
+        ablated[effect] = []
+        for names in sets[1:]:
+            paths = union(*(mechanisms[name] for name in names))
+            logits = ablated_logits(model, batch, paths, mode, means, effect=effect, clean_scale=store[act_name("final_scale")])
+            ablated[effect].append(scores(logits, batch, others))
+            tick(progress)
+    return clean, ablated
+
+
+def _engine_grid(model, batch: Batch, mechanisms: dict[str, list[PathSpec]], sets: list[tuple[str, ...]], mode: str,
+                 others, engine) -> tuple[dict, dict[str, list[dict]]]:
+    path_sets = [parse(model, union(*(mechanisms[name] for name in names))) for names in sets]
+    got = as_numpy(engine.ablation_grid(model, batch, path_sets, mode, *others, effects=EFFECTS))
+    per_pass = [{name: values[i] for name, values in got.items()} for i in range(1 + len(EFFECTS) * (len(sets) - 1))]
+    return per_pass[0], {effect: per_pass[1 + e * (len(sets) - 1): 1 + (e + 1) * (len(sets) - 1)]
+                         for e, effect in enumerate(EFFECTS)}
 
 
 def ablation_passes(n_mechanisms: int) -> int:
@@ -210,15 +239,22 @@ def _json_number(value) -> float | None:
 
 
 def _run(model: LoadedModel, known: list[Encoded], *, mechanisms: dict, mode: str, targets: dict | None,
-         progress: Progress) -> dict[str, pd.DataFrame]:
-    return {"ablations": ablation_grid(model, known, mechanisms, mode, targets, progress=progress)}
+         progress: Progress, engine=None) -> dict[str, pd.DataFrame]:
+    return {"ablations": ablation_grid(model, known, mechanisms, mode, targets, progress=progress, engine=engine)}
 
 
 def _passes(n_layers: int, *, mechanisms: dict, mode: str, targets: dict | None) -> int:
     return ablation_passes(len(mechanisms))
 
 
+def _remote_cost(n_layers: int, known: list[Encoded], *, mechanisms: dict, mode: str,
+                 targets: dict | None) -> tuple[int, int]:
+    """Through an engine, one session (`NnsightEngine.ablation_grid`) bringing back `end_maths.answer_scores`
+    with a − mean(R∖a) per pass and prompt."""
+    return 1, ablation_passes(len(mechanisms)) * len(known) * SCORE_DIFF_BYTES
+
+
 CHECK = CausalCheck(
     "ablations", "ablate", ("ablations",), ("mechanisms", "mode", "targets"), _passes, _run,
-    lambda tables: robustness_summary(tables["ablations"]),
+    lambda tables: robustness_summary(tables["ablations"]), remote=True, remote_cost=_remote_cost,
 )

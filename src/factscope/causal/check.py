@@ -22,7 +22,9 @@ class CausalCheck:
     - `run(model, known, progress=..., **options)`: table name → table, for every name in `tables`;
     - `summarize(tables)`: its entry in summary.json["causal"]; `tables` holds every table of the run so far.
 
-    A check with `remote` runs through an nnsight engine too (`run(..., engine=...)`), for `ablate --remote`.
+    A check with `remote` runs through an nnsight engine too (`run(..., engine=...)`), for `ablate --remote` and
+    `trace --remote`; an `ablate` one also says what it costs, for the plan printed before anything is sent:
+    `remote_cost(n_layers, known, **options)` → (requests, bytes back) (`causal.remote_ablate_cost`).
     """
 
     name: str  # its key in summary.json["causal"] and its progress label
@@ -33,6 +35,7 @@ class CausalCheck:
     run: Callable[..., dict[str, pd.DataFrame]]
     summarize: Callable[[Mapping[str, pd.DataFrame]], dict]
     remote: bool = False  # `run` also takes `engine=`, an nnsight engine whose passes may run on NDIF (`--remote`)
+    remote_cost: Callable[..., tuple[int, int]] | None = None
 
     def __post_init__(self) -> None:
         if self.command not in COMMANDS:
@@ -40,3 +43,5 @@ class CausalCheck:
         unknown = [table for table in self.tables if table not in TABLES]
         if unknown:
             raise ValueError(f"check {self.name!r}: table {unknown[0]!r} is not in rundir.TABLES")
+        if self.remote and self.command == "ablate" and self.remote_cost is None:
+            raise ValueError(f"check {self.name!r} runs remotely: its plan needs remote_cost")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Float, Int
 
+from ..end_maths import head_change
 from ..forward import (
     Batch, Hook, act_name, capture, frozen_post_norm, head_group_z, head_values, heads_to_resid,
 )
@@ -75,10 +76,7 @@ class Ablate(Editor):
 
     def head_change(self, layer: int, paths: Float[torch.Tensor, "batch head group d_model"],
                     weights: Float[torch.Tensor, "head group"]) -> Float[torch.Tensor, "batch d_model"]:
-        change = -torch.einsum("bhgm,hg->bm", paths, weights)
-        if self.means is not None:
-            change = change + torch.einsum("hgm,hg->m", self.means.heads[layer], weights)
-        return change
+        return head_change(paths, weights, None if self.means is None else self.means.heads[layer])
 
 
 class DirectAblate(Ablate):

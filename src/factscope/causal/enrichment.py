@@ -6,13 +6,16 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Int
 
 from ..data import Encoded, relation_targets
-from ..forward import act_name, capture, make_batch
+from ..end_maths import lens_ranks
+from ..forward import Batch, act_name, capture, make_batch, target_ids
 from ..models import LoadedModel
 from .check import CausalCheck
-from .scores import Progress, finite_mean, logit_lens, other_targets, tick
+from .scores import Progress, finite_mean, model_lens, other_targets, tick
+
+RANK_BYTES = 8  # a rank comes back as int64 (`end_maths.answer_ranks`)
 
 
 def subject_enrichment(
@@ -21,9 +24,12 @@ def subject_enrichment(
     targets: dict[str, dict[int, str]] | None = None,
     top_k: int = 10,
     progress: Progress = None,
+    engine=None,
 ) -> pd.DataFrame:
     """Logit lens on the residual stream after every layer at the LAST SUBJECT token: the rank of a (1 = top)
-    and of the other attributes of its relation R_r \\ a. One pass.
+    and of the other attributes of its relation R_r \\ a. One pass. `engine`: an nnsight engine
+    (`NnsightEngine.read_pass`, on NDIF with `ablate --remote`) runs it, and only the ranks come back
+    (`end_maths.lens_ranks`).
 
     Columns: `layer`, `mean_rank_a`, `median_rank_a`, `frac_a_top_k` (rank ≤ `top_k`), `mean_rank_others`
     (mean over prompts of the mean rank of R_r \\ a), `median_rank_others`, `frac_a_above_others` (a outranks
@@ -32,36 +38,46 @@ def subject_enrichment(
     batch = make_batch(model, encoded)
     last_subject = torch.tensor([item.subject_positions[-1] for item in encoded], device=model.device)
     ids, valid = other_targets(batch, targets if targets is not None else relation_targets(encoded))
-    store: dict = {}
-    names = [act_name("resid_post", layer) for layer in range(model.cfg.n_layers)]
-    batch.logits(model, [capture(store, name, at_end=last_subject) for name in names])
+    ranked = torch.cat([batch.answers[:, None], ids], dim=1)  # a, then R_r ∖ a
+    if engine is None:
+        ranks = _local_ranks(model, batch, last_subject, ranked)
+    else:
+        ranks = engine.read_pass(model, batch, ("resid",), last_subject, lens_ranks, ids=ranked)["ranks"]
     tick(progress)
+    ranks = ranks.to(valid.device)
     records = []
-    with torch.inference_mode():
-        for layer, name in enumerate(names):
-            logits = logit_lens(model, store[name])
-            rank_a = _ranks(logits, batch.answers[:, None])[:, 0].float()
-            rank_others = _ranks(logits, ids).float()
-            count = valid.sum(1)
-            mean_others = torch.where(count > 0, (rank_others * valid).sum(1) / count.clamp(min=1), torch.nan)
-            best_other = torch.where(valid > 0, rank_others, torch.inf).min(1).values
-            records.append(
-                {
-                    "layer": layer, "mean_rank_a": float(rank_a.mean()), "median_rank_a": float(rank_a.median()),
-                    "frac_a_top_k": float((rank_a <= top_k).float().mean()), "top_k": top_k,
-                    "mean_rank_others": finite_mean(mean_others.cpu().numpy()),
-                    "median_rank_others": float(np.nanmedian(mean_others.cpu().numpy())) if (count > 0).any() else float("nan"),
-                    "frac_a_above_others": float((rank_a < best_other).float().mean()),
-                    "n_prompts": len(batch),
-                }
-            )
+    for layer in range(model.cfg.n_layers):
+        rank_a, rank_others = ranks[layer, :, 0].float(), ranks[layer, :, 1:].float()
+        count = valid.sum(1)
+        mean_others = torch.where(count > 0, (rank_others * valid).sum(1) / count.clamp(min=1), torch.nan)
+        best_other = torch.where(valid > 0, rank_others, torch.inf).min(1).values
+        records.append(
+            {
+                "layer": layer, "mean_rank_a": float(rank_a.mean()), "median_rank_a": float(rank_a.median()),
+                "frac_a_top_k": float((rank_a <= top_k).float().mean()), "top_k": top_k,
+                "mean_rank_others": finite_mean(mean_others.cpu().numpy()),
+                "median_rank_others": float(np.nanmedian(mean_others.cpu().numpy())) if (count > 0).any() else float("nan"),
+                "frac_a_above_others": float((rank_a < best_other).float().mean()),
+                "n_prompts": len(batch),
+            }
+        )
     return pd.DataFrame.from_records(records)
 
 
-def _ranks(logits: Float[torch.Tensor, "batch vocab"], ids: Int[torch.Tensor, "batch n"]) -> Int[torch.Tensor, "batch n"]:
-    # one column at a time: a [batch, n, vocab] comparison would not fit for Gemma's 262k vocabulary
-    chosen = logits.gather(1, ids)
-    return torch.stack([(logits > chosen[:, [j]]).sum(-1) + 1 for j in range(ids.shape[1])], dim=1)
+def _local_ranks(model: LoadedModel, batch: Batch, last_subject: Int[torch.Tensor, " batch"],
+                 ids: Int[torch.Tensor, "batch n"]) -> Int[torch.Tensor, "layer batch n"]:
+    store: dict = {}
+    names = [act_name("resid_post", layer) for layer in range(model.cfg.n_layers)]
+    batch.logits(model, [capture(store, name, at_end=last_subject) for name in names])
+    with torch.inference_mode():
+        return lens_ranks({"resid": [store[name] for name in names]}, model_lens(model), ids)["ranks"]
+
+
+def remote_cost(n_layers: int, known: list[Encoded], targets: dict[str, dict[int, str]] | None) -> tuple[int, int]:
+    """`subject_enrichment` through an engine: one request, bringing back per layer and prompt the ranks of a and
+    of the widest R_r \\ a of the prompts."""
+    ids, _ = target_ids(known, targets if targets is not None else relation_targets(known), with_answer=False)
+    return 1, n_layers * len(known) * (1 + ids.shape[1]) * RANK_BYTES
 
 
 def enrichment_summary(enrichment: pd.DataFrame, trace: pd.DataFrame | None = None) -> dict:
@@ -88,7 +104,9 @@ def enrichment_summary(enrichment: pd.DataFrame, trace: pd.DataFrame | None = No
 
 CHECK = CausalCheck(
     "enrichment", "ablate", ("enrichment",), ("targets",), lambda n_layers, targets: 1,
-    lambda model, known, progress, targets: {"enrichment": subject_enrichment(model, known, targets, progress=progress)},
+    lambda model, known, progress, targets, engine=None: {
+        "enrichment": subject_enrichment(model, known, targets, progress=progress, engine=engine)},
     # the causal-tracing peak joins it when the run has been traced
     lambda tables: enrichment_summary(tables["enrichment"], tables.get("causal_trace")),
+    remote=True, remote_cost=remote_cost,
 )

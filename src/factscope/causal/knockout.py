@@ -20,6 +20,7 @@ from ..end_maths import end_block
 from ..errors import FactscopeError
 from ..forward import Batch, Hook, act_name, make_batch
 from ..models import LoadedModel
+from ..remote import SCORE_BYTES
 from ..taxonomy import GROUPS
 from .check import CausalCheck
 from .edits import freeze_final_scale_hook
@@ -233,7 +234,13 @@ def _passes(n_layers: int, *, window: int, head_sets: dict, blocked: Sequence[Gr
     return knockout_passes(n_layers, blocked) + knockout_passes(n_layers, blocked, heads=head_sets)
 
 
+def _remote_cost(n_layers: int, known: list[Encoded], **options) -> tuple[int, int]:
+    """Through an engine, one request per pass, each bringing back `end_maths.answer_scores` per prompt."""
+    passes = _passes(n_layers, **options)
+    return passes, passes * len(known) * SCORE_BYTES
+
+
 CHECK = CausalCheck(
     "knockout", "ablate", ("knockout",), ("window", "head_sets", "blocked"), _passes, _run,
-    lambda tables: knockout_summary(tables["knockout"]), remote=True,
+    lambda tables: knockout_summary(tables["knockout"]), remote=True, remote_cost=_remote_cost,
 )

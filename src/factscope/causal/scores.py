@@ -10,7 +10,7 @@ from jaxtyping import Float, Int
 
 from ..data import Encoded
 from ..end_maths import answer_scores
-from ..forward import Batch, lens_normalise, target_ids
+from ..forward import Batch, target_ids
 from ..models import LoadedModel
 from ..recall import recall
 
@@ -30,24 +30,19 @@ def scores(
 ) -> dict[str, np.ndarray]:
     """Per prompt: p(a), logit of a, top-1 correct (`end_maths.answer_scores`, which a remote pass computes where
     the model runs), and (with `others`) logit of a − mean logit of R_r \\ a."""
-    out = answer_scores(logits, batch.answers)
-    logit = out["logit"]
-    if others is not None:
-        ids, valid = others  # [batch, n_others]
-        count = valid.sum(1)
-        mean_others = (logits.gather(1, ids) * valid).sum(1) / count.clamp(min=1)
-        out["logit_diff"] = torch.where(count > 0, logit - mean_others, torch.full_like(logit, float("nan")))
-    return as_numpy(out)
+    return as_numpy(answer_scores(logits, batch.answers, *(others or ())))
 
 
 def as_numpy(stats: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {key: value.float().cpu().numpy() for key, value in stats.items()}
 
 
-def logit_lens(model: LoadedModel, vectors: Float[torch.Tensor, "batch d_model"]) -> Float[torch.Tensor, "batch vocab"]:
-    """Residual-stream vectors through the final norm with their own scale (`forward.lens_normalise`), unembedded
-    in the model's dtype (a vocabulary-sized fp32 copy of W_U would be the largest tensor of the analysis)."""
-    return (lens_normalise(model, vectors).to(model.W_U.dtype) @ model.W_U + model.b_U).float()
+def model_lens(model: LoadedModel) -> dict:
+    """The unembedding and the final norm as `end_maths.lens_logits` takes them (the nnsight engine fills the same
+    dict on the server, from the modules' weights)."""
+    gain, bias = model.final_norm
+    return {"w_u": model.W_U, "b_u": model.b_U, "gain": gain, "bias": bias, "eps": model.cfg.eps,
+            "centres": model.centres}
 
 
 def other_targets(batch: Batch, targets: dict[str, dict[int, str]]) -> tuple[Int[torch.Tensor, "batch n"], Float[torch.Tensor, "batch n"]]:
