@@ -114,11 +114,18 @@ class AblateSessions:
         (`causal.sites.PathSet`, no embedding), scale and seed one pass with noise on the condition's paths at END.
         `draws[c][s]` are seed s's unit Gaussians for condition c, drawn locally (`causal.edits.noise_draws`), in
         the order the layers run, the same at every scale; they are the only tensors sent besides the prompts and
-        R_r (`ids`, a first; `valid`). What comes back, [pass, batch]: `end_maths.noise_scores`."""
+        R_r (`ids`, a first; `valid`), and of a head layer's only the edited (head, group) pairs': the server puts
+        them back among zeros, which the other pairs' zero weights cancel as they cancel the local draws. What comes
+        back, [pass, batch]: `end_maths.noise_scores`."""
         import nnsight
 
         end_maths = self._shipped_maths()
         _refuse_embed(conditions)
+        heads = [paths.heads.cpu() for paths in conditions]
+        head_layers = [set(paths.head_layers()) for paths in conditions]
+        mlp_layers = [set(paths.mlps) for paths in conditions]
+        draws = [[_edited_draws(one, heads[c], head_layers[c], mlp_layers[c]) for one in per_seed]
+                 for c, per_seed in enumerate(draws)]
         self.bytes_sent += sum(t.numel() * t.element_size() for per_seed in draws for one in per_seed for t in one)
         out_map, head_paths, add, write = (end_maths.head_out_map, end_maths.head_paths_at_end, end_maths.add_at_end,
                                            end_maths.write_at_end)
@@ -129,9 +136,6 @@ class AblateSessions:
         v_projs, o_projs, attns, mlps, post_norms = self.layer_envoys()
         n_layers, rows, ends = len(layers), torch.arange(len(batch)), batch.ends.cpu()
         onehot, answers, ids, valid = batch.onehot.cpu(), batch.answers.cpu(), ids.cpu(), valid.cpu()
-        heads = [paths.heads.cpu() for paths in conditions]
-        head_layers = [set(paths.head_layers()) for paths in conditions]
-        mlp_layers = [set(paths.mlps) for paths in conditions]
         n_paths = [paths.n_paths for paths in conditions]
         inputs = {"input_ids": batch.tokens.cpu(), "attention_mask": batch.mask.cpu()}
         with lm.session(remote=self.remote):
@@ -142,10 +146,10 @@ class AblateSessions:
                 out["model_dtype"] = lm_head.output[:, 0][:0]
             gain, w_u = gain_of(norm.weight.detach(), eps, norm_kind), lm_head.weight.detach().T
             scores = {}
-            for c in range(len(conditions)):
+            for c, per_seed in enumerate(draws):  # `conditions` stays out: the server has no factscope class
                 for scale in scales:
                     sigma = sigma_of(scale, unit, n_paths[c])
-                    for seed_draws in draws[c]:
+                    for seed_draws in per_seed:
                         with lm.trace(inputs, logits_to_keep=ends[:, None]):
                             alone, k = 0.0, 0  # the draws are taken in the order the layers run
                             for layer in range(n_layers):
@@ -156,8 +160,11 @@ class AblateSessions:
                                     to_resid, head_norm = out_map(o_projs[layer].weight, d_head, post_norm)
                                     paths = head_paths(v, v_projs[layer].bias, attn_output[1][rows, :, ends], onehot,
                                                        d_head, to_resid)
-                                    noise, alone = noisy_heads(paths, heads[c][layer], seed_draws[k], to_resid,
-                                                               head_norm, sigma, alone)
+                                    edited = heads[c][layer] > 0
+                                    z_draws = torch.zeros((*paths.shape[:3], d_head))
+                                    z_draws[:, edited] = seed_draws[k]
+                                    noise, alone = noisy_heads(paths, heads[c][layer], z_draws, to_resid, head_norm,
+                                                               sigma, alone)
                                     k += 1
                                     if post_norms:
                                         post_norms[layer].output = add(post_norms[layer].output, rows, ends, noise)
@@ -176,6 +183,16 @@ class AblateSessions:
             for key, values in scores.items():
                 out[key] = torch.stack(values)
         return self._received(model, out)
+
+
+def _edited_draws(draws: list[torch.Tensor], heads: Float[torch.Tensor, "layer head group"], head_layers: set[int],
+                  mlps: set[int]) -> list[torch.Tensor]:
+    """One noisy pass's draws (in the order its layers run) with each head layer's cut to its edited (head, group)
+    pairs, [batch, pair, d_head]."""
+    order: list[int | None] = []  # the head layer a draw is for, None for an MLP's
+    for layer in range(heads.shape[0]):
+        order += [layer] * (layer in head_layers) + [None] * (layer in mlps)
+    return [draw if layer is None else draw[:, heads[layer] > 0] for layer, draw in zip(order, draws)]
 
 
 def _refuse_embed(sets: list) -> None:

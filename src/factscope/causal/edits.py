@@ -126,25 +126,17 @@ class Noise(Editor):
 
 def noise_draws(model: LoadedModel, batch: Batch, paths: PathSet, seed: int) -> list[torch.Tensor]:
     """`Noise`'s unit Gaussians for `paths` on `batch`, from one CPU generator seeded with `seed`, in the order
-    `edit_hooks` hands the paths over in a pass (`draw_shapes`). A remote pass is sent these same draws."""
-    cfg, generator = model.cfg, torch.Generator().manual_seed(seed)
-    embeds = (1 + (cfg.positional_embedding_type == "standard")) if paths.embed else 0
-    shapes = draw_shapes(len(batch), cfg.n_heads, batch.onehot.shape[-1], cfg.d_head, cfg.d_model, cfg.n_layers,
-                         set(paths.head_layers()), set(paths.mlps), embeds)
-    return [torch.randn(shape, generator=generator) for shape in shapes]
-
-
-def draw_shapes(batch: int, n_heads: int, n_groups: int, d_head: int, d_model: int, n_layers: int, head_layers: set[int],
-                mlps: set[int], embeds: int = 0) -> list[tuple[int, ...]]:
-    """The shapes of one noisy pass's draws, in the order its hooks run: the `embeds` embedding vectors, then layer
-    by layer the heads (z-space, [batch, head, group, d_head]) and the MLP ([batch, d_model])."""
-    shapes = [(batch, d_model)] * embeds
-    for layer in range(n_layers):
+    `edit_hooks` hands the paths over in a pass: the embedding (and the positional one), then layer by layer the
+    heads (z-space, [batch, head, group, d_head]) and the MLP ([batch, d_model]). A remote pass is sent these."""
+    cfg, generator, vector = model.cfg, torch.Generator().manual_seed(seed), (len(batch), model.cfg.d_model)
+    shapes = [vector] * ((1 + (cfg.positional_embedding_type == "standard")) if paths.embed else 0)
+    head_layers, mlps = set(paths.head_layers()), set(paths.mlps)
+    for layer in range(cfg.n_layers):
         if layer in head_layers:
-            shapes.append((batch, n_heads, n_groups, d_head))
+            shapes.append((len(batch), cfg.n_heads, batch.onehot.shape[-1], cfg.d_head))
         if layer in mlps:
-            shapes.append((batch, d_model))
-    return shapes
+            shapes.append(vector)
+    return [torch.randn(shape, generator=generator) for shape in shapes]
 
 
 def edit_hooks(model: LoadedModel, batch: Batch, paths: PathSet, editor: Editor) -> list[Hook]:

@@ -27,10 +27,12 @@ from ..errors import FactscopeError
 from ..end_maths import alone_logits, noise_scores
 from ..forward import Batch, act_name, capture, make_batch, target_ids
 from ..models import LoadedModel
+from ..remote import NOISE_SCORE_BYTES
+from ..taxonomy import GROUPS
 from .check import CausalCheck
-from .edits import Noise, draw_shapes, edit_hooks, noise_draws
+from .edits import Noise, edit_hooks, noise_draws
 from .scores import Progress, as_numpy, finite_mean, tick
-from .sites import PathSet, PathSpec, parse, union
+from .sites import HeadPath, MlpPath, PathSet, PathSpec, parse, union
 
 NOISE_SCALES = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)  # × the norm of END's clean final residual
 SEEDS = (0, 1, 2)
@@ -50,15 +52,13 @@ class Clean:
 
 
 def noisy_pass(model: LoadedModel, batch: Batch, paths: PathSet, scale: float, draws: list[torch.Tensor], clean: Clean,
-               ids: Int[torch.Tensor, "batch target"], valid: Float[torch.Tensor, "batch target"]) -> dict[str, np.ndarray]:
-    """One pass with noise on `paths` (unit Gaussians `draws`, `edits.noise_draws`) → `end_maths.noise_scores` of
-    the model's END logits and of the logits the noisy paths alone give R_r (`ids`, a first;
-    `end_maths.alone_logits`)."""
+               ids: Int[torch.Tensor, "batch target"]) -> tuple[Float[torch.Tensor, "batch vocab"], Float[torch.Tensor, "batch target"]]:
+    """One pass with noise on `paths` (unit Gaussians `draws`, `edits.noise_draws`): the model's END logits, and the
+    logits the noisy paths alone give the targets `ids` (`end_maths.alone_logits`)."""
     editor = Noise(scale, draws, clean.unit, paths.n_paths)
     logits = batch.logits(model, edit_hooks(model, batch, paths, editor))
     gain, _ = model.final_norm
-    alone = alone_logits(editor.alone, len(batch), gain, clean.scale, model.W_U, ids, model.centres)
-    return as_numpy(noise_scores(logits, alone, batch.answers, ids, valid))
+    return logits, alone_logits(editor.alone, len(batch), gain, clean.scale, model.W_U, ids, model.centres)
 
 
 def noise_robustness(
@@ -98,7 +98,8 @@ def noise_robustness(
         for paths, per_seed in zip(conditions.values(), draws):
             for scale in scales:
                 for seed_draws in per_seed:
-                    per_pass.append(noisy_pass(model, batch, paths, scale, seed_draws, clean, ids, valid))
+                    logits, alone = noisy_pass(model, batch, paths, scale, seed_draws, clean, ids)
+                    per_pass.append(as_numpy(noise_scores(logits, alone, batch.answers, ids, valid)))
                     tick(progress)
     else:
         got = as_numpy(engine.noise_robustness(model, batch, list(conditions.values()), scales, draws, ids, valid))
@@ -162,16 +163,39 @@ def _curve(scales: np.ndarray, values: np.ndarray) -> tuple[float, float]:
     return float(values[-1]), area
 
 
+def draw_sizes(model) -> dict:
+    """The ablate options the noise check's remote cost needs beyond the command's own (the draws' sizes)."""
+    return {"d_head": model.cfg.d_head, "d_model": model.cfg.d_model}
+
+
 def _run(model: LoadedModel, known: list[Encoded], *, mechanisms: dict, noise_scales: Sequence[float], seeds: Sequence[int],
-         targets: dict | None, progress: Progress) -> dict[str, pd.DataFrame]:
-    return {"noise_robustness": noise_robustness(model, known, mechanisms, noise_scales, seeds, targets, progress=progress)}
+         targets: dict | None, progress: Progress, engine=None, **sizes) -> dict[str, pd.DataFrame]:
+    return {"noise_robustness": noise_robustness(model, known, mechanisms, noise_scales, seeds, targets, progress=progress,
+                                                 engine=engine)}
 
 
-def _passes(n_layers: int, *, mechanisms: dict, noise_scales: Sequence[float], seeds: Sequence[int], targets: dict | None) -> int:
+def _passes(n_layers: int, *, mechanisms: dict, noise_scales: Sequence[float], seeds: Sequence[int], targets: dict | None,
+            **sizes) -> int:
     return noise_passes(len(mechanisms), noise_scales, seeds)
 
 
+def _remote_cost(n_layers: int, known: list[Encoded], *, mechanisms: dict, noise_scales: Sequence[float],
+                 seeds: Sequence[int], targets: dict | None, d_head: int, d_model: int) -> tuple[int, int, int]:
+    """Through an engine, one session (`NnsightEngine.noise_robustness`) bringing back `end_maths.noise_scores` per
+    noisy pass and prompt, and sent every (condition, seed)'s draws in fp32: d_head per edited (head, group) pair,
+    d_model per MLP, per prompt (no embedding)."""
+    sent = 0
+    for paths in [*mechanisms.values(), union(*mechanisms.values())]:
+        pairs = {(path.layer, path.head, group) for path in paths if isinstance(path, HeadPath)
+                 for group in (GROUPS if path.group == "all" else (path.group,))}
+        mlps = {path.layer for path in paths if isinstance(path, MlpPath)}
+        sent += len(seeds) * len(known) * 4 * (len(pairs) * d_head + len(mlps) * d_model)
+    passes = noise_passes(len(mechanisms), noise_scales, seeds) - 1  # the clean pass brings nothing back
+    return 1, passes * len(known) * NOISE_SCORE_BYTES, sent
+
+
 CHECK = CausalCheck(
-    "noise_robustness", "ablate", ("noise_robustness",), ("mechanisms", "noise_scales", "seeds", "targets"), _passes, _run,
-    lambda tables: noise_summary(tables["noise_robustness"]),
+    "noise_robustness", "ablate", ("noise_robustness",),
+    ("mechanisms", "noise_scales", "seeds", "targets", "d_head", "d_model"), _passes, _run,
+    lambda tables: noise_summary(tables["noise_robustness"]), remote=True, remote_cost=_remote_cost,
 )
