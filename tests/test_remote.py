@@ -662,6 +662,30 @@ def test_mechanism_grid_through_the_engine_on_smollm2():
     assert engine.requests == 1
 
 
+@pytest.mark.real
+def test_noise_check_through_the_engine_on_smollm2():
+    """SmolLM2, fp32, through the serialisation path, on 8 known facts: the noise check on two head sets and every
+    MLP (and all together), three scales, two seeds, in one session from the local draws, bit for bit."""
+    from factscope.causal import known_facts, noise, spread
+    from factscope.causal.sites import HeadPath, MlpPath
+
+    torch.set_num_threads(1)
+    model = load_model("smollm2-135m")
+    known = spread(known_facts(model, encode_all(load_facts(), model.tokenizer, model.prepend_bos)), 8)
+    engine = local_engine("smollm2-135m", remote="local")
+    mechanisms = {"subject_heads": [HeadPath(14, 3, "subject"), HeadPath(20, 1, "subject")],
+                  "relation_heads": [HeadPath(25, 0, "relation"), HeadPath(28, 7, "relation")],
+                  "mlps": [MlpPath(layer) for layer in range(model.cfg.n_layers)]}
+    scales, seeds = (0.0, 1.0, 4.0), (0, 1)
+    expected = noise.noise_robustness(model, known, mechanisms, scales, seeds)
+    got = noise.noise_robustness(model, known, mechanisms, scales, seeds, engine=engine)
+    pd.testing.assert_frame_equal(expected, got, check_exact=True)
+    assert expected["accuracy"].nunique() > 1  # the noise changed something
+    assert (engine.requests, engine.bytes_back, engine.bytes_sent) == noise.CHECK.remote_cost(
+        model.cfg.n_layers, known, mechanisms=mechanisms, noise_scales=scales, seeds=seeds, targets=None,
+        **noise.draw_sizes(model))
+
+
 def test_cli_ablate_dry_run_prints_the_plan_and_sends_nothing(tiny, monkeypatch, tmp_path):
     from typer.testing import CliRunner
 

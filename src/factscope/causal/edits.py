@@ -29,7 +29,6 @@ class HeadMap:
 
     to_resid: Callable[[torch.Tensor], torch.Tensor]  # [batch, head, group, d_head] → [batch, head, group, d_model]
     norm: Float[torch.Tensor, "batch head"]  # Frobenius norm of each head's map (for noise of a given size)
-    d_head: int
 
 
 class Editor:
@@ -181,7 +180,7 @@ def _head_edit(model: LoadedModel, batch: Batch, layer: int, weights: Float[torc
             return resid if post_norm is None else post_norm(resid)
 
         norm = w_o_norm.expand(len(rows), -1) if gain is None else w_o_norm / scale
-        head_map = HeadMap(to_resid, norm, w_o.shape[1])
+        head_map = HeadMap(to_resid, norm)
         out = out.clone()  # edited in fp32, written back in the model's dtype
         out[rows, ends] = editor.head(layer, out[rows, ends].float(), to_resid(z_paths), weights, head_map).to(out.dtype)
         return out
