@@ -266,7 +266,7 @@ def noisy_heads(
     direction = to_resid(draws.to(paths.device))  # E|direction|² = norm²
     per_path = (sigma.to(paths.device)[:, None] / norm.to(paths.device))[:, :, None].expand(paths.shape[:3])
     noise = torch.einsum("bhgm,bhg,hg->bm", direction, per_path, weights.to(paths.device))
-    return noise, alone + torch.einsum("bhgm,hg->bm", paths, weights.to(paths.device)) + noise
+    return noise, _on(alone, paths.device) + torch.einsum("bhgm,hg->bm", paths, weights.to(paths.device)) + noise
 
 
 def noisy_vector(
@@ -276,7 +276,12 @@ def noisy_vector(
     """Noise on an MLP's (or the embedding's) END vector, isotropic in the residual stream with `sigma` in all. →
     the noisy vector, and `alone` plus it."""
     noise = sigma.to(x_end.device)[:, None] * draws.to(x_end.device) / x_end.shape[-1] ** 0.5
-    return x_end + noise, alone + x_end + noise
+    return x_end + noise, _on(alone, x_end.device) + x_end + noise
+
+
+def _on(alone, device: torch.device):
+    """A running sum (0.0 before its first term) on `device`: on a server the layers may sit on several GPUs."""
+    return alone.to(device) if isinstance(alone, torch.Tensor) else alone
 
 
 def alone_logits(
@@ -285,7 +290,7 @@ def alone_logits(
 ) -> Float[torch.Tensor, "batch target"]:
     """The logits a mechanism alone gives the targets `ids` under noise: its paths' summed END vectors plus their
     noise (`alone`; 0.0 for no path) through the final norm at the clean `scale`, without biases."""
-    alone = alone + torch.zeros((batch, gain.shape[0]), device=scale.device)
+    alone = _on(alone, scale.device) + torch.zeros((batch, gain.shape[0]), device=scale.device)
     if centres:
         alone = alone - alone.mean(-1, keepdim=True)
     columns = w_u[:, ids.to(w_u.device)].float().to(scale.device)  # [d_model, batch, target]

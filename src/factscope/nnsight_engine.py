@@ -103,7 +103,7 @@ class NnsightEngine(AblateSessions):
         self.remote = remote
         self.requests = 0  # traces sent, for the cost report
         self.bytes_back = 0  # bytes of saved tensors received
-        self.bytes_sent = 0  # bytes of tensors sent besides token ids (causal tracing's noise draws)
+        self.bytes_sent = 0  # bytes of tensors sent besides token ids (the noise draws of causal tracing and of the noise check)
         # the final norm's epsilon: TransformerLens's hook_scale is sqrt(mean(x²) + eps), recomputed here from the
         # norm's input at END, so nothing of vocabulary or position size comes back for it
         self.eps = float(eps if eps is not None else getattr(lm.config, "rms_norm_eps"))
