@@ -9,12 +9,13 @@ import pytest
 import torch
 from causal_helpers import attributions, own_target, per_prompt, tiny
 
-from factscope.causal.edits import Noise, edit_hooks
-from factscope.causal.noise import Clean, first_among_targets, noise_passes, noise_robustness, noisy_pass
+from factscope.causal.edits import Noise, edit_hooks, noise_draws
+from factscope.causal.noise import Clean, noise_passes, noise_robustness, noisy_pass
 from factscope.causal.scores import scores
 from factscope.causal.sites import HeadPath, MlpPath, parse
 from factscope.data import relation_targets
-from factscope.forward import make_batch
+from factscope.end_maths import first_among_targets
+from factscope.forward import make_batch, target_ids
 
 
 def test_noise_robustness(model_dirs):
@@ -42,8 +43,9 @@ def test_the_mechanism_alone_without_noise_is_its_dla_sum(model_dirs, family):
     model, encoded = tiny(model_dirs, family)
     batch = make_batch(model, encoded)
     paths = [HeadPath(1, head, "subject") for head in range(model.cfg.n_heads)] + [MlpPath(0), MlpPath(2)]
-    clean = Clean(model, batch, relation_targets(encoded))
-    logits, alone = noisy_pass(model, batch, parse(model, paths), 0.0, 0, clean)
+    clean, path_set = Clean(model, batch), parse(model, paths)
+    ids, _ = target_ids(batch.items, relation_targets(encoded), with_answer=True)
+    logits, alone = noisy_pass(model, batch, path_set, 0.0, noise_draws(model, batch, path_set, 0), clean, ids)
     torch.testing.assert_close(logits, batch.logits(model), atol=1e-5, rtol=0)
     dla = own_target(attributions(model_dirs, family))
     expected = per_prompt(dla[(dla["component"] == "attn") & (dla["layer"] == 1) & (dla["source"] == "subject")], encoded)
@@ -54,7 +56,7 @@ def test_the_mechanism_alone_without_noise_is_its_dla_sum(model_dirs, family):
 def test_first_among_targets():
     logits = torch.tensor([[3.0, 1.0, 2.0], [1.0, 2.0, 0.0], [2.0, 5.0, 5.0]])
     valid = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
-    assert np.array_equal(first_among_targets(logits, valid), [1.0, 0.0, np.nan], equal_nan=True)
+    assert np.array_equal(first_among_targets(logits, valid).numpy(), [1.0, 0.0, np.nan], equal_nan=True)
 
 
 def test_noise_has_the_requested_size(model_dirs):
@@ -63,7 +65,7 @@ def test_noise_has_the_requested_size(model_dirs):
     output map; MLPs: in the residual stream)."""
     model, encoded = tiny(model_dirs, "llama")
     batch = make_batch(model, encoded)
-    clean = Clean(model, batch, relation_targets(encoded))
+    clean = Clean(model, batch)
     paths = parse(model, [HeadPath(2, head, "all") for head in range(4)] + [MlpPath(1)])
     ratios = []
 
@@ -81,7 +83,7 @@ def test_noise_has_the_requested_size(model_dirs):
             return noisy
 
     for seed in range(30):
-        spy = Spy(2.0, seed, clean.unit, paths.n_paths)
+        spy = Spy(2.0, noise_draws(model, batch, paths, seed), clean.unit, paths.n_paths)
         batch.logits(model, edit_hooks(model, batch, paths, spy))
         ratios.append(spy.squared / (2.0 * clean.unit) ** 2)
     assert float(torch.cat(ratios).mean()) == pytest.approx(1.0, abs=0.1)

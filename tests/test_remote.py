@@ -150,13 +150,17 @@ def test_the_request_names_no_factscope_module(tiny, monkeypatch):
 
     ablation_grid(config_only(folder, engine), encoded[:4], {"a": [HeadPath(1, 0, "subject")], "b": [MlpPath(1)]},
                   engine=engine)  # one session
-    assert len(payloads) == 9
+    from factscope.causal.noise import noise_robustness
+
+    noise_robustness(config_only(folder, engine), encoded[:4], {"a": [HeadPath(1, 0, "subject")], "b": [MlpPath(1)]},
+                     scales=(1.0,), seeds=(0,), engine=engine)  # one session
+    assert len(payloads) == 10
     for payload in payloads:
         strings = [arg for _, arg, _ in pickletools.genops(io.BytesIO(payload)) if isinstance(arg, str)]
         assert not [s for s in strings if s.split(".")[0] in ("factscope", "jaxtyping", "einops")]
         assert any(f"def {name}" in s for s in strings
                    for name in ("project_end", "recall_stats", "end_block", "restore_rows", "extraction_events",
-                                "lens_ranks", "frozen_final_norm"))
+                                "lens_ranks", "frozen_final_norm", "noisy_heads"))
 
 
 def test_recall_through_the_engine_equals_local_recall(tiny):
@@ -475,7 +479,7 @@ def test_extraction_and_enrichment_through_the_engine_equal_local_bitwise(model_
     n_layers = model.cfg.n_layers
     costs = [extraction.remote_cost(n_layers, encoded)] * 2 + [enrichment.remote_cost(n_layers, encoded,
                                                                                        relation_targets(encoded))]
-    assert (engine.requests, engine.bytes_back) == tuple(map(sum, zip(*costs)))
+    assert (engine.requests, engine.bytes_back, engine.bytes_sent) == tuple(map(sum, zip(*costs)))
 
 
 @pytest.mark.parametrize(("family", "remote", "mode"), [("llama", False, "mean"), ("llama", "local", "zero"),
@@ -500,8 +504,34 @@ def test_mechanism_grid_through_the_engine_equals_local_bitwise(model_dirs, fami
     got = ablation.ablation_grid(config_only(folder, engine), encoded, mechanisms, mode, engine=engine)
     pd.testing.assert_frame_equal(expected, got, check_exact=True)
     assert (expected["delta_logit"] != 0).sum() == 2 * (len(ablation.mechanism_sets(list(mechanisms))) - 1)
-    assert (engine.requests, engine.bytes_back) == ablation.CHECK.remote_cost(
+    assert (engine.requests, engine.bytes_back, engine.bytes_sent) == ablation.CHECK.remote_cost(
         model.cfg.n_layers, encoded, mechanisms=mechanisms, mode=mode, targets=None)
+
+
+@pytest.mark.parametrize(("family", "remote"), [("llama", False), ("llama", "local"), ("qwen2", "local"),
+                                                 ("gemma3", "local")])
+def test_noise_check_through_the_engine_equals_local_bitwise(model_dirs, family, remote):
+    """Every (mechanism, scale, seed) pass of the noise check in one nnsight session, sent the local draws: head
+    noise through each head's map at END (Gemma 3: through its post-norm at this pass's scale), MLP noise in the
+    residual stream, the mechanism alone through the final norm at the clean scale: the table is the local one bit
+    for bit, and the requests, bytes back and draw bytes sent are the check's remote cost."""
+    from factscope.causal import noise
+    from factscope.causal.sites import HeadPath, MlpPath
+
+    folder = model_dirs[family]
+    model = load_model(str(folder))
+    encoded = encode_all(load_facts()[:12], model.tokenizer, model.prepend_bos)
+    mechanisms = {"a": [HeadPath(1, 0, "subject"), HeadPath(0, 2, "end")],
+                  "b": [HeadPath(2, 1, "relation"), MlpPath(0)], "c": [MlpPath(2), HeadPath(1, 3, "all")]}
+    scales, seeds = (0.0, 1.0, 4.0), (0, 1)
+    expected = noise.noise_robustness(model, encoded, mechanisms, scales, seeds)
+    engine = local_engine(str(folder), remote=remote)
+    got = noise.noise_robustness(config_only(folder, engine), encoded, mechanisms, scales, seeds, engine=engine)
+    pd.testing.assert_frame_equal(expected, got, check_exact=True)
+    assert expected["first_among_r"].nunique() > 1 and expected["alone_first_among_r"].nunique() > 1
+    assert (engine.requests, engine.bytes_back, engine.bytes_sent) == noise.CHECK.remote_cost(
+        model.cfg.n_layers, encoded, mechanisms=mechanisms, noise_scales=scales, seeds=seeds, targets=None,
+        **noise.draw_sizes(model))
 
 
 def _remote_stages(monkeypatch, folder, engines):
@@ -524,41 +554,47 @@ def _remote_stages(monkeypatch, folder, engines):
 
 
 def test_remote_ablate_equals_the_local_checks_and_costs_its_plan(tiny, monkeypatch, tmp_path):
-    """analyze --remote, then ablate --remote on its run: the knockout, mechanism-grid, extraction-rate and
-    enrichment tables are the local bf16 checks' bit for bit over the same prompts (the grid and enrichment with
-    the run's R_r), noise and path AtP do not run, and the requests and bytes the engine counted are the plan's
-    exactly."""
+    """analyze --remote, then ablate --remote on its run: the knockout, mechanism-grid, noise, extraction-rate and
+    enrichment tables are the local bf16 checks' bit for bit over the same prompts (the grid, noise and enrichment
+    with the run's R_r; noise at the scales and seeds given), path AtP does not run, and the requests, bytes back
+    and noise draws sent that the engine counted are the plan's exactly."""
     from factscope import stage_io
-    from factscope.causal import ablation, enrichment, extraction, knockout, spread, taxonomy_paths
+    from factscope.causal import ablation, enrichment, extraction, knockout, noise, spread, taxonomy_paths
 
     folder = tiny[0]
     local_model = load_model(str(folder), dtype="bfloat16")
     engines = []
     stages = _remote_stages(monkeypatch, folder, engines)
     run = stages.analyze("org/tiny", None, tmp_path / "run", remote=True, all_prompts=True, report=False)
-    plan = stages.remote_ablate_plan(run.path, window=3, limit=12)
-    run = stages.ablate(run.path, remote=True, window=3, limit=12, report=False)
+    scales, seeds = [0.0, 1.0], [0]
+    plan = stages.remote_ablate_plan(run.path, window=3, noise_scales=scales, seeds=seeds, limit=12)
+    run = stages.ablate(run.path, remote=True, window=3, noise_scales=scales, seeds=seeds, limit=12, report=False)
     known = spread(encode_all(load_facts(), local_model.tokenizer, local_model.prepend_bos), 12)
     head_sets, blocked = knockout.class_head_sets(run.heads), knockout.blocked_groups(local_model.prepend_bos)
     targets = stage_io.run_targets(run.path, stage_io.QUIET)
+    mechanisms = taxonomy_paths(run.heads, local_model.cfg.n_layers)
     expected = {
         **knockout.CHECK.run(local_model, known, progress=None, window=3, head_sets=head_sets, blocked=blocked),
-        **ablation.CHECK.run(local_model, known, progress=None, mode="mean", targets=targets,
-                             mechanisms=taxonomy_paths(run.heads, local_model.cfg.n_layers)),
+        **ablation.CHECK.run(local_model, known, progress=None, mode="mean", targets=targets, mechanisms=mechanisms),
+        **noise.CHECK.run(local_model, known, progress=None, mechanisms=mechanisms, noise_scales=scales, seeds=seeds,
+                          targets=targets),
         **extraction.CHECK.run(local_model, known, progress=None),
         **enrichment.CHECK.run(local_model, known, progress=None, targets=targets),
     }
     for name, table in expected.items():
         pd.testing.assert_frame_equal(table, getattr(run, name), check_exact=True, check_dtype=False)
     ablate = run.summary["causal"]["ablate"]
-    assert ablate["remote"] == {"checks": ["knockout", "ablations", "extraction_rate", "enrichment"],
-                                "requests": plan.requests, "bytes_back": plan.bytes_back}
-    assert ablate["remote"]["requests"] == engines[-1].requests and ablate["remote"]["bytes_back"] == engines[-1].bytes_back
+    remote_checks = ["knockout", "ablations", "noise_robustness", "extraction_rate", "enrichment"]
+    assert ablate["remote"] == {"checks": remote_checks, "requests": plan.requests, "bytes_back": plan.bytes_back,
+                                "bytes_sent": plan.bytes_sent}
+    assert (ablate["remote"]["requests"], ablate["remote"]["bytes_back"], ablate["remote"]["bytes_sent"]) == (
+        engines[-1].requests, engines[-1].bytes_back, engines[-1].bytes_sent)
+    assert (ablate["noise_scales"], ablate["seeds"], plan.bytes_sent > 0) == (scales, seeds, True)
     passes = knockout.knockout_passes(3, blocked) + knockout.knockout_passes(3, blocked, heads=head_sets)
-    assert (plan.prompts, plan.requests) == (12, passes + 3)  # all prompts analysed: no recall pass
-    assert "(noise_robustness, path_ablations do not run remotely)" in plan.describe()
-    assert not any(run.has(name) for name in ("noise_robustness", "path_ablations"))
-    assert {"knockout", "ablations", "extraction_rate", "enrichment"} <= set(run.summary["causal"])
+    assert (plan.prompts, plan.requests) == (12, passes + 4)  # all prompts analysed: no recall pass
+    assert "(path_ablations does not run remotely)" in plan.describe() and "MB of noise draws sent" in plan.describe()
+    assert not run.has("path_ablations")
+    assert set(remote_checks) <= set(run.summary["causal"])
 
 
 def test_remote_ablate_refusals_are_one_line(tiny, monkeypatch, tmp_path):
@@ -568,11 +604,10 @@ def test_remote_ablate_refusals_are_one_line(tiny, monkeypatch, tmp_path):
     local = stages.analyze(str(folder), None, tmp_path / "local", all_prompts=True, report=False)
     with pytest.raises(FactscopeError, match="analysed locally; ablate --remote checks a run of `analyze --remote`"):
         stages.ablate(local.path, remote=True)
-    for option, value in (("--method", {"method": "atp"}), ("--noise-scales", {"noise_scales": [1.0]})):
-        with pytest.raises(FactscopeError, match=rf"ablate --remote runs knockout, ablations, extraction_rate, "
-                                                 rf"enrichment \(noise_robustness, path_ablations do not run "
-                                                 rf"remotely\); {option} does not run remotely"):
-            stages.ablate(local.path, remote=True, **value)
+    with pytest.raises(FactscopeError, match=r"ablate --remote runs knockout, ablations, noise_robustness, "
+                                             r"extraction_rate, enrichment \(path_ablations does not run remotely\); "
+                                             r"--method does not run remotely"):
+        stages.ablate(local.path, remote=True, method="atp")
 
 
 @pytest.mark.real
@@ -627,6 +662,30 @@ def test_mechanism_grid_through_the_engine_on_smollm2():
     assert engine.requests == 1
 
 
+@pytest.mark.real
+def test_noise_check_through_the_engine_on_smollm2():
+    """SmolLM2, fp32, through the serialisation path, on 8 known facts: the noise check on two head sets and every
+    MLP (and all together), three scales, two seeds, in one session from the local draws, bit for bit."""
+    from factscope.causal import known_facts, noise, spread
+    from factscope.causal.sites import HeadPath, MlpPath
+
+    torch.set_num_threads(1)
+    model = load_model("smollm2-135m")
+    known = spread(known_facts(model, encode_all(load_facts(), model.tokenizer, model.prepend_bos)), 8)
+    engine = local_engine("smollm2-135m", remote="local")
+    mechanisms = {"subject_heads": [HeadPath(14, 3, "subject"), HeadPath(20, 1, "subject")],
+                  "relation_heads": [HeadPath(25, 0, "relation"), HeadPath(28, 7, "relation")],
+                  "mlps": [MlpPath(layer) for layer in range(model.cfg.n_layers)]}
+    scales, seeds = (0.0, 1.0, 4.0), (0, 1)
+    expected = noise.noise_robustness(model, known, mechanisms, scales, seeds)
+    got = noise.noise_robustness(model, known, mechanisms, scales, seeds, engine=engine)
+    pd.testing.assert_frame_equal(expected, got, check_exact=True)
+    assert expected["accuracy"].nunique() > 1  # the noise changed something
+    assert (engine.requests, engine.bytes_back, engine.bytes_sent) == noise.CHECK.remote_cost(
+        model.cfg.n_layers, known, mechanisms=mechanisms, noise_scales=scales, seeds=seeds, targets=None,
+        **noise.draw_sizes(model))
+
+
 def test_cli_ablate_dry_run_prints_the_plan_and_sends_nothing(tiny, monkeypatch, tmp_path):
     from typer.testing import CliRunner
 
@@ -640,7 +699,7 @@ def test_cli_ablate_dry_run_prints_the_plan_and_sends_nothing(tiny, monkeypatch,
     assert result.exit_code == 0, result.output
     plan = stages.remote_ablate_plan(run.path, window=3, limit=12)
     printed = " ".join(result.output.split())  # the console wraps the line at its width
-    assert plan.describe() in printed and "12 prompts" in printed and "enrichment (noise_robustness" in printed
+    assert plan.describe() in printed and "12 prompts" in printed and "enrichment (path_ablations does" in printed
     assert not run.path.joinpath("knockout.csv").exists()
 
 

@@ -183,25 +183,51 @@ def heads_to_resid(
     return torch.einsum("bhgd,hdm->bhgm", z, w_o)
 
 
+def head_norms(w_o: Float[torch.Tensor, "head d_head d_model"],
+               gain: Float[torch.Tensor, " d_model"] | None = None) -> Float[torch.Tensor, " head"]:
+    """The Frobenius norm of each head's map from z to the residual stream (times the attention post-norm's gain
+    where there is one; a frozen post-norm scale divides it): what a head's noise is measured against."""
+    return (w_o if gain is None else w_o * gain).flatten(1).norm(dim=-1)
+
+
+def head_out_map(
+    o_weight: Float[torch.Tensor, "d_model head_d_head"], d_head: int, post_norm: tuple | None = None,
+) -> tuple[Callable, Float[torch.Tensor, "*batch head"]]:
+    """A layer's heads' map from z at END to the residual stream, from Hugging Face tensors as `causal.edits` builds
+    it from TransformerLens's: o_proj's weight as W_O per head, then, with `post_norm` = (its input at END, its
+    weight, eps, the norm's kind), the attention post-norm with that END scale frozen (Gemma). → the map and its
+    norm per head (`head_norms`; [batch, head] with a post-norm)."""
+    w_o = o_weight.detach().T.reshape(-1, d_head, o_weight.shape[0]).float()
+    if post_norm is None:
+        return (lambda z: heads_to_resid(z, w_o.to(z.device))), head_norms(w_o)
+    post_in, weight, eps, norm = post_norm
+    gain = rms_gain(weight.detach(), eps, norm).to(w_o.device)
+    scale = rms_scale(post_in, eps).to(w_o.device)
+    frozen = frozen_post_norm(gain, scale)
+    return (lambda z: frozen(heads_to_resid(z, w_o.to(z.device)))), head_norms(w_o, gain) / scale
+
+
 def head_paths_at_end(
     v: Float[torch.Tensor, "batch key kv_head_d_head"], v_bias: Float[torch.Tensor, " kv_head_d_head"] | None,
-    pattern: Float[torch.Tensor, "batch head key"], onehot: Float[torch.Tensor, "batch key group"],
-    o_weight: Float[torch.Tensor, "d_model head_d_head"], d_head: int, post_norm: tuple | None = None,
+    pattern: Float[torch.Tensor, "batch head key"], onehot: Float[torch.Tensor, "batch key group"], d_head: int,
+    to_resid: Callable,
 ) -> Float[torch.Tensor, "batch head group d_model"]:
     """Every head path's vector at END, from a pass's Hugging Face tensors (v_proj's output and bias, END's row of
-    the pattern, o_proj's weight) as `causal.edits` builds it from TransformerLens's: the value bias left out,
-    the groups multiplied first, then W_O and, with `post_norm` = (its input at END, its weight, eps, the norm's
-    kind), the attention post-norm with that END scale frozen (Gemma)."""
+    the pattern) as `causal.edits` builds it from TransformerLens's: the value bias left out, the groups multiplied
+    first, then the heads' map to the residual stream (`head_out_map`)."""
     values = v.detach().view(v.shape[0], v.shape[1], -1, d_head).float()
     if v_bias is not None:  # counted with the attention bias, not with a source group
         values = values - v_bias.detach().float().view(-1, d_head).to(values.device)
-    z = head_group_z_at_end(pattern.detach().float(), values, onehot.to(values.device), groups_first=True)
-    paths = heads_to_resid(z, o_weight.T.reshape(z.shape[1], d_head, -1).float().to(z.device))
-    if post_norm is None:
-        return paths
-    post_in, weight, eps, norm = post_norm
-    gain = rms_gain(weight, eps, norm).to(z.device)
-    return frozen_post_norm(gain, rms_scale(post_in, eps).to(z.device))(paths)
+    return to_resid(head_group_z_at_end(pattern.detach().float(), values, onehot.to(values.device), groups_first=True))
+
+
+def add_at_end(x, rows: Int[torch.Tensor, " batch"], ends: Int[torch.Tensor, " batch"],
+               delta: Float[torch.Tensor, "batch d_model"]):
+    """A module's output with `delta` added at each prompt's END (in fp32, cast back); where the output is a tuple
+    (Llama's attention module: its output, then its pattern), to its first element."""
+    if isinstance(x, tuple):
+        return (add_at_end(x[0], rows, ends, delta), *x[1:])
+    return write_at_end(x, rows, ends, x[rows, ends].float() + delta.to(x.device))
 
 
 def write_at_end(x: Float[torch.Tensor, "batch pos d_model"], rows: Int[torch.Tensor, " batch"],
@@ -222,6 +248,62 @@ def head_change(
     if mean is not None:
         change = change + torch.einsum("hgm,hg->m", mean, weights)
     return change
+
+
+def noise_sigma(scale: float, unit: Float[torch.Tensor, " batch"], n_paths: int) -> Float[torch.Tensor, " batch"]:
+    """The noise check's std per path and prompt: `scale` × `unit` in all, spread evenly over `n_paths` paths."""
+    return scale * unit.float() / max(n_paths, 1) ** 0.5
+
+
+def noisy_heads(
+    paths: Float[torch.Tensor, "batch head group d_model"], weights: Float[torch.Tensor, "head group"],
+    draws: Float[torch.Tensor, "batch head group d_head"], to_resid: Callable, norm: Float[torch.Tensor, "*batch head"],
+    sigma: Float[torch.Tensor, " batch"], alone,
+) -> tuple[Float[torch.Tensor, "batch d_model"], Float[torch.Tensor, "batch d_model"]]:
+    """Noise on the head paths `weights` selects (`causal.edits.Noise`): unit Gaussian `draws` in each head's z-space
+    through its map (`head_out_map`, of norm `norm`), scaled to `sigma` per path. → the noise at END, and `alone`
+    (0.0 or what the layers below gave) plus the paths' own vectors plus their noise."""
+    direction = to_resid(draws.to(paths.device))  # E|direction|² = norm²
+    per_path = (sigma.to(paths.device)[:, None] / norm.to(paths.device))[:, :, None].expand(paths.shape[:3])
+    noise = torch.einsum("bhgm,bhg,hg->bm", direction, per_path, weights.to(paths.device))
+    return noise, _on(alone, paths.device) + torch.einsum("bhgm,hg->bm", paths, weights.to(paths.device)) + noise
+
+
+def noisy_vector(
+    x_end: Float[torch.Tensor, "batch d_model"], draws: Float[torch.Tensor, "batch d_model"],
+    sigma: Float[torch.Tensor, " batch"], alone,
+) -> tuple[Float[torch.Tensor, "batch d_model"], Float[torch.Tensor, "batch d_model"]]:
+    """Noise on an MLP's (or the embedding's) END vector, isotropic in the residual stream with `sigma` in all. →
+    the noisy vector, and `alone` plus it."""
+    noise = sigma.to(x_end.device)[:, None] * draws.to(x_end.device) / x_end.shape[-1] ** 0.5
+    return x_end + noise, _on(alone, x_end.device) + x_end + noise
+
+
+def _on(alone, device: torch.device):
+    """A running sum (0.0 before its first term) on `device`: on a server the layers may sit on several GPUs."""
+    return alone.to(device) if isinstance(alone, torch.Tensor) else alone
+
+
+def alone_logits(
+    alone, batch: int, gain: Float[torch.Tensor, " d_model"], scale: Float[torch.Tensor, "batch 1"],
+    w_u: Float[torch.Tensor, "d_model vocab"], ids: Int[torch.Tensor, "batch target"], centres: bool = False,
+) -> Float[torch.Tensor, "batch target"]:
+    """The logits a mechanism alone gives the targets `ids` under noise: its paths' summed END vectors plus their
+    noise (`alone`; 0.0 for no path) through the final norm at the clean `scale`, without biases."""
+    alone = _on(alone, scale.device) + torch.zeros((batch, gain.shape[0]), device=scale.device)
+    if centres:
+        alone = alone - alone.mean(-1, keepdim=True)
+    columns = w_u[:, ids.to(w_u.device)].float().to(scale.device)  # [d_model, batch, target]
+    return torch.einsum("bd,dbt->bt", alone * gain.to(scale.device) / scale, columns)
+
+
+def first_among_targets(logits: Float[torch.Tensor, "batch target"], valid: Float[torch.Tensor, "batch target"]
+                        ) -> Float[torch.Tensor, " batch"]:
+    """Per prompt: 1 where a (column 0) beats every other target, NaN where there is no other."""
+    valid = valid.to(logits.device)
+    beaten = (logits[:, 1:] < logits[:, :1]) | (valid[:, 1:] == 0)
+    first = beaten.all(1).float()
+    return torch.where(valid[:, 1:].sum(1) > 0, first, torch.full_like(first, float("nan")))
 
 
 def frozen_final_norm(
@@ -304,6 +386,18 @@ def answer_scores(
         logit = out["logit"]
         out["logit_diff"] = torch.where(count > 0, logit - mean_others, torch.full_like(logit, float("nan")))
     return out
+
+
+def noise_scores(
+    logits: Float[torch.Tensor, "batch vocab"], alone: Float[torch.Tensor, "batch target"],
+    answers: Int[torch.Tensor, " batch"], ids: Int[torch.Tensor, "batch target"], valid: Float[torch.Tensor, "batch target"],
+) -> dict[str, torch.Tensor]:
+    """What one pass of the noise check measures per prompt (`causal.noise`): `answer_scores`, and whether the
+    model (`model_first`) and the noisy mechanism alone (`alone_first`, its targets' logits `alone`) rank a first
+    among the targets `ids` (a first)."""
+    return {**answer_scores(logits, answers),
+            "model_first": first_among_targets(logits.gather(1, ids.to(logits.device)), valid),
+            "alone_first": first_among_targets(alone, valid)}
 
 
 def recall_stats(

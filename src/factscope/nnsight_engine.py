@@ -6,7 +6,8 @@ Two ways to use it. As a `forward.Engine` (`__call__`), it saves the END activat
 key position) and the maths run here, over a local copy of the weights. With `project` (and `recall`), the maths that
 read weights run inside the trace (`end_maths`), so a remote run needs no weights locally (`ConfigOnlyModel`) and
 only small per-target tensors come back. `knockout` runs the attention knockout of `causal.knockout` the same way,
-and `causal_trace` one seed of causal tracing in one nnsight session (the restored states never leave the server).
+and `causal_trace` one seed of causal tracing in one nnsight session (the restored states never leave the server);
+`ablate`'s mechanism grid and noise check run as sessions too (`nnsight_ablate.AblateSessions`).
 Only what is `.save()`d leaves the trace, and every request checks the dtype the model ran in against the run's.
 
 Module paths differ by architecture; `ARCHITECTURES` maps a Hugging Face class name to them (with the RMSNorm
@@ -29,6 +30,7 @@ from .end_maths import rms_scale
 from .errors import FactscopeError
 from .forward import act_name
 from .models import DTYPES, LoadedModel, load_hf_model
+from .nnsight_ablate import AblateSessions
 
 _DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
@@ -90,7 +92,7 @@ def _module(root, path: str):
     return reduce(getattr, path.split("."), root)
 
 
-class NnsightEngine:
+class NnsightEngine(AblateSessions):
     """A `forward.Engine` over an nnsight `LanguageModel`. `remote`: False runs in this process; "local" runs the
     trace through nnsight's serialisation path (what a remote run sends) in this process; True sends it to NDIF."""
 
@@ -101,7 +103,7 @@ class NnsightEngine:
         self.remote = remote
         self.requests = 0  # traces sent, for the cost report
         self.bytes_back = 0  # bytes of saved tensors received
-        self.bytes_sent = 0  # bytes of tensors sent besides token ids (causal tracing's noise draws)
+        self.bytes_sent = 0  # bytes of tensors sent besides token ids (the noise draws of causal tracing and of the noise check)
         # the final norm's epsilon: TransformerLens's hook_scale is sqrt(mean(x²) + eps), recomputed here from the
         # norm's input at END, so nothing of vocabulary or position size comes back for it
         self.eps = float(eps if eps is not None else getattr(lm.config, "rms_norm_eps"))
@@ -162,7 +164,7 @@ class NnsightEngine:
         # every module is resolved here, outside the trace: the traced block is shipped by source with the names it
         # reads, and a factscope helper or dataclass in it would have to be importable on the server
         embed, layers, norm, lm_head = (self.envoys[key] for key in ("embed", "layers", "final_norm", "lm_head"))
-        v_projs, o_projs, attns, mlps, post_norms = (self.envoys[key] for key in _LAYER_MODULES)
+        v_projs, o_projs, attns, mlps, post_norms = self.layer_envoys()
         inputs = {"input_ids": tokens, "attention_mask": mask}
         # logits_to_keep: the model unembeds END only, so no [batch, pos, vocab] tensor is ever built
         with lm.trace(inputs, logits_to_keep=ends[:, None], remote=self.remote):
@@ -205,18 +207,13 @@ class NnsightEngine:
 
         Each layer's value vectors are reduced to the heads' END z by source group as soon as the layer has run, so
         the server holds [batch, head, group, d_head] per layer, not the values at every position."""
-        import cloudpickle
         import nnsight
 
-        from . import end_maths
-
-        if self.remote:
-            # ship end_maths by source: the server has torch and nnsight, not factscope
-            cloudpickle.register_pickle_by_value(end_maths)
+        end_maths = self._shipped_maths()
         project_end, group_z = end_maths.project_end, end_maths.head_group_z_at_end
         lm, rows, eps, d_head, norm_kind = self.lm, torch.arange(len(ends)), self.eps, self.d_head, self.paths.norm
         embed, layers, norm, lm_head = (self.envoys[key] for key in ("embed", "layers", "final_norm", "lm_head"))
-        v_projs, o_projs, attns, mlps, post_norms = (self.envoys[key] for key in _LAYER_MODULES)
+        v_projs, o_projs, attns, mlps, post_norms = self.layer_envoys()
         inputs = {"input_ids": tokens.cpu(), "attention_mask": mask.cpu()}
         with lm.trace(inputs, logits_to_keep=ends.cpu()[:, None], remote=self.remote):
             out = nnsight.save({})  # created inside the trace: on a remote run only saved objects come back
@@ -249,13 +246,9 @@ class NnsightEngine:
     ) -> dict[str, torch.Tensor]:
         """`end_maths.recall_stats` computed inside the trace: rank, probability, logit and top tokens per prompt
         come back, not the END logits over the vocabulary."""
-        import cloudpickle
         import nnsight
 
-        from . import end_maths
-
-        if self.remote:
-            cloudpickle.register_pickle_by_value(end_maths)
+        end_maths = self._shipped_maths()
         stats, lm_head = end_maths.recall_stats, self.envoys["lm_head"]
         inputs = {"input_ids": tokens.cpu(), "attention_mask": mask.cpu()}
         with self.lm.trace(inputs, logits_to_keep=ends.cpu()[:, None], remote=self.remote):
@@ -274,13 +267,9 @@ class NnsightEngine:
         applies to TransformerLens's scores, applied here to the additive attention mask each attention module
         receives (the scores plus −inf are −inf either way): no operation inside the attention code is named, so
         nothing depends on how transformers writes it. Layers without a chosen head are left alone."""
-        import cloudpickle
         import nnsight
 
-        from . import end_maths
-
-        if self.remote:
-            cloudpickle.register_pickle_by_value(end_maths)
+        end_maths = self._shipped_maths()
         block, score = end_maths.end_block, end_maths.answer_scores
         attns, lm_head = self.envoys["attn"], self.envoys["lm_head"]
         query_is_end, keys, heads, answers = query_is_end.cpu(), keys.cpu(), heads.cpu(), batch.answers.cpu()
@@ -313,13 +302,9 @@ class NnsightEngine:
         state back (`end_maths.restore_rows`) at the input of block `first` (`resid`) or at the attention / MLP
         output of blocks first..last. What comes back: p_clean and p_corrupt per prompt, the std, and p(a) per
         restoration, [site, row]."""
-        import cloudpickle
         import nnsight
 
-        from . import end_maths
-
-        if self.remote:
-            cloudpickle.register_pickle_by_value(end_maths)
+        end_maths = self._shipped_maths()
         self.bytes_sent += draws.numel() * draws.element_size()
         restore, noised, score = end_maths.restore_rows, end_maths.scaled_noise, end_maths.answer_scores
         add_noise = end_maths.add_noise
@@ -374,96 +359,6 @@ class NnsightEngine:
             out["restored"] = torch.stack(restored)
         return self._received(model, out)
 
-    def ablation_grid(
-        self, model, batch, sets: list, mode: str, ids: Int[torch.Tensor, "batch n"],
-        valid: Float[torch.Tensor, "batch n"], effects: Sequence[str],
-    ) -> dict[str, torch.Tensor]:
-        """`causal.ablation.ablation_grid`'s passes in one nnsight session (no path vector or mean leaves the
-        server): a clean pass (scores, the final norm's scale, in "mean" mode the END means of every path of
-        `sets`, `causal.sites.PathSet`s without embedding), then per effect of `effects` ("total", "direct") one
-        pass per set but the empty first. Head paths are `end_maths.head_paths_at_end` of each pass's own pattern
-        and values; a total effect edits what the attention / MLP adds at END, a direct one adds the summed change
-        after the last block and pins the final norm's scale (`end_maths.frozen_final_norm`). What comes back:
-        `end_maths.answer_scores` with a − mean(R_r ∖ a), [pass, batch]: clean, then effect by effect the sets."""
-        import cloudpickle
-        import nnsight
-
-        from . import end_maths
-
-        if self.remote:
-            cloudpickle.register_pickle_by_value(end_maths)
-        if any(paths.embed for paths in sets):
-            raise FactscopeError("the nnsight engine ablates head paths and MLPs, not the embedding")
-        head_paths, change_of, write = end_maths.head_paths_at_end, end_maths.head_change, end_maths.write_at_end
-        score, rms_scale_of, frozen_norm = end_maths.answer_scores, end_maths.rms_scale, end_maths.frozen_final_norm
-        lm, eps, d_head, norm_kind, recording = self.lm, self.eps, self.d_head, self.paths.norm, mode == "mean"
-        layers, norm, lm_head = self.envoys["layers"], self.envoys["final_norm"], self.envoys["lm_head"]
-        v_projs, o_projs, attns, mlps, post_norms = (self.envoys[key] for key in _LAYER_MODULES)
-        n_layers, rows, ends = len(layers), torch.arange(len(batch)), batch.ends.cpu()
-        onehot, answers, ids, valid = batch.onehot.cpu(), batch.answers.cpu(), ids.cpu(), valid.cpu()
-        heads = [paths.heads.cpu() for paths in sets]
-        head_layers = [{int(layer) for layer in torch.nonzero(h.sum((1, 2)) > 0).flatten()} for h in heads]
-        mlp_layers = [set(paths.mlps) for paths in sets]
-        all_heads, all_mlps = set().union(*head_layers), set().union(*mlp_layers)
-        # the clean pass (no effect; set 0 is the empty set), then every edited one
-        passes = [(None, 0)] + [(effect, s) for effect in effects for s in range(1, len(sets))]
-        inputs = {"input_ids": batch.tokens.cpu(), "attention_mask": batch.mask.cpu()}
-        with lm.session(remote=self.remote):
-            out = nnsight.save({})
-            means, scores = {}, {}
-            for effect, s in passes:
-                record = effect is None and recording
-                with lm.trace(inputs, logits_to_keep=ends[:, None]):
-                    changes = []  # a direct effect's, layer by layer (the layers may sit on several devices)
-                    for layer in range(n_layers):
-                        if (record and layer in all_heads) or layer in head_layers[s]:
-                            v, attn_output = v_projs[layer].output, attns[layer].output
-                            post_norm = (post_norms[layer].input[rows, ends], post_norms[layer].weight.detach(), eps,
-                                         norm_kind) if post_norms else None  # Gemma: with this pass's END scale
-                            paths = head_paths(v, v_projs[layer].bias, attn_output[1][rows, :, ends], onehot,
-                                               o_projs[layer].weight.detach(), d_head, post_norm)
-                            if record:
-                                means[("head", layer)] = paths.mean(0)
-                            else:
-                                delta = change_of(paths, heads[s][layer].to(paths.device), means.get(("head", layer)))
-                                if effect == "direct":
-                                    changes.append(delta)
-                                elif post_norms:
-                                    x = post_norms[layer].output
-                                    post_norms[layer].output = write(x, rows, ends, x[rows, ends].float() + delta)
-                                else:  # the attention module's output is o_proj's, read after its pattern
-                                    x = attn_output[0]
-                                    attns[layer].output = (write(x, rows, ends, x[rows, ends].float() + delta),
-                                                           *attn_output[1:])
-                        if (record and layer in all_mlps) or layer in mlp_layers[s]:
-                            x = mlps[layer].output
-                            x_end = x[rows, ends].float()
-                            if record:
-                                means[("mlp", layer)] = x_end.mean(0)
-                            else:
-                                mean = means.get(("mlp", layer))
-                                new = torch.zeros_like(x_end) if mean is None else mean.expand_as(x_end).clone()
-                                if effect == "direct":
-                                    changes.append(new - x_end)
-                                else:
-                                    mlps[layer].output = write(x, rows, ends, new)
-                    if effect is None:
-                        clean_scale = rms_scale_of(norm.input.detach(), eps)  # every position, as the local hook
-                    if effect == "direct":
-                        x, change = layers[-1].output, 0.0
-                        for delta in changes:  # summed in the order the local editor sums them
-                            change = change + delta.to(x.device)
-                        layers[-1].output = write(x, rows, ends, x[rows, ends].float() + change)
-                        norm.output = frozen_norm(norm.input, clean_scale, norm.weight.detach(), norm_kind)
-                    logits = lm_head.output[:, 0]
-                    if effect is None:
-                        out["model_dtype"] = logits[:0]
-                    for key, value in score(logits.detach().float(), answers, ids, valid).items():
-                        scores.setdefault(key, []).append(value)
-            for key, values in scores.items():
-                out[key] = torch.stack(values)
-        return self._received(model, out)
-
     def read_pass(
         self, model, batch, reads: Sequence[str], at: Int[torch.Tensor, " batch"], reduce: Callable[..., dict],
         **args,
@@ -473,13 +368,9 @@ class NnsightEngine:
         prompt i, and the END logits ("logits"), go to `reduce(reads, lens, **args)`, an `end_maths` function,
         with the unembedding and the final norm as `end_maths.lens_logits` takes them: only what it returns comes
         back (`extraction_events`: a few booleans per prompt; `lens_ranks`: ranks), never a vocabulary-sized row."""
-        import cloudpickle
         import nnsight
 
-        from . import end_maths
-
-        if self.remote:
-            cloudpickle.register_pickle_by_value(end_maths)
+        end_maths = self._shipped_maths()
         gain_of, eps, norm_kind = end_maths.rms_gain, self.eps, self.paths.norm
         layers, norm, lm_head = self.envoys["layers"], self.envoys["final_norm"], self.envoys["lm_head"]
         outputs = self._outputs()
@@ -500,6 +391,22 @@ class NnsightEngine:
                     "bias": torch.zeros(weight.shape[0], device=weight.device), "eps": eps, "centres": False}
             out.update(reduce(got, lens, **args))
         return self._received(model, out)
+
+    def _shipped_maths(self):
+        """`end_maths`, registered to be pickled by value on a remote run: the server has torch and nnsight, not
+        factscope, and the traced blocks call its functions."""
+        import cloudpickle
+
+        from . import end_maths
+
+        if self.remote:
+            cloudpickle.register_pickle_by_value(end_maths)
+        return end_maths
+
+    def layer_envoys(self) -> tuple[list, ...]:
+        """Per layer, the envoys of `_LAYER_MODULES` (v_proj, o_proj, attention, MLP output, attention post-norm;
+        an empty list where the architecture has none)."""
+        return tuple(self.envoys[key] for key in _LAYER_MODULES)
 
     def _outputs(self) -> dict[str, list]:
         """Per layer, the modules whose outputs TransformerLens calls attn_out (what the attention adds to the

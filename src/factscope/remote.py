@@ -49,7 +49,8 @@ class Plan:
     prompts: int
     requests: int  # one trace per batch
     bytes_back: int
-    bytes_sent: int = 0  # tensors the client sends besides the prompts' token ids (causal tracing's noise draws)
+    bytes_sent: int = 0  # tensors the client sends besides the prompts' token ids (the noise draws of causal tracing
+    # and of the noise check)
     note: str = ""  # what the plan covers, where a command runs only part of its work remotely
 
     def describe(self) -> str:
@@ -87,15 +88,17 @@ def recall_plan(model: str, prompts: int, batch_size: int) -> Plan:
 
 SCORE_BYTES = 3 * 4  # per prompt and causal pass: p(a), a's logit and top-1 correct, fp32 (`end_maths.answer_scores`)
 SCORE_DIFF_BYTES = SCORE_BYTES + 4  # and a's logit − the mean of R_r ∖ a's
+NOISE_SCORE_BYTES = SCORE_BYTES + 2 * 4  # and whether the model, and the noisy mechanism alone, rank a first in R_r
 
 
 def ablate_plan(model: str, recalled: int, recall_batch: int, prompts: int, passes: int, bytes_back: int,
-                checks: str = "") -> Plan:
+                bytes_sent: int = 0, checks: str = "") -> Plan:
     """`ablate --remote`: the recall passes that find the known facts among `recalled` prompts again (none when
     the run analysed every prompt), then the checks' `passes` over `prompts`, one request each, bringing back
-    `bytes_back` (`causal.remote_ablate_cost`); `checks` says which run remotely and which do not."""
+    `bytes_back` and sent `bytes_sent` (the noise check's draws; `causal.remote_ablate_cost`); `checks` says which
+    run remotely and which do not."""
     recall = recall_plan(model, recalled, recall_batch)
-    return Plan(model, prompts, recall.requests + passes, recall.bytes_back + bytes_back, note=checks)
+    return Plan(model, prompts, recall.requests + passes, recall.bytes_back + bytes_back, bytes_sent, note=checks)
 
 
 def trace_plan(model: str, recalled: int, recall_batch: int, prompts: int, restorations: int, subject_tokens: int,

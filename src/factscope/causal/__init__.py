@@ -83,7 +83,7 @@ def ablate_checks(
         **_knockout_options(model, heads, window),
         "mechanisms": taxonomy_paths(heads, model.cfg.n_layers), "mode": mode,
         "noise_scales": noise_scales, "seeds": seeds, "targets": targets, "method": method,
-        **atp_paths.path_sizes(model),
+        **atp_paths.path_sizes(model), **noise.draw_sizes(model),
     }
     tables = _run(_of("ablate"), model, known, options, progress)
     earlier = {"causal_trace": trace} if trace is not None else {}
@@ -125,18 +125,20 @@ def trace_checks(
 
 def remote_ablate_checks(
     model, known: list[Encoded], heads: pd.DataFrame, engine, *, window: int = knockout.WINDOW,
-    mode: str = ablation.MODE, targets: dict[str, dict[int, str]] | None = None,
-    trace: pd.DataFrame | None = None, progress: ProgressBars = None,
+    mode: str = ablation.MODE, noise_scales: Sequence[float] = NOISE_SCALES, seeds: Sequence[int] = SEEDS,
+    targets: dict[str, dict[int, str]] | None = None, trace: pd.DataFrame | None = None, progress: ProgressBars = None,
 ) -> tuple[dict[str, pd.DataFrame], dict]:
     """`ablate --remote`: the `ablate` checks that run through an nnsight engine (`CausalCheck.remote`: the
-    attention knockout, the mechanism ablations, the attribute extraction rate and subject enrichment), with
-    `engine`'s passes; `model` may hold no weights (`nnsight_engine.ConfigOnlyModel`). `mode`, `targets` and
-    `trace` as `ablate_checks` takes them."""
+    attention knockout, the mechanism ablations, the noise check, the attribute extraction rate and subject
+    enrichment), with `engine`'s passes; `model` may hold no weights (`nnsight_engine.ConfigOnlyModel`). `mode`,
+    `noise_scales`, `seeds`, `targets` and `trace` as `ablate_checks` takes them."""
     checks = remote_checks("ablate")
-    tables = _run(checks, model, known, _remote_options(model, heads, window, mode, targets), progress, engine)
+    options = _remote_options(model, heads, window, mode, noise_scales, seeds, targets)
+    tables = _run(checks, model, known, options, progress, engine)
     earlier = {"causal_trace": trace} if trace is not None else {}
     remote = {"checks": [check.name for check in checks]}
-    summary = {"ablate": {"mode": mode, "window": window, "n_prompts": len(known), "remote": remote}}
+    summary = {"ablate": {"mode": mode, "window": window, "noise_scales": list(noise_scales), "seeds": list(seeds),
+                          "n_prompts": len(known), "remote": remote}}
     summary.update((check.name, check.summarize({**earlier, **tables})) for check in checks)
     return tables, summary
 
@@ -148,23 +150,28 @@ def remote_checks(command: str) -> list[CausalCheck]:
 def remote_scope(command: str) -> str:
     """Which of `command`'s checks run remotely and which do not, in one line (the plan, the refusals)."""
     runs = ", ".join(check.name for check in remote_checks(command))
-    skipped = ", ".join(check.name for check in _of(command) if not check.remote)
-    return f"{command} --remote runs {runs}" + (f" ({skipped} do not run remotely)" if skipped else "")
+    skipped = [check.name for check in _of(command) if not check.remote]
+    verb = "does" if len(skipped) == 1 else "do"
+    return f"{command} --remote runs {runs}" + (f" ({', '.join(skipped)} {verb} not run remotely)" if skipped else "")
 
 
 def remote_ablate_cost(model, known: list[Encoded], heads: pd.DataFrame, *, window: int = knockout.WINDOW,
-                       mode: str = ablation.MODE, targets: dict[str, dict[int, str]] | None = None) -> tuple[int, int]:
-    """How many requests `remote_ablate_checks` sends over `known` and the bytes they bring back
-    (`CausalCheck.remote_cost`)."""
-    options, checks, n_layers = _remote_options(model, heads, window, mode, targets), remote_checks("ablate"), model.cfg.n_layers
-    costs = [check.remote_cost(n_layers, known, **{name: options[name] for name in check.options}) for check in checks]
-    return sum(requests for requests, _ in costs), sum(size for _, size in costs)
+                       mode: str = ablation.MODE, noise_scales: Sequence[float] = NOISE_SCALES,
+                       seeds: Sequence[int] = SEEDS, targets: dict[str, dict[int, str]] | None = None
+                       ) -> tuple[int, int, int]:
+    """How many requests `remote_ablate_checks` sends over `known`, the bytes they bring back and the bytes of
+    tensors they send besides the prompts (`CausalCheck.remote_cost`)."""
+    options = _remote_options(model, heads, window, mode, noise_scales, seeds, targets)
+    n_layers = model.cfg.n_layers
+    costs = [check.remote_cost(n_layers, known, **{name: options[name] for name in check.options})
+             for check in remote_checks("ablate")]
+    return tuple(sum(column) for column in zip(*costs))
 
 
-def _remote_options(model, heads: pd.DataFrame, window: int, mode: str,
-                    targets: dict[str, dict[int, str]] | None) -> dict:
+def _remote_options(model, heads: pd.DataFrame, window: int, mode: str, noise_scales: Sequence[float],
+                    seeds: Sequence[int], targets: dict[str, dict[int, str]] | None) -> dict:
     return {**_knockout_options(model, heads, window), "mechanisms": taxonomy_paths(heads, model.cfg.n_layers),
-            "mode": mode, "targets": targets}
+            "mode": mode, "noise_scales": noise_scales, "seeds": seeds, "targets": targets, **noise.draw_sizes(model)}
 
 
 def _knockout_options(model, heads: pd.DataFrame, window: int) -> dict:

@@ -248,10 +248,10 @@ def _passes(n_layers: int, *, mechanisms: dict, mode: str, targets: dict | None)
 
 
 def _remote_cost(n_layers: int, known: list[Encoded], *, mechanisms: dict, mode: str,
-                 targets: dict | None) -> tuple[int, int]:
+                 targets: dict | None) -> tuple[int, int, int]:
     """Through an engine, one session (`NnsightEngine.ablation_grid`) bringing back `end_maths.answer_scores`
-    with a − mean(R∖a) per pass and prompt."""
-    return 1, ablation_passes(len(mechanisms)) * len(known) * SCORE_DIFF_BYTES
+    with a − mean(R∖a) per pass and prompt; nothing sent but the prompts and R_r."""
+    return 1, ablation_passes(len(mechanisms)) * len(known) * SCORE_DIFF_BYTES, 0
 
 
 CHECK = CausalCheck(

@@ -24,7 +24,8 @@ class CausalCheck:
 
     A check with `remote` runs through an nnsight engine too (`run(..., engine=...)`), for `ablate --remote` and
     `trace --remote`; an `ablate` one also says what it costs, for the plan printed before anything is sent:
-    `remote_cost(n_layers, known, **options)` → (requests, bytes back) (`causal.remote_ablate_cost`).
+    `remote_cost(n_layers, known, **options)` → (requests, bytes back, bytes of tensors sent besides the prompts
+    and R_r: the noise check's draws) (`causal.remote_ablate_cost`).
     """
 
     name: str  # its key in summary.json["causal"] and its progress label
@@ -35,7 +36,7 @@ class CausalCheck:
     run: Callable[..., dict[str, pd.DataFrame]]
     summarize: Callable[[Mapping[str, pd.DataFrame]], dict]
     remote: bool = False  # `run` also takes `engine=`, an nnsight engine whose passes may run on NDIF (`--remote`)
-    remote_cost: Callable[..., tuple[int, int]] | None = None
+    remote_cost: Callable[..., tuple[int, int, int]] | None = None
 
     def __post_init__(self) -> None:
         if self.command not in COMMANDS:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Float, Int
 
-from ..end_maths import head_change
+from ..end_maths import head_change, head_norms, noise_sigma, noisy_heads, noisy_vector
 from ..forward import (
     Batch, Hook, act_name, capture, frozen_post_norm, head_group_z, head_values, heads_to_resid,
 )
@@ -29,7 +29,6 @@ class HeadMap:
 
     to_resid: Callable[[torch.Tensor], torch.Tensor]  # [batch, head, group, d_head] → [batch, head, group, d_model]
     norm: Float[torch.Tensor, "batch head"]  # Frobenius norm of each head's map (for noise of a given size)
-    d_head: int
 
 
 class Editor:
@@ -100,33 +99,43 @@ class DirectAblate(Ablate):
 class Noise(Editor):
     """Add Gaussian noise to the edited paths at END: `scale` × `unit` (one norm per prompt, the same unit for
     every mechanism) in all, spread evenly over the `n_paths` paths, so each gets squared norm
-    (scale·unit)² / n_paths in expectation whatever its own size.
+    (scale·unit)² / n_paths in expectation whatever its own size (`end_maths.noise_sigma`).
 
-    A head's noise lives in the subspace the head can write to (z-space noise through its output map), an
-    MLP's or the embedding's in the whole residual stream. `alone` sums, per prompt, the edited paths' own
-    vectors plus their noise: what the mechanism alone would write into END's residual under this noise. The
-    generator is drawn in a fixed order, so the same seed gives the same noise, and growing scales reuse the
-    same directions.
+    A head's noise lives in the subspace the head can write to (z-space noise through its output map,
+    `end_maths.noisy_heads`), an MLP's or the embedding's in the whole residual stream (`end_maths.noisy_vector`).
+    `alone` sums, per prompt, the edited paths' own vectors plus their noise: what the mechanism alone would
+    write into END's residual under this noise. The unit Gaussians are `draws` (`noise_draws`), taken in the
+    order the hooks run, so the same seed gives the same noise, and growing scales reuse the same directions.
     """
 
-    def __init__(self, scale: float, seed: int, unit: Float[torch.Tensor, " batch"], n_paths: int):
-        self.path_sigma = scale * unit.float() / max(n_paths, 1) ** 0.5  # [batch]
-        self.generator = torch.Generator().manual_seed(seed)
+    def __init__(self, scale: float, draws: list[torch.Tensor], unit: Float[torch.Tensor, " batch"], n_paths: int):
+        self.path_sigma = noise_sigma(scale, unit, n_paths)  # [batch]
+        self.draws = iter(draws)
         self.alone: torch.Tensor | float = 0.0
 
     def head(self, layer, out_end, paths, weights, head_map):
-        eps = torch.randn((*paths.shape[:3], head_map.d_head), generator=self.generator)
-        direction = head_map.to_resid(eps.to(paths.device))  # E|direction|² = norm²
-        sigma = (self.path_sigma[:, None] / head_map.norm)[:, :, None].expand(paths.shape[:3])  # [batch, head, group]
-        noise = torch.einsum("bhgm,bhg,hg->bm", direction, sigma, weights)
-        self.alone = self.alone + torch.einsum("bhgm,hg->bm", paths, weights) + noise
+        noise, self.alone = noisy_heads(paths, weights, next(self.draws), head_map.to_resid, head_map.norm,
+                                        self.path_sigma, self.alone)
         return out_end + noise
 
     def vector(self, key, x_end):
-        eps = torch.randn(x_end.shape, generator=self.generator).to(x_end.device)
-        noise = self.path_sigma[:, None] * eps / x_end.shape[-1] ** 0.5
-        self.alone = self.alone + x_end + noise
-        return x_end + noise
+        noisy, self.alone = noisy_vector(x_end, next(self.draws), self.path_sigma, self.alone)
+        return noisy
+
+
+def noise_draws(model: LoadedModel, batch: Batch, paths: PathSet, seed: int) -> list[torch.Tensor]:
+    """`Noise`'s unit Gaussians for `paths` on `batch`, from one CPU generator seeded with `seed`, in the order
+    `edit_hooks` hands the paths over in a pass: the embedding (and the positional one), then layer by layer the
+    heads (z-space, [batch, head, group, d_head]) and the MLP ([batch, d_model]). A remote pass is sent these."""
+    cfg, generator, vector = model.cfg, torch.Generator().manual_seed(seed), (len(batch), model.cfg.d_model)
+    shapes = [vector] * ((1 + (cfg.positional_embedding_type == "standard")) if paths.embed else 0)
+    head_layers, mlps = set(paths.head_layers()), set(paths.mlps)
+    for layer in range(cfg.n_layers):
+        if layer in head_layers:
+            shapes.append((len(batch), cfg.n_heads, batch.onehot.shape[-1], cfg.d_head))
+        if layer in mlps:
+            shapes.append(vector)
+    return [torch.randn(shape, generator=generator) for shape in shapes]
 
 
 def edit_hooks(model: LoadedModel, batch: Batch, paths: PathSet, editor: Editor) -> list[Hook]:
@@ -157,7 +166,7 @@ def _head_edit(model: LoadedModel, batch: Batch, layer: int, weights: Float[torc
     w_o = model.W_O(layer).float()  # [head, d_head, d_model]
     # cloned: the gain is read in inference mode, and AtP (`atp_paths`) runs these hooks with autograd on
     gain = model.post_norm_gain(layer).clone() if model.has_attn_post_norm else None
-    w_o_norm = (w_o if gain is None else w_o * gain).flatten(1).norm(dim=-1)  # [head]
+    w_o_norm = head_norms(w_o, gain)
 
     def hook(out: Float[torch.Tensor, "batch pos d_model"], hook):
         values = head_values(model, layer, store[act_name("v", layer)])
@@ -171,7 +180,7 @@ def _head_edit(model: LoadedModel, batch: Batch, layer: int, weights: Float[torc
             return resid if post_norm is None else post_norm(resid)
 
         norm = w_o_norm.expand(len(rows), -1) if gain is None else w_o_norm / scale
-        head_map = HeadMap(to_resid, norm, w_o.shape[1])
+        head_map = HeadMap(to_resid, norm)
         out = out.clone()  # edited in fp32, written back in the model's dtype
         out[rows, ends] = editor.head(layer, out[rows, ends].float(), to_resid(z_paths), weights, head_map).to(out.dtype)
         return out

@@ -73,11 +73,11 @@ def _local_ranks(model: LoadedModel, batch: Batch, last_subject: Int[torch.Tenso
         return lens_ranks({"resid": [store[name] for name in names]}, model_lens(model), ids)["ranks"]
 
 
-def remote_cost(n_layers: int, known: list[Encoded], targets: dict[str, dict[int, str]] | None) -> tuple[int, int]:
+def remote_cost(n_layers: int, known: list[Encoded], targets: dict[str, dict[int, str]] | None) -> tuple[int, int, int]:
     """`subject_enrichment` through an engine: one request, bringing back per layer and prompt the ranks of a and
-    of the widest R_r \\ a of the prompts."""
+    of the widest R_r \\ a of the prompts; nothing sent but the prompts and R_r."""
     ids, _ = target_ids(known, targets if targets is not None else relation_targets(known), with_answer=False)
-    return 1, n_layers * len(known) * (1 + ids.shape[1]) * RANK_BYTES
+    return 1, n_layers * len(known) * (1 + ids.shape[1]) * RANK_BYTES, 0
 
 
 def enrichment_summary(enrichment: pd.DataFrame, trace: pd.DataFrame | None = None) -> dict:

@@ -65,10 +65,10 @@ def _local_events(model: LoadedModel, batch: Batch, top_k: int) -> Bool[torch.Te
         return extraction_events({**reads, "logits": logits}, model_lens(model), batch.answers, top_k)["events"]
 
 
-def remote_cost(n_layers: int, known: list[Encoded]) -> tuple[int, int]:
+def remote_cost(n_layers: int, known: list[Encoded]) -> tuple[int, int, int]:
     """`extraction_rate` through an engine: one request, bringing back one bool per (layer, sublayer, projection,
-    event, prompt)."""
-    return 1, n_layers * len(SUBLAYER_OUTPUTS) * len(PROJECTIONS) * len(EXTRACTION_EVENTS) * len(known)
+    event, prompt); nothing sent but the prompts."""
+    return 1, n_layers * len(SUBLAYER_OUTPUTS) * len(PROJECTIONS) * len(EXTRACTION_EVENTS) * len(known), 0
 
 
 def extraction_summary(table: pd.DataFrame) -> dict:

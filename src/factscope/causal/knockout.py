@@ -234,10 +234,11 @@ def _passes(n_layers: int, *, window: int, head_sets: dict, blocked: Sequence[Gr
     return knockout_passes(n_layers, blocked) + knockout_passes(n_layers, blocked, heads=head_sets)
 
 
-def _remote_cost(n_layers: int, known: list[Encoded], **options) -> tuple[int, int]:
-    """Through an engine, one request per pass, each bringing back `end_maths.answer_scores` per prompt."""
+def _remote_cost(n_layers: int, known: list[Encoded], **options) -> tuple[int, int, int]:
+    """Through an engine, one request per pass, each bringing back `end_maths.answer_scores` per prompt; nothing
+    sent but the prompts."""
     passes = _passes(n_layers, **options)
-    return passes, passes * len(known) * SCORE_BYTES
+    return passes, passes * len(known) * SCORE_BYTES, 0
 
 
 CHECK = CausalCheck(

@@ -19,17 +19,20 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 
 from .. import bootstrap
 from ..data import Encoded, relation_targets
 from ..errors import FactscopeError
+from ..end_maths import alone_logits, noise_scores
 from ..forward import Batch, act_name, capture, make_batch, target_ids
 from ..models import LoadedModel
+from ..remote import NOISE_SCORE_BYTES
+from ..taxonomy import GROUPS
 from .check import CausalCheck
-from .edits import Noise, edit_hooks
-from .scores import Progress, finite_mean, scores, tick
-from .sites import PathSet, PathSpec, parse, union
+from .edits import Noise, edit_hooks, noise_draws
+from .scores import Progress, as_numpy, finite_mean, tick
+from .sites import HeadPath, MlpPath, PathSet, PathSpec, parse, union
 
 NOISE_SCALES = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)  # × the norm of END's clean final residual
 SEEDS = (0, 1, 2)
@@ -37,38 +40,25 @@ UNIT = "end_resid_norm"
 
 
 class Clean:
-    """What every noisy pass of a batch is read against: END's clean final residual norm (the noise unit), the
-    final norm's clean scale at END, and each prompt's R_r as token ids (a first, padding repeating it)."""
+    """What every noisy pass of a batch is read against: END's clean final residual norm (the noise unit) and the
+    final norm's clean scale at END."""
 
-    def __init__(self, model: LoadedModel, batch: Batch, targets: dict[str, dict[int, str]]):
+    def __init__(self, model: LoadedModel, batch: Batch):
         store: dict = {}
         last = act_name("resid_post", model.cfg.n_layers - 1)
         batch.logits(model, [capture(store, last, at_end=batch.ends), capture(store, act_name("final_scale"), at_end=batch.ends)])
         self.unit = store[last].float().norm(dim=-1)  # [batch]
         self.scale = store[act_name("final_scale")].float()  # [batch, 1]
-        ids, valid = target_ids(batch.items, targets, with_answer=True)
-        self.ids, self.valid = ids.to(batch.tokens.device), valid.to(batch.tokens.device)
 
 
-def noisy_pass(model: LoadedModel, batch: Batch, paths: PathSet, scale: float, seed: int, clean: Clean
-               ) -> tuple[Float[torch.Tensor, "batch vocab"], Float[torch.Tensor, "batch target"]]:
-    """One pass with noise on `paths`: the model's END logits, and the logits the noisy paths alone give R_r
-    (`clean.ids`): their summed vectors plus noise through the final norm at its clean scale, without biases."""
-    editor = Noise(scale, seed, clean.unit, paths.n_paths)
+def noisy_pass(model: LoadedModel, batch: Batch, paths: PathSet, scale: float, draws: list[torch.Tensor], clean: Clean,
+               ids: Int[torch.Tensor, "batch target"]) -> tuple[Float[torch.Tensor, "batch vocab"], Float[torch.Tensor, "batch target"]]:
+    """One pass with noise on `paths` (unit Gaussians `draws`, `edits.noise_draws`): the model's END logits, and the
+    logits the noisy paths alone give the targets `ids` (`end_maths.alone_logits`)."""
+    editor = Noise(scale, draws, clean.unit, paths.n_paths)
     logits = batch.logits(model, edit_hooks(model, batch, paths, editor))
-    alone = editor.alone + torch.zeros((len(batch), model.cfg.d_model), device=clean.scale.device)
-    if model.centres:
-        alone = alone - alone.mean(-1, keepdim=True)
     gain, _ = model.final_norm
-    columns = model.W_U[:, clean.ids].float()  # [d_model, batch, target]
-    return logits, torch.einsum("bd,dbt->bt", alone * gain / clean.scale, columns)
-
-
-def first_among_targets(logits: Float[torch.Tensor, "batch target"], valid: Float[torch.Tensor, "batch target"]) -> np.ndarray:
-    """Per prompt: 1 where a (column 0) beats every other attribute of R_r, NaN where R_r has no other."""
-    beaten = (logits[:, 1:] < logits[:, :1]) | (valid[:, 1:] == 0)
-    first = beaten.all(1).float()
-    return torch.where(valid[:, 1:].sum(1) > 0, first, torch.full_like(first, float("nan"))).cpu().numpy()
+    return logits, alone_logits(editor.alone, len(batch), gain, clean.scale, model.W_U, ids, model.centres)
 
 
 def noise_robustness(
@@ -79,6 +69,7 @@ def noise_robustness(
     seeds: Sequence[int] = SEEDS,
     targets: dict[str, dict[int, str]] | None = None,
     progress: Progress = None,
+    engine=None,
 ) -> pd.DataFrame:
     """Gaussian noise on each mechanism's paths at END, and on all of them at once ("all"), at each scale (in
     units of END's clean final residual norm, spread over the mechanism's paths; `edits.Noise`).
@@ -88,26 +79,39 @@ def noise_robustness(
     default `relation_targets(encoded)`; prompts whose R_r has no other attribute are left out), `alone_first_among_r`
     (the mechanism alone under the same noise does), `margin` (the first minus the second, paired per prompt) with
     its bootstrap interval `margin_low`/`margin_high` (`bootstrap.mean_interval`), `noise_unit`, `n_paths`, `n_prompts`, `n_seeds`. One clean
-    pass, then one per (mechanism, scale, seed): `noise_passes`.
+    pass, then one per (mechanism, scale, seed): `noise_passes`. `engine`: an nnsight engine runs the passes in one
+    session (`NnsightEngine.noise_robustness`, on NDIF with `ablate --remote`), sent the local draws, and only
+    the scores per prompt come back.
     """
     if not mechanisms:
         raise FactscopeError("no mechanisms to add noise to")
     batch = make_batch(model, encoded)
-    clean = Clean(model, batch, targets if targets is not None else relation_targets(encoded))
-    tick(progress)
-    conditions = {**mechanisms, "all": union(*mechanisms.values())}
+    ids, valid = (t.to(batch.tokens.device) for t in target_ids(
+        batch.items, targets if targets is not None else relation_targets(encoded), with_answer=True))
+    conditions = {name: parse(model, paths) for name, paths in {**mechanisms, "all": union(*mechanisms.values())}.items()}
+    # per condition and seed, the same unit Gaussians at every scale (`edits.noise_draws`)
+    draws = [[noise_draws(model, batch, paths, seed) for seed in seeds] for paths in conditions.values()]
+    if engine is None:
+        clean = Clean(model, batch)
+        tick(progress)
+        per_pass = []
+        for paths, per_seed in zip(conditions.values(), draws):
+            for scale in scales:
+                for seed_draws in per_seed:
+                    logits, alone = noisy_pass(model, batch, paths, scale, seed_draws, clean, ids)
+                    per_pass.append(as_numpy(noise_scores(logits, alone, batch.answers, ids, valid)))
+                    tick(progress)
+    else:
+        got = as_numpy(engine.noise_robustness(model, batch, list(conditions.values()), scales, draws, ids, valid))
+        per_pass = [{key: values[i] for key, values in got.items()} for i in range(len(got["prob"]))]
+        for _ in range(noise_passes(len(mechanisms), scales, seeds)):
+            tick(progress)
     records = []
-    for name, paths in conditions.items():
-        path_set = parse(model, paths)
-        for scale in scales:
-            runs, model_first, alone_first = [], [], []
-            for seed in seeds:
-                logits, alone = noisy_pass(model, batch, path_set, scale, seed, clean)
-                runs.append(scores(logits, batch))
-                model_first.append(first_among_targets(logits.gather(1, clean.ids), clean.valid))
-                alone_first.append(first_among_targets(alone, clean.valid))
-                tick(progress)
+    for c, (name, path_set) in enumerate(conditions.items()):
+        for k, scale in enumerate(scales):
+            runs = per_pass[(c * len(scales) + k) * len(seeds):(c * len(scales) + k + 1) * len(seeds)]
             accuracy = np.array([finite_mean(run["correct"]) for run in runs])
+            model_first, alone_first = [run["model_first"] for run in runs], [run["alone_first"] for run in runs]
             # per prompt, over the seeds: how much more often the full model keeps a first than the part alone
             margin = np.mean(model_first, axis=0) - np.mean(alone_first, axis=0)
             low, high = bootstrap.mean_interval(margin)
@@ -159,16 +163,39 @@ def _curve(scales: np.ndarray, values: np.ndarray) -> tuple[float, float]:
     return float(values[-1]), area
 
 
+def draw_sizes(model) -> dict:
+    """The ablate options the noise check's remote cost needs beyond the command's own (the draws' sizes)."""
+    return {"d_head": model.cfg.d_head, "d_model": model.cfg.d_model}
+
+
 def _run(model: LoadedModel, known: list[Encoded], *, mechanisms: dict, noise_scales: Sequence[float], seeds: Sequence[int],
-         targets: dict | None, progress: Progress) -> dict[str, pd.DataFrame]:
-    return {"noise_robustness": noise_robustness(model, known, mechanisms, noise_scales, seeds, targets, progress=progress)}
+         targets: dict | None, progress: Progress, engine=None, **sizes) -> dict[str, pd.DataFrame]:
+    return {"noise_robustness": noise_robustness(model, known, mechanisms, noise_scales, seeds, targets, progress=progress,
+                                                 engine=engine)}
 
 
-def _passes(n_layers: int, *, mechanisms: dict, noise_scales: Sequence[float], seeds: Sequence[int], targets: dict | None) -> int:
+def _passes(n_layers: int, *, mechanisms: dict, noise_scales: Sequence[float], seeds: Sequence[int], targets: dict | None,
+            **sizes) -> int:
     return noise_passes(len(mechanisms), noise_scales, seeds)
 
 
+def _remote_cost(n_layers: int, known: list[Encoded], *, mechanisms: dict, noise_scales: Sequence[float],
+                 seeds: Sequence[int], targets: dict | None, d_head: int, d_model: int) -> tuple[int, int, int]:
+    """Through an engine, one session (`NnsightEngine.noise_robustness`) bringing back `end_maths.noise_scores` per
+    noisy pass and prompt, and sent every (condition, seed)'s draws in fp32: d_head per edited (head, group) pair,
+    d_model per MLP, per prompt (no embedding)."""
+    sent = 0
+    for paths in [*mechanisms.values(), union(*mechanisms.values())]:
+        pairs = {(path.layer, path.head, group) for path in paths if isinstance(path, HeadPath)
+                 for group in (GROUPS if path.group == "all" else (path.group,))}
+        mlps = {path.layer for path in paths if isinstance(path, MlpPath)}
+        sent += len(seeds) * len(known) * 4 * (len(pairs) * d_head + len(mlps) * d_model)
+    passes = noise_passes(len(mechanisms), noise_scales, seeds) - 1  # the clean pass brings nothing back
+    return 1, passes * len(known) * NOISE_SCORE_BYTES, sent
+
+
 CHECK = CausalCheck(
-    "noise_robustness", "ablate", ("noise_robustness",), ("mechanisms", "noise_scales", "seeds", "targets"), _passes, _run,
-    lambda tables: noise_summary(tables["noise_robustness"]),
+    "noise_robustness", "ablate", ("noise_robustness",),
+    ("mechanisms", "noise_scales", "seeds", "targets", "d_head", "d_model"), _passes, _run,
+    lambda tables: noise_summary(tables["noise_robustness"]), remote=True, remote_cost=_remote_cost,
 )
