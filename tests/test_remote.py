@@ -643,11 +643,10 @@ def test_extraction_and_enrichment_through_the_engine_on_smollm2():
                                   enrichment.subject_enrichment(model, known, engine=engine), check_exact=True)
 
 
-@pytest.mark.real
-def test_mechanism_grid_through_the_engine_on_smollm2():
-    """SmolLM2, fp32, through the serialisation path, on 8 known facts: the mean-ablation grid (two head sets and
-    every MLP; alone, in pairs, together; total and direct effects) in one session, bit for bit."""
-    from factscope.causal import ablation, known_facts, spread
+def _smollm2_mechanisms():
+    """SmolLM2 in fp32, 8 of its known facts, its engine through the serialisation path, and two head sets and every
+    MLP as mechanisms: what the real tests of the ablate sessions check."""
+    from factscope.causal import known_facts, spread
     from factscope.causal.sites import HeadPath, MlpPath
 
     torch.set_num_threads(1)
@@ -657,6 +656,16 @@ def test_mechanism_grid_through_the_engine_on_smollm2():
     mechanisms = {"subject_heads": [HeadPath(14, 3, "subject"), HeadPath(20, 1, "subject")],
                   "relation_heads": [HeadPath(25, 0, "relation"), HeadPath(28, 7, "relation")],
                   "mlps": [MlpPath(layer) for layer in range(model.cfg.n_layers)]}
+    return model, known, engine, mechanisms
+
+
+@pytest.mark.real
+def test_mechanism_grid_through_the_engine_on_smollm2():
+    """SmolLM2, fp32, through the serialisation path, on 8 known facts: the mean-ablation grid (two head sets and
+    every MLP; alone, in pairs, together; total and direct effects) in one session, bit for bit."""
+    from factscope.causal import ablation
+
+    model, known, engine, mechanisms = _smollm2_mechanisms()
     pd.testing.assert_frame_equal(ablation.ablation_grid(model, known, mechanisms),
                                   ablation.ablation_grid(model, known, mechanisms, engine=engine), check_exact=True)
     assert engine.requests == 1
@@ -666,16 +675,9 @@ def test_mechanism_grid_through_the_engine_on_smollm2():
 def test_noise_check_through_the_engine_on_smollm2():
     """SmolLM2, fp32, through the serialisation path, on 8 known facts: the noise check on two head sets and every
     MLP (and all together), three scales, two seeds, in one session from the local draws, bit for bit."""
-    from factscope.causal import known_facts, noise, spread
-    from factscope.causal.sites import HeadPath, MlpPath
+    from factscope.causal import noise
 
-    torch.set_num_threads(1)
-    model = load_model("smollm2-135m")
-    known = spread(known_facts(model, encode_all(load_facts(), model.tokenizer, model.prepend_bos)), 8)
-    engine = local_engine("smollm2-135m", remote="local")
-    mechanisms = {"subject_heads": [HeadPath(14, 3, "subject"), HeadPath(20, 1, "subject")],
-                  "relation_heads": [HeadPath(25, 0, "relation"), HeadPath(28, 7, "relation")],
-                  "mlps": [MlpPath(layer) for layer in range(model.cfg.n_layers)]}
+    model, known, engine, mechanisms = _smollm2_mechanisms()
     scales, seeds = (0.0, 1.0, 4.0), (0, 1)
     expected = noise.noise_robustness(model, known, mechanisms, scales, seeds)
     got = noise.noise_robustness(model, known, mechanisms, scales, seeds, engine=engine)
