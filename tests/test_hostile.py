@@ -41,6 +41,13 @@ def command(*args) -> list[str]:
     return [sys.executable, "-m", "factscope", *map(str, args)]
 
 
+def interruptible(*args) -> subprocess.Popen:
+    """`factscope args` started as from a terminal, SIGINT at its default: a test run in the background (`cmd &` in a
+    non-interactive shell, as a CI script may start it) hands its children SIGINT ignored, which factscope respects."""
+    return subprocess.Popen(command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
 def cli(*args) -> subprocess.CompletedProcess:
     # wide enough that rich's tables keep each cell on one line
     return subprocess.run(command(*args), capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "400"})
@@ -131,8 +138,7 @@ def test_pickled_weights_are_refused_unread(tiny_llama_dir, tmp_path):
 
 def test_sigint_during_analyze_exits_130_and_keeps_the_finished_batches(tiny_llama_dir, tmp_path):
     out, staging = tmp_path / "run", tmp_path / ".run.partial"
-    process = subprocess.Popen(command("analyze", "--model", tiny_llama_dir, "--out", out, "--all-prompts",
-                                       "--batch-size", "1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = interruptible("analyze", "--model", tiny_llama_dir, "--out", out, "--all-prompts", "--batch-size", "1")
     wait_for(lambda: len(list((staging / "batches").glob("*.done"))) >= 2)
     sent = time.monotonic()
     process.send_signal(signal.SIGINT)
@@ -147,8 +153,7 @@ def test_sigint_during_analyze_exits_130_and_keeps_the_finished_batches(tiny_lla
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_before_any_batch_leaves_nothing(tiny_llama_dir, facts, tmp_path, signum, code):
     out = tmp_path / "out"
-    process = subprocess.Popen(command("recall", "--model", tiny_llama_dir, "--dataset", facts, "--out", out),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = interruptible("recall", "--model", tiny_llama_dir, "--dataset", facts, "--out", out)
     wait_for(lambda: (tmp_path / ".out.lock").exists() or process.poll() is not None)
     process.send_signal(signum)
     _, stderr = process.communicate(timeout=60)
