@@ -89,19 +89,22 @@ def noise_robustness(
     ids, valid = (t.to(batch.tokens.device) for t in target_ids(
         batch.items, targets if targets is not None else relation_targets(encoded), with_answer=True))
     conditions = {name: parse(model, paths) for name, paths in {**mechanisms, "all": union(*mechanisms.values())}.items()}
-    # per condition and seed, the same unit Gaussians at every scale (`edits.noise_draws`)
-    draws = [[noise_draws(model, batch, paths, seed) for seed in seeds] for paths in conditions.values()]
+    # per condition and seed, the same unit Gaussians at every scale (`edits.noise_draws`, seeded)
     if engine is None:
         clean = Clean(model, batch)
         tick(progress)
         per_pass = []
-        for paths, per_seed in zip(conditions.values(), draws):
+        for paths in conditions.values():
             for scale in scales:
-                for seed_draws in per_seed:
-                    logits, alone = noisy_pass(model, batch, paths, scale, seed_draws, clean, ids)
+                for seed in seeds:
+                    # drawn for this pass only: every condition's draws at once would hold them all (a head
+                    # layer's are [batch, head, group, d_head]); a remote session needs them all, to send them
+                    draws = noise_draws(model, batch, paths, seed)
+                    logits, alone = noisy_pass(model, batch, paths, scale, draws, clean, ids)
                     per_pass.append(as_numpy(noise_scores(logits, alone, batch.answers, ids, valid)))
                     tick(progress)
     else:
+        draws = [[noise_draws(model, batch, paths, seed) for seed in seeds] for paths in conditions.values()]
         got = as_numpy(engine.noise_robustness(model, batch, list(conditions.values()), scales, draws, ids, valid))
         per_pass = [{key: values[i] for key, values in got.items()} for i in range(len(got["prob"]))]
         for _ in range(noise_passes(len(mechanisms), scales, seeds)):
