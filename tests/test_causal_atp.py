@@ -30,11 +30,12 @@ def test_atp_is_exact_to_first_order(model_dirs, family):
     assert (estimate.effects[..., 0, :first] == 0).all()
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3"])
-def test_graddrop_equals_one_detached_forward_per_layer(model_dirs, family):
-    """GradDrop from one recorded pass (a gate per layer, L backward passes) equals the definition computed the
-    slow way: for each layer ℓ a separate forward in which layer ℓ's attention and MLP outputs are detached, its
-    AtP of every residual restoration, then Σ_ℓ |·| / (L − 1)."""
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3", "neox", "qwen2"])
+def test_atp_and_graddrop_equal_the_full_width_definition(model_dirs, family):
+    """AtP and GradDrop from one recorded pass of the subject-to-END tokens (the prefix from the clean run's keys
+    and values; a gate per layer, L backward passes) equal the definitions computed the slow way, every prompt at
+    full width: AtP from one plain forward; GradDrop from a separate forward per layer ℓ in which layer ℓ's
+    attention and MLP outputs are detached, its AtP of every residual restoration, then Σ_ℓ |·| / (L − 1)."""
     from factscope.causal.trace import _clean_states, subject_noise
     from factscope.forward import act_name
 
@@ -44,23 +45,27 @@ def test_graddrop_equals_one_detached_forward_per_layer(model_dirs, family):
     clean, std = _clean_states(model, batch, ("resid",))
     noise = subject_noise(batch, 3.0 * std, 0, model.cfg.d_model)
     names = [act_name("resid_post", layer) for layer in range(n_layers)]
-    expected = torch.zeros((n_layers, *batch.tokens.shape))
-    for dropped in range(n_layers):
+
+    def full_width_atp(dropped: int | None) -> torch.Tensor:
         store = {}
         hooks = [(act_name("embed"), lambda x, hook: (x + noise).detach().requires_grad_(True)),
-                 *((act_name(site, dropped), lambda x, hook: x.detach()) for site in ("attn_out", "mlp_out")),
+                 *((act_name(site, dropped), lambda x, hook: x.detach()) for site in ("attn_out", "mlp_out")
+                   if dropped is not None),
                  *((name, lambda x, hook, name=name: store.__setitem__(name, x)) for name in names)]
         hooks.append((act_name("final_out"), lambda x, hook: store.__setitem__("normed", x[batch.rows, batch.ends])))
         with torch.enable_grad():
             model.bridge.run_with_hooks(batch.tokens, attention_mask=batch.mask, fwd_hooks=hooks)
             p = (store["normed"] @ model.W_U + model.b_U).float().softmax(-1)[batch.rows, batch.answers]
             grads = torch.autograd.grad(p.sum(), [store[n] for n in names])
-        for layer, (name, grad) in enumerate(zip(names, grads)):
-            expected[layer] += ((clean[name] - store[name].detach()) * grad).sum(-1).abs() / (n_layers - 1)
-    got = atp.atp_trace(model, encoded, noise=3.0, seeds=(0,), window=1, kinds=("resid",), chunk=5, graddrop=True)
-    assert torch.allclose(got.effects[0, 0], expected * atp._restorable(batch), atol=1e-6)
-    # the last layer's residual is downstream of every gate: all L estimates are AtP's, so GradDrop = L/(L−1)·|AtP|
+        return torch.stack([((clean[name] - store[name].detach()) * grad).sum(-1) for name, grad in zip(names, grads)])
+
+    restorable = atp._restorable(batch)
     plain = atp.atp_trace(model, encoded, noise=3.0, seeds=(0,), window=1, kinds=("resid",), chunk=5)
+    assert torch.allclose(plain.effects[0, 0], full_width_atp(None) * restorable, atol=1e-6)
+    expected = sum(full_width_atp(dropped).abs() for dropped in range(n_layers)) / (n_layers - 1)
+    got = atp.atp_trace(model, encoded, noise=3.0, seeds=(0,), window=1, kinds=("resid",), chunk=5, graddrop=True)
+    assert torch.allclose(got.effects[0, 0], expected * restorable, atol=1e-6)
+    # the last layer's residual is downstream of every gate: all L estimates are AtP's, so GradDrop = L/(L−1)·|AtP|
     last = plain.effects[0, 0, -1].abs() * n_layers / (n_layers - 1)
     assert torch.allclose(got.effects[0, 0, -1], last, atol=1e-7)
     assert not torch.allclose(got.effects[0, 0, 0], plain.effects[0, 0, 0].abs() * n_layers / (n_layers - 1), rtol=1e-2, atol=0)

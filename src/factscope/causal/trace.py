@@ -278,13 +278,20 @@ def trace_table(trace: TraceEffects) -> pd.DataFrame:
     return table
 
 
-def _clean_states(model: LoadedModel, batch: Batch, kinds: Sequence[str]) -> tuple[dict, float]:
-    """Clean activations to restore from, p(a), and the std of the subjects' token embeddings."""
+def _clean_states(model: LoadedModel, batch: Batch, kinds: Sequence[str], kv_cache: bool = False) -> tuple[dict, float]:
+    """Clean activations to restore from, p(a), and the std of the subjects' token embeddings; with `kv_cache`,
+    also every layer's keys and values under "kv" (as `States.kv`)."""
+    from transformers import DynamicCache
+
     store: dict = {}
     hooks = [capture(store, act_name("embed"))]
     for layer in range(model.cfg.n_layers):
         hooks += [capture(store, act_name(_RESTORED[kind], layer)) for kind in TRACE_KINDS if kind in kinds]
-    logits = batch.logits(model, hooks)
+    cache = DynamicCache() if kv_cache else None  # without the model's config: see `_corrupted_states`
+    with _bridge_reads_cache(model.bridge, kv_cache):
+        logits = end_logits(model, batch.tokens, batch.mask, batch.ends, hooks, past_key_values=cache)
+    if kv_cache:
+        store["kv"] = [(layer.keys, layer.values) for layer in cache.layers]
     store["p"] = logits.softmax(-1)[batch.rows, batch.answers]
     subject = batch.subject
     return store, float(store.pop(act_name("embed"))[subject].std())
