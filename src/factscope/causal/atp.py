@@ -97,8 +97,8 @@ def _estimate(model: LoadedModel, encoded: list[Encoded], noise: float, seeds: S
     p_corrupted = torch.zeros((len(seeds), len(batch)))
     names = {kind: [act_name(_RESTORED[kind], layer) for layer in range(n_layers)] for kind in kinds}
     firsts = torch.tensor([item.subject_positions[0] for item in batch.items], device=batch.tokens.device)
-    # longest tail first, so that a chunk's rows are of about the same width: on the shipped prompts padding to
-    # the chunk's longest row was 31% of the tokens run (sorting by tail: 0.4%, counted on SmolLM2's 108 known)
+    # longest tail first, so that a chunk's rows are of about the same width: on SmolLM2's 108 known facts, chunks
+    # of 32 in dataset order padded 1,034 tokens to 1,360; their 607 tail tokens, chunked by length, run as 792
     order = torch.argsort(batch.ends - firsts, descending=True, stable=True)
     for s, seed in enumerate(seeds):
         noise_all = subject_noise(batch, noise * std, seed, model.cfg.d_model)
