@@ -126,7 +126,7 @@ def test_cached_exact_ablation_is_the_full_pass(model_dirs, family, mode):
     """END alone from the path's layer up, earlier positions from the clean cache, gives what a full pass with
     the edit gives (`ablated_logits`), on every path."""
     model, encoded = tiny(model_dirs, family)
-    present = atp_paths.present_paths(model, make_batch(model, encoded))
+    present = atp_paths.present_paths(model, encoded)
     fast = atp_paths.exact_path_effects(model, encoded, present, mode, max_rows=7)  # several chunks per END position
     slow = atp_paths.exact_path_effects(model, encoded, present, mode, kv_cache=False)
     assert torch.allclose(fast.effects, slow.effects, atol=1e-5, equal_nan=True)
@@ -144,7 +144,7 @@ def test_a_pass_started_mid_model_keeps_each_layers_attention_type(tmp_path, mon
     monkeypatch.setitem(tiny_models.FAMILIES, "gemma3", spec)
     model, encoded = _tiny(str(tiny_models.build_model_dir("gemma3", tmp_path / "gemma3-mixed")))
     assert list(model.bridge.original_model.config.layer_types) == spec["layer_types"]
-    present = atp_paths.present_paths(model, make_batch(model, encoded))
+    present = atp_paths.present_paths(model, encoded)
     fast = atp_paths.exact_path_effects(model, encoded, present, "mean")
     slow = atp_paths.exact_path_effects(model, encoded, present, "mean", kv_cache=False)
     assert torch.allclose(fast.effects, slow.effects, atol=1e-5, equal_nan=True)

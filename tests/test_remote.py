@@ -154,13 +154,16 @@ def test_the_request_names_no_factscope_module(tiny, monkeypatch):
 
     noise_robustness(config_only(folder, engine), encoded[:4], {"a": [HeadPath(1, 0, "subject")], "b": [MlpPath(1)]},
                      scales=(1.0,), seeds=(0,), engine=engine)  # one session
-    assert len(payloads) == 10
+    from factscope.causal.atp_paths import atp_path_effects
+
+    atp_path_effects(config_only(folder, engine), encoded[:4], chunk=2, engine=engine)  # one session, two chunks
+    assert len(payloads) == 11
     for payload in payloads:
         strings = [arg for _, arg, _ in pickletools.genops(io.BytesIO(payload)) if isinstance(arg, str)]
         assert not [s for s in strings if s.split(".")[0] in ("factscope", "jaxtyping", "einops")]
         assert any(f"def {name}" in s for s in strings
                    for name in ("project_end", "recall_stats", "end_block", "restore_rows", "extraction_events",
-                                "lens_ranks", "frozen_final_norm", "noisy_heads"))
+                                "lens_ranks", "frozen_final_norm", "noisy_heads", "path_changes"))
 
 
 def test_recall_through_the_engine_equals_local_recall(tiny):
@@ -534,6 +537,43 @@ def test_noise_check_through_the_engine_equals_local_bitwise(model_dirs, family,
         **noise.draw_sizes(model))
 
 
+def _path_atp_through_the_engine(model, remote_model, encoded, engine, mode: str, method: str, targets=None,
+                                 **options) -> None:
+    """Path AtP (total and direct effects) in one session, and the exact ablation of its chosen paths (a sample, or
+    every path with `both`) in the grid session, against the local ones (the exact ones by full passes, as
+    `kv_cache=False`), bit for bit; the engine's requests and bytes are the check's remote cost."""
+    from factscope.causal import atp_paths
+
+    expected = atp_paths.atp_path_effects(model, encoded, mode, targets, **options)
+    got = atp_paths.atp_path_effects(remote_model, encoded, mode, targets, engine=engine, **options)
+    for local, through in zip(expected, got):
+        assert torch.equal(local.effects.isnan(), through.effects.isnan())
+        assert torch.equal(local.effects.nan_to_num(), through.effects.nan_to_num())
+        assert (local.effects.nan_to_num() != 0).any() and torch.equal(local.present, through.present)
+    chosen = expected[0].present if method == "both" else atp_paths.sample_paths(expected[0])
+    exact = atp_paths.exact_path_effects(model, encoded, chosen, mode, targets, kv_cache=False)
+    through = atp_paths.exact_path_effects(remote_model, encoded, chosen, mode, targets, engine=engine)
+    assert torch.equal(exact.effects.nan_to_num(), through.effects.nan_to_num()) and (exact.effects.nan_to_num() != 0).any()
+    assert (engine.requests, engine.bytes_back, engine.bytes_sent) == atp_paths.CHECK.remote_cost(
+        model.cfg.n_layers, encoded, mode=mode, targets=targets, method=method, **atp_paths.path_sizes(model))
+
+
+@pytest.mark.parametrize(("family", "remote", "mode", "method"), [
+    ("llama", False, "mean", "atp"), ("llama", "local", "zero", "both"), ("llama", "local", "mean", "atp"),
+    ("qwen2", "local", "mean", "both"), ("gemma3", "local", "mean", "atp"), ("gemma3", False, "zero", "both")])
+def test_path_atp_through_the_engine_equals_local_bitwise(model_dirs, family, remote, mode, method):
+    """`ablate --method atp|both` through the engine: the clean pass with a zero leaf where each path's removal would
+    be written (what the attention adds at END, after Gemma's post-norm; the MLP's output), nnsight's backward
+    pass to the leaves, and the frozen-norm backward of the direct effect, in chunks of 5 prompts, give AtP's
+    estimates bit for bit (same functions, `end_maths`, on the same fp32 tensors and gradients); only the
+    estimates come back."""
+    folder = model_dirs[family]
+    model = load_model(str(folder))
+    encoded = encode_all(load_facts()[:12], model.tokenizer, model.prepend_bos)
+    engine = local_engine(str(folder), remote=remote)
+    _path_atp_through_the_engine(model, config_only(folder, engine), encoded, engine, mode, method, chunk=5)
+
+
 def _remote_stages(monkeypatch, folder, engines):
     """stages with NDIF replaced by the tiny model in bf16 through nnsight's serialisation path."""
     from transformers import AutoConfig, AutoTokenizer
@@ -554,12 +594,16 @@ def _remote_stages(monkeypatch, folder, engines):
 
 
 def test_remote_ablate_equals_the_local_checks_and_costs_its_plan(tiny, monkeypatch, tmp_path):
-    """analyze --remote, then ablate --remote on its run: the knockout, mechanism-grid, noise, extraction-rate and
-    enrichment tables are the local bf16 checks' bit for bit over the same prompts (the grid, noise and enrichment
-    with the run's R_r; noise at the scales and seeds given), path AtP does not run, and the requests, bytes back
-    and noise draws sent that the engine counted are the plan's exactly."""
+    """analyze --remote, then ablate --remote --method atp on its run: the knockout, mechanism-grid, noise,
+    extraction-rate, enrichment, path-ablation and AtP-agreement tables are the local bf16 checks' bit for bit over
+    the same prompts (the grid, noise, enrichment and paths with the run's R_r; noise at the scales and seeds
+    given; the sampled paths ablated by full passes, as `kv_cache=False`), and the requests, bytes back and noise
+    draws sent that the engine counted are the plan's exactly."""
+    import functools
+
     from factscope import stage_io
-    from factscope.causal import ablation, enrichment, extraction, knockout, noise, spread, taxonomy_paths
+    from factscope.causal import (ablation, atp_paths, enrichment, extraction, knockout, noise, spread,
+                                  taxonomy_paths)
 
     folder = tiny[0]
     local_model = load_model(str(folder), dtype="bfloat16")
@@ -567,8 +611,10 @@ def test_remote_ablate_equals_the_local_checks_and_costs_its_plan(tiny, monkeypa
     stages = _remote_stages(monkeypatch, folder, engines)
     run = stages.analyze("org/tiny", None, tmp_path / "run", remote=True, all_prompts=True, report=False)
     scales, seeds = [0.0, 1.0], [0]
-    plan = stages.remote_ablate_plan(run.path, window=3, noise_scales=scales, seeds=seeds, limit=12)
-    run = stages.ablate(run.path, remote=True, window=3, noise_scales=scales, seeds=seeds, limit=12, report=False)
+    plan = stages.remote_ablate_plan(run.path, window=3, noise_scales=scales, seeds=seeds, method="atp", limit=12)
+    run = stages.ablate(run.path, remote=True, window=3, noise_scales=scales, seeds=seeds, method="atp", limit=12,
+                        report=False)
+    monkeypatch.setattr(atp_paths, "exact_path_effects", functools.partial(atp_paths.exact_path_effects, kv_cache=False))
     known = spread(encode_all(load_facts(), local_model.tokenizer, local_model.prepend_bos), 12)
     head_sets, blocked = knockout.class_head_sets(run.heads), knockout.blocked_groups(local_model.prepend_bos)
     targets = stage_io.run_targets(run.path, stage_io.QUIET)
@@ -580,21 +626,24 @@ def test_remote_ablate_equals_the_local_checks_and_costs_its_plan(tiny, monkeypa
                           targets=targets),
         **extraction.CHECK.run(local_model, known, progress=None),
         **enrichment.CHECK.run(local_model, known, progress=None, targets=targets),
+        **atp_paths.CHECK.run(local_model, known, progress=None, mode="mean", targets=targets, method="atp",
+                              **atp_paths.path_sizes(local_model)),
     }
     for name, table in expected.items():
         pd.testing.assert_frame_equal(table, getattr(run, name), check_exact=True, check_dtype=False)
     ablate = run.summary["causal"]["ablate"]
-    remote_checks = ["knockout", "ablations", "noise_robustness", "extraction_rate", "enrichment"]
+    remote_checks = ["knockout", "ablations", "noise_robustness", "extraction_rate", "enrichment", "path_ablations"]
     assert ablate["remote"] == {"checks": remote_checks, "requests": plan.requests, "bytes_back": plan.bytes_back,
                                 "bytes_sent": plan.bytes_sent}
     assert (ablate["remote"]["requests"], ablate["remote"]["bytes_back"], ablate["remote"]["bytes_sent"]) == (
         engines[-1].requests, engines[-1].bytes_back, engines[-1].bytes_sent)
     assert (ablate["noise_scales"], ablate["seeds"], plan.bytes_sent > 0) == (scales, seeds, True)
     passes = knockout.knockout_passes(3, blocked) + knockout.knockout_passes(3, blocked, heads=head_sets)
-    assert (plan.prompts, plan.requests) == (12, passes + 4)  # all prompts analysed: no recall pass
-    assert "(path_ablations does not run remotely)" in plan.describe() and "MB of noise draws sent" in plan.describe()
-    assert not run.has("path_ablations")
-    assert set(remote_checks) <= set(run.summary["causal"])
+    assert (plan.prompts, plan.requests) == (12, passes + 4 + 2)  # all prompts analysed: no recall pass
+    assert "MB of noise draws sent" in plan.describe()
+    assert (run.path_ablations["method"] == "exact").sum() == int(atp_paths.sample_paths(
+        atp_paths.atp_path_effects(local_model, known, targets=targets)[0]).sum())
+    assert set(remote_checks) <= set(run.summary["causal"]) and ablate["method"] == "atp"
 
 
 def test_remote_ablate_refusals_are_one_line(tiny, monkeypatch, tmp_path):
@@ -604,10 +653,8 @@ def test_remote_ablate_refusals_are_one_line(tiny, monkeypatch, tmp_path):
     local = stages.analyze(str(folder), None, tmp_path / "local", all_prompts=True, report=False)
     with pytest.raises(FactscopeError, match="analysed locally; ablate --remote checks a run of `analyze --remote`"):
         stages.ablate(local.path, remote=True)
-    with pytest.raises(FactscopeError, match=r"ablate --remote runs knockout, ablations, noise_robustness, "
-                                             r"extraction_rate, enrichment \(path_ablations does not run remotely\); "
-                                             r"--method does not run remotely"):
-        stages.ablate(local.path, remote=True, method="atp")
+    with pytest.raises(FactscopeError, match=r"^ablate method 'gradients': use exact, atp, both$"):
+        stages.ablate(local.path, remote=True, method="gradients")
 
 
 @pytest.mark.real
@@ -688,6 +735,18 @@ def test_noise_check_through_the_engine_on_smollm2():
         **noise.draw_sizes(model))
 
 
+@pytest.mark.real
+def test_path_atp_through_the_engine_on_smollm2():
+    """SmolLM2, fp32, through the serialisation path, on 8 known facts: path AtP of every head path and MLP (total and
+    direct) in one session, and its sampled exact check in the grid session, bit for bit, with R_r from every
+    fact (8 facts alone leave most relations without another attribute)."""
+    from factscope.data import relation_targets
+
+    model, known, engine, _ = _smollm2_mechanisms()
+    targets = relation_targets(encode_all(load_facts(), model.tokenizer, model.prepend_bos))
+    _path_atp_through_the_engine(model, model, known, engine, "mean", "atp", targets)
+
+
 def test_cli_ablate_dry_run_prints_the_plan_and_sends_nothing(tiny, monkeypatch, tmp_path):
     from typer.testing import CliRunner
 
@@ -701,8 +760,14 @@ def test_cli_ablate_dry_run_prints_the_plan_and_sends_nothing(tiny, monkeypatch,
     assert result.exit_code == 0, result.output
     plan = stages.remote_ablate_plan(run.path, window=3, limit=12)
     printed = " ".join(result.output.split())  # the console wraps the line at its width
-    assert plan.describe() in printed and "12 prompts" in printed and "enrichment (path_ablations does" in printed
+    assert plan.describe() in printed and "12 prompts" in printed
     assert not run.path.joinpath("knockout.csv").exists()
+    result = CliRunner().invoke(cli.app, ["ablate", str(run.path), "--remote", "--dry-run", "--limit", "12",
+                                          "--window", "3", "--method", "both"])
+    assert result.exit_code == 0, result.output
+    both = stages.remote_ablate_plan(run.path, window=3, method="both", limit=12)
+    assert both.describe() in " ".join(result.output.split()) and both.requests == plan.requests + 2
+    assert not run.path.joinpath("path_ablations.csv").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -173,7 +173,7 @@ def ablate(
     device: DeviceOpt = "cpu",
     threads: ThreadsOpt = None,
     overwrite: CausalOverwriteOpt = False,
-    remote: Annotated[bool, typer.Option("--remote", help="Run the attention knockout, the mechanism ablations, the noise check, the extraction rate and subject enrichment on NDIF through nnsight, for a run of analyze --remote (path AtP does not run remotely).")] = False,
+    remote: Annotated[bool, typer.Option("--remote", help="Run the attention knockout, the mechanism ablations, the noise check, the extraction rate, subject enrichment and path AtP (--method) on NDIF through nnsight, for a run of analyze --remote.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="With --remote: print the requests and bytes the checks would cost (and the noise draws they send), send nothing.")] = False,
 ) -> None:
     """Causal checks of a finished run on its model's known facts: attention knockout, mechanism ablations (alone,
@@ -183,7 +183,7 @@ def ablate(
     scales, seed_list = _numbers(noise_scales, float, "--noise-scales"), _numbers(seeds, int, "--seeds")
     if _plan_only(dry_run, remote):
         console.print(stages.remote_ablate_plan(run_dir, window=window, mode=mode.value, noise_scales=scales,
-                                                seeds=seed_list, limit=limit).describe())
+                                                seeds=seed_list, method=method, limit=limit).describe())
         return
     run = stages.ablate(run_dir, mode=mode.value, window=window, noise_scales=scales, seeds=seed_list, method=method, limit=limit, device=device, threads=threads,
                         overwrite=overwrite, remote=remote, reporter=REPORTER)

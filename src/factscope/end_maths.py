@@ -214,11 +214,20 @@ def head_paths_at_end(
 ) -> Float[torch.Tensor, "batch head group d_model"]:
     """Every head path's vector at END, from a pass's Hugging Face tensors (v_proj's output and bias, END's row of
     the pattern) as `causal.edits` builds it from TransformerLens's: the value bias left out, the groups multiplied
-    first, then the heads' map to the residual stream (`head_out_map`)."""
+    first (`head_paths_z`), then the heads' map to the residual stream (`head_out_map`)."""
+    return to_resid(head_paths_z(v, v_bias, pattern, onehot, d_head))
+
+
+def head_paths_z(
+    v: Float[torch.Tensor, "batch key kv_head_d_head"], v_bias: Float[torch.Tensor, " kv_head_d_head"] | None,
+    pattern: Float[torch.Tensor, "batch head key"], onehot: Float[torch.Tensor, "batch key group"], d_head: int,
+) -> Float[torch.Tensor, "batch head group d_head"]:
+    """`head_paths_at_end` before the heads' map: each head's z at END by source group, d_head wide where the
+    vectors are d_model wide, so a session can keep every layer's until after its backward pass."""
     values = v.detach().view(v.shape[0], v.shape[1], -1, d_head).float()
     if v_bias is not None:  # counted with the attention bias, not with a source group
         values = values - v_bias.detach().float().view(-1, d_head).to(values.device)
-    return to_resid(head_group_z_at_end(pattern.detach().float(), values, onehot.to(values.device), groups_first=True))
+    return head_group_z_at_end(pattern.detach().float(), values, onehot.to(values.device), groups_first=True)
 
 
 def add_at_end(x, rows: Int[torch.Tensor, " batch"], ends: Int[torch.Tensor, " batch"],
@@ -248,6 +257,75 @@ def head_change(
     if mean is not None:
         change = change + torch.einsum("hgm,hg->m", mean, weights)
     return change
+
+
+# Attribution patching of `ablate`'s paths (`causal.atp_paths`): the metric, the frozen final norm of the direct
+# effect, and the estimate from the path vectors and the gradients, for the local pass and the nnsight session alike
+ATP_EFFECTS = ("total", "direct")
+
+
+def target_metric(
+    normed: Float[torch.Tensor, "batch d_model"], w_u: Float[torch.Tensor, "d_model vocab"],
+    b_u: Float[torch.Tensor, " vocab"] | None, answers: Int[torch.Tensor, " batch"], ids: Int[torch.Tensor, "batch n"],
+    valid: Float[torch.Tensor, "batch n"],
+) -> Float[torch.Tensor, ""]:
+    """Σ over prompts with R∖a of a − mean(R∖a), from END's final-norm output, unembedding only the target columns
+    (fp32): what path AtP differentiates."""
+    device = normed.device
+    answers, ids, valid = answers.to(device), ids.to(device), valid.to(device)
+    count = valid.sum(1)
+    w_u = w_u.to(device)
+    logit = torch.einsum("bm,mb->b", normed, w_u[:, answers].float())
+    others = torch.einsum("bm,mbn->bn", normed, w_u[:, ids].float())
+    if b_u is not None:
+        logit, others = logit + b_u.to(device)[answers].float(), others + b_u.to(device)[ids].float()
+    diff = logit - (others * valid).sum(1) / count.clamp(min=1)
+    return (diff * (count > 0)).sum()
+
+
+def frozen_norm_at_end(
+    x: Float[torch.Tensor, "batch d_model"], scale: Float[torch.Tensor, "batch 1"], gain: Float[torch.Tensor, " d_model"],
+    bias: Float[torch.Tensor, " d_model"], centres: bool = False,
+) -> Float[torch.Tensor, "batch d_model"]:
+    """The final norm at END with its clean `scale` frozen: linear in `x`, so the direct effect's gradient through
+    it is exact."""
+    centred = x - x.mean(-1, keepdim=True) if centres else x
+    return centred / scale.to(x.device) * gain.to(x.device) + bias.to(x.device)
+
+
+def path_dots(
+    vectors: tuple[Float[torch.Tensor, "batch head kind d_model"], Float[torch.Tensor, "batch d_model"]],
+    grads: dict[str, tuple[Float[torch.Tensor, "batch d_model"], Float[torch.Tensor, "batch d_model"]]],
+) -> dict[str, tuple[Float[torch.Tensor, "batch head kind"], Float[torch.Tensor, " batch"]]]:
+    """One layer of one chunk: p · ∂metric/∂x per prompt for its head paths (x: what the attention adds at END)
+    and its MLP (x: the MLP's output at END), per effect of `grads` (effect → the two gradients)."""
+    heads, mlp = vectors
+    return {effect: (torch.einsum("bhkm,bm->bhk", heads, g_heads.to(heads.device)),
+                     torch.einsum("bm,bm->b", mlp, g_mlp.to(mlp.device)))
+            for effect, (g_heads, g_mlp) in grads.items()}
+
+
+def path_changes(
+    dots: list[list[dict]], grads: list[list[dict]], sums: list[tuple[torch.Tensor, torch.Tensor]], n: int, mean: bool,
+) -> dict[str, torch.Tensor]:
+    """AtP's change of the metric when each path is replaced by its mean over the `n` prompts (`mean`) or by zero:
+    (p̄ − p) · g, from every chunk's per-layer `path_dots` and gradients and every layer's sum of the vectors over
+    all prompts. → per effect "{effect}_heads" [batch, layer, head, kind] and "{effect}_mlps" [batch, layer], fp32."""
+    means = [(heads / n, mlp / n) if mean else (torch.zeros_like(heads), torch.zeros_like(mlp)) for heads, mlp in sums]
+    out = {}
+    for effect in dots[0][0]:
+        heads, mlps = [], []
+        for chunk_dots, chunk_grads in zip(dots, grads):
+            layers = []
+            for (mean_heads, mean_mlp), layer_dots, layer_grads in zip(means, chunk_dots, chunk_grads):
+                g_heads, g_mlp = layer_grads[effect]
+                removed = (torch.einsum("hkm,bm->bhk", mean_heads, g_heads.to(mean_heads.device)),
+                           torch.einsum("m,bm->b", mean_mlp, g_mlp.to(mean_mlp.device)))
+                layers.append([(r - d).cpu() for r, d in zip(removed, layer_dots[effect])])
+            heads.append(torch.stack([h for h, _ in layers], 1))
+            mlps.append(torch.stack([m for _, m in layers], 1))
+        out[f"{effect}_heads"], out[f"{effect}_mlps"] = torch.cat(heads), torch.cat(mlps)
+    return out
 
 
 def noise_sigma(scale: float, unit: Float[torch.Tensor, " batch"], n_paths: int) -> Float[torch.Tensor, " batch"]:

@@ -1,6 +1,8 @@
 """`ablate --remote`'s sessions through nnsight: the mechanism grid and the noise check, each many edited passes in
 one nnsight session (`lm.session`), so that no path vector, mean or residual leaves the server and only scores per
-prompt come back. Mixed into `nnsight_engine.NnsightEngine`, whose module paths and envoys they use.
+prompt come back; and path attribution patching (`--method atp|both`), a forward and a backward pass per chunk of
+prompts in one session, only the estimates coming back (its exact check is the grid session's, one set per path).
+Mixed into `nnsight_engine.NnsightEngine`, whose module paths and envoys they use.
 
 The maths are `end_maths`', shared with the local edits (`causal.edits`): a head path's END vector from a pass's own
 pattern and values (`head_out_map`, `head_paths_at_end`), its removal (`head_change`) or noise (`noisy_heads`,
@@ -182,6 +184,88 @@ class AblateSessions:
                                 scores.setdefault(key, []).append(value)
             for key, values in scores.items():
                 out[key] = torch.stack(values)
+        return self._received(model, out)
+
+
+    def path_atp(
+        self, model, batches: list, others: list[tuple[torch.Tensor, torch.Tensor]], mode: str, group_index: list[int],
+    ) -> dict[str, torch.Tensor]:
+        """`causal.atp_paths.atp_path_effects`' passes in one nnsight session: per chunk (`batches`, `forward.Batch`
+        each, with its R_r as `others` = (ids, valid)) a clean pass with a zero fp32 leaf added at END to what every
+        attention adds (after Gemma's post-norm) and to every MLP's output (`causal.atp_paths._Probe`'s edit), a
+        backward pass from `end_maths.target_metric` on the final norm's END output (the total effect's gradients
+        at the leaves), and one from the metric through the final norm with its clean END scale frozen (the direct
+        effect's, at END's last residual). The head paths' z by group (`end_maths.head_paths_z`, of the source
+        groups `group_index`) is kept through the backward pass and mapped to the residual stream after it, layer by
+        layer, so the server never holds every layer's path vectors at once. What comes back is
+        `end_maths.path_changes`: per effect, per prompt, layer, head and kind the estimated change, and per prompt
+        and layer the MLP's; no path vector, gradient or mean."""
+        import nnsight
+
+        end_maths = self._shipped_maths()
+        out_map, paths_z, add, metric_of = end_maths.head_out_map, end_maths.head_paths_z, end_maths.add_at_end, end_maths.target_metric
+        frozen_of, dots_of, changes_of = end_maths.frozen_norm_at_end, end_maths.path_dots, end_maths.path_changes
+        rms_scale_of, gain_of = end_maths.rms_scale, end_maths.rms_gain
+        lm, eps, d_head, norm_kind, mean = self.lm, self.eps, self.d_head, self.paths.norm, mode == "mean"
+        layers, norm, lm_head = self.envoys["layers"], self.envoys["final_norm"], self.envoys["lm_head"]
+        v_projs, o_projs, attns, mlps, post_norms = self.layer_envoys()
+        n_layers, groups = len(layers), torch.tensor(group_index)
+        chunks = [({"input_ids": batch.tokens.cpu(), "attention_mask": batch.mask.cpu()}, batch.ends.cpu(),
+                   batch.onehot.cpu(), batch.answers.cpu(), ids.cpu(), valid.cpu()) for batch, (ids, valid) in zip(batches, others)]
+        n = sum(len(batch) for batch in batches)
+        with lm.session(remote=self.remote):
+            out = nnsight.save({})
+            dots, grads, sums = [], [], [None] * n_layers
+            for inputs, ends, onehot, answers, ids, valid in chunks:
+                rows = torch.arange(len(ends))
+                with lm.trace(inputs, logits_to_keep=ends[:, None]):
+                    z, post_in, mlp_end, leaves = [], [], [], []  # leaves: per layer (attention's, MLP's)
+                    for layer in range(n_layers):
+                        v, attn_output = v_projs[layer].output, attns[layer].output
+                        z.append(paths_z(v, v_projs[layer].bias, attn_output[1][rows, :, ends], onehot, d_head))
+                        written = post_norms[layer] if post_norms else attns[layer]
+                        if post_norms:  # Gemma: what the attention adds is the post-norm's output
+                            post_in.append(post_norms[layer].input[rows, ends].detach())
+                            attn_output = post_norms[layer].output
+                        x = attn_output[0] if isinstance(attn_output, tuple) else attn_output
+                        attn_leaf = torch.zeros((len(rows), x.shape[-1]), device=x.device, requires_grad=True)
+                        written.output = add(attn_output, rows, ends, attn_leaf)
+                        x = mlps[layer].output
+                        mlp_end.append(x[rows, ends].detach().float())
+                        mlp_leaf = torch.zeros((len(rows), x.shape[-1]), device=x.device, requires_grad=True)
+                        mlps[layer].output = add(x, rows, ends, mlp_leaf)
+                        leaves.append((attn_leaf, mlp_leaf))
+                    resid = layers[-1].output[rows, ends].detach().float()
+                    scale = rms_scale_of(norm.input[rows, ends].detach(), eps)
+                    normed = norm.output[rows, ends]
+                    out["model_dtype"] = normed.detach()[:0]
+                    w_u, b_u = lm_head.weight.T, lm_head.bias
+                    total = metric_of(normed.float(), w_u, b_u, answers, ids, valid)
+                    total_grads = []
+                    # gradients come in the reverse of the forward order: the last layer's MLP first
+                    with total.backward(inputs=[leaf for pair in leaves for leaf in pair]):
+                        for attn_leaf, mlp_leaf in reversed(leaves):
+                            total_grads.append((mlp_leaf.grad, attn_leaf.grad))
+                    x = resid.requires_grad_(True)
+                    weight = norm.weight.detach()
+                    frozen = frozen_of(x, scale, gain_of(weight, eps, norm_kind), torch.zeros(weight.shape[0], device=weight.device))
+                    direct = metric_of(frozen, w_u, b_u, answers, ids, valid)
+                    direct_grads = []
+                    with direct.backward(inputs=[x]):
+                        direct_grads.append(x.grad)
+                g_direct = direct_grads[0].detach().cpu()
+                dots.append([]), grads.append([])
+                for layer, (g_mlp, g_attn) in enumerate(reversed(total_grads)):
+                    post_norm = (post_in[layer], post_norms[layer].weight, eps, norm_kind) if post_norms else None
+                    to_resid, _ = out_map(o_projs[layer].weight, d_head, post_norm)
+                    vectors = (to_resid(z[layer])[:, :, groups].cpu(), mlp_end[layer].cpu())
+                    layer_grads = {"total": (g_attn.detach().float().cpu(), g_mlp.detach().float().cpu()),
+                                   "direct": (g_direct, g_direct)}
+                    dots[-1].append(dots_of(vectors, layer_grads))
+                    grads[-1].append(layer_grads)
+                    part = tuple(vector.sum(0) for vector in vectors)
+                    sums[layer] = part if sums[layer] is None else (sums[layer][0] + part[0], sums[layer][1] + part[1])
+            out.update(changes_of(dots, grads, sums, n, mean))
         return self._received(model, out)
 
 

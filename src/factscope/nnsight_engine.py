@@ -7,7 +7,7 @@ key position) and the maths run here, over a local copy of the weights. With `pr
 read weights run inside the trace (`end_maths`), so a remote run needs no weights locally (`ConfigOnlyModel`) and
 only small per-target tensors come back. `knockout` runs the attention knockout of `causal.knockout` the same way,
 and `causal_trace` one seed of causal tracing in one nnsight session (the restored states never leave the server);
-`ablate`'s mechanism grid and noise check run as sessions too (`nnsight_ablate.AblateSessions`).
+`ablate`'s mechanism grid, noise check and path AtP run as sessions too (`nnsight_ablate.AblateSessions`).
 Only what is `.save()`d leaves the trace, and every request checks the dtype the model ran in against the run's.
 
 Module paths differ by architecture; `ARCHITECTURES` maps a Hugging Face class name to them (with the RMSNorm

@@ -186,21 +186,21 @@ def ablate(
     (path_ablations.csv, with atp_path_agreement.csv from a sample ablated exactly); "both" ablates every path
     exactly too and compares them on every (path, prompt).
 
-    `remote`: the passes of a run analysed with `analyze --remote` run on NDIF through nnsight, and only the
-    checks that can (`causal.remote_checks`: the attention knockout, the mechanism ablations, the noise check,
-    the extraction rate, subject enrichment) run; each pass sends back a few numbers per prompt. The plan (`remote_ablate_plan`) is printed before
+    `remote`: the passes of a run analysed with `analyze --remote` run on NDIF through nnsight, as nnsight
+    sessions and traces (`causal.remote_checks`: every check, path AtP's gradients included); each brings back a
+    few numbers per prompt (path AtP: one per path and prompt). The plan (`remote_ablate_plan`) is printed before
     anything is sent."""
     from .causal.atp_paths import METHODS
     from . import causal
 
     if mode not in ("mean", "zero"):
         raise FactscopeError(f"ablation mode {mode!r}: use 'mean' or 'zero'")
-    if remote:
-        noise = {name: list(value) for name, value in (("noise_scales", noise_scales), ("seeds", seeds)) if value is not None}
-        return _remote_ablate(run_dir, window=window, mode=mode, noise=noise, limit=limit, overwrite=overwrite,
-                              report=report, reporter=reporter, refused={"--method": method != "exact"})
     if method not in METHODS:
         raise FactscopeError(f"ablate method {method!r}: use {', '.join(METHODS)}")
+    if remote:
+        noise = {name: list(value) for name, value in (("noise_scales", noise_scales), ("seeds", seeds)) if value is not None}
+        return _remote_ablate(run_dir, window=window, mode=mode, noise=noise, method=method, limit=limit,
+                              overwrite=overwrite, report=report, reporter=reporter)
     options = {"mode": mode, "window": window, "method": method}
     if noise_scales is not None:
         options["noise_scales"] = list(noise_scales)
@@ -294,19 +294,20 @@ def _remote_run(run_dir: str | Path, command: str) -> Path:
 
 
 def remote_ablate_plan(run_dir: str | Path, *, window: int = 9, mode: str = "mean", noise_scales: Sequence[float] | None = None,
-                       seeds: Sequence[int] | None = None, limit: int | None = None):
+                       seeds: Sequence[int] | None = None, method: str = "exact", limit: int | None = None):
     """What `ablate --remote` would send and get back (`remote.Plan`), from the run, the model's config and
     tokenizer: the recall passes that find the known facts again, then the requests of the checks that run
-    remotely, each bringing back what its check says (`CausalCheck.remote_cost`). The prompts are the run's
-    known facts as its recall.csv has them (the run finds them again on the server). `noise_scales` and `seeds`:
-    the noise check's (None: its own), whose draws are sent."""
+    remotely, each bringing back what its check says (`CausalCheck.remote_cost`; path AtP's under `method`). The
+    prompts are the run's known facts as its recall.csv has them (the run finds them again on the server).
+    `noise_scales` and `seeds`: the noise check's (None: its own), whose draws are sent."""
     from . import causal
     from . import remote as ndif
 
     model, heads, recalled, checked = _remote_plan_inputs(run_dir, limit)
     noise = {name: value for name, value in (("noise_scales", noise_scales), ("seeds", seeds)) if value is not None}
     requests, bytes_back, bytes_sent = causal.remote_ablate_cost(model, checked, heads, window=window, mode=mode,
-                                                                 targets=run_targets(Path(run_dir), QUIET), **noise)
+                                                                 targets=run_targets(Path(run_dir), QUIET),
+                                                                 method=method, **noise)
     return ndif.ablate_plan(model.name, recalled, causal.KNOWN_BATCH, len(checked), requests, bytes_back, bytes_sent,
                             causal.remote_scope("ablate"))
 
@@ -352,23 +353,21 @@ def _remote_plan_inputs(run_dir: str | Path, limit: int | None):
     return model, heads, len(encoded) if known_only else 0, causal.spread(checked, limit)
 
 
-def _remote_ablate(run_dir: str | Path, *, window: int, mode: str, noise: dict, limit: int | None, overwrite: bool,
-                   report: bool, reporter: Reporter, refused: dict[str, bool]) -> rundir.Run:
+def _remote_ablate(run_dir: str | Path, *, window: int, mode: str, noise: dict, method: str, limit: int | None,
+                   overwrite: bool, report: bool, reporter: Reporter) -> rundir.Run:
     """`ablate(remote=True)`: every check that can refuse comes before the run directory is locked."""
     from . import causal
     from . import remote as ndif
 
-    given = [option for option, set_ in refused.items() if set_]
-    if given:
-        raise FactscopeError(f"{causal.remote_scope('ablate')}; {given[0]} does not run remotely")
     run_dir = _remote_run(run_dir, "ablate")
-    reporter.warn(remote_ablate_plan(run_dir, window=window, mode=mode, limit=limit, **noise).describe())
+    reporter.warn(remote_ablate_plan(run_dir, window=window, mode=mode, method=method, limit=limit, **noise).describe())
     with rundir.locked(run_dir), ndif.one_line_errors():
         trace, targets = rundir.read_table(run_dir, "causal_trace"), run_targets(run_dir, reporter)
         model, known, heads, engine = causal_inputs(run_dir, "ablate", overwrite, "cpu", None, limit, reporter,
                                                      remote=True)
         tables, summary = causal.remote_ablate_checks(model, known, heads, engine, window=window, mode=mode, **noise,
-                                                      targets=targets, trace=trace, progress=reporter.progress)
+                                                      targets=targets, trace=trace, method=method,
+                                                      progress=reporter.progress)
         summary["ablate"]["remote"] |= {"requests": engine.requests, "bytes_back": engine.bytes_back,
                                         "bytes_sent": engine.bytes_sent}
         return write_causal(run_dir, "ablate", tables, summary, report, reporter)

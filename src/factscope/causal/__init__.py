@@ -127,19 +127,21 @@ def remote_ablate_checks(
     model, known: list[Encoded], heads: pd.DataFrame, engine, *, window: int = knockout.WINDOW,
     mode: str = ablation.MODE, noise_scales: Sequence[float] = NOISE_SCALES, seeds: Sequence[int] = SEEDS,
     targets: dict[str, dict[int, str]] | None = None, trace: pd.DataFrame | None = None, progress: ProgressBars = None,
+    method: str = "exact",
 ) -> tuple[dict[str, pd.DataFrame], dict]:
     """`ablate --remote`: the `ablate` checks that run through an nnsight engine (`CausalCheck.remote`: the
-    attention knockout, the mechanism ablations, the noise check, the attribute extraction rate and subject
-    enrichment), with `engine`'s passes; `model` may hold no weights (`nnsight_engine.ConfigOnlyModel`). `mode`,
-    `noise_scales`, `seeds`, `targets` and `trace` as `ablate_checks` takes them."""
+    attention knockout, the mechanism ablations, the noise check, the attribute extraction rate, subject
+    enrichment and path AtP), with `engine`'s passes; `model` may hold no weights
+    (`nnsight_engine.ConfigOnlyModel`). `mode`, `noise_scales`, `seeds`, `targets`, `trace` and `method` as
+    `ablate_checks` takes them."""
     checks = remote_checks("ablate")
-    options = _remote_options(model, heads, window, mode, noise_scales, seeds, targets)
+    options = _remote_options(model, heads, window, mode, noise_scales, seeds, targets, method)
     tables = _run(checks, model, known, options, progress, engine)
     earlier = {"causal_trace": trace} if trace is not None else {}
-    remote = {"checks": [check.name for check in checks]}
+    ran = [check for check in checks if any(name in tables for name in check.tables)]  # path AtP: not under exact
     summary = {"ablate": {"mode": mode, "window": window, "noise_scales": list(noise_scales), "seeds": list(seeds),
-                          "n_prompts": len(known), "remote": remote}}
-    summary.update((check.name, check.summarize({**earlier, **tables})) for check in checks)
+                          "method": method, "n_prompts": len(known), "remote": {"checks": [check.name for check in ran]}}}
+    summary.update((check.name, check.summarize({**earlier, **tables})) for check in ran)
     return tables, summary
 
 
@@ -157,11 +159,11 @@ def remote_scope(command: str) -> str:
 
 def remote_ablate_cost(model, known: list[Encoded], heads: pd.DataFrame, *, window: int = knockout.WINDOW,
                        mode: str = ablation.MODE, noise_scales: Sequence[float] = NOISE_SCALES,
-                       seeds: Sequence[int] = SEEDS, targets: dict[str, dict[int, str]] | None = None
-                       ) -> tuple[int, int, int]:
+                       seeds: Sequence[int] = SEEDS, targets: dict[str, dict[int, str]] | None = None,
+                       method: str = "exact") -> tuple[int, int, int]:
     """How many requests `remote_ablate_checks` sends over `known`, the bytes they bring back and the bytes of
     tensors they send besides the prompts (`CausalCheck.remote_cost`)."""
-    options = _remote_options(model, heads, window, mode, noise_scales, seeds, targets)
+    options = _remote_options(model, heads, window, mode, noise_scales, seeds, targets, method)
     n_layers = model.cfg.n_layers
     costs = [check.remote_cost(n_layers, known, **{name: options[name] for name in check.options})
              for check in remote_checks("ablate")]
@@ -169,9 +171,10 @@ def remote_ablate_cost(model, known: list[Encoded], heads: pd.DataFrame, *, wind
 
 
 def _remote_options(model, heads: pd.DataFrame, window: int, mode: str, noise_scales: Sequence[float],
-                    seeds: Sequence[int], targets: dict[str, dict[int, str]] | None) -> dict:
+                    seeds: Sequence[int], targets: dict[str, dict[int, str]] | None, method: str) -> dict:
     return {**_knockout_options(model, heads, window), "mechanisms": taxonomy_paths(heads, model.cfg.n_layers),
-            "mode": mode, "noise_scales": noise_scales, "seeds": seeds, "targets": targets, **noise.draw_sizes(model)}
+            "mode": mode, "noise_scales": noise_scales, "seeds": seeds, "targets": targets, "method": method,
+            **atp_paths.path_sizes(model), **noise.draw_sizes(model)}
 
 
 def _knockout_options(model, heads: pd.DataFrame, window: int) -> dict:

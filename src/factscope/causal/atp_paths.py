@@ -33,18 +33,20 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Float
 
 from ..data import Encoded, relation_targets
+from ..end_maths import ATP_EFFECTS, frozen_norm_at_end, path_changes, path_dots, target_metric
 from ..errors import FactscopeError
 from ..forward import Batch, act_name, capture, make_batch
 from ..models import LoadedModel
+from ..remote import SCORE_DIFF_BYTES
 from ..taxonomy import GROUPS, groups_present
 from .atp import SAMPLE_SEED, agreement, agreement_summary, sample_cells
 from .ablation import MODE, ablated_logits
 from .check import CausalCheck
 from .edits import Editor, Record, edit_hooks
-from .scores import Progress, other_targets, scores, tick
+from .scores import Progress, as_numpy, other_targets, scores, tick
 from .trace import _corrupted_states, _corrupted_tails, _resume
 from .sites import HeadPath, MlpPath, PathSpec, parse
 
@@ -72,16 +74,16 @@ def kind_path(kind: str, layer: int, head: int) -> PathSpec:
     return MlpPath(layer) if kind == "mlp" else HeadPath(layer, head, kind)
 
 
-def present_paths(model: LoadedModel, batch: Batch) -> Bool[torch.Tensor, "kind layer head"]:
+def present_paths(model: LoadedModel, encoded: list[Encoded]) -> Bool[torch.Tensor, "kind layer head"]:
     """Head paths from groups that occur in at least one prompt (the others are zero in every prompt, so
     removing them changes nothing, exactly), and one MLP per layer."""
     kinds, cfg = path_kinds(model), model.cfg
-    occurs = batch.onehot.sum((0, 1)).cpu() > 0
+    occurs = {group for item in encoded for group in item.groups}
     present = torch.zeros((len(kinds), cfg.n_layers, cfg.n_heads), dtype=torch.bool)
     for k, kind in enumerate(kinds):
         if kind == "mlp":
             present[k, :, 0] = True
-        elif occurs[GROUPS.index(kind)]:
+        elif kind in occurs:
             present[k] = True
     return present
 
@@ -121,52 +123,53 @@ def atp_path_effects(
     mode: str = MODE,
     targets: dict[str, dict[int, str]] | None = None,
     chunk: int = 16,
+    engine=None,
 ) -> tuple[PathEffects, PathEffects]:
     """The total and the direct effect of removing every path, estimated by attribution patching: one forward
-    and one backward pass per chunk of `chunk` prompts."""
+    and one backward pass per chunk of `chunk` prompts. `engine`: an nnsight engine runs every chunk's passes in
+    one session (`NnsightEngine.path_atp`, on NDIF with `ablate --remote`), and only the estimates come back."""
     if mode not in ("zero", "mean"):
         raise FactscopeError(f"ablation mode {mode!r}: use 'mean' or 'zero'")
     targets = targets if targets is not None else relation_targets(encoded)
-    kinds, n_layers = path_kinds(model), model.cfg.n_layers
+    kinds = path_kinds(model)
     group_index = [GROUPS.index(kind) for kind in kinds[:-1]]
-    everything = parse(model, [*(HeadPath(layer, head, "all") for layer in range(n_layers) for head in range(model.cfg.n_heads)),
-                               *(MlpPath(layer) for layer in range(n_layers))])
-    mlp_keys = [act_name("mlp_out", layer) for layer in range(n_layers)]
-    attn_keys = [act_name("attn_out", layer) for layer in range(n_layers)]
-    # per prompt: p · g for every path, and the gradients themselves (for p̄ · g once p̄ is known)
-    dots = {"total": [], "direct": []}
-    grads = {"total": [], "direct": []}
-    sums, valid = None, []
-    for start in range(0, len(encoded), chunk):
-        batch = make_batch(model, encoded[start : start + chunk])
-        probe, g_direct, has_others = _clean_gradients(model, batch, everything, targets)
-        valid.append(has_others)
-        # on the CPU from here: per-prompt dot products and END gradients are small, whatever the model's device
-        heads = torch.stack([probe.heads[layer][:, :, group_index] for layer in range(n_layers)], 1).float().cpu()  # [b, l, h, k, m]
-        mlps = torch.stack([probe.vectors[key] for key in mlp_keys], 1).float().cpu()  # [b, l, m]
-        for effect, g_heads, g_mlps in (
-            ("total", torch.stack([probe.leaves[key].grad for key in attn_keys], 1).float().cpu(),
-             torch.stack([probe.leaves[key].grad for key in mlp_keys], 1).float().cpu()),
-            ("direct", g_direct[:, None].expand(-1, n_layers, -1), g_direct[:, None].expand(-1, n_layers, -1)),
-        ):
-            dots[effect].append(_stack_kinds(torch.einsum("blhkm,blm->blhk", heads, g_heads), torch.einsum("blm,blm->bl", mlps, g_mlps)))
-            grads[effect].append((g_heads, g_mlps))
-        part = (heads.sum(0), mlps.sum(0))
-        sums = part if sums is None else (sums[0] + part[0], sums[1] + part[1])
-    n = len(encoded)
-    means = (sums[0] / n, sums[1] / n) if mode == "mean" else (torch.zeros_like(sums[0]), torch.zeros_like(sums[1]))
-    has_others = torch.cat(valid)
-    batch = make_batch(model, encoded)
-    present = present_paths(model, batch)
+    batches = [make_batch(model, encoded[start : start + chunk]) for start in range(0, len(encoded), chunk)]
+    others = [other_targets(batch, targets) for batch in batches]
+    if engine is None:
+        changes = _local_changes(model, batches, others, group_index, mode)
+    else:
+        changes = engine.path_atp(model, batches, others, mode, group_index)
+    has_others = torch.cat([valid.sum(1) > 0 for _, valid in others]).cpu()
+    present = present_paths(model, encoded)
     out = []
-    for effect in ("total", "direct"):
-        g_heads = torch.cat([g for g, _ in grads[effect]])
-        g_mlps = torch.cat([g for _, g in grads[effect]])
-        mean_dot = _stack_kinds(torch.einsum("lhkm,blm->blhk", means[0], g_heads), torch.einsum("lm,blm->bl", means[1], g_mlps))
-        change = (mean_dot - torch.cat(dots[effect])).permute(3, 1, 2, 0)  # [kind, layer, head, batch]
+    for effect in ATP_EFFECTS:
+        change = _stack_kinds(changes[f"{effect}_heads"], changes[f"{effect}_mlps"]).permute(3, 1, 2, 0)  # [kind, layer, head, batch]
         change = torch.where(has_others, change, torch.full_like(change, float("nan")))
         out.append(PathEffects(change * present[..., None], present, kinds, mode))
     return out[0], out[1]
+
+
+def _local_changes(model: LoadedModel, batches: list[Batch], others: list, group_index: list[int], mode: str) -> dict[str, torch.Tensor]:
+    """`atp_path_effects`' estimates from this process's passes: per chunk the clean gradients (`_clean_gradients`),
+    then `end_maths.path_changes` over all of them."""
+    everything = parse(model, [*(HeadPath(layer, head, "all") for layer in range(model.cfg.n_layers)
+                                 for head in range(model.cfg.n_heads)),
+                               *(MlpPath(layer) for layer in range(model.cfg.n_layers))])
+    dots, grads, sums = [], [], [None] * model.cfg.n_layers
+    for batch, chunk_others in zip(batches, others):
+        probe, g_direct = _clean_gradients(model, batch, everything, chunk_others)
+        dots.append([]), grads.append([])
+        for layer in range(model.cfg.n_layers):
+            # on the CPU from here: END vectors and gradients are small, whatever the model's device
+            attn, mlp = act_name("attn_out", layer), act_name("mlp_out", layer)
+            vectors = (probe.heads[layer][:, :, group_index].float().cpu(), probe.vectors[mlp].float().cpu())
+            layer_grads = {"total": (probe.leaves[attn].grad.float().cpu(), probe.leaves[mlp].grad.float().cpu()),
+                           "direct": (g_direct, g_direct)}
+            dots[-1].append(path_dots(vectors, layer_grads))
+            grads[-1].append(layer_grads)
+            part = tuple(vector.sum(0) for vector in vectors)
+            sums[layer] = part if sums[layer] is None else (sums[layer][0] + part[0], sums[layer][1] + part[1])
+    return path_changes(dots, grads, sums, sum(len(batch) for batch in batches), mode == "mean")
 
 
 def _stack_kinds(heads: Float[torch.Tensor, "batch layer head kind"], mlps: Float[torch.Tensor, "batch layer"]) -> Float[torch.Tensor, "batch layer head kind"]:
@@ -176,14 +179,13 @@ def _stack_kinds(heads: Float[torch.Tensor, "batch layer head kind"], mlps: Floa
     return torch.cat([heads, mlp[..., None]], -1)
 
 
-def _clean_gradients(model: LoadedModel, batch: Batch, everything, targets) -> tuple[_Probe, Float[torch.Tensor, "batch d_model"], Bool[torch.Tensor, " batch"]]:
-    """One clean pass with every path probed; backward from Σ a − mean(R∖a). Returns the probe (vectors, leaves
-    with their gradients), the frozen-scale gradient at END's final residual, and which prompts have R∖a."""
+def _clean_gradients(model: LoadedModel, batch: Batch, everything, others) -> tuple[_Probe, Float[torch.Tensor, "batch d_model"]]:
+    """One clean pass with every path probed; backward from Σ a − mean(R∖a) (`end_maths.target_metric`). Returns
+    the probe (vectors, leaves with their gradients) and the frozen-scale gradient at END's final residual."""
     from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
     rows, ends = batch.rows, batch.ends
-    ids, valid = other_targets(batch, targets)
-    count = valid.sum(1)
+    ids, valid = others
     probe, store = _Probe(), {}
     last = act_name("resid_post", model.cfg.n_layers - 1)
 
@@ -194,27 +196,16 @@ def _clean_gradients(model: LoadedModel, batch: Batch, everything, targets) -> t
              capture(store, act_name("final_scale"), at_end=ends), (act_name("final_out"), stop)]
     with torch.enable_grad():
         normed = model.bridge.run_with_hooks(batch.tokens, attention_mask=batch.mask, fwd_hooks=hooks)
-        metric = _metric(normed.float(), model, batch.answers, ids, valid, count)
+        metric = target_metric(normed.float(), model.W_U, model.b_U, batch.answers, ids, valid)
         leaves = list(probe.leaves.values())
         for leaf, grad in zip(leaves, torch.autograd.grad(metric, leaves)):
             leaf.grad = grad
         # the direct effect: END's final residual through the final norm with its clean scale frozen (linear)
         x = store[last].detach().float().requires_grad_(True)
         gain, bias = (part.clone() for part in model.final_norm)  # made in inference mode: autograd refuses them
-        centred = x - x.mean(-1, keepdim=True) if model.centres else x
-        frozen = centred / store[act_name("final_scale")].detach().float() * gain + bias
-        (g_direct,) = torch.autograd.grad(_metric(frozen, model, batch.answers, ids, valid, count), [x])
-    return probe, g_direct.detach().cpu(), (count > 0).cpu()
-
-
-def _metric(normed: Float[torch.Tensor, "batch d_model"], model: LoadedModel, answers: Int[torch.Tensor, " batch"],
-            ids: Int[torch.Tensor, "batch n"], valid: Float[torch.Tensor, "batch n"], count: Float[torch.Tensor, " batch"]) -> torch.Tensor:
-    """Σ over prompts with R∖a of a − mean(R∖a), unembedding only the target columns."""
-    w_u, b_u = model.W_U, model.b_U
-    logit = torch.einsum("bm,mb->b", normed, w_u[:, answers].float()) + (b_u[answers].float() if b_u is not None else 0.0)
-    others = torch.einsum("bm,mbn->bn", normed, w_u[:, ids].float()) + (b_u[ids].float() if b_u is not None else 0.0)
-    diff = logit - (others * valid).sum(1) / count.clamp(min=1)
-    return (diff * (count > 0)).sum()
+        frozen = frozen_norm_at_end(x, store[act_name("final_scale")].detach().float(), gain, bias, model.centres)
+        (g_direct,) = torch.autograd.grad(target_metric(frozen, model.W_U, model.b_U, batch.answers, ids, valid), [x])
+    return probe, g_direct.detach().cpu()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -231,9 +222,14 @@ def exact_path_effects(
     progress: Progress = None,
     kv_cache: bool = True,
     max_rows: int = 512,
+    engine=None,
 ) -> PathEffects:
     """Each chosen path removed alone, exactly: its change of a − mean(R∖a) per prompt; zero for paths not chosen.
     Progress ticks once per chosen path.
+
+    `engine` (total effects only): an nnsight engine runs the passes as the mechanism grid's session
+    (`NnsightEngine.ablation_grid`, on NDIF with `ablate --remote`), one set per chosen path, full passes as with
+    `kv_cache=False`; only a − mean(R∖a) per pass and prompt comes back.
 
     `kv_cache=False` is `ablation.ablated_logits` of each path (one full pass each; the means recorded once over
     every path). With `kv_cache` (total effects only) the same edit is computed from where it acts: removing a
@@ -244,9 +240,11 @@ def exact_path_effects(
     batch = make_batch(model, encoded)
     kinds = path_kinds(model)
     others = other_targets(batch, targets if targets is not None else relation_targets(encoded))
+    if engine is not None:
+        return _engine_exact(model, batch, chosen, mode, others, effect, progress, engine)
     store: dict = {}
     keep = _Probe(leaves=False)
-    everything = [kind_path(kinds[k], layer, head) for k, layer, head in torch.nonzero(present_paths(model, batch)).tolist()]
+    everything = [kind_path(kinds[k], layer, head) for k, layer, head in torch.nonzero(present_paths(model, encoded)).tolist()]
     hooks = [capture(store, act_name("final_scale")), *edit_hooks(model, batch, parse(model, everything), keep)]
     clean = torch.from_numpy(scores(batch.logits(model, hooks), batch, others)["logit_diff"])
     means = Record()
@@ -271,6 +269,23 @@ def exact_path_effects(
         for (k, head), row in zip(paths, diff):
             out[k, layer, head] = row - clean
             tick(progress)
+    return PathEffects(out, chosen, kinds, mode)
+
+
+def _engine_exact(model, batch: Batch, chosen: Bool[torch.Tensor, "kind layer head"], mode: str, others, effect: str,
+                  progress: Progress, engine) -> PathEffects:
+    """`exact_path_effects` through `engine`'s grid session: the empty set (the clean pass, which records the
+    means), then each chosen path alone."""
+    if effect != "total":
+        raise FactscopeError("the nnsight engine ablates paths exactly as total effects only")
+    kinds = path_kinds(model)
+    cells = torch.nonzero(chosen).tolist()
+    sets = [parse(model, []), *(parse(model, [kind_path(kinds[k], layer, head)]) for k, layer, head in cells)]
+    diff = torch.from_numpy(as_numpy(engine.ablation_grid(model, batch, sets, mode, *others, effects=("total",)))["logit_diff"])
+    out = torch.zeros((*chosen.shape, len(batch)))
+    for (k, layer, head), row in zip(cells, diff[1:]):
+        out[k, layer, head] = row - diff[0]
+        tick(progress)
     return PathEffects(out, chosen, kinds, mode)
 
 
@@ -355,17 +370,18 @@ def path_table(effects: PathEffects, method: str, effect: str, chosen: Bool[torc
 
 
 def _run(model: LoadedModel, known: list[Encoded], *, mode: str, targets: dict | None, method: str,
-         progress: Progress, **_sizes) -> dict[str, pd.DataFrame]:
+         progress: Progress, engine=None, **_sizes) -> dict[str, pd.DataFrame]:
     """`exact`: nothing (the mechanism grid is `ablation`'s); `atp`: AtP of every path and its error on a sample
-    ablated exactly; `both`: every path ablated exactly too, and the error on every cell."""
+    ablated exactly; `both`: every path ablated exactly too, and the error on every cell. `engine`: an nnsight
+    engine runs both, one session each (`ablate --remote`)."""
     if method not in METHODS:
         raise FactscopeError(f"unknown ablate method {method!r} (use {', '.join(METHODS)})")
     if method == "exact":
         return {}
-    total, direct = atp_path_effects(model, known, mode, targets)
+    total, direct = atp_path_effects(model, known, mode, targets, engine=engine)
     tick(progress)
     chosen = total.present if method == "both" else sample_paths(total)
-    exact = exact_path_effects(model, known, chosen, mode, targets, progress=progress)
+    exact = exact_path_effects(model, known, chosen, mode, targets, progress=progress, engine=engine)
     if progress:  # the announced count assumes every group occurs; paths of absent groups are skipped, not run
         progress(max(0, _passes(model.cfg.n_layers, method=method, **path_sizes(model)) - 1 - int(chosen.sum())))
     tables = [path_table(total, "atp", "total"), path_table(direct, "atp", "direct"), path_table(exact, "exact", "total", chosen)]
@@ -374,11 +390,30 @@ def _run(model: LoadedModel, known: list[Encoded], *, mode: str, targets: dict |
 
 
 def _passes(n_layers: int, *, method: str, n_heads: int, n_kinds: int, **_) -> int:
+    return 0 if method == "exact" else 1 + _exact_paths(n_layers, method, n_heads, n_kinds - 1)
+
+
+def _exact_paths(n_layers: int, method: str, n_heads: int, head_kinds: int) -> int:
+    """How many paths `_run` ablates exactly with `head_kinds` kinds of head paths present: every one (`both`),
+    or per kind the `N_TOP` + `N_RANDOM` of `sample_paths` (`atp`)."""
+    if method == "both":
+        return head_kinds * n_layers * n_heads + n_layers
+    return head_kinds * min(N_TOP + N_RANDOM, n_layers * n_heads) + min(N_TOP + N_RANDOM, n_layers)
+
+
+def _remote_cost(n_layers: int, known: list[Encoded], *, mode: str, targets: dict | None, method: str, n_heads: int,
+                 n_kinds: int) -> tuple[int, int, int]:
+    """Through an engine, two sessions: AtP (`NnsightEngine.path_atp`), bringing back per effect, prompt and layer
+    every head path's estimate and the MLP's (fp32), then the exact ablations in the grid session
+    (`NnsightEngine.ablation_grid`: the clean pass and one per path of a kind that occurs in `known`, each
+    bringing back `end_maths.answer_scores` with a − mean(R∖a) per prompt); nothing sent but the prompts and R_r."""
     if method == "exact":
-        return 0
-    per_kind = min(N_TOP + N_RANDOM, n_layers * n_heads)
-    heads = (n_kinds - 1) * (n_layers * n_heads if method == "both" else per_kind)
-    return 1 + heads + (n_layers if method == "both" else min(N_TOP + N_RANDOM, n_layers))
+        return 0, 0, 0
+    n = len(known)
+    atp = len(ATP_EFFECTS) * n * n_layers * (n_heads * (n_kinds - 1) + 1) * 4
+    head_kinds = len({group for item in known for group in item.groups})  # every group occurring is a head kind
+    exact = (1 + _exact_paths(n_layers, method, n_heads, head_kinds)) * n * SCORE_DIFF_BYTES
+    return 2, atp + exact, 0
 
 
 def _summary(tables) -> dict:
@@ -406,5 +441,5 @@ def path_sizes(model: LoadedModel) -> dict:
 
 CHECK = CausalCheck(
     "path_ablations", "ablate", ("path_ablations", "atp_path_agreement"), ("mode", "targets", "method", "n_heads", "n_kinds"),
-    _passes, _run, _summary,
+    _passes, _run, _summary, remote=True, remote_cost=_remote_cost,
 )
