@@ -157,13 +157,17 @@ def test_the_request_names_no_factscope_module(tiny, monkeypatch):
     from factscope.causal.atp_paths import atp_path_effects
 
     atp_path_effects(config_only(folder, engine), encoded[:4], chunk=2, engine=engine)  # one session, two chunks
-    assert len(payloads) == 11
+    from factscope.causal.atp import atp_trace
+
+    atp_trace(config_only(folder, engine), encoded[:4], seeds=(0,), chunk=2, graddrop=True, engine=engine)  # one session
+    assert len(payloads) == 12
     for payload in payloads:
         strings = [arg for _, arg, _ in pickletools.genops(io.BytesIO(payload)) if isinstance(arg, str)]
         assert not [s for s in strings if s.split(".")[0] in ("factscope", "jaxtyping", "einops")]
         assert any(f"def {name}" in s for s in strings
                    for name in ("project_end", "recall_stats", "end_block", "restore_rows", "extraction_events",
-                                "lens_ranks", "frozen_final_norm", "noisy_heads", "path_changes"))
+                                "lens_ranks", "frozen_final_norm", "noisy_heads", "path_changes",
+                                "restoration_estimates"))
 
 
 def test_recall_through_the_engine_equals_local_recall(tiny):
@@ -795,6 +799,126 @@ def test_causal_trace_through_the_engine_equals_local_full_width_tracing_bitwise
     assert engine.requests == 2  # one session per seed
 
 
+def _full_width_atp(model, encoded, noise: float, seeds, window: int, graddrop: bool) -> torch.Tensor:
+    """AtP of causal tracing (or GradDrop) by its definition, every prompt at full width through TransformerLens:
+    per seed one plain forward from the noisy embeddings (a leaf), or with GradDrop one per layer ℓ in which layer
+    ℓ's attention and MLP outputs are handed on as new leaves (their own gradient is kept, nothing flows back through
+    them); per kind and layer (clean − corrupted) · ∂Σp(a)/∂state summed over d_model, summed over the restored
+    window; GradDrop Σ_ℓ |·| / (L − 1). [seed, kind, layer, batch, pos], zero outside the restorable cells."""
+    from factscope.causal import atp
+    from factscope.causal.trace import _RESTORED, TRACE_KINDS, _clean_states, restored_layers, subject_noise
+    from factscope.forward import act_name, make_batch
+
+    batch = make_batch(model, encoded)
+    n_layers = model.cfg.n_layers
+    clean, std = _clean_states(model, batch, TRACE_KINDS)
+    names = {kind: [act_name(_RESTORED[kind], layer) for layer in range(n_layers)] for kind in TRACE_KINDS}
+    out = torch.zeros((len(seeds), len(TRACE_KINDS), n_layers, *batch.tokens.shape))
+    for s, seed in enumerate(seeds):
+        corruption = subject_noise(batch, noise * std, seed, model.cfg.d_model)
+        for dropped in (range(n_layers) if graddrop else (None,)):
+            store = {}
+            hooks = [(act_name("embed"), lambda x, hook: (x + corruption).detach().requires_grad_(True)),
+                     *((act_name(site, dropped), lambda x, hook: x.detach().requires_grad_(True))
+                       for site in ("attn_out", "mlp_out") if dropped is not None),
+                     *((name, lambda x, hook, name=name: store.__setitem__(name, x)) for kind in TRACE_KINDS
+                       for name in names[kind]),
+                     (act_name("final_out"), lambda x, hook: store.__setitem__("normed", x[batch.rows, batch.ends]))]
+            with torch.enable_grad():
+                model.bridge.run_with_hooks(batch.tokens, attention_mask=batch.mask, fwd_hooks=hooks)
+                p = (store["normed"] @ model.W_U + model.b_U).float().softmax(-1)[batch.rows, batch.answers]
+                every = [name for kind in TRACE_KINDS for name in names[kind]]
+                grads = dict(zip(every, torch.autograd.grad(p.sum(), [store[name] for name in every])))
+            for k, kind in enumerate(TRACE_KINDS):
+                single = [((clean[name] - store[name].detach()) * grads[name]).sum(-1) for name in names[kind]]
+                for layer in range(n_layers):
+                    first, last = restored_layers(kind, layer, window, n_layers)
+                    estimate = torch.stack(single[first : last + 1]).sum(0)
+                    if graddrop:
+                        out[s, k, layer] += estimate.abs() / (n_layers - 1)
+                    else:
+                        out[s, k, layer] = estimate
+    return out * atp._restorable(batch)
+
+
+@pytest.mark.parametrize(("family", "remote", "graddrop"), [
+    ("llama", False, False), ("llama", "local", True), ("qwen2", "local", False), ("qwen2", False, True),
+    ("gemma3", "local", False), ("gemma3", "local", True)])
+def test_trace_atp_through_the_engine_equals_the_full_width_definition(model_dirs, family, remote, graddrop):
+    """`trace --method atp [--graddrop]` through the engine: one session (the clean pass, then per seed and chunk of
+    prompts a corrupted pass and its backward passes, GradDrop cutting the gradient at the dropped layer's attention
+    and MLP outputs), from the local noise draws, gives the full-width definition of AtP (GradDrop) bit for bit
+    with the 12 prompts in one chunk (the definition's batch), within 1e-9 in chunks of 5, and the local AtP (the
+    subject-to-END tokens only, the prefix as clean keys and values) within 1e-6; p_clean, p_corrupted and the noise
+    std are the local ones; each call costs the one session `atp.CHECK.remote_cost` counts per estimate."""
+    from factscope.causal import atp
+
+    folder = model_dirs[family]
+    model = load_model(str(folder))
+    encoded = encode_all(load_facts()[:12], model.tokenizer, model.prepend_bos)
+    engine = local_engine(str(folder), remote=remote)
+    options = {"noise": 3.0, "seeds": (0, 1), "window": 2, "graddrop": graddrop}
+    got = atp.atp_trace(config_only(folder, engine), encoded, engine=engine, chunk=16, **options)
+    expected = _full_width_atp(model, encoded, 3.0, (0, 1), 2, graddrop)
+    assert (expected.abs() > 1e-5).any() and (expected >= 0).all() == graddrop
+    assert torch.equal(got.effects, expected)
+    chunked = atp.atp_trace(config_only(folder, engine), encoded, engine=engine, chunk=5, **options)
+    torch.testing.assert_close(chunked.effects, expected, rtol=0, atol=1e-9)  # other batch shapes: other rounding
+    local = atp.atp_trace(model, encoded, **options)
+    torch.testing.assert_close(got.effects, local.effects, rtol=0, atol=1e-6)
+    for name in ("p_clean", "p_corrupted"):
+        torch.testing.assert_close(getattr(got, name), getattr(local, name), rtol=0, atol=1e-7)
+    assert got.noise_std == local.noise_std
+    requests, bytes_back, bytes_sent = atp.CHECK.remote_cost(model.cfg.n_layers, encoded, seeds=(0, 1), method="both",
+                                                             graddrop=False, d_model=model.cfg.d_model)
+    exact = atp.trace_remote_cost(model.cfg.n_layers, encoded, (0, 1), model.cfg.d_model)
+    session = (requests - exact[0], bytes_back - exact[1], bytes_sent - exact[2])
+    assert (engine.requests, engine.bytes_back, engine.bytes_sent) == tuple(2 * part for part in session)  # 2 calls
+
+
+@pytest.mark.parametrize(("family", "remote"), [("llama", "local"), ("gemma3", False)])
+def test_trace_atp_check_through_the_engine(model_dirs, family, remote):
+    """The trace check with --method atp --graddrop through the engine: AtP and GradDrop one session each, the
+    sampled exact check one session per seed restoring only the sampled cells, full width: those cells' effects
+    are the local full-width trace's (`kv_cache=False`) bit for bit, seed by seed; the requests and noise draws
+    sent are the plan's, and the bytes back the plan's bound less 4 bytes per seed for each cell counted there
+    that needs no pass (the residual after the last block) or that both estimators sampled."""
+    from factscope.causal import atp
+    from factscope.causal.trace import trace_effects
+    from factscope.forward import make_batch
+
+    folder = model_dirs[family]
+    model = load_model(str(folder))
+    encoded = encode_all(load_facts()[:12], model.tokenizer, model.prepend_bos)
+    engine = local_engine(str(folder), remote=remote)
+    remote_model = config_only(folder, engine)
+    estimate = atp.atp_trace(remote_model, encoded, seeds=(0,), window=2, engine=engine)
+    cells = atp.sample_cells(estimate.effects.mean(0), atp._restorable(make_batch(model, encoded)))
+    full = trace_effects(model, encoded, seeds=(0,), window=2, kv_cache=False).effects[0]
+    got = atp.exact_cells(remote_model, estimate, cells, (0,), 3.0, engine=engine)
+    assert torch.equal(got[cells], full[cells]) and (got[cells] != 0).any() and (got[~cells] == 0).all()
+
+    engine = local_engine(str(folder), remote=remote)
+    seeds = (0, 1)
+    tables = atp.CHECK.run(remote_model, encoded, progress=None, noise=3.0, window=2, seeds=seeds, method="atp",
+                           graddrop=True, d_model=model.cfg.d_model, engine=engine)
+    local = atp.CHECK.run(model, encoded, progress=None, noise=3.0, window=2, seeds=seeds, method="atp",
+                          graddrop=True, d_model=model.cfg.d_model)
+    pd.testing.assert_frame_equal(tables["atp_trace"], local["atp_trace"], check_exact=False, rtol=0, atol=1e-6)
+    assert list(tables["atp_agreement"]["estimator"].unique()) == ["atp", "graddrop"]
+    pd.testing.assert_frame_equal(tables["atp_agreement"], local["atp_agreement"], check_exact=False, rtol=1e-4)
+    estimates = [atp.atp_trace(model, encoded, seeds=seeds, window=2, graddrop=graddrop) for graddrop in (False, True)]
+    restorable = atp._restorable(make_batch(model, encoded))
+    samples = [atp.sample_cells(e.effects.mean(0), restorable) for e in estimates]
+    union = samples[0] | samples[1]
+    no_pass = int(union[0, -1].sum())  # resid is the first kind; after the last block nothing is run
+    counted = sum(int(sample.sum()) for sample in samples)
+    requests, bytes_back, bytes_sent = atp.CHECK.remote_cost(model.cfg.n_layers, encoded, seeds=seeds, method="atp",
+                                                             graddrop=True, d_model=model.cfg.d_model)
+    assert (engine.requests, engine.bytes_sent) == (2 + len(seeds), bytes_sent) and requests == engine.requests
+    assert engine.bytes_back == bytes_back - 4 * len(seeds) * (counted - int(union.sum()) + no_pass)
+
+
 def test_remote_trace_equals_local_full_width_tracing_and_costs_its_plan(tiny, monkeypatch, tmp_path):
     """analyze --remote, then trace --remote on its run (NDIF: the tiny model in bf16 through nnsight's serialisation
     path): the causal_trace table is the local bf16 full-width tracing's over the same prompts and noise draws,
@@ -819,17 +943,79 @@ def test_remote_trace_equals_local_full_width_tracing_and_costs_its_plan(tiny, m
     assert plan.bytes_sent == 2 * sum(len(item.subject_positions) for item in known) * 32 * 4
 
 
+@pytest.mark.parametrize(("method", "graddrop"), [("atp", True), ("both", False)])
+def test_remote_trace_atp_equals_the_local_check_and_costs_its_plan(tiny, monkeypatch, tmp_path, method, graddrop):
+    """analyze --remote, then trace --remote --method atp|both on its run (NDIF: the tiny model in bf16 through
+    nnsight's serialisation path): the atp_trace table is the local bf16 AtP's within 1e-6 (full width there, the
+    subject-to-END tokens here), the exact tables (with `both`) the local full-width tracing's, the agreement the
+    local check's; the requests and the noise draws sent are the plan's, and so are the bytes back with `both`
+    (with `atp` the plan's bound, checked in `test_trace_atp_check_through_the_engine`)."""
+    from factscope.causal import atp, spread
+    from factscope.causal.trace import trace_effects, trace_table
+
+    folder = tiny[0]
+    local_model = load_model(str(folder), dtype="bfloat16")
+    engines = []
+    stages = _remote_stages(monkeypatch, folder, engines)
+    run = stages.analyze("org/tiny", None, tmp_path / "run", remote=True, all_prompts=True, report=False)
+    plan = stages.remote_trace_plan(run.path, seeds=[0, 1], limit=6, method=method, graddrop=graddrop)
+    run = stages.trace(run.path, remote=True, seeds=[0, 1], window=2, limit=6, method=method, graddrop=graddrop,
+                       report=False)
+    known = spread(encode_all(load_facts(), local_model.tokenizer, local_model.prepend_bos), 6)
+    local = atp.CHECK.run(local_model, known, progress=None, noise=3.0, window=2, seeds=(0, 1), method=method,
+                          graddrop=graddrop)
+    pd.testing.assert_frame_equal(local["atp_trace"], run.atp_trace, check_exact=False, rtol=0, atol=1e-6)
+    pd.testing.assert_frame_equal(local["atp_agreement"], run.atp_agreement, check_exact=False, rtol=1e-3)
+    if method == "both":
+        expected = trace_table(trace_effects(local_model, known, seeds=(0, 1), window=2, kv_cache=False))
+        pd.testing.assert_frame_equal(expected, run.causal_trace, check_exact=False, rtol=0, atol=1e-6)
+    trace = run.summary["causal"]["trace"]
+    counted = (engines[-1].requests, engines[-1].bytes_back, engines[-1].bytes_sent)
+    assert (trace["remote"]["requests"], trace["remote"]["bytes_back"], trace["remote"]["bytes_sent"]) == counted
+    assert (counted[0], counted[2]) == (plan.requests, plan.bytes_sent) and counted[1] <= plan.bytes_back
+    assert counted[1] == plan.bytes_back or method == "atp"
+    assert plan.requests == 1 + graddrop + 2  # an estimate: one session; the exact trace or check: one per seed
+    assert trace["method"] == method and trace["graddrop"] == graddrop
+
+
 def test_remote_trace_refusals_are_one_line(tiny, tmp_path):
     from factscope import stages
 
     local = stages.analyze(str(tiny[0]), None, tmp_path / "local", all_prompts=True, report=False)
     with pytest.raises(FactscopeError, match="analysed locally; trace --remote checks a run of `analyze --remote`"):
         stages.trace(local.path, remote=True)
-    for method in ("atp", "both"):
-        with pytest.raises(FactscopeError, match=f"^trace --remote runs exact tracing only; --method {method} does "):
-            stages.trace(local.path, remote=True, method=method)
-        with pytest.raises(FactscopeError, match="exact tracing only"):
-            stages.remote_trace_plan(local.path, method=method)
+    with pytest.raises(FactscopeError, match=r"^unknown trace method 'gradients' \(use exact, atp, both\)$"):
+        stages.trace(local.path, remote=True, method="gradients")
+    with pytest.raises(FactscopeError, match=r"^unknown trace method 'gradients' \(use exact, atp, both\)$"):
+        stages.remote_trace_plan(local.path, method="gradients")
+    with pytest.raises(FactscopeError, match="^--graddrop corrects attribution patching: use it with --method atp or both$"):
+        stages.remote_trace_plan(local.path, graddrop=True)
+
+
+@pytest.mark.real
+def test_trace_atp_through_the_engine_on_smollm2():
+    """SmolLM2, fp32, through the serialisation path, on 4 known facts and one seed: AtP and GradDrop of every
+    restoration (one session each, full width) equal their full-width definition bit for bit and the local AtP
+    (subject-to-END tokens) within 1e-6, and the sampled exact check through the engine equals the local
+    full-width trace on its cells within 1e-6."""
+    from factscope.causal import atp, known_facts, spread
+    from factscope.causal.trace import trace_effects
+    from factscope.forward import make_batch
+
+    torch.set_num_threads(1)
+    model = load_model("smollm2-135m")
+    known = spread(known_facts(model, encode_all(load_facts(), model.tokenizer, model.prepend_bos)), 4)
+    engine = local_engine("smollm2-135m", remote="local")
+    for graddrop in (False, True):
+        got = atp.atp_trace(model, known, seeds=(0,), graddrop=graddrop, engine=engine)
+        assert torch.equal(got.effects, _full_width_atp(model, known, 3.0, (0,), 10, graddrop))
+        torch.testing.assert_close(got.effects, atp.atp_trace(model, known, seeds=(0,), graddrop=graddrop).effects,
+                                   rtol=0, atol=1e-6)
+    cells = atp.sample_cells(got.effects.mean(0), atp._restorable(make_batch(model, known)))
+    exact = atp.exact_cells(model, got, cells, (0,), 3.0, engine=engine)
+    full = trace_effects(model, known, seeds=(0,), kv_cache=False).effects[0]
+    torch.testing.assert_close(exact[cells], full[cells], rtol=0, atol=1e-6)
+    assert engine.requests == 3 and (exact[cells].abs() > 1e-3).any()
 
 
 def test_cli_trace_dry_run_prints_the_plan_and_sends_nothing(tiny, monkeypatch, tmp_path):
@@ -847,9 +1033,14 @@ def test_cli_trace_dry_run_prints_the_plan_and_sends_nothing(tiny, monkeypatch, 
     printed = " ".join(result.output.split())  # the console wraps long lines
     assert plan.describe() in printed and "MB of noise draws sent" in printed
     assert not run.path.joinpath("causal_trace.parquet").exists()
-    result = CliRunner().invoke(cli.app, ["trace", str(run.path), "--remote", "--dry-run", "--method", "atp"])
-    assert isinstance(result.exception, FactscopeError)
-    assert "--method atp does not run remotely" in str(result.exception)
+    result = CliRunner().invoke(cli.app, ["trace", str(run.path), "--remote", "--dry-run", "--limit", "6", "--seeds",
+                                          "0", "--method", "atp", "--graddrop"])
+    assert result.exit_code == 0, result.output
+    atp_plan = stages.remote_trace_plan(run.path, seeds=[0], limit=6, method="atp", graddrop=True)
+    printed = " ".join(result.output.split())
+    assert atp_plan.describe() in printed and "bytes back at most" in printed
+    assert atp_plan.requests == 2 + 1  # AtP and GradDrop, one session each; the sampled exact check, one per seed
+    assert not run.path.joinpath("atp_trace.parquet").exists()
 
 
 def test_a_tracing_session_refused_or_unreachable_is_one_line(tiny, hub_engine, monkeypatch):

@@ -204,8 +204,8 @@ def trace(
     device: DeviceOpt = "cpu",
     threads: ThreadsOpt = None,
     overwrite: CausalOverwriteOpt = False,
-    remote: Annotated[bool, typer.Option("--remote", help="Run exact tracing on NDIF through nnsight (one session per seed), for a run of analyze --remote.")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="With --remote: print the requests and bytes tracing would cost, send nothing.")] = False,
+    remote: Annotated[bool, typer.Option("--remote", help="Run tracing on NDIF through nnsight (exact: one session per seed; each AtP estimate: one session; the sampled exact check: one per seed), for a run of analyze --remote.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="With --remote: print the requests and bytes tracing would cost (and the noise draws it sends), send nothing.")] = False,
 ) -> None:
     """Causal tracing (Meng et al. 2022) on a finished run's known facts: noise on the subject's embeddings, one
     clean state restored per (layer, position). Writes RUN_DIR/causal_trace.parquet and trace_peaks.csv, adds
@@ -215,7 +215,7 @@ def trace(
     --graddrop adds GradDrop's error to atp_agreement.csv (layers backward passes per seed)."""
     if _plan_only(dry_run, remote):
         console.print(stages.remote_trace_plan(run_dir, seeds=_numbers(seeds, int, "--seeds"), limit=limit,
-                                               method=method).describe())
+                                               method=method, graddrop=graddrop).describe())
         return
     run = stages.trace(run_dir, noise=noise, window=window, seeds=_numbers(seeds, int, "--seeds"), method=method,
                        graddrop=graddrop, limit=limit, device=device, threads=threads, overwrite=overwrite,

@@ -443,6 +443,17 @@ def restore_rows(
     return x
 
 
+def restoration_estimates(
+    deltas: list[Float[torch.Tensor, "rows pos d_model"]], grads: list[Float[torch.Tensor, "rows pos d_model"]],
+    windows: list[tuple[int, int]],
+) -> Float[torch.Tensor, "layer rows pos"]:
+    """Attribution patching of one kind of causal-tracing restoration (`causal.atp`), for the local pass and the
+    nnsight session alike: per layer (clean − corrupted) · ∂p/∂state summed over d_model (`deltas`, fp32, and
+    `grads`, one per layer), then per restored window (first, last) the sum of its layers' estimates."""
+    single = torch.stack([(delta * grad.float()).sum(-1) for delta, grad in zip(deltas, grads)])
+    return torch.stack([single[first : last + 1].sum(0) for first, last in windows])
+
+
 def answer_scores(
     logits: Float[torch.Tensor, "batch vocab"], answers: Int[torch.Tensor, " batch"],
     ids: Int[torch.Tensor, "batch n"] | None = None, valid: Float[torch.Tensor, "batch n"] | None = None,

@@ -288,20 +288,22 @@ class NnsightEngine(AblateSessions):
         return self._received(model, out)
 
     def causal_trace(
-        self, model, batch, prompts: Int[torch.Tensor, " rows"], positions: Int[torch.Tensor, " rows"],
-        chunks: list[Int[torch.Tensor, " chunk"]], draws: Float[torch.Tensor, "subject_token d_model"], noise: float,
-        sites: list[tuple[str, int, int]],
+        self, model, batch, sites: list[tuple[str, int, int]],
+        restorations: list[tuple[Int[torch.Tensor, " rows"], Int[torch.Tensor, " rows"], list[Int[torch.Tensor, " chunk"]]]],
+        draws: Float[torch.Tensor, "subject_token d_model"], noise: float,
     ) -> dict[str, torch.Tensor]:
         """One seed of causal tracing (`causal.trace.trace_effects`) in one nnsight session, so that no residual
         state leaves the server: the clean pass (its p(a), the std of the subjects' embeddings, the states to
         restore), the corrupted pass (noise = `draws` × `noise` × that std on the subject, `end_maths.scaled_noise`;
         `draws` are the subject positions' rows of the local draws, so both paths add the same noise), then one
-        full-width pass per site and chunk of restorations. A site is (kind, first, last) from
+        full-width pass per site and chunk of its restorations. A site is (kind, first, last) from
         `trace.restored_blocks`: the blocks below `first` are skipped, the corrupted run's residual stream entering
         `first` standing in for what they hand on (the local passes start there), then each row gets its clean
         state back (`end_maths.restore_rows`) at the input of block `first` (`resid`) or at the attention / MLP
-        output of blocks first..last. What comes back: p_clean and p_corrupt per prompt, the std, and p(a) per
-        restoration, [site, row]."""
+        output of blocks first..last. Each site has its own restorations (prompts, positions, and their chunks as
+        row indices): every (prompt, position) from the subject on for the trace, the sampled cells for AtP's exact
+        check. What comes back: p_clean and p_corrupt per prompt, the std, and p(a) per restoration, site after
+        site."""
         import nnsight
 
         end_maths = self._shipped_maths()
@@ -312,9 +314,11 @@ class NnsightEngine(AblateSessions):
         lm, embed, layers, lm_head = self.lm, self.envoys["embed"], self.envoys["layers"], self.envoys["lm_head"]
         outputs = self._outputs()
         tokens, mask, ends, answers = batch.tokens.cpu(), batch.mask.cpu(), batch.ends.cpu(), batch.answers.cpu()
-        subject, prompts, positions = batch.subject.cpu(), prompts.cpu(), positions.cpu()
-        # per chunk: its rows' prompts, positions, width
-        passes = [(prompts[c], positions[c], int(ends[prompts[c]].max()) + 1, c) for c in chunks]
+        subject = batch.subject.cpu()
+        passes = []  # per site, per chunk: its rows' prompts, positions, width, and the rows
+        for prompts, positions, chunks in restorations:
+            prompts, positions = prompts.cpu(), positions.cpu()
+            passes.append([(prompts[c], positions[c], int(ends[prompts[c]].max()) + 1, c) for c in (c.cpu() for c in chunks)])
         kinds = {kind for kind, _, _ in sites}
         with lm.session(remote=self.remote):
             out = nnsight.save({})
@@ -338,9 +342,9 @@ class NnsightEngine(AblateSessions):
                 corrupt = [embed.output] + [layers[layer].output for layer in range(len(layers))]
                 out["p_corrupt"] = score(lm_head.output[:, 0].detach().float(), answers)["prob"]
             restored = []
-            for kind, first, last in sites:
+            for (kind, first, last), site_passes, (prompts, _, _) in zip(sites, passes, restorations):
                 row = torch.empty(len(prompts))
-                for p, i, width, c in passes:
+                for p, i, width, c in site_passes:
                     inputs = {"input_ids": tokens[p, :width], "attention_mask": mask[p, :width]}
                     with lm.trace(inputs, logits_to_keep=ends[p][:, None]):
                         state = corrupt[first][p.to(corrupt[first].device), :width]
@@ -356,7 +360,85 @@ class NnsightEngine(AblateSessions):
                                 module.output = restore(module.output, clean[(kind, layer)], p, i)
                         row[c] = score(lm_head.output[:, 0].detach().float(), answers[p])["prob"].cpu()
                 restored.append(row)
-            out["restored"] = torch.stack(restored)
+            out["restored"] = torch.cat(restored)
+        return self._received(model, out)
+
+    def trace_atp(
+        self, model, batch, chunks: list[Int[torch.Tensor, " chunk"]], draws: list[Float[torch.Tensor, "subject_token d_model"]],
+        noise: float, kinds: Sequence[str], windows: dict[str, list[tuple[int, int]]], drops: tuple[int | None, ...],
+        prompts: Int[torch.Tensor, " cells"], positions: Int[torch.Tensor, " cells"],
+    ) -> dict[str, torch.Tensor]:
+        """Attribution patching of causal tracing (`causal.atp.atp_trace`) in one nnsight session, full width: the
+        clean pass (its p(a), the std of the subjects' embeddings, and the states to restore, which stay on the
+        server), then per seed (`draws`, sent as `causal_trace` sends them) and chunk of prompts (`chunks`) the
+        corrupted pass with its embeddings a leaf that needs a gradient, and per entry of `drops` one backward pass
+        from Σ p(a), reading each layer's residual, MLP and attention output gradients in the order the pass reaches
+        them (the last layer first); for a dropped layer the gradient that goes on through its attention and MLP
+        outputs is set to zero after it is read (GradDrop's cut). Each kind's estimate is
+        `end_maths.restoration_estimates` (windows: per kind and layer the layers restored); with one entry of
+        `drops` that estimate, with several Σ |estimate| / (L − 1). What comes back: p_clean per prompt, the std,
+        p_corrupt per seed and prompt, and the estimate per seed, kind, layer and cell (`prompts`, `positions`)."""
+        import nnsight
+
+        end_maths = self._shipped_maths()
+        self.bytes_sent += sum(d.numel() * d.element_size() for d in draws)
+        estimate_of, noised, score, add_noise = (end_maths.restoration_estimates, end_maths.scaled_noise,
+                                                 end_maths.answer_scores, end_maths.add_noise)
+        lm, embed, layers, lm_head = self.lm, self.envoys["embed"], self.envoys["layers"], self.envoys["lm_head"]
+        outputs = self._outputs()
+        tokens, mask, ends, answers = batch.tokens.cpu(), batch.mask.cpu(), batch.ends.cpu(), batch.answers.cpu()
+        subject, prompts, positions = batch.subject.cpu(), prompts.cpu(), positions.cpu()
+        chunks = [(c, int(ends[c].max()) + 1) for c in (c.cpu() for c in chunks)]
+        n_layers, graddrop = len(layers), len(drops) > 1
+        # what the passes read, in the order the forward pass runs it (GradDrop also cuts at every attention and MLP
+        # output), and per kind its states by layer; the session's statements stay one line each, as nnsight
+        # finds a `with` block of a shipped session by its line
+        restored = [(kind, layer) for layer in range(n_layers) for kind in outputs if kind in kinds]
+        read = [(kind, layer) for layer in range(n_layers) for kind in outputs if kind in kinds or graddrop and kind != "resid"]
+        by_kind = {kind: [(kind, layer) for layer in range(n_layers)] for kind in kinds}
+        with lm.session(remote=self.remote):
+            out = nnsight.save({})
+            with lm.trace({"input_ids": tokens, "attention_mask": mask}, logits_to_keep=ends[:, None]):
+                clean_embed = embed.output
+                clean = {(kind, layer): outputs[kind][layer].output for kind, layer in restored}
+                logits = lm_head.output[:, 0]
+                out["model_dtype"] = logits[:0]
+                out["p_clean"] = score(logits.detach().float(), answers)["prob"]
+            std = clean_embed.detach()[subject.to(clean_embed.device)].std()
+            out["std"] = std.double()
+            estimates, p_corrupt = [], []
+            for seed_draws in draws:
+                full = torch.zeros((*tokens.shape, seed_draws.shape[-1]), dtype=seed_draws.dtype)
+                full[subject] = seed_draws
+                corruption = noised(full, noise * float(std), subject)
+                effects = torch.zeros((len(kinds), n_layers, *tokens.shape))
+                p_seed = torch.empty(len(ends))
+                for c, width in chunks:
+                    rows, inputs = torch.arange(len(c)), {"input_ids": tokens[c, :width], "attention_mask": mask[c, :width]}
+                    with lm.trace(inputs, logits_to_keep=ends[c][:, None]):
+                        x = add_noise(embed.output, corruption[c, :width]).detach().requires_grad_(True)
+                        embed.output = x
+                        acts = {(kind, layer): outputs[kind][layer].output for kind, layer in read}
+                        p = lm_head.output[:, 0].float().softmax(-1)[rows, answers[c].to(x.device)]
+                        p_seed[c] = p.detach().cpu()
+                        deltas = {key: clean[key][c.to(x.device), :width].detach().float() - acts[key].detach().float() for key in restored}
+                        for dropped in drops:
+                            grads = {}
+                            with p.sum().backward(retain_graph=True, inputs=[x]):
+                                for kind, layer in reversed(read):  # the order the backward pass reaches them
+                                    grads[(kind, layer)] = acts[(kind, layer)].grad
+                                    if layer == dropped and kind != "resid":
+                                        acts[(kind, layer)].grad = torch.zeros_like(grads[(kind, layer)])
+                            for k, kind in enumerate(kinds):
+                                estimate = estimate_of([deltas[key] for key in by_kind[kind]], [grads[key] for key in by_kind[kind]], windows[kind]).cpu()
+                                if graddrop:
+                                    effects[k][:, c, :width] += estimate.abs() / (n_layers - 1)
+                                else:
+                                    effects[k][:, c, :width] = estimate
+                estimates.append(effects[:, :, prompts, positions])
+                p_corrupt.append(p_seed)
+            out["p_corrupt"] = torch.stack(p_corrupt)
+            out["estimates"] = torch.stack(estimates)
         return self._received(model, out)
 
     def read_pass(

@@ -91,26 +91,14 @@ SCORE_DIFF_BYTES = SCORE_BYTES + 4  # and a's logit − the mean of R_r ∖ a's
 NOISE_SCORE_BYTES = SCORE_BYTES + 2 * 4  # and whether the model, and the noisy mechanism alone, rank a first in R_r
 
 
-def ablate_plan(model: str, recalled: int, recall_batch: int, prompts: int, passes: int, bytes_back: int,
-                bytes_sent: int = 0, checks: str = "") -> Plan:
-    """`ablate --remote`: the recall passes that find the known facts among `recalled` prompts again (none when
-    the run analysed every prompt), then the checks' `passes` over `prompts`, one request each, bringing back
-    `bytes_back` and sent `bytes_sent` (the noise check's draws; `causal.remote_ablate_cost`); `checks` says which
-    run remotely and which do not."""
+def causal_plan(model: str, recalled: int, recall_batch: int, prompts: int, passes: int, bytes_back: int,
+                bytes_sent: int = 0, note: str = "") -> Plan:
+    """`ablate --remote` and `trace --remote`: the recall passes that find the known facts among `recalled` prompts
+    again (none when the run analysed every prompt), then the checks' `passes` over `prompts`, one request each,
+    bringing back `bytes_back` and sent `bytes_sent` (noise draws; `causal.remote_ablate_cost`,
+    `causal.remote_trace_cost`); `note` says what the plan covers."""
     recall = recall_plan(model, recalled, recall_batch)
-    return Plan(model, prompts, recall.requests + passes, recall.bytes_back + bytes_back, bytes_sent, note=checks)
-
-
-def trace_plan(model: str, recalled: int, recall_batch: int, prompts: int, restorations: int, subject_tokens: int,
-               seeds: int, sites: int, d_model: int) -> Plan:
-    """`trace --remote`: the recall passes (as `ablate_plan`), then one session per seed
-    (`NnsightEngine.causal_trace`): it sends the seed's noise draws on the subject's tokens (fp32, d_model each)
-    and brings back p_clean and p_corrupt per prompt, the std, and p(a) for each of the `restorations` (prompt,
-    position) pairs at each of the `sites` (kind, layer) that need a pass, all fp32 but the std (fp64)."""
-    recall = recall_plan(model, recalled, recall_batch)
-    per_seed = 2 * 4 * prompts + 8 + 4 * sites * restorations
-    return Plan(model, prompts, recall.requests + seeds, recall.bytes_back + seeds * per_seed,
-                seeds * subject_tokens * d_model * 4)
+    return Plan(model, prompts, recall.requests + passes, recall.bytes_back + bytes_back, bytes_sent, note=note)
 
 
 def check_client() -> None:

@@ -239,12 +239,13 @@ def trace(
     compares them on every cell. `graddrop` (with "atp" or "both") adds AtP*'s GradDrop and its error to
     atp_agreement.csv.
 
-    `remote`: exact tracing of a run analysed with `analyze --remote`, on NDIF through nnsight, one session per
-    seed, p(a) per restoration coming back (`remote_trace_plan` is printed before anything is sent)."""
+    `remote`: a run analysed with `analyze --remote` is traced on NDIF through nnsight: exact tracing one session
+    per seed, p(a) per restoration coming back; each AtP estimate one session, its estimate per cell coming back;
+    the sampled exact check one session per seed (`remote_trace_plan` is printed before anything is sent)."""
     from . import causal
+    from .causal.atp import check_method
 
-    if graddrop and method == "exact":
-        raise FactscopeError("--graddrop corrects attribution patching: use it with --method atp or both")
+    check_method(method, graddrop)
     options = {"noise": noise, "window": window, "method": method, "graddrop": graddrop}
     if seeds is not None:
         options["seeds"] = list(seeds)
@@ -261,14 +262,13 @@ def trace(
 
 def _remote_trace(run_dir: str | Path, *, options: dict, limit: int | None, overwrite: bool, report: bool,
                   reporter: Reporter) -> rundir.Run:
-    """`trace(remote=True)`: exact tracing through nnsight sessions; the refusals come before the run is locked."""
+    """`trace(remote=True)`: the trace checks through nnsight sessions; the refusals come before the run is locked."""
     from . import causal
     from . import remote as ndif
-    from .causal.atp import check_remote_method
 
-    check_remote_method(options["method"])
     run_dir = _remote_run(run_dir, "trace")
-    reporter.warn(remote_trace_plan(run_dir, seeds=options.get("seeds"), limit=limit).describe())
+    reporter.warn(remote_trace_plan(run_dir, seeds=options.get("seeds"), limit=limit, method=options["method"],
+                                    graddrop=options["graddrop"]).describe())
     with rundir.locked(run_dir), ndif.one_line_errors():
         enrichment = rundir.read_table(run_dir, "enrichment")
         model, known, _, engine = causal_inputs(run_dir, "trace", overwrite, "cpu", None, limit, reporter,
@@ -308,27 +308,27 @@ def remote_ablate_plan(run_dir: str | Path, *, window: int = 9, mode: str = "mea
     requests, bytes_back, bytes_sent = causal.remote_ablate_cost(model, checked, heads, window=window, mode=mode,
                                                                  targets=run_targets(Path(run_dir), QUIET),
                                                                  method=method, **noise)
-    return ndif.ablate_plan(model.name, recalled, causal.KNOWN_BATCH, len(checked), requests, bytes_back, bytes_sent,
+    return ndif.causal_plan(model.name, recalled, causal.KNOWN_BATCH, len(checked), requests, bytes_back, bytes_sent,
                             causal.remote_scope("ablate"))
 
 
 def remote_trace_plan(run_dir: str | Path, *, seeds: Sequence[int] | None = None, limit: int | None = None,
-                      method: str = "exact"):
-    """What `trace --remote` would send and get back (`remote.Plan`): the recall passes, then one session per
-    seed (`remote.trace_plan`), over the prompts `_remote_plan_inputs` expects the server to find again."""
+                      method: str = "exact", graddrop: bool = False):
+    """What `trace --remote` would send and get back (`remote.Plan`): the recall passes, then the trace check's
+    sessions (`causal.remote_trace_cost`), over the prompts `_remote_plan_inputs` expects the server to find
+    again."""
     from . import causal
-    from .causal.atp import check_remote_method
-
-    check_remote_method(method)
     from . import remote as ndif
-    from .causal.trace import SEEDS, TRACE_KINDS
+    from .causal.atp import check_method
+    from .causal.trace import SEEDS
 
+    check_method(method, graddrop)
     model, _, recalled, checked = _remote_plan_inputs(run_dir, limit)
-    restorations = sum(len(item.token_ids) - item.subject_positions[0] for item in checked)
-    subject_tokens = sum(len(item.subject_positions) for item in checked)
-    sites = len(TRACE_KINDS) * model.cfg.n_layers - 1  # resid after the last block needs no pass (`last_resid`)
-    return ndif.trace_plan(model.name, recalled, causal.KNOWN_BATCH, len(checked), restorations, subject_tokens,
-                           len(seeds if seeds is not None else SEEDS), sites, model.cfg.d_model)
+    requests, bytes_back, bytes_sent = causal.remote_trace_cost(model, checked, seeds=seeds if seeds is not None else SEEDS,
+                                                                method=method, graddrop=graddrop)
+    note = "bytes back at most: the sampled exact check's cells are chosen from the estimates" if method == "atp" else ""
+    return ndif.causal_plan(model.name, recalled, causal.KNOWN_BATCH, len(checked), requests, bytes_back, bytes_sent,
+                            note)
 
 
 def _remote_plan_inputs(run_dir: str | Path, limit: int | None):

@@ -46,7 +46,7 @@ from .trace import trace_peaks
 __all__ = [
     "CHECKS", "KNOWN_BATCH", "CausalCheck", "NOISE_SCALES", "SEEDS", "ablate_checks", "enrichment_summary",
     "extraction_summary", "knockout_summary", "known_facts", "noise_summary", "remote_ablate_checks",
-    "remote_ablate_cost", "remote_checks", "remote_scope",
+    "remote_ablate_cost", "remote_checks", "remote_scope", "remote_trace_cost",
     "robustness_summary", "spread", "taxonomy_paths", "trace_checks", "trace_peaks",
 ]
 
@@ -112,8 +112,9 @@ def trace_checks(
     summary.json["causal"]. `method` is exact patching, attribution patching (`atp`, with its error on a sample
     restored exactly) or both; `graddrop` adds AtP*'s GradDrop to the AtP check. `enrichment` is the run's
     enrichment table, if it has one: its summary is redone with the new tracing peak (exact tracing only).
-    `engine`: an nnsight engine whose sessions run exact tracing (`trace --remote`; `model` may hold no weights)."""
-    options = {"noise": noise, "window": window, "seeds": seeds, "method": method, "graddrop": graddrop}
+    `engine`: an nnsight engine whose sessions run every pass (`trace --remote`; `model` may hold no weights)."""
+    options = {"noise": noise, "window": window, "seeds": seeds, "method": method, "graddrop": graddrop,
+               "d_model": model.cfg.d_model}
     tables = _run(_of("trace"), model, known, options, progress, engine)
     settings = {"noise": noise, "window": window, "seeds": list(seeds), "method": method, "graddrop": graddrop,
                 "n_prompts": len(known)}
@@ -150,11 +151,8 @@ def remote_checks(command: str) -> list[CausalCheck]:
 
 
 def remote_scope(command: str) -> str:
-    """Which of `command`'s checks run remotely and which do not, in one line (the plan, the refusals)."""
-    runs = ", ".join(check.name for check in remote_checks(command))
-    skipped = [check.name for check in _of(command) if not check.remote]
-    verb = "does" if len(skipped) == 1 else "do"
-    return f"{command} --remote runs {runs}" + (f" ({', '.join(skipped)} {verb} not run remotely)" if skipped else "")
+    """Which of `command`'s checks run remotely, in one line (the plan)."""
+    return f"{command} --remote runs {', '.join(check.name for check in remote_checks(command))}"
 
 
 def remote_ablate_cost(model, known: list[Encoded], heads: pd.DataFrame, *, window: int = knockout.WINDOW,
@@ -168,6 +166,14 @@ def remote_ablate_cost(model, known: list[Encoded], heads: pd.DataFrame, *, wind
     costs = [check.remote_cost(n_layers, known, **{name: options[name] for name in check.options})
              for check in remote_checks("ablate")]
     return tuple(sum(column) for column in zip(*costs))
+
+
+def remote_trace_cost(model, known: list[Encoded], *, seeds: Sequence[int] = trace.SEEDS, method: str = "exact",
+                      graddrop: bool = False) -> tuple[int, int, int]:
+    """How many requests `trace_checks(engine=...)` sends over `known`, the bytes they bring back and the bytes of
+    noise draws they send (`atp.CHECK.remote_cost`; with `method` "atp" the bytes back are an upper bound)."""
+    return atp.CHECK.remote_cost(model.cfg.n_layers, known, seeds=seeds, method=method, graddrop=graddrop,
+                                 d_model=model.cfg.d_model)
 
 
 def _remote_options(model, heads: pd.DataFrame, window: int, mode: str, noise_scales: Sequence[float],

@@ -44,16 +44,17 @@ import torch
 from jaxtyping import Bool, Float, Int
 
 from ..data import Encoded
-from ..end_maths import add_noise
+from ..end_maths import add_noise, restoration_estimates
 from ..forward import Batch, act_name, make_batch
 from ..models import LoadedModel
 from ..errors import FactscopeError
 from .check import CausalCheck
 from .scores import Progress, tick
-from .sites import layer_window
 from .trace import (
     _RESTORED, NOISE, SEEDS, TRACE_KINDS, WINDOW, Restorations, TraceEffects, _bridge_reads_cache, _clean_states,
-    _corrupted_states, _left_padded_cache, _restored_probs_cached, _tail_positions, subject_noise, trace_effects, trace_passes, trace_peaks, trace_summary, trace_table,
+    _corrupted_states, _left_padded_cache, _restored_probs_cached, _tail_positions, _trace_rows, engine_restorations,
+    known_cells, noise_draws, restoration_session_cost, restored_layers, subject_noise, trace_effects, trace_passes,
+    trace_peaks, trace_remote_cost, trace_summary, trace_table,
 )
 
 THRESHOLD = 0.05  # a restoration effect (in p) that a false negative misses
@@ -72,25 +73,34 @@ def atp_trace(
     chunk: int = 32,
     progress: Progress = None,
     graddrop: bool = False,
+    engine=None,
 ) -> TraceEffects:
     """`trace.trace_effects` estimated by attribution patching: same shape, same zeros (positions before the
     subject, padding), one forward and one backward per seed and chunk of `chunk` prompts. Progress ticks:
     `atp_passes`.
 
     `graddrop`: AtP*'s GradDrop instead (Kramár et al. 2024, §3.1.2): Σ_ℓ |AtP with no gradient through layer ℓ's
-    outputs| / (L − 1), per seed; unsigned. One forward and L backward passes per seed and chunk."""
+    outputs| / (L − 1), per seed; unsigned. One forward and L backward passes per seed and chunk.
+
+    `engine`: an nnsight engine (`NnsightEngine.trace_atp`, on NDIF with `trace --remote`) runs every pass in one
+    session, full width (every prompt from its first token, as `trace_effects(engine=...)` runs), from the same
+    noise draws, and sends back the estimates of the restorable cells only."""
     if graddrop and model.cfg.n_layers < 2:
         raise FactscopeError("GradDrop needs a model of at least two layers")
     drops = tuple(range(model.cfg.n_layers)) if graddrop else (None,)
-    return _estimate(model, encoded, noise, seeds, window, kinds, chunk, progress, drops=drops)
+    return _estimate(model, encoded, noise, seeds, window, kinds, chunk, progress, drops=drops, engine=engine)
 
 
 def _estimate(model: LoadedModel, encoded: list[Encoded], noise: float, seeds: Sequence[int], window: int,
-              kinds: Sequence[str], chunk: int, progress: Progress, drops: tuple[int | None, ...]) -> TraceEffects:
+              kinds: Sequence[str], chunk: int, progress: Progress, drops: tuple[int | None, ...],
+              engine=None) -> TraceEffects:
     """AtP of every restoration with each of `drops` (None: no layer dropped) in turn; with one entry the signed
     estimate, with several Σ |estimate| / (L − 1)."""
     batch = make_batch(model, encoded)
     n_layers = model.cfg.n_layers
+    windows = {kind: [restored_layers(kind, layer, window, n_layers) for layer in range(n_layers)] for kind in kinds}
+    if engine is not None:
+        return _engine_estimate(model, batch, engine, noise, seeds, window, kinds, chunk, progress, drops, windows)
     clean, std = _clean_states(model, batch, kinds, kv_cache=True)
     tick(progress)
     effects = torch.zeros((len(seeds), len(kinds), n_layers, *batch.tokens.shape))  # zero where not restorable
@@ -113,16 +123,33 @@ def _estimate(model: LoadedModel, encoded: list[Encoded], noise: float, seeds: S
             for dropped in drops:
                 grads = run.backward(dropped)
                 for k, kind in enumerate(kinds):
-                    single = torch.stack([(delta[name] * grads[name].float()).sum(-1) for name in names[kind]])  # [layer, rows, tail]
-                    for layer in range(n_layers):
-                        first, last = (layer, layer) if kind == "resid" else layer_window(layer, window, n_layers)
-                        estimate = single[first : last + 1].sum(0)[real].cpu()
-                        if dropped is None:
-                            effects[s, k, layer][where] = estimate
-                        else:
-                            effects[s, k, layer][where] += estimate.abs() / (n_layers - 1)
+                    estimate = restoration_estimates([delta[name] for name in names[kind]],
+                                                     [grads[name] for name in names[kind]], windows[kind])[:, real].cpu()
+                    if dropped is None:
+                        effects[s, k][(slice(None), *where)] = estimate
+                    else:
+                        effects[s, k][(slice(None), *where)] += estimate.abs() / (n_layers - 1)
         tick(progress)
     return TraceEffects(effects, clean["p"].cpu(), p_corrupted, noise * std, tuple(kinds), window, batch)
+
+
+def _engine_estimate(model, batch: Batch, engine, noise: float, seeds: Sequence[int], window: int,
+                     kinds: Sequence[str], chunk: int, progress: Progress, drops: tuple[int | None, ...],
+                     windows: dict[str, list[tuple[int, int]]]) -> TraceEffects:
+    """`_estimate` through `engine`, in one request: the prompts chunked by length (longest first, as the
+    full-width passes pad to the longest), the subject rows of every seed's local draws sent; the progress ticks
+    are the local ones."""
+    rows = _trace_rows(batch)
+    prompts, positions = rows.prompts.cpu(), rows.positions.cpu()
+    chunks = list(torch.argsort(batch.ends.cpu(), descending=True, stable=True).split(chunk))
+    draws = [noise_draws(batch, seed, model.cfg.d_model)[batch.subject] for seed in seeds]
+    got = engine.trace_atp(model, batch, chunks, draws, noise, kinds, windows, drops, prompts, positions)
+    effects = torch.zeros((len(seeds), len(kinds), model.cfg.n_layers, *batch.tokens.shape))
+    effects[..., prompts, positions] = got["estimates"]
+    if progress:
+        progress(atp_passes(seeds))
+    return TraceEffects(effects, got["p_clean"], got["p_corrupt"], noise * float(got["std"]), tuple(kinds), window,
+                        batch)
 
 
 def atp_passes(seeds: Sequence[int] = SEEDS) -> int:
@@ -295,10 +322,11 @@ def sample_cells(estimate: Float[torch.Tensor, "kind layer batch pos"], restorab
 
 
 def exact_cells(model: LoadedModel, atp: TraceEffects, cells: Bool[torch.Tensor, "kind layer batch pos"], seeds: Sequence[int],
-                noise_scale: float, max_rows: int = 1024) -> Float[torch.Tensor, "kind layer batch pos"]:
-    """The exact trace's seed-averaged effect on `cells` only (zero elsewhere), on the same noise draws."""
+                noise: float, max_rows: int = 1024, engine=None) -> Float[torch.Tensor, "kind layer batch pos"]:
+    """The exact trace's seed-averaged effect on `cells` only (zero elsewhere), on the same noise draws (`noise` ×
+    the std of the subjects' embeddings). `engine`: per seed one session of the nnsight engine restores the cells
+    (`trace.engine_restorations`, full width, as `trace_effects(engine=...)`)."""
     batch, n_layers = atp.batch, model.cfg.n_layers
-    clean, _ = _clean_states(model, batch, atp.kinds)
     out = torch.zeros(cells.shape)
     device = batch.tokens.device
     jobs = []
@@ -307,22 +335,32 @@ def exact_cells(model: LoadedModel, atp: TraceEffects, cells: Bool[torch.Tensor,
             where = torch.nonzero(cells[k, layer])
             if len(where):
                 jobs.append((k, layer, where, Restorations(where[:, 0].to(device), where[:, 1].to(device))))
+    if engine is None:
+        clean, std = _clean_states(model, batch, atp.kinds)
     for seed in seeds:
-        states = _corrupted_states(model, batch, subject_noise(batch, noise_scale, seed, model.cfg.d_model), clean, True)
-        restored = _restored_probs_cached(model, batch, [(atp.kinds[k], layer, rows) for k, layer, _, rows in jobs], states,
-                                          atp.window, max_rows)
+        if engine is None:
+            states = _corrupted_states(model, batch, subject_noise(batch, noise * std, seed, model.cfg.d_model), clean, True)
+            restored = _restored_probs_cached(model, batch, [(atp.kinds[k], layer, rows) for k, layer, _, rows in jobs],
+                                              states, atp.window, max_rows)
+            p_corrupt = states.p_corrupt
+        else:
+            got, restored = engine_restorations(model, batch, engine, noise, seed,
+                                                [(atp.kinds[k], layer, rows) for k, layer, _, rows in jobs],
+                                                atp.window, max_rows)
+            p_corrupt = got["p_corrupt"]
         for (k, layer, where, rows), probs in zip(jobs, restored):
-            out[k, layer, where[:, 0], where[:, 1]] += ((probs - states.p_corrupt[rows.prompts]) / len(seeds)).cpu()
+            out[k, layer, where[:, 0], where[:, 1]] += ((probs - p_corrupt[rows.prompts.to(p_corrupt.device)]) / len(seeds)).cpu()
     return out
 
 
-def sampled_agreement(model: LoadedModel, estimates: dict[str, TraceEffects], seeds: Sequence[int]) -> pd.DataFrame:
+def sampled_agreement(model: LoadedModel, estimates: dict[str, TraceEffects], seeds: Sequence[int], noise: float,
+                      engine=None) -> pd.DataFrame:
     """`agreement` of every estimate (estimator → its effects) on the union of their `sample_cells`, whose exact
-    effects are computed for them alone."""
+    effects are computed for them alone (`exact_cells`, through `engine` if given)."""
     first = next(iter(estimates.values()))
     means = {name: estimate.effects.mean(0) for name, estimate in estimates.items()}
     cells = torch.stack([sample_cells(mean, _restorable(first.batch)) for mean in means.values()]).any(0)
-    exact = exact_cells(model, first, cells, seeds, first.noise_std)
+    exact = exact_cells(model, first, cells, seeds, noise, engine=engine)
     return pd.concat([agreement(exact, mean, cells, first.kinds, sampled=True, estimator=name) for name, mean in means.items()],
                      ignore_index=True)
 
@@ -356,41 +394,60 @@ METHODS = ("exact", "atp", "both")
 
 
 def _run(model: LoadedModel, known: list[Encoded], *, noise: float, window: int, seeds: Sequence[int], method: str,
-         graddrop: bool, progress: Progress, engine=None) -> dict[str, pd.DataFrame]:
+         graddrop: bool, progress: Progress, engine=None, **_sizes) -> dict[str, pd.DataFrame]:
     """`exact`: causal_trace and trace_peaks; `atp`: atp_trace and atp_agreement on a sample restored exactly;
     `both`: all four, atp_agreement on every cell. `graddrop` adds GradDrop's rows to atp_agreement. `engine` (an
-    nnsight engine, `trace --remote`) runs exact tracing only: AtP needs gradients the server does not send."""
-    if engine is not None:
-        check_remote_method(method)
-    if method not in METHODS:
-        raise FactscopeError(f"unknown trace method {method!r} (use {', '.join(METHODS)})")
-    if graddrop and method == "exact":
-        raise FactscopeError("--graddrop corrects attribution patching: use it with --method atp or both")
+    nnsight engine, `trace --remote`) runs every pass: exact tracing one session per seed, each AtP estimate one
+    session, the sample's exact restorations one session per seed."""
+    check_method(method, graddrop)
     tables, exact = {}, None
     if method != "atp":
         exact = trace_effects(model, known, noise, seeds, window, progress=progress, engine=engine)
         tables["causal_trace"] = trace_table(exact)
         tables["trace_peaks"] = trace_peaks(tables["causal_trace"])
     if method != "exact":
-        estimates = {"atp": atp_trace(model, known, noise, seeds, window, progress=progress)}
+        estimates = {"atp": atp_trace(model, known, noise, seeds, window, progress=progress, engine=engine)}
         if graddrop:
-            estimates["graddrop"] = atp_trace(model, known, noise, seeds, window, progress=progress, graddrop=True)
+            estimates["graddrop"] = atp_trace(model, known, noise, seeds, window, progress=progress, graddrop=True,
+                                              engine=engine)
         tables["atp_trace"] = trace_table(estimates["atp"])
         tables["atp_agreement"] = (full_agreement(exact, estimates) if exact is not None
-                                   else sampled_agreement(model, estimates, seeds))
+                                   else sampled_agreement(model, estimates, seeds, noise, engine))
     return tables
 
 
-def check_remote_method(method: str) -> None:
-    """Only exact tracing runs through an nnsight engine (`trace --remote`)."""
-    if method != "exact":
-        raise FactscopeError(f"trace --remote runs exact tracing only; --method {method} does not run remotely "
-                             "(attribution patching needs gradients the server does not send)")
+def check_method(method: str, graddrop: bool) -> None:
+    """`trace`'s --method and --graddrop, refused in one line before anything runs or is planned."""
+    if method not in METHODS:
+        raise FactscopeError(f"unknown trace method {method!r} (use {', '.join(METHODS)})")
+    if graddrop and method == "exact":
+        raise FactscopeError("--graddrop corrects attribution patching: use it with --method atp or both")
 
 
-def _passes(n_layers: int, noise: float, window: int, seeds: Sequence[int], method: str, graddrop: bool) -> int:
+def _passes(n_layers: int, noise: float, window: int, seeds: Sequence[int], method: str, graddrop: bool, **_) -> int:
     exact = trace_passes(n_layers, seeds) if method != "atp" else 0
     return exact + (atp_passes(seeds) * (1 + graddrop) if method != "exact" else 0)
+
+
+def _remote_cost(n_layers: int, known: list[Encoded], *, seeds: Sequence[int], method: str, graddrop: bool,
+                 d_model: int, **_) -> tuple[int, int, int]:
+    """Through an engine (requests, bytes back, bytes sent): exact tracing's sessions (`trace_remote_cost`) unless
+    `atp`; one session per estimate (AtP, and GradDrop with `graddrop`) bringing back p_clean per prompt, the std
+    (fp64), p_corrupt per seed and prompt and the estimate per seed, kind, layer and restorable cell (fp32), and
+    sending every seed's draws; with `atp`, the sampled exact check, one session per seed
+    (`trace.restoration_session_cost`). That check's bytes back are an upper bound: its cells are chosen from the
+    estimates, so they are counted as if the estimators' samples did not overlap and every cell needed a pass
+    (the residual after the last block needs none)."""
+    n, n_seeds, estimators = len(known), len(seeds), 1 + graddrop
+    cells, subject = known_cells(known)
+    costs = [trace_remote_cost(n_layers, known, seeds, d_model)] if method != "atp" else []
+    if method != "exact":
+        back = 4 * n + 8 + n_seeds * 4 * n + n_seeds * len(TRACE_KINDS) * n_layers * cells * 4
+        costs += [(1, back, n_seeds * subject * d_model * 4)] * estimators
+    if method == "atp":
+        sampled = estimators * len(TRACE_KINDS) * min(N_TOP + N_RANDOM, n_layers * cells)
+        costs += [restoration_session_cost(n, sampled, subject, d_model)] * n_seeds
+    return tuple(sum(column) for column in zip(*costs))
 
 
 def _summary(tables) -> dict:
@@ -404,6 +461,6 @@ def _summary(tables) -> dict:
 
 CHECK = CausalCheck(
     "trace", "trace", ("causal_trace", "trace_peaks", "atp_trace", "atp_agreement"),
-    ("noise", "window", "seeds", "method", "graddrop"),
-    _passes, _run, _summary, remote=True,
+    ("noise", "window", "seeds", "method", "graddrop", "d_model"),
+    _passes, _run, _summary, remote=True, remote_cost=_remote_cost,
 )

@@ -23,9 +23,9 @@ class CausalCheck:
     - `summarize(tables)`: its entry in summary.json["causal"]; `tables` holds every table of the run so far.
 
     A check with `remote` runs through an nnsight engine too (`run(..., engine=...)`), for `ablate --remote` and
-    `trace --remote`; an `ablate` one also says what it costs, for the plan printed before anything is sent:
+    `trace --remote`, and says what it costs, for the plan printed before anything is sent:
     `remote_cost(n_layers, known, **options)` → (requests, bytes back, bytes of tensors sent besides the prompts
-    and R_r: the noise check's draws) (`causal.remote_ablate_cost`).
+    and R_r: noise draws) (`causal.remote_ablate_cost`, `causal.remote_trace_cost`).
     """
 
     name: str  # its key in summary.json["causal"] and its progress label
@@ -44,5 +44,5 @@ class CausalCheck:
         unknown = [table for table in self.tables if table not in TABLES]
         if unknown:
             raise ValueError(f"check {self.name!r}: table {unknown[0]!r} is not in rundir.TABLES")
-        if self.remote and self.command == "ablate" and self.remote_cost is None:
+        if self.remote and self.remote_cost is None:
             raise ValueError(f"check {self.name!r} runs remotely: its plan needs remote_cost")

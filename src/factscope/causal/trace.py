@@ -85,6 +85,12 @@ def restored_blocks(kind: str, layer: int, window: int, n_layers: int) -> tuple[
     return (layer + 1, layer + 1) if kind == "resid" else layer_window(layer, window, n_layers)
 
 
+def restored_layers(kind: str, layer: int, window: int, n_layers: int) -> tuple[int, int]:
+    """The layers whose states a restoration at `layer` puts back (first, last): the layer's own residual stream
+    (`resid`), or the window of attention / MLP outputs around it."""
+    return (layer, layer) if kind == "resid" else layer_window(layer, window, n_layers)
+
+
 def last_resid(batch: Batch, rows: Restorations, p_clean: Float[torch.Tensor, " batch"],
                p_corrupt: Float[torch.Tensor, " batch"]) -> Float[torch.Tensor, " rows"]:
     """Restoring the residual stream after the last block: only END's own state reaches the logits, so the
@@ -227,31 +233,69 @@ def trace_effects(
 
 def _engine_trace_effects(model, batch: Batch, engine, noise: float, seeds: Sequence[int], window: int,
                           kinds: Sequence[str], max_rows: int, progress: Progress) -> TraceEffects:
-    """`trace_effects` through `engine`: per seed one request, whose restorations are the sites the local passes
-    restore (`restored_blocks`), chunked as they chunk them; the progress ticks are the local ones."""
+    """`trace_effects` through `engine`: per seed one request (`engine_restorations`) restoring every cell; the
+    progress ticks are the local ones."""
     n_layers = model.cfg.n_layers
     rows = _trace_rows(batch)
     prompts, positions = rows.prompts.cpu(), rows.positions.cpu()
-    cells = [(k, layer) for k, kind in enumerate(kinds) for layer in range(n_layers)
-             if not (kind == "resid" and layer == n_layers - 1)]
-    sites = [(kinds[k], *restored_blocks(kinds[k], layer, window, n_layers)) for k, layer in cells]
-    chunks = restoration_chunks(batch, rows, max_rows)
+    jobs = [(kind, layer, rows) for kind in kinds for layer in range(n_layers)]
     effects = torch.zeros((len(seeds), len(kinds), n_layers, *batch.tokens.shape))
     p_corrupted, got = [], {}
     for s, seed in enumerate(seeds):
-        draws = noise_draws(batch, seed, model.cfg.d_model)[batch.subject]
-        got = engine.causal_trace(model, batch, prompts, positions, chunks, draws, noise, sites)
-        p_corrupt = got["p_corrupt"]
-        p_corrupted.append(p_corrupt)
-        for (k, layer), restored in zip(cells, got["restored"]):
-            effects[s, k, layer, prompts, positions] = restored - p_corrupt[prompts]
-        if "resid" in kinds:
-            restored = last_resid(batch, Restorations(prompts, positions), got["p_clean"], p_corrupt)
-            effects[s, kinds.index("resid"), n_layers - 1, prompts, positions] = restored - p_corrupt[prompts]
+        got, restored = engine_restorations(model, batch, engine, noise, seed, jobs, window, max_rows)
+        p_corrupted.append(got["p_corrupt"])
+        for (kind, layer, _), probs in zip(jobs, restored):
+            effects[s, kinds.index(kind), layer, prompts, positions] = probs - got["p_corrupt"][prompts]
         if progress:  # as many ticks as the local passes: the clean pass once, then the seed's passes
             progress((s == 0) + 1 + len(kinds) * n_layers)
     return TraceEffects(effects, got["p_clean"], torch.stack(p_corrupted), noise * float(got["std"]), tuple(kinds),
                         window, batch)
+
+
+def engine_restorations(model, batch: Batch, engine, noise: float, seed: int,
+                        jobs: Sequence[tuple[str, int, Restorations]], window: int, max_rows: int
+                        ) -> tuple[dict[str, torch.Tensor], list[Float[torch.Tensor, " rows"]]]:
+    """One seed's restorations of every (kind, layer, rows) job through `engine` (`NnsightEngine.causal_trace`,
+    one session): each job is a site (`restored_blocks`) with its own rows, chunked as the full-width local passes
+    chunk them (`restoration_chunks`), from the subject rows of the local draws; the residual after the last block
+    needs no pass (`last_resid`). Returns what the session brought back (p_clean, p_corrupt, std) and p(a) per job
+    and row."""
+    n_layers = model.cfg.n_layers
+    passing = [j for j, (kind, layer, _) in enumerate(jobs) if not (kind == "resid" and layer == n_layers - 1)]
+    sites = [(jobs[j][0], *restored_blocks(jobs[j][0], jobs[j][1], window, n_layers)) for j in passing]
+    restorations = [(jobs[j][2].prompts.cpu(), jobs[j][2].positions.cpu(), restoration_chunks(batch, jobs[j][2], max_rows))
+                    for j in passing]
+    draws = noise_draws(batch, seed, model.cfg.d_model)[batch.subject]
+    got = engine.causal_trace(model, batch, sites, restorations, draws, noise)
+    out: list = [None] * len(jobs)
+    for j, probs in zip(passing, got["restored"].split([len(prompts) for prompts, _, _ in restorations])):
+        out[j] = probs
+    for j, (_, _, rows) in enumerate(jobs):
+        if out[j] is None:
+            out[j] = last_resid(batch, Restorations(rows.prompts.cpu(), rows.positions.cpu()), got["p_clean"], got["p_corrupt"])
+    return got, out
+
+
+def known_cells(known: list[Encoded]) -> tuple[int, int]:
+    """The (prompt, position) cells a trace restores (the first subject token to END of every prompt) and the
+    subject's tokens, which get noise: what a remote trace's costs are counted in."""
+    return (sum(len(item.token_ids) - item.subject_positions[0] for item in known),
+            sum(len(item.subject_positions) for item in known))
+
+
+def restoration_session_cost(n_prompts: int, restored: int, subject_tokens: int, d_model: int) -> tuple[int, int, int]:
+    """One session of `engine_restorations`: one request; back p_clean and p_corrupt per prompt (fp32), the std
+    (fp64) and p(a) per restored cell (fp32); sent the seed's draws on the subject's tokens (fp32, d_model each)."""
+    return 1, 2 * 4 * n_prompts + 8 + 4 * restored, subject_tokens * d_model * 4
+
+
+def trace_remote_cost(n_layers: int, known: list[Encoded], seeds: Sequence[int], d_model: int,
+                      kinds: Sequence[str] = TRACE_KINDS) -> tuple[int, int, int]:
+    """`trace_effects(engine=...)`: one session per seed restoring every cell at every (kind, layer) but the
+    residual after the last block (`last_resid`: no pass). (requests, bytes back, bytes sent)."""
+    cells, subject = known_cells(known)
+    sites = len(kinds) * n_layers - ("resid" in kinds)
+    return tuple(len(seeds) * part for part in restoration_session_cost(len(known), sites * cells, subject, d_model))
 
 
 def trace_passes(n_layers: int, seeds: Sequence[int] = SEEDS, kinds: Sequence[str] = TRACE_KINDS) -> int:
@@ -542,7 +586,7 @@ def _trace_table(
         peak = _peak_intervals(summed.cpu().numpy(), counts.cpu().numpy())
         for k, kind in enumerate(kinds):
             for layer in range(n_layers):
-                first, last = (layer, layer) if kind == "resid" else layer_window(layer, window, n_layers)
+                first, last = restored_layers(kind, layer, window, n_layers)
                 records.append(
                     {
                         "kind": kind, "layer": layer, "first_layer": first, "last_layer": last, "token": token,
