@@ -996,8 +996,10 @@ def test_remote_trace_refusals_are_one_line(tiny, tmp_path):
 def test_trace_atp_through_the_engine_on_smollm2():
     """SmolLM2, fp32, through the serialisation path, on 4 known facts and one seed: AtP and GradDrop of every
     restoration (one session each, full width) equal their full-width definition bit for bit and the local AtP
-    (subject-to-END tokens) within 1e-6, and the sampled exact check through the engine equals the local
-    full-width trace on its cells within 1e-6."""
+    (subject-to-END tokens) within 1e-5: the local path's own rounding (estimates up to 0.57, 6e-6 apart at 41bde47,
+    ~1e-5 relative), and the sampled exact check through the engine equals the local full-width trace on its
+    cells within 1e-5 (its passes hold the sampled rows only, the trace's every row: other batch shapes, other
+    rounding; 1.4e-6 apart at 41bde47)."""
     from factscope.causal import atp, known_facts, spread
     from factscope.causal.trace import trace_effects
     from factscope.forward import make_batch
@@ -1010,11 +1012,11 @@ def test_trace_atp_through_the_engine_on_smollm2():
         got = atp.atp_trace(model, known, seeds=(0,), graddrop=graddrop, engine=engine)
         assert torch.equal(got.effects, _full_width_atp(model, known, 3.0, (0,), 10, graddrop))
         torch.testing.assert_close(got.effects, atp.atp_trace(model, known, seeds=(0,), graddrop=graddrop).effects,
-                                   rtol=0, atol=1e-6)
+                                   rtol=0, atol=1e-5)
     cells = atp.sample_cells(got.effects.mean(0), atp._restorable(make_batch(model, known)))
     exact = atp.exact_cells(model, got, cells, (0,), 3.0, engine=engine)
     full = trace_effects(model, known, seeds=(0,), kv_cache=False).effects[0]
-    torch.testing.assert_close(exact[cells], full[cells], rtol=0, atol=1e-6)
+    torch.testing.assert_close(exact[cells], full[cells], rtol=0, atol=1e-5)
     assert engine.requests == 3 and (exact[cells].abs() > 1e-3).any()
 
 

@@ -449,8 +449,10 @@ def restoration_estimates(
 ) -> Float[torch.Tensor, "layer rows pos"]:
     """Attribution patching of one kind of causal-tracing restoration (`causal.atp`), for the local pass and the
     nnsight session alike: per layer (clean − corrupted) · ∂p/∂state summed over d_model (`deltas`, fp32, and
-    `grads`, one per layer), then per restored window (first, last) the sum of its layers' estimates."""
-    single = torch.stack([(delta * grad.float()).sum(-1) for delta, grad in zip(deltas, grads)])
+    `grads`, one per layer), then per restored window (first, last) the sum of its layers' estimates, on the first
+    layer's device (on a server the layers may sit on several GPUs)."""
+    device = deltas[0].device
+    single = torch.stack([(delta * grad.to(delta.device).float()).sum(-1).to(device) for delta, grad in zip(deltas, grads)])
     return torch.stack([single[first : last + 1].sum(0) for first, last in windows])
 
 

@@ -6,7 +6,8 @@ Two ways to use it. As a `forward.Engine` (`__call__`), it saves the END activat
 key position) and the maths run here, over a local copy of the weights. With `project` (and `recall`), the maths that
 read weights run inside the trace (`end_maths`), so a remote run needs no weights locally (`ConfigOnlyModel`) and
 only small per-target tensors come back. `knockout` runs the attention knockout of `causal.knockout` the same way,
-and `causal_trace` one seed of causal tracing in one nnsight session (the restored states never leave the server);
+`causal_trace` one seed of causal tracing in one nnsight session (the restored states never leave the server), and
+`trace_atp` its attribution patching (AtP, GradDrop) in one session, through nnsight's backward pass;
 `ablate`'s mechanism grid, noise check and path AtP run as sessions too (`nnsight_ablate.AblateSessions`).
 Only what is `.save()`d leaves the trace, and every request checks the dtype the model ran in against the run's.
 
@@ -360,7 +361,7 @@ class NnsightEngine(AblateSessions):
                                 module.output = restore(module.output, clean[(kind, layer)], p, i)
                         row[c] = score(lm_head.output[:, 0].detach().float(), answers[p])["prob"].cpu()
                 restored.append(row)
-            out["restored"] = torch.cat(restored)
+            out["restored"] = torch.cat([torch.empty(0), *restored])  # no site: a check whose cells need no pass
         return self._received(model, out)
 
     def trace_atp(
@@ -419,9 +420,9 @@ class NnsightEngine(AblateSessions):
                         x = add_noise(embed.output, corruption[c, :width]).detach().requires_grad_(True)
                         embed.output = x
                         acts = {(kind, layer): outputs[kind][layer].output for kind, layer in read}
-                        p = lm_head.output[:, 0].float().softmax(-1)[rows, answers[c].to(x.device)]
+                        p = lm_head.output[:, 0].float().softmax(-1)[rows, answers[c]]  # CPU indices: any device
                         p_seed[c] = p.detach().cpu()
-                        deltas = {key: clean[key][c.to(x.device), :width].detach().float() - acts[key].detach().float() for key in restored}
+                        deltas = {key: clean[key][c, :width].detach().float() - acts[key].detach().float() for key in restored}
                         for dropped in drops:
                             grads = {}
                             with p.sum().backward(retain_graph=True, inputs=[x]):
