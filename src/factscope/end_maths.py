@@ -418,7 +418,7 @@ def scaled_noise(
     draws: Float[torch.Tensor, "batch pos d_model"], scale: float, subject: Bool[torch.Tensor, "batch pos"]
 ) -> Float[torch.Tensor, "batch pos d_model"]:
     """Causal tracing's corruption: unit Gaussian `draws` × `scale` on the subject's positions, zero elsewhere
-    (`causal.trace.subject_noise` here; `NnsightEngine.causal_trace` on the server, from the same draws)."""
+    (`causal.restorations.subject_noise` here; `NnsightEngine.causal_trace` on the server, from the same draws)."""
     return draws * scale * subject.to(draws.device)[..., None]
 
 

@@ -298,7 +298,7 @@ class NnsightEngine(AblateSessions):
         restore), the corrupted pass (noise = `draws` × `noise` × that std on the subject, `end_maths.scaled_noise`;
         `draws` are the subject positions' rows of the local draws, so both paths add the same noise), then one
         full-width pass per site and chunk of its restorations. A site is (kind, first, last) from
-        `trace.restored_blocks`: the blocks below `first` are skipped, the corrupted run's residual stream entering
+        `restorations.restored_blocks`: the blocks below `first` are skipped, the corrupted run's residual stream entering
         `first` standing in for what they hand on (the local passes start there), then each row gets its clean
         state back (`end_maths.restore_rows`) at the input of block `first` (`resid`) or at the attention / MLP
         output of blocks first..last. Each site has its own restorations (prompts, positions, and their chunks as

@@ -15,7 +15,8 @@ what happens to the attribute's probability, logit and top-1 accuracy. One modul
                 (`ablate --method atp|both`), with its error against exact path ablation.
 
 `sites` says WHERE an intervention acts (typed paths, head masks, layer windows), `edits` WHAT it does there
-(record, ablate, add noise), `scores` what is measured. Every condition is ONE batched forward pass over all
+(record, ablate, add noise), `scores` what is measured; `restorations` is what a restoration of causal tracing is,
+for `trace`, `atp` and their nnsight sessions. Every condition is ONE batched forward pass over all
 prompts (causal tracing stacks its restorations into the batch dimension). Passes stop at the final norm and
 unembed END only, so the vocabulary-sized logits of every position are never materialised.
 

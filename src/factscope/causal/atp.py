@@ -13,7 +13,7 @@ forward and one backward per seed (per chunk of prompts) give every (kind, layer
   small. With a window of one layer the estimate is first-order exact, as for `resid`.
 
 A row's metric is its own p(a), and prompts never interact in a batch, so the gradient of Σ p(a) is every prompt's
-own gradient. The noise draws are the exact trace's (`trace.subject_noise`, same seeds), so the two are compared
+own gradient. The noise draws are the exact trace's (`restorations.subject_noise`, same seeds), so the two are compared
 draw for draw.
 
 AtP* (Kramár et al.) corrects two failure modes. Its attention-softmax recomputation applies to patches of queries
@@ -50,11 +50,14 @@ from ..models import LoadedModel
 from ..errors import FactscopeError
 from .check import CausalCheck
 from .scores import Progress, tick
+from .restorations import (
+    Restorations, engine_restorations, known_cells, noise_draws, restoration_session_cost, restored_layers,
+    subject_noise, trace_rows,
+)
 from .trace import (
-    _RESTORED, NOISE, SEEDS, TRACE_KINDS, WINDOW, Restorations, TraceEffects, _bridge_reads_cache, _clean_states,
-    _corrupted_states, _left_padded_cache, _restored_probs_cached, _tail_positions, _trace_rows, engine_restorations,
-    known_cells, noise_draws, restoration_session_cost, restored_layers, subject_noise, trace_effects, trace_passes,
-    trace_peaks, trace_remote_cost, trace_summary, trace_table,
+    _RESTORED, NOISE, SEEDS, TRACE_KINDS, WINDOW, TraceEffects, _bridge_reads_cache, _clean_states, _corrupted_states,
+    _left_padded_cache, _restored_probs_cached, _tail_positions, trace_effects, trace_passes, trace_peaks,
+    trace_remote_cost, trace_summary, trace_table,
 )
 
 THRESHOLD = 0.05  # a restoration effect (in p) that a false negative misses
@@ -139,7 +142,7 @@ def _engine_estimate(model, batch: Batch, engine, noise: float, seeds: Sequence[
     """`_estimate` through `engine`, in one request: the prompts chunked by length (longest first, as the
     full-width passes pad to the longest), the subject rows of every seed's local draws sent; the progress ticks
     are the local ones."""
-    rows = _trace_rows(batch)
+    rows = trace_rows(batch)
     prompts, positions = rows.prompts.cpu(), rows.positions.cpu()
     chunks = list(torch.argsort(batch.ends.cpu(), descending=True, stable=True).split(chunk))
     draws = [noise_draws(batch, seed, model.cfg.d_model)[batch.subject] for seed in seeds]
@@ -325,7 +328,7 @@ def exact_cells(model: LoadedModel, atp: TraceEffects, cells: Bool[torch.Tensor,
                 noise: float, max_rows: int = 1024, engine=None) -> Float[torch.Tensor, "kind layer batch pos"]:
     """The exact trace's seed-averaged effect on `cells` only (zero elsewhere), on the same noise draws (`noise` ×
     the std of the subjects' embeddings). `engine`: per seed one session of the nnsight engine restores the cells
-    (`trace.engine_restorations`, full width, as `trace_effects(engine=...)`)."""
+    (`restorations.engine_restorations`, full width, as `trace_effects(engine=...)`)."""
     batch, n_layers = atp.batch, model.cfg.n_layers
     out = torch.zeros(cells.shape)
     device = batch.tokens.device
@@ -435,7 +438,7 @@ def _remote_cost(n_layers: int, known: list[Encoded], *, seeds: Sequence[int], m
     `atp`; one session per estimate (AtP, and GradDrop with `graddrop`) bringing back p_clean per prompt, the std
     (fp64), p_corrupt per seed and prompt and the estimate per seed, kind, layer and restorable cell (fp32), and
     sending every seed's draws; with `atp`, the sampled exact check, one session per seed
-    (`trace.restoration_session_cost`). That check's bytes back are an upper bound: its cells are chosen from the
+    (`restorations.restoration_session_cost`). That check's bytes back are an upper bound: its cells are chosen from the
     estimates, so they are counted as if the estimators' samples did not overlap and every cell needed a pass
     (the residual after the last block needs none)."""
     n, n_seeds, estimators = len(known), len(seeds), 1 + graddrop

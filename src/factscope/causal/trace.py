@@ -49,82 +49,22 @@ from jaxtyping import Bool, Float, Int
 
 from .. import bootstrap
 from ..data import Encoded
-from ..end_maths import add_noise, restore_rows, scaled_noise
+from ..end_maths import add_noise, restore_rows
 from ..errors import FactscopeError
 from ..forward import Batch, act_name, capture, end_logits, make_batch
 from ..models import LoadedModel
 from ..taxonomy import GROUPS
+from .restorations import (
+    Restorations, engine_restorations, known_cells, last_resid, restoration_chunks, restoration_session_cost,
+    restored_blocks, restored_layers, subject_noise, trace_rows,
+)
 from .scores import Progress, tick
-from .sites import layer_window
 
 TRACE_KINDS = ("resid", "attn", "mlp")
 SEEDS = (0, 1, 2)
 NOISE = 3.0
 WINDOW = 10
 _RESTORED = {"resid": "resid_post", "attn": "attn_out", "mlp": "mlp_out"}  # kind → the activation restored
-
-
-def subject_noise(
-    batch: Batch, std: float, seed: int, d_model: int
-) -> Float[torch.Tensor, "batch pos d_model"]:
-    """Gaussian noise of standard deviation `std` on the subject's positions (position 0 included when the subject
-    starts the prompt, as in ROME), zero elsewhere; seeded, deterministic."""
-    return scaled_noise(noise_draws(batch, seed, d_model), std, batch.subject)
-
-
-def noise_draws(batch: Batch, seed: int, d_model: int) -> Float[torch.Tensor, "batch pos d_model"]:
-    """The unit Gaussian draws of `subject_noise`, at every position (only the subject's are used)."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn((*batch.tokens.shape, d_model), generator=generator).to(batch.tokens.device)
-
-
-def restored_blocks(kind: str, layer: int, window: int, n_layers: int) -> tuple[int, int]:
-    """What a restoration at `layer` puts back, as blocks: a `resid` restoration sets the residual stream entering
-    block `layer` + 1 (first = last = layer + 1); an `attn` / `mlp` restoration sets that sublayer's output in
-    blocks first..last (`layer_window`). Either way the pass is the corrupted one below block `first`."""
-    return (layer + 1, layer + 1) if kind == "resid" else layer_window(layer, window, n_layers)
-
-
-def restored_layers(kind: str, layer: int, window: int, n_layers: int) -> tuple[int, int]:
-    """The layers whose states a restoration at `layer` puts back (first, last): the layer's own residual stream
-    (`resid`), or the window of attention / MLP outputs around it."""
-    return (layer, layer) if kind == "resid" else layer_window(layer, window, n_layers)
-
-
-def last_resid(batch: Batch, rows: Restorations, p_clean: Float[torch.Tensor, " batch"],
-               p_corrupt: Float[torch.Tensor, " batch"]) -> Float[torch.Tensor, " rows"]:
-    """Restoring the residual stream after the last block: only END's own state reaches the logits, so the
-    restored p is the clean p exactly at END and the corrupted p elsewhere (no pass)."""
-    prompts = rows.prompts
-    return torch.where(rows.positions == batch.ends[prompts], p_clean[prompts], p_corrupt[prompts])
-
-
-def restoration_chunks(batch: Batch, rows: Restorations, max_rows: int) -> list[Int[torch.Tensor, " chunk"]]:
-    """Full-width restoration passes: rows sorted by prompt length (longest first), `max_rows` per pass, so a pass
-    is as wide as its longest prompt."""
-    lengths = batch.ends[rows.prompts] + 1
-    return list(torch.argsort(lengths, descending=True, stable=True).split(max_rows))
-
-
-@dataclass
-class Restorations:
-    """(prompt, position) pairs to restore, one per row of the stacked passes."""
-
-    prompts: Int[torch.Tensor, " rows"]
-    positions: Int[torch.Tensor, " rows"]
-
-
-def _trace_rows(batch: Batch) -> Restorations:
-    """The first subject token to END of every prompt. Earlier positions cannot see the noise (causal
-    attention), so restoring them changes nothing; they are recorded as exact zeros."""
-    prompts, positions = [], []
-    for row, item in enumerate(batch.items):
-        first = item.subject_positions[0]
-        for pos in range(first, len(item.token_ids)):
-            prompts.append(row)
-            positions.append(pos)
-    device = batch.tokens.device
-    return Restorations(torch.tensor(prompts, device=device), torch.tensor(positions, device=device))
 
 
 def trace_labels(batch: Batch) -> dict[str, tuple[str, Bool[torch.Tensor, "batch pos"]]]:
@@ -209,7 +149,7 @@ def trace_effects(
     n_layers = model.cfg.n_layers
     clean, std = _clean_states(model, batch, kinds)
     tick(progress)
-    rows = _trace_rows(batch)
+    rows = trace_rows(batch)
     prompts, positions = rows.prompts, rows.positions
     effects = torch.zeros((len(seeds), len(kinds), n_layers, *batch.tokens.shape))  # zero where not restored
     p_corrupted = []
@@ -236,7 +176,7 @@ def _engine_trace_effects(model, batch: Batch, engine, noise: float, seeds: Sequ
     """`trace_effects` through `engine`: per seed one request (`engine_restorations`) restoring every cell; the
     progress ticks are the local ones."""
     n_layers = model.cfg.n_layers
-    rows = _trace_rows(batch)
+    rows = trace_rows(batch)
     prompts, positions = rows.prompts.cpu(), rows.positions.cpu()
     jobs = [(kind, layer, rows) for kind in kinds for layer in range(n_layers)]
     effects = torch.zeros((len(seeds), len(kinds), n_layers, *batch.tokens.shape))
@@ -250,43 +190,6 @@ def _engine_trace_effects(model, batch: Batch, engine, noise: float, seeds: Sequ
             progress((s == 0) + 1 + len(kinds) * n_layers)
     return TraceEffects(effects, got["p_clean"], torch.stack(p_corrupted), noise * float(got["std"]), tuple(kinds),
                         window, batch)
-
-
-def engine_restorations(model, batch: Batch, engine, noise: float, seed: int,
-                        jobs: Sequence[tuple[str, int, Restorations]], window: int, max_rows: int
-                        ) -> tuple[dict[str, torch.Tensor], list[Float[torch.Tensor, " rows"]]]:
-    """One seed's restorations of every (kind, layer, rows) job through `engine` (`NnsightEngine.causal_trace`,
-    one session): each job is a site (`restored_blocks`) with its own rows, chunked as the full-width local passes
-    chunk them (`restoration_chunks`), from the subject rows of the local draws; the residual after the last block
-    needs no pass (`last_resid`). Returns what the session brought back (p_clean, p_corrupt, std) and p(a) per job
-    and row."""
-    n_layers = model.cfg.n_layers
-    passing = [j for j, (kind, layer, _) in enumerate(jobs) if not (kind == "resid" and layer == n_layers - 1)]
-    sites = [(jobs[j][0], *restored_blocks(jobs[j][0], jobs[j][1], window, n_layers)) for j in passing]
-    restorations = [(jobs[j][2].prompts.cpu(), jobs[j][2].positions.cpu(), restoration_chunks(batch, jobs[j][2], max_rows))
-                    for j in passing]
-    draws = noise_draws(batch, seed, model.cfg.d_model)[batch.subject]
-    got = engine.causal_trace(model, batch, sites, restorations, draws, noise)
-    out: list = [None] * len(jobs)
-    for j, probs in zip(passing, got["restored"].split([len(prompts) for prompts, _, _ in restorations])):
-        out[j] = probs
-    for j, (_, _, rows) in enumerate(jobs):
-        if out[j] is None:
-            out[j] = last_resid(batch, Restorations(rows.prompts.cpu(), rows.positions.cpu()), got["p_clean"], got["p_corrupt"])
-    return got, out
-
-
-def known_cells(known: list[Encoded]) -> tuple[int, int]:
-    """The (prompt, position) cells a trace restores (the first subject token to END of every prompt) and the
-    subject's tokens, which get noise: what a remote trace's costs are counted in."""
-    return (sum(len(item.token_ids) - item.subject_positions[0] for item in known),
-            sum(len(item.subject_positions) for item in known))
-
-
-def restoration_session_cost(n_prompts: int, restored: int, subject_tokens: int, d_model: int) -> tuple[int, int, int]:
-    """One session of `engine_restorations`: one request; back p_clean and p_corrupt per prompt (fp32), the std
-    (fp64) and p(a) per restored cell (fp32); sent the seed's draws on the subject's tokens (fp32, d_model each)."""
-    return 1, 2 * 4 * n_prompts + 8 + 4 * restored, subject_tokens * d_model * 4
 
 
 def trace_remote_cost(n_layers: int, known: list[Encoded], seeds: Sequence[int], d_model: int,
