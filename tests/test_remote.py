@@ -181,7 +181,8 @@ def test_recall_through_the_engine_equals_local_recall(tiny):
 def test_remote_stage_reads_no_weights_and_writes_the_local_tables(tiny, monkeypatch, tmp_path, command):
     """The library entry points with --remote, NDIF replaced by the same model in bf16 (what NDIF serves) through
     nnsight's serialisation path: config and tokenizer are all that is read locally, the tables are a local bf16
-    run's bit for bit, and the run records bf16."""
+    run's bit for bit (`analyze --swap`'s too), the run records bf16, and the plan printed before sending is what
+    the engine counted."""
     from transformers import AutoConfig, AutoTokenizer
 
     import factscope.models
@@ -194,7 +195,9 @@ def test_remote_stage_reads_no_weights_and_writes_the_local_tables(tiny, monkeyp
         engines.append(local_engine(str(folder), dtype="bfloat16", remote="local"))
         return engines[-1]
 
-    kwargs = {"report": False, "all_prompts": True} if command == "analyze" else {}
+    # a lax class rule, so that the tiny model has classified heads whose parts the swap watches
+    kwargs = {"report": False, "all_prompts": True, "swap": True, "k": 1.0, "z": 0.0} if command == "analyze" else {}
+    kwargs["batch_size"] = 16
     local = getattr(stages, command)(str(folder), None, tmp_path / "local", dtype="bfloat16", **kwargs)
     monkeypatch.setattr(remote, "preflight", lambda model_id, send: None)
     monkeypatch.setattr(remote, "remote_engine", engine)
@@ -202,12 +205,19 @@ def test_remote_stage_reads_no_weights_and_writes_the_local_tables(tiny, monkeyp
                         lambda model: (AutoConfig.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)))
     monkeypatch.setattr(factscope.models, "load_model", lambda *a, **k: pytest.fail("a remote run loaded weights"))
     run = getattr(stages, command)("org/tiny", None, tmp_path / "remote", remote=True, **kwargs)
-    assert run.summary["remote"] == {"requests": engines[0].requests, "bytes_back": engines[0].bytes_back}
+    counted = {"requests": engines[0].requests, "bytes_back": engines[0].bytes_back}
+    assert run.summary["remote"] == counted
+    plan = stages.remote_plan("org/tiny", command=command, batch_size=16, swap=command == "analyze")
+    assert {"requests": plan.requests, "bytes_back": plan.bytes_back} == counted
     assert run.manifest["config"]["dtype"] == "bfloat16"
     got, expected = (run.attributions(), local.attributions()) if command == "analyze" else (run.recall, local.recall)
     if command == "recall":
         got, expected = got.drop(columns="model"), expected.drop(columns="model")
     pd.testing.assert_frame_equal(expected, got, check_exact=True)
+    if command == "analyze":
+        swapped = run.subject_swap
+        assert len(swapped) > 0 and swapped["rel_change"].notna().all()
+        pd.testing.assert_frame_equal(local.subject_swap, swapped, check_exact=True)
 
 
 @pytest.mark.real
@@ -428,6 +438,10 @@ def test_cli_dry_run_prints_the_plan_and_sends_nothing(tiny, monkeypatch, tmp_pa
                                           "--out", str(tmp_path / "run"), "--batch-size", "16"])
     assert result.exit_code == 0, result.output
     assert "remote plan for org/tiny: 144 prompts in 9 requests" in result.output
+    swap = CliRunner().invoke(cli.app, ["analyze", "--remote", "--dry-run", "--swap", "--model", "org/tiny",
+                                        "--out", str(tmp_path / "run"), "--batch-size", "16"])
+    assert swap.exit_code == 0, swap.output
+    assert "144 prompts in 27 requests" in swap.output and "--swap's two passes over 144 prompts" in " ".join(swap.output.split())
     assert not (tmp_path / "run").exists()
 
 
