@@ -30,45 +30,73 @@ def test_atp_is_exact_to_first_order(model_dirs, family):
     assert (estimate.effects[..., 0, :first] == 0).all()
 
 
+def full_width_atp(model, encoded, noise_scale: float, dropped: int | None) -> torch.Tensor:
+    """AtP of every residual restoration by its definition, every prompt at full width in one plain forward (no
+    cache): (clean − corrupted) · ∂Σp(a)/∂resid, with layer `dropped`'s attention and MLP outputs detached (None:
+    none), [layer, batch, pos]."""
+    from factscope.causal.trace import _clean_states, subject_noise
+    from factscope.forward import act_name
+
+    batch = make_batch(model, encoded)
+    clean, std = _clean_states(model, batch, ("resid",))
+    noise = subject_noise(batch, noise_scale * std, 0, model.cfg.d_model)
+    names = [act_name("resid_post", layer) for layer in range(model.cfg.n_layers)]
+    store = {}
+    hooks = [(act_name("embed"), lambda x, hook: (x + noise).detach().requires_grad_(True)),
+             *((act_name(site, dropped), lambda x, hook: x.detach()) for site in ("attn_out", "mlp_out")
+               if dropped is not None),
+             *((name, lambda x, hook, name=name: store.__setitem__(name, x)) for name in names)]
+    hooks.append((act_name("final_out"), lambda x, hook: store.__setitem__("normed", x[batch.rows, batch.ends])))
+    with torch.enable_grad():
+        model.bridge.run_with_hooks(batch.tokens, attention_mask=batch.mask, fwd_hooks=hooks)
+        p = (store["normed"] @ model.W_U + model.b_U).float().softmax(-1)[batch.rows, batch.answers]
+        grads = torch.autograd.grad(p.sum(), [store[n] for n in names])
+    return torch.stack([((clean[name] - store[name].detach()) * grad).sum(-1) for name, grad in zip(names, grads)])
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3", "neox", "qwen2"])
 def test_atp_and_graddrop_equal_the_full_width_definition(model_dirs, family):
     """AtP and GradDrop from one recorded pass of the subject-to-END tokens (the prefix from the clean run's keys
     and values; a gate per layer, L backward passes) equal the definitions computed the slow way, every prompt at
     full width: AtP from one plain forward; GradDrop from a separate forward per layer ℓ in which layer ℓ's
     attention and MLP outputs are detached, its AtP of every residual restoration, then Σ_ℓ |·| / (L − 1)."""
-    from factscope.causal.trace import _clean_states, subject_noise
-    from factscope.forward import act_name
-
     model, encoded = tiny(model_dirs, family)
-    batch = make_batch(model, encoded)
     n_layers = model.cfg.n_layers
-    clean, std = _clean_states(model, batch, ("resid",))
-    noise = subject_noise(batch, 3.0 * std, 0, model.cfg.d_model)
-    names = [act_name("resid_post", layer) for layer in range(n_layers)]
-
-    def full_width_atp(dropped: int | None) -> torch.Tensor:
-        store = {}
-        hooks = [(act_name("embed"), lambda x, hook: (x + noise).detach().requires_grad_(True)),
-                 *((act_name(site, dropped), lambda x, hook: x.detach()) for site in ("attn_out", "mlp_out")
-                   if dropped is not None),
-                 *((name, lambda x, hook, name=name: store.__setitem__(name, x)) for name in names)]
-        hooks.append((act_name("final_out"), lambda x, hook: store.__setitem__("normed", x[batch.rows, batch.ends])))
-        with torch.enable_grad():
-            model.bridge.run_with_hooks(batch.tokens, attention_mask=batch.mask, fwd_hooks=hooks)
-            p = (store["normed"] @ model.W_U + model.b_U).float().softmax(-1)[batch.rows, batch.answers]
-            grads = torch.autograd.grad(p.sum(), [store[n] for n in names])
-        return torch.stack([((clean[name] - store[name].detach()) * grad).sum(-1) for name, grad in zip(names, grads)])
-
-    restorable = atp._restorable(batch)
+    restorable = atp._restorable(make_batch(model, encoded))
     plain = atp.atp_trace(model, encoded, noise=3.0, seeds=(0,), window=1, kinds=("resid",), chunk=5)
-    assert torch.allclose(plain.effects[0, 0], full_width_atp(None) * restorable, atol=1e-6)
-    expected = sum(full_width_atp(dropped).abs() for dropped in range(n_layers)) / (n_layers - 1)
+    assert torch.allclose(plain.effects[0, 0], full_width_atp(model, encoded, 3.0, None) * restorable, atol=1e-6)
+    expected = sum(full_width_atp(model, encoded, 3.0, dropped).abs() for dropped in range(n_layers)) / (n_layers - 1)
     got = atp.atp_trace(model, encoded, noise=3.0, seeds=(0,), window=1, kinds=("resid",), chunk=5, graddrop=True)
     assert torch.allclose(got.effects[0, 0], expected * restorable, atol=1e-6)
     # the last layer's residual is downstream of every gate: all L estimates are AtP's, so GradDrop = L/(L−1)·|AtP|
     last = plain.effects[0, 0, -1].abs() * n_layers / (n_layers - 1)
     assert torch.allclose(got.effects[0, 0, -1], last, atol=1e-7)
     assert not torch.allclose(got.effects[0, 0, 0], plain.effects[0, 0, 0].abs() * n_layers / (n_layers - 1), rtol=1e-2, atol=0)
+
+
+def test_atp_from_the_subject_on_keeps_sliding_windows_and_subjects_at_position_zero(tmp_path, monkeypatch):
+    """Gemma-3 with a sliding window shorter than the prompts and layer types that differ between neighbours,
+    without BOS, and half the prompts starting with their subject (no prefix to reuse, beside rows with one in the
+    same chunk): AtP still equals its full-width definition."""
+    from dataclasses import replace
+
+    import tiny_models
+    from causal_helpers import _tiny
+
+    from factscope.data import encode
+
+    layer_types = ["sliding_attention", "full_attention", "sliding_attention"]
+    monkeypatch.setitem(tiny_models.FAMILIES, "gemma3", dict(tiny_models.FAMILIES["gemma3"], layer_types=layer_types, sliding_window=3))
+    model, encoded = _tiny(str(tiny_models.build_model_dir("gemma3", tmp_path / "gemma3-mixed")))
+    facts = [item.fact for item in encoded]
+    facts = [replace(fact, prompt=fact.prompt.removeprefix("Fact: ")) if i % 2 and
+             fact.prompt.removeprefix("Fact: ").startswith(fact.subject) else fact for i, fact in enumerate(facts)]
+    encoded = [encode(fact, model.tokenizer, prepend_bos=False) for fact in facts]
+    starts = [item.subject_positions[0] for item in encoded]
+    assert 0 in starts and max(starts) > 0 and max(len(item.token_ids) for item in encoded) > 2 * 3
+    got = atp.atp_trace(model, encoded, noise=3.0, seeds=(0,), window=1, kinds=("resid",), chunk=5)
+    expected = full_width_atp(model, encoded, 3.0, None) * atp._restorable(make_batch(model, encoded))
+    assert torch.allclose(got.effects[0, 0], expected, atol=1e-6) and expected.abs().max() > 0
 
 
 def test_agreement_statistics():

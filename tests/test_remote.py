@@ -185,7 +185,8 @@ def test_recall_through_the_engine_equals_local_recall(tiny):
 def test_remote_stage_reads_no_weights_and_writes_the_local_tables(tiny, monkeypatch, tmp_path, command):
     """The library entry points with --remote, NDIF replaced by the same model in bf16 (what NDIF serves) through
     nnsight's serialisation path: config and tokenizer are all that is read locally, the tables are a local bf16
-    run's bit for bit, and the run records bf16."""
+    run's bit for bit (`analyze --swap`'s too), the run records bf16, and the plan printed before sending is what
+    the engine counted."""
     from transformers import AutoConfig, AutoTokenizer
 
     import factscope.models
@@ -198,7 +199,9 @@ def test_remote_stage_reads_no_weights_and_writes_the_local_tables(tiny, monkeyp
         engines.append(local_engine(str(folder), dtype="bfloat16", remote="local"))
         return engines[-1]
 
-    kwargs = {"report": False, "all_prompts": True} if command == "analyze" else {}
+    # a lax class rule, so that the tiny model has classified heads whose parts the swap watches
+    kwargs = {"report": False, "all_prompts": True, "swap": True, "k": 1.0, "z": 0.0} if command == "analyze" else {}
+    kwargs["batch_size"] = 16
     local = getattr(stages, command)(str(folder), None, tmp_path / "local", dtype="bfloat16", **kwargs)
     monkeypatch.setattr(remote, "preflight", lambda model_id, send: None)
     monkeypatch.setattr(remote, "remote_engine", engine)
@@ -206,12 +209,19 @@ def test_remote_stage_reads_no_weights_and_writes_the_local_tables(tiny, monkeyp
                         lambda model: (AutoConfig.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)))
     monkeypatch.setattr(factscope.models, "load_model", lambda *a, **k: pytest.fail("a remote run loaded weights"))
     run = getattr(stages, command)("org/tiny", None, tmp_path / "remote", remote=True, **kwargs)
-    assert run.summary["remote"] == {"requests": engines[0].requests, "bytes_back": engines[0].bytes_back}
+    counted = {"requests": engines[0].requests, "bytes_back": engines[0].bytes_back}
+    assert run.summary["remote"] == counted
+    plan = stages.remote_plan("org/tiny", command=command, batch_size=16, swap=command == "analyze")
+    assert {"requests": plan.requests, "bytes_back": plan.bytes_back} == counted
     assert run.manifest["config"]["dtype"] == "bfloat16"
     got, expected = (run.attributions(), local.attributions()) if command == "analyze" else (run.recall, local.recall)
     if command == "recall":
         got, expected = got.drop(columns="model"), expected.drop(columns="model")
     pd.testing.assert_frame_equal(expected, got, check_exact=True)
+    if command == "analyze":
+        swapped = run.subject_swap
+        assert len(swapped) > 0 and swapped["rel_change"].notna().all()
+        pd.testing.assert_frame_equal(local.subject_swap, swapped, check_exact=True)
 
 
 @pytest.mark.real
@@ -432,6 +442,10 @@ def test_cli_dry_run_prints_the_plan_and_sends_nothing(tiny, monkeypatch, tmp_pa
                                           "--out", str(tmp_path / "run"), "--batch-size", "16"])
     assert result.exit_code == 0, result.output
     assert "remote plan for org/tiny: 144 prompts in 9 requests" in result.output
+    swap = CliRunner().invoke(cli.app, ["analyze", "--remote", "--dry-run", "--swap", "--model", "org/tiny",
+                                        "--out", str(tmp_path / "run"), "--batch-size", "16"])
+    assert swap.exit_code == 0, swap.output
+    assert "144 prompts in 27 requests" in swap.output and "--swap's two passes over 144 prompts" in " ".join(swap.output.split())
     assert not (tmp_path / "run").exists()
 
 
@@ -542,10 +556,11 @@ def test_noise_check_through_the_engine_equals_local_bitwise(model_dirs, family,
 
 
 def _path_atp_through_the_engine(model, remote_model, encoded, engine, mode: str, method: str, targets=None,
-                                 **options) -> None:
+                                 per_kind: int | None = None, **options) -> None:
     """Path AtP (total and direct effects) in one session, and the exact ablation of its chosen paths (a sample, or
-    every path with `both`) in the grid session, against the local ones (the exact ones by full passes, as
-    `kv_cache=False`), bit for bit; the engine's requests and bytes are the check's remote cost."""
+    every path with `both`; with `per_kind`, only the first that many of each kind) in the grid session, against
+    the local ones (the exact ones by full passes, as `kv_cache=False`), bit for bit; the engine's requests and
+    bytes are the check's remote cost (when every chosen path ran)."""
     from factscope.causal import atp_paths
 
     expected = atp_paths.atp_path_effects(model, encoded, mode, targets, **options)
@@ -555,9 +570,13 @@ def _path_atp_through_the_engine(model, remote_model, encoded, engine, mode: str
         assert torch.equal(local.effects.nan_to_num(), through.effects.nan_to_num())
         assert (local.effects.nan_to_num() != 0).any() and torch.equal(local.present, through.present)
     chosen = expected[0].present if method == "both" else atp_paths.sample_paths(expected[0])
+    if per_kind is not None:
+        chosen = chosen & (chosen.flatten(1).cumsum(1) <= per_kind).view_as(chosen)
     exact = atp_paths.exact_path_effects(model, encoded, chosen, mode, targets, kv_cache=False)
     through = atp_paths.exact_path_effects(remote_model, encoded, chosen, mode, targets, engine=engine)
     assert torch.equal(exact.effects.nan_to_num(), through.effects.nan_to_num()) and (exact.effects.nan_to_num() != 0).any()
+    if per_kind is not None:
+        return
     assert (engine.requests, engine.bytes_back, engine.bytes_sent) == atp_paths.CHECK.remote_cost(
         model.cfg.n_layers, encoded, mode=mode, targets=targets, method=method, **atp_paths.path_sizes(model))
 
@@ -742,13 +761,14 @@ def test_noise_check_through_the_engine_on_smollm2():
 @pytest.mark.real
 def test_path_atp_through_the_engine_on_smollm2():
     """SmolLM2, fp32, through the serialisation path, on 8 known facts: path AtP of every head path and MLP (total and
-    direct) in one session, and its sampled exact check in the grid session, bit for bit, with R_r from every
-    fact (8 facts alone leave most relations without another attribute)."""
+    direct) in one session, and the exact check of its first 3 sampled paths of each kind in the grid session (the
+    whole sample is the tiny models' test: ~240 full passes here), bit for bit, with R_r from every fact (8 facts
+    alone leave most relations without another attribute)."""
     from factscope.data import relation_targets
 
     model, known, engine, _ = _smollm2_mechanisms()
     targets = relation_targets(encode_all(load_facts(), model.tokenizer, model.prepend_bos))
-    _path_atp_through_the_engine(model, model, known, engine, "mean", "atp", targets)
+    _path_atp_through_the_engine(model, model, known, engine, "mean", "atp", targets, per_kind=3)
 
 
 def test_cli_ablate_dry_run_prints_the_plan_and_sends_nothing(tiny, monkeypatch, tmp_path):

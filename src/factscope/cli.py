@@ -134,7 +134,7 @@ def analyze(
     from .recall import accuracy_table
 
     if _plan_only(dry_run, remote):
-        console.print(stages.remote_plan(model, dataset, batch_size=batch_size, bos=bos, dtype=_value(dtype)).describe())
+        console.print(stages.remote_plan(model, dataset, batch_size=batch_size, bos=bos, dtype=_value(dtype), swap=swap).describe())
         return
     run = stages.analyze(model, dataset, out, overwrite=overwrite, device=device, batch_size=batch_size, bos=bos,
                          all_prompts=all_prompts, k=k, z=z, swap=swap, resume=resume, dtype=_value(dtype), threads=threads,

@@ -186,7 +186,6 @@ class AblateSessions:
                 out[key] = torch.stack(values)
         return self._received(model, out)
 
-
     def path_atp(
         self, model, batches: list, others: list[tuple[torch.Tensor, torch.Tensor]], mode: str, group_index: list[int],
     ) -> dict[str, torch.Tensor]:

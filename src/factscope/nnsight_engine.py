@@ -190,7 +190,6 @@ class NnsightEngine(AblateSessions):
             out[("logits", None)] = lm_head.output[:, 0]
         return dict(out)
 
-
     def project(
         self,
         model,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 from . import bootstrap, rundir, stage_io
@@ -46,14 +47,14 @@ def recall(
     from .recall import accuracy_table, recall as recall_table
 
     out = Path(out)
-    sending = nullcontext()
+    sending = nullcontext
     if remote:
         dtype, sending = _before_remote(model, dataset, dtype, batch_size, bos, reporter, command="recall")
     with rundir.locked(out):
         refuse_existing(out, overwrite)
         loaded, encoded, dataset_path, engine = _load(model, dataset, remote=remote, device=device, bos=bos,
                                                       dtype=dtype, threads=threads, reporter=reporter)
-        with reporter.progress("recall", len(encoded)) as advance, sending:
+        with reporter.progress("recall", len(encoded)) as advance, sending():
             table = recall_table(loaded, encoded, batch_size=batch_size, progress=advance, engine=engine)
         table.insert(0, "model", loaded.name)
         table["prepend_bos"] = loaded.prepend_bos
@@ -114,11 +115,9 @@ def analyze(
     from .memory import release_unreferenced
 
     out = Path(out)
-    sending = nullcontext()
+    sending = nullcontext
     if remote:
-        if swap:
-            raise FactscopeError("--swap does not run remotely yet (its passes use the local engine)")
-        dtype, sending = _before_remote(model, dataset, dtype, batch_size, bos, reporter, command="analyze")
+        dtype, sending = _before_remote(model, dataset, dtype, batch_size, bos, reporter, command="analyze", swap=swap)
     with rundir.locked(out):
         refuse_existing(out, overwrite, resume)
         rule = ClassRule(k=k, z=z)  # invalid k or z is refused before the model loads
@@ -131,11 +130,9 @@ def analyze(
         with rundir.output_dir(out, overwrite, resume, manifest) as run:
             with reporter.progress("analyze", len(encoded)) as advance:
                 summary = {"model": loaded.name, "weights_sha256": loaded.weights_sha256, "dataset": str(dataset_path)}
-                with sending:
+                with sending():
                     written = write_batches(run, loaded, encoded, batch_size, advance, known_only=not all_prompts,
                                             engine=engine or local_end_activations)
-                if remote:
-                    summary["remote"] = {"requests": engine.requests, "bytes_back": engine.bytes_back}
             if not swap:
                 # the weights' pages beside the merge of the batch tables, or beside the attribution tables read by
                 # `summarize`, were the run's peak (SmolLM2, fp32: 1.7 GB against 0.95 GB for the model alone);
@@ -153,9 +150,13 @@ def analyze(
                 from .swap import subject_swap, swap_summary
 
                 # all prompts, known or not, so that every R_r is the one the analysis used
-                stats = subject_swap(loaded, encoded, rundir.read_table(run.staging, "heads", required=True), batch_size)
+                with sending():
+                    stats = subject_swap(loaded, encoded, rundir.read_table(run.staging, "heads", required=True),
+                                         batch_size, engine=engine or local_end_activations)
                 rundir.write_table(stats, run.staging, "subject_swap")
                 summary["subject_swap"] = swap_summary(stats)
+            if remote:  # the swap's passes included
+                summary["remote"] = {"requests": engine.requests, "bytes_back": engine.bytes_back}
             rundir.write_json(run.staging / rundir.SUMMARY, summary)
         if report:  # after the analysis is safely in place: a rendering failure cannot cost it
             write_report(out, reporter=reporter)
@@ -401,10 +402,11 @@ def import_facts(source: str | Path, format: str, out: str | Path = "facts.jsonl
 
 
 def remote_plan(model: str, dataset: str | Path | None = None, *, batch_size: int = 16, bos: bool | None = None,
-                command: str = "analyze", dtype: str | None = None):
+                command: str = "analyze", dtype: str | None = None, swap: bool = False):
     """What `analyze --remote` (or `recall --remote`) would send and get back (`remote.Plan`), from the model's
     config and tokenizer only: no weights are loaded and nothing is sent. A `dtype` the run could not honour is
-    refused here as it would be there."""
+    refused here as it would be there. `swap`: with `analyze --swap`'s two decompositions of the swapped
+    prompts (`swap.subject_swap`: every prompt of a relation with two subjects, before and after the swap)."""
     from . import remote as ndif
     from .data import encode_all, load_facts, relation_targets, shipped_dataset
     from .models import tokenizer_prepends_bos
@@ -419,20 +421,29 @@ def remote_plan(model: str, dataset: str | Path | None = None, *, batch_size: in
         return ndif.recall_plan(model, len(encoded), batch_size)
     targets = relation_targets(encoded)
     widths = [1 + sum(t != item.attribute_token for t in targets[item.fact.relation]) for item in encoded]
-    return ndif.plan(model, ndif.Shape.from_config(config), widths, batch_size)
+    shape = ndif.Shape.from_config(config)
+    plan = ndif.plan(model, shape, widths, batch_size)
+    if not swap:
+        return plan
+    from .swap import swap_subjects
+
+    swapped = swap_subjects(facts)
+    both = ndif.plan(model, shape, [w for item, w in zip(encoded, widths) if item.fact.prompt_id in swapped], batch_size)
+    return replace(plan, requests=plan.requests + 2 * both.requests, bytes_back=plan.bytes_back + 2 * both.bytes_back,
+                   note=f"with --swap's two passes over {both.prompts} prompts")
 
 
 def _before_remote(model: str, dataset: str | Path | None, dtype: str | None, batch_size: int, bos: bool | None,
-                   reporter: Reporter, command: str):
+                   reporter: Reporter, command: str, swap: bool = False):
     """What a remote `recall` or `analyze` does before the run directory is touched: every check that can refuse
-    it, and its cost plan printed. Returns the dtype it runs in and the context that turns the transport's errors
-    into one line."""
+    it, and its cost plan printed. Returns the dtype it runs in and what makes a context that turns the
+    transport's errors into one line (one per block of requests)."""
     from . import remote as ndif
 
     dtype = ndif.check_dtype(dtype)
     ndif.preflight(model, send=True)
-    reporter.warn(remote_plan(model, dataset, batch_size=batch_size, bos=bos, command=command).describe())
-    return dtype, ndif.one_line_errors()
+    reporter.warn(remote_plan(model, dataset, batch_size=batch_size, bos=bos, command=command, swap=swap).describe())
+    return dtype, ndif.one_line_errors
 
 
 def _load(model: str, dataset: str | Path | None, *, remote: bool, device: str, bos: bool | None, dtype: str | None,

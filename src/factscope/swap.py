@@ -11,10 +11,10 @@ import pandas as pd
 from .data import Encoded, Fact, encode_all
 from .decompose import decompose
 from .errors import FactscopeError
+from .forward import Engine, local_end_activations
 from .mechanisms import head_name
 from .models import LoadedModel
 from .taxonomy import CLASS_SOURCES
-
 
 
 def swap_subjects(facts: list[Fact]) -> dict[str, Fact]:
@@ -39,13 +39,15 @@ def swap_subjects(facts: list[Fact]) -> dict[str, Fact]:
     return swapped
 
 
-def subject_swap(model: LoadedModel, encoded: list[Encoded], heads: pd.DataFrame, batch_size: int = 16) -> pd.DataFrame:
+def subject_swap(model: LoadedModel, encoded: list[Encoded], heads: pd.DataFrame, batch_size: int = 16,
+                 engine: Engine = local_end_activations) -> pd.DataFrame:
     """How far each classified head's own parts move when the subject is swapped for another of the relation.
 
     heads: per-head classes (layer, head, class), e.g. DIR/heads.csv. Pass the same facts the analysis used so
     R_r is the same. Per (head, source): `rel_change` = mean |Δ DLA| / mean |DLA| over prompts × R_r and
     `corr` = mean over prompts of the correlation across R_r of the clean and swapped DLA vectors. A relation
     head's RELATION part should barely move (rel_change ≪ 1, corr ≈ 1); a subject head's SUBJECT part should.
+    `engine` runs the two decompositions' passes (`decompose.decompose`), on NDIF with `analyze --remote --swap`.
     """
     swapped = swap_subjects([item.fact for item in encoded])
     clean = [item for item in encoded if item.fact.prompt_id in swapped]
@@ -54,7 +56,7 @@ def subject_swap(model: LoadedModel, encoded: list[Encoded], heads: pd.DataFrame
     moved = encode_all([swapped[item.fact.prompt_id] for item in clean], model.tokenizer, model.prepend_bos)
     watched = _watched_parts(heads)
     before, after = (
-        _watched_values(decompose(model, items, batch_size, known_only=False).attributions, watched)
+        _watched_values(decompose(model, items, batch_size, known_only=False, engine=engine).attributions, watched)
         for items in (clean, moved)
     )
     return _swap_stats(before, after.reindex(before.index), watched)
