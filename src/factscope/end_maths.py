@@ -414,48 +414,6 @@ def end_block(
     return heads[None, :, None, None] & query_is_end[:, None, :, None] & keys[:, None, None, :]
 
 
-def scaled_noise(
-    draws: Float[torch.Tensor, "batch pos d_model"], scale: float, subject: Bool[torch.Tensor, "batch pos"]
-) -> Float[torch.Tensor, "batch pos d_model"]:
-    """Causal tracing's corruption: unit Gaussian `draws` × `scale` on the subject's positions, zero elsewhere
-    (`causal.restorations.subject_noise` here; `NnsightEngine.causal_trace` on the server, from the same draws)."""
-    return draws * scale * subject.to(draws.device)[..., None]
-
-
-def add_noise(x: Float[torch.Tensor, "batch pos d_model"],
-              noise: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos d_model"]:
-    """The corrupted embeddings: the noise (fp32) cast to the residual stream's dtype, then added, so that a bf16
-    model's blocks get bf16 (and every path adds the same numbers)."""
-    return x + noise.to(x.device, x.dtype)
-
-
-def restore_rows(
-    x: Float[torch.Tensor, "rows pos d_model"],
-    clean: Float[torch.Tensor, "batch pos d_model"],
-    prompts: Int[torch.Tensor, " rows"],
-    positions: Int[torch.Tensor, " rows"],
-) -> Float[torch.Tensor, "rows pos d_model"]:
-    """A restoration of causal tracing: row r of `x` (a corrupted state, one row per restoration) gets the clean
-    run's state of prompt `prompts[r]` at `positions[r]`, and nothing else changes."""
-    prompts, positions = prompts.to(x.device), positions.to(x.device)
-    x = x.clone()
-    x[torch.arange(len(prompts), device=x.device), positions] = clean[prompts, positions].to(x.device)
-    return x
-
-
-def restoration_estimates(
-    deltas: list[Float[torch.Tensor, "rows pos d_model"]], grads: list[Float[torch.Tensor, "rows pos d_model"]],
-    windows: list[tuple[int, int]],
-) -> Float[torch.Tensor, "layer rows pos"]:
-    """Attribution patching of one kind of causal-tracing restoration (`causal.atp`), for the local pass and the
-    nnsight session alike: per layer (clean − corrupted) · ∂p/∂state summed over d_model (`deltas`, fp32, and
-    `grads`, one per layer), then per restored window (first, last) the sum of its layers' estimates, on the first
-    layer's device (on a server the layers may sit on several GPUs)."""
-    device = deltas[0].device
-    single = torch.stack([(delta * grad.to(delta.device).float()).sum(-1).to(device) for delta, grad in zip(deltas, grads)])
-    return torch.stack([single[first : last + 1].sum(0) for first, last in windows])
-
-
 def answer_scores(
     logits: Float[torch.Tensor, "batch vocab"], answers: Int[torch.Tensor, " batch"],
     ids: Int[torch.Tensor, "batch n"] | None = None, valid: Float[torch.Tensor, "batch n"] | None = None,

@@ -23,10 +23,12 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import reduce
+from types import ModuleType
 
 import torch
 from jaxtyping import Bool, Float, Int
 
+from . import end_maths, trace_maths
 from .end_maths import rms_scale
 from .errors import FactscopeError
 from .forward import act_name
@@ -294,22 +296,22 @@ class NnsightEngine(AblateSessions):
     ) -> dict[str, torch.Tensor]:
         """One seed of causal tracing (`causal.trace.trace_effects`) in one nnsight session, so that no residual
         state leaves the server: the clean pass (its p(a), the std of the subjects' embeddings, the states to
-        restore), the corrupted pass (noise = `draws` × `noise` × that std on the subject, `end_maths.scaled_noise`;
+        restore), the corrupted pass (noise = `draws` × `noise` × that std on the subject, `trace_maths.scaled_noise`;
         `draws` are the subject positions' rows of the local draws, so both paths add the same noise), then one
         full-width pass per site and chunk of its restorations. A site is (kind, first, last) from
         `restorations.restored_blocks`: the blocks below `first` are skipped, the corrupted run's residual stream entering
         `first` standing in for what they hand on (the local passes start there), then each row gets its clean
-        state back (`end_maths.restore_rows`) at the input of block `first` (`resid`) or at the attention / MLP
+        state back (`trace_maths.restore_rows`) at the input of block `first` (`resid`) or at the attention / MLP
         output of blocks first..last. Each site has its own restorations (prompts, positions, and their chunks as
         row indices): every (prompt, position) from the subject on for the trace, the sampled cells for AtP's exact
         check. What comes back: p_clean and p_corrupt per prompt, the std, and p(a) per restoration, site after
         site."""
         import nnsight
 
-        end_maths = self._shipped_maths()
+        tracing = self._shipped_maths(trace_maths)
         self.bytes_sent += draws.numel() * draws.element_size()
-        restore, noised, score = end_maths.restore_rows, end_maths.scaled_noise, end_maths.answer_scores
-        add_noise = end_maths.add_noise
+        restore, noised, add_noise = tracing.restore_rows, tracing.scaled_noise, tracing.add_noise
+        score = self._shipped_maths().answer_scores
         # `self` stays out of the session: the block is shipped with what it names, and the server has no factscope
         lm, embed, layers, lm_head = self.lm, self.envoys["embed"], self.envoys["layers"], self.envoys["lm_head"]
         outputs = self._outputs()
@@ -375,15 +377,15 @@ class NnsightEngine(AblateSessions):
         from Σ p(a), reading each layer's residual, MLP and attention output gradients in the order the pass reaches
         them (the last layer first); for a dropped layer the gradient that goes on through its attention and MLP
         outputs is set to zero after it is read (GradDrop's cut). Each kind's estimate is
-        `end_maths.restoration_estimates` (windows: per kind and layer the layers restored); with one entry of
+        `trace_maths.restoration_estimates` (windows: per kind and layer the layers restored); with one entry of
         `drops` that estimate, with several Σ |estimate| / (L − 1). What comes back: p_clean per prompt, the std,
         p_corrupt per seed and prompt, and the estimate per seed, kind, layer and cell (`prompts`, `positions`)."""
         import nnsight
 
-        end_maths = self._shipped_maths()
+        tracing = self._shipped_maths(trace_maths)
         self.bytes_sent += sum(d.numel() * d.element_size() for d in draws)
-        estimate_of, noised, score, add_noise = (end_maths.restoration_estimates, end_maths.scaled_noise,
-                                                 end_maths.answer_scores, end_maths.add_noise)
+        estimate_of, noised, add_noise = tracing.restoration_estimates, tracing.scaled_noise, tracing.add_noise
+        score = self._shipped_maths().answer_scores
         lm, embed, layers, lm_head = self.lm, self.envoys["embed"], self.envoys["layers"], self.envoys["lm_head"]
         outputs = self._outputs()
         tokens, mask, ends, answers = batch.tokens.cpu(), batch.mask.cpu(), batch.ends.cpu(), batch.answers.cpu()
@@ -474,16 +476,14 @@ class NnsightEngine(AblateSessions):
             out.update(reduce(got, lens, **args))
         return self._received(model, out)
 
-    def _shipped_maths(self):
-        """`end_maths`, registered to be pickled by value on a remote run: the server has torch and nnsight, not
-        factscope, and the traced blocks call its functions."""
+    def _shipped_maths(self, module: ModuleType = end_maths) -> ModuleType:
+        """`module` (`end_maths`, or `trace_maths` for causal tracing's sessions), registered to be pickled by value on
+        a remote run: the server has torch and nnsight, not factscope, and the traced blocks call its functions."""
         import cloudpickle
 
-        from . import end_maths
-
         if self.remote:
-            cloudpickle.register_pickle_by_value(end_maths)
-        return end_maths
+            cloudpickle.register_pickle_by_value(module)
+        return module
 
     def layer_envoys(self) -> tuple[list, ...]:
         """Per layer, the envoys of `_LAYER_MODULES` (v_proj, o_proj, attention, MLP output, attention post-norm;

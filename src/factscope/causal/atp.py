@@ -44,7 +44,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 
 from ..data import Encoded
-from ..end_maths import add_noise, restoration_estimates
+from ..trace_maths import add_noise, restoration_estimates
 from ..forward import Batch, act_name, make_batch
 from ..models import LoadedModel
 from ..errors import FactscopeError

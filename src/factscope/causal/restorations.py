@@ -13,7 +13,7 @@ import torch
 from jaxtyping import Float, Int
 
 from ..data import Encoded
-from ..end_maths import scaled_noise
+from ..trace_maths import scaled_noise
 from ..forward import Batch
 from .sites import layer_window
 

@@ -49,7 +49,7 @@ from jaxtyping import Bool, Float, Int
 
 from .. import bootstrap
 from ..data import Encoded
-from ..end_maths import add_noise, restore_rows
+from ..trace_maths import add_noise, restore_rows
 from ..errors import FactscopeError
 from ..forward import Batch, act_name, capture, end_logits, make_batch
 from ..models import LoadedModel
