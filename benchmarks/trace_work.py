@@ -1,20 +1,23 @@
-"""How much work each exact trace implementation does, counted rather than timed: token-blocks (one token
-through one transformer block) of every restoration pass for one noise draw, from the prompts' lengths and subject
-positions alone (no forward pass is run).
+"""How much work each exact trace implementation does, counted rather than timed, for one noise draw, from the
+prompts' lengths and subject positions alone (no forward pass is run): token-blocks (one token through one
+transformer block) and block reads (one pass through one block, which reads that block's weights once whatever its
+rows: on a CPU ~3 ms for SmolLM2, the cost of ~32 tokens, `trace.PASS_COST`).
 
     python benchmarks/trace_work.py [--model smollm2-135m] [--prompts 12,24,108]
 
 - former: `trace_effects(kv_cache=False)` — per (kind, layer) the rows in chunks (`restoration_chunks`), each row
   at its chunk's width, from the first block the restoration changes (`restored_blocks`);
-- new: the default — rows that resume at the same block share passes (`_passes`), each row from its restored
-  position to END, padded to its pass's longest.
-Both unembed every row once (the same in both, not counted). The ratio former/new bounds what the new
-implementation can gain at equal speed per token-block.
+- new: the default — the rows of every (kind, layer) in shared passes (`_passes`), each row from its restored
+  position to END, padded to its pass's longest, joining the pass at its own first block.
+Both unembed every row once (the same in both, not counted). The ratios former/new bound what the new
+implementation can gain at equal speed per token-block and per block read.
 """
 
 from __future__ import annotations
 
 import argparse
+
+import torch
 
 from factscope.causal.restorations import restoration_chunks, restored_blocks, trace_rows
 from factscope.causal.scores import known_facts, spread
@@ -24,13 +27,14 @@ from factscope.forward import make_batch
 from factscope.models import load_model
 
 
-def token_blocks(model, encoded, max_rows: int = 1024) -> tuple[int, int, int]:
-    """(former, new, rows): the token-blocks of one draw's restoration passes, and how many rows they restore."""
+def work(model, encoded, max_rows: int = 1024) -> dict[str, int]:
+    """One draw's restoration passes: token-blocks and block reads of each implementation, and the rows restored."""
     n_layers = model.cfg.n_layers
     batch = make_batch(model, encoded)
     rows = trace_rows(batch)
     tails = batch.ends[rows.prompts] - rows.positions
-    former, starts = 0, []
+    counts = dict.fromkeys(("former_tokens", "former_reads", "new_tokens", "new_reads"), 0)
+    starts = []
     for kind in TRACE_KINDS:
         for layer in range(n_layers):
             if kind == "resid" and layer == n_layers - 1:  # no pass (`last_resid`)
@@ -38,13 +42,14 @@ def token_blocks(model, encoded, max_rows: int = 1024) -> tuple[int, int, int]:
             first = restored_blocks(kind, layer, WINDOW, n_layers)[0]
             starts.append(first)
             for chunk in restoration_chunks(batch, rows, max_rows):
-                former += len(chunk) * (int(batch.ends[rows.prompts[chunk]].max()) + 1) * (n_layers - first)
-    new = 0
-    for first in sorted(set(starts)):
-        shared = tails.repeat(starts.count(first))
-        for chunk in _passes(shared, max_rows):
-            new += len(chunk) * (int(shared[chunk].max()) + 1) * (n_layers - first)
-    return former, new, len(rows.prompts)
+                counts["former_tokens"] += len(chunk) * (int(batch.ends[rows.prompts[chunk]].max()) + 1) * (n_layers - first)
+                counts["former_reads"] += n_layers - first
+    blocks = n_layers - torch.tensor(starts).repeat_interleave(len(tails))
+    shared = tails.repeat(len(starts))
+    for chunk in _passes(shared, blocks, max_rows):
+        counts["new_tokens"] += (int(shared[chunk].max()) + 1) * int(blocks[chunk].sum())
+        counts["new_reads"] += int(blocks[chunk].max())
+    return {**counts, "rows": len(shared)}
 
 
 def main() -> None:
@@ -56,9 +61,10 @@ def main() -> None:
     known = known_facts(model, encode_all(load_facts(), model.tokenizer, model.prepend_bos))
     for count in (int(n) for n in args.prompts.split(",")):
         encoded = spread(known, count)
-        former, new, rows = token_blocks(model, encoded)
-        print(f"{len(encoded)} prompts, {rows} rows: former {former:,} token-blocks, new {new:,}, "
-              f"former/new={former / new:.2f}")
+        counted = work(model, encoded)
+        print(f"{len(encoded)} prompts, {counted['rows']:,} rows: token-blocks former {counted['former_tokens']:,}, "
+              f"new {counted['new_tokens']:,} (former/new={counted['former_tokens'] / counted['new_tokens']:.2f}); "
+              f"block reads former {counted['former_reads']:,}, new {counted['new_reads']:,}")
 
 
 if __name__ == "__main__":

@@ -142,12 +142,15 @@ def test_cached_restorations_keep_each_layers_attention_type_and_sliding_window(
 
 @pytest.mark.parametrize("max_rows", [1, 5, 1024])
 def test_passes_cover_every_row_once(max_rows):
-    """Every restoration is in exactly one pass, no pass holds more than `max_rows` rows, and rows of one tail
-    length are never split without need (a cut costs a pass)."""
+    """Every restoration is in exactly one pass, no pass holds more than `max_rows` rows, rows that run fewer blocks
+    come first within a pass's tail group, and rows of one tail length are never split without need (a cut costs a
+    pass)."""
     tails = torch.tensor([0, 7, 3, 3, 7, 1, 0, 2, 7, 3, 5, 5, 0])
-    passes = _passes(tails, max_rows)
+    blocks = torch.tensor([4, 1, 4, 2, 3, 4, 1, 2, 4, 4, 3, 1, 2])
+    passes = _passes(tails, blocks, max_rows)
     assert sorted(torch.cat(passes).tolist()) == list(range(len(tails)))
     assert all(0 < len(chunk) <= max_rows for chunk in passes)
+    assert all(bool((blocks[chunk].diff() >= 0).all()) for chunk in passes)
     if max_rows == 1024:
         for length in tails.unique().tolist():
             assert sum(bool((tails[chunk] == length).any()) for chunk in passes) == 1

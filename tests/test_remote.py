@@ -926,7 +926,13 @@ def test_trace_atp_check_through_the_engine(model_dirs, family, remote):
                           graddrop=True, d_model=model.cfg.d_model)
     pd.testing.assert_frame_equal(tables["atp_trace"], local["atp_trace"], check_exact=False, rtol=0, atol=1e-6)
     assert list(tables["atp_agreement"]["estimator"].unique()) == ["atp", "graddrop"]
-    pd.testing.assert_frame_equal(tables["atp_agreement"], local["atp_agreement"], check_exact=False, rtol=1e-4)
+    # Spearman ranks a tiny random model's near-zero exact effects, whose order moves with float rounding (the
+    # engine's exact passes are full width, the local ones resumed): it gets an absolute tolerance
+    ranks = ["spearman"]
+    pd.testing.assert_frame_equal(tables["atp_agreement"].drop(columns=ranks), local["atp_agreement"].drop(columns=ranks),
+                                  check_exact=False, rtol=1e-4)
+    pd.testing.assert_frame_equal(tables["atp_agreement"][ranks], local["atp_agreement"][ranks], check_exact=False,
+                                  rtol=0, atol=1e-3)
     estimates = [atp.atp_trace(model, encoded, seeds=seeds, window=2, graddrop=graddrop) for graddrop in (False, True)]
     restorable = atp._restorable(make_batch(model, encoded))
     samples = [atp.sample_cells(e.effects.mean(0), restorable) for e in estimates]

@@ -45,7 +45,7 @@ from jaxtyping import Bool, Float, Int
 
 from ..data import Encoded
 from ..trace_maths import add_noise, restoration_estimates
-from ..forward import Batch, act_name, make_batch
+from ..forward import Batch, act_name, make_batch, unembed
 from ..models import LoadedModel
 from ..errors import FactscopeError
 from .check import CausalCheck
@@ -247,7 +247,7 @@ def _corrupted_run(model: LoadedModel, batch: Batch, rows: Int[torch.Tensor, " r
     with torch.enable_grad(), _bridge_reads_cache(model.bridge, cache is not None):
         normed = model.bridge.run_with_hooks(batch.tokens[rows[:, None], at], attention_mask=torch.cat([cached, computed], 1).long(),
                                              fwd_hooks=hooks, position_ids=at, **extra)
-        p = (normed @ model.W_U + model.b_U).float().softmax(-1)[local, batch.answers[rows]]
+        p = unembed(model, normed).softmax(-1)[local, batch.answers[rows]]
 
     def backward(layer: int | None) -> dict:
         dropped.layer = layer

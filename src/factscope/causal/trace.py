@@ -24,14 +24,14 @@ Bookkeeping, as ROME's `read_knowlege` (experiments/causal_trace.py):
 Speed: a restoration at (layer, position i) cannot change anything below the first block it touches (the pass
 resumes there) or at positions before i (causal attention). With `kv_cache` (the default) each row is computed only
 from that block and from position i to END: the corrupted run's keys and values of positions < i, at every layer,
-go in as a key/value cache. Rows of every (kind, layer) that resume at the same block share passes, whatever their
-restored position: each row's cache is padded on the left to the longest prefix (the padding masked, its attention
-weight exactly zero) so that every row's position i is the pass's first, and each row has its own position ids; rows
-are grouped by how many positions they run, cut where padding would cost more than a pass (`_passes`).
+go in as a key/value cache. Rows of every (kind, layer) share passes, whatever their restored position and first
+block: each row's cache is padded on the left to the longest prefix (the padding masked, its attention weight
+exactly zero) so that every row's position i is the pass's first, each row has its own position ids, and a row joins
+the pass at its own first block (`_resume`): a block runs only the rows that have joined, so a pass reads each
+block's weights once for all its rows — on a CPU that read, not the rows' tokens, is most of a small pass's cost.
+Rows are grouped by how many positions they run, cut where padding would cost more than a pass (`_passes`).
 `kv_cache=False` is the former implementation (every row the prompt's full width, one pass per (kind, layer)), kept
-as the reference the benchmark and the tests compare against. What is left to save is small (BENCHMARKS.md): the
-work a row does is ~40% of the former's on SmolLM2's 7–11-token prompts, so at equal speed per token the ratio stays
-below 2.5×.
+as the reference the benchmark and the tests compare against. `benchmarks/trace_work.py` counts both's work.
 
 The `trace` command's check — exact patching, attribution patching or both — is `atp.CHECK`.
 """
@@ -297,82 +297,107 @@ def _restored_probs_cached(
     max_rows: int, progress: Progress = None,
 ) -> list[Float[torch.Tensor, " rows"]]:
     """`_restored_probs` of every (kind, layer, rows) job, computing only what a restoration can change: each row from
-    its job's first changed block (`restored_blocks`) and from its restored position on (`_resume`). Rows of every job with the
-    same first block share passes, whatever their kind, layer and position (`_passes`); a job ticks `progress` when
-    its rows are done."""
+    its job's first changed block (`restored_blocks`) and from its restored position on (`_resume`). Rows of every job
+    share passes, whatever their kind, layer, position and first block (`_passes`); `progress` ticks once per job's
+    worth of rows done."""
     n_layers = model.cfg.n_layers
     clean, p_corrupt = states.clean, states.p_corrupt
     out = [torch.empty(len(rows.prompts), device=batch.tokens.device) for _, _, rows in jobs]
-    by_start: dict[int, list[int]] = {}
+    passing = []
     for j, (kind, layer, rows) in enumerate(jobs):
         if kind == "resid" and layer == n_layers - 1:
             out[j] = last_resid(batch, rows, clean["p"], p_corrupt)
             tick(progress)
         else:
-            by_start.setdefault(restored_blocks(kind, layer, window, n_layers)[0], []).append(j)
-    for start, members in sorted(by_start.items()):
-        job = torch.cat([torch.full((len(jobs[j][2].prompts),), j) for j in members])
-        row = torch.cat([torch.arange(len(jobs[j][2].prompts)) for j in members])
-        prompts = torch.cat([jobs[j][2].prompts for j in members])
-        positions = torch.cat([jobs[j][2].positions for j in members])
-        for chunk in _passes((batch.ends[prompts] - positions).cpu(), max_rows):
-            p, i, chunk_jobs = prompts[chunk], positions[chunk], job[chunk]
-            resid = _corrupted_tails(states, start, batch, p, i)
-            is_resid = torch.tensor([jobs[j][0] == "resid" for j in chunk_jobs.tolist()], device=p.device)
-            if is_resid.any():  # restored residuals enter block `start`: they are the state after block start − 1
-                resid[is_resid, 0] = clean[act_name("resid_post", start - 1)][p[is_resid], i[is_resid]]
-            hooks = []
-            for kind in ("attn", "mlp"):
-                windows = {j: restored_blocks(kind, jobs[j][1], window, n_layers) for j in members if jobs[j][0] == kind}
-                for layer in range(start, n_layers):
-                    covered = [j for j, (first, last) in windows.items() if first <= layer <= last]
-                    local = torch.nonzero(torch.isin(chunk_jobs, torch.tensor(covered, dtype=torch.long))).flatten()
-                    if len(local):
-                        name = act_name(_RESTORED[kind], layer)
-                        local = local.to(p.device)
-                        hooks.append((name, _restore_first(local, clean[name][p[local], i[local]])))
-            logits = _resume(model, batch, states, p, i, resid, start, hooks)
-            probs = logits.softmax(-1)[torch.arange(len(chunk), device=p.device), batch.answers[p]]
-            for j in members:
-                mine = chunk_jobs == j
-                out[j][row[chunk][mine].to(p.device)] = probs[mine.to(p.device)]
-        for _ in members:
+            passing.append(j)
+    if not passing:
+        return out
+    sizes = [len(jobs[j][2].prompts) for j in passing]
+
+    def per_row(values) -> Int[torch.Tensor, " rows"]:
+        return torch.cat([torch.full((n,), value) for value, n in zip(values, sizes)])
+
+    windows = [restored_blocks(jobs[j][0], jobs[j][1], window, n_layers) for j in passing]
+    job, starts, lasts = per_row(passing), per_row([w[0] for w in windows]), per_row([w[1] for w in windows])
+    kinds = per_row([TRACE_KINDS.index(jobs[j][0]) for j in passing])
+    row = torch.cat([torch.arange(n) for n in sizes])
+    prompts = torch.cat([jobs[j][2].prompts for j in passing])
+    positions = torch.cat([jobs[j][2].positions for j in passing])
+    done, ticked = 0, 0
+    for chunk in _passes((batch.ends[prompts] - positions).cpu(), n_layers - starts, max_rows):
+        chunk = chunk[torch.argsort(starts[chunk], stable=True)]  # `_resume` takes its rows in the order they join
+        p, i, first = prompts[chunk], positions[chunk], starts[chunk]
+        resid = _corrupted_tails(states, first, batch, p, i)
+        for start in first[kinds[chunk] == TRACE_KINDS.index("resid")].unique().tolist():
+            # restored residuals enter block `start`: they are the state after block start − 1
+            local = torch.nonzero((first == start) & (kinds[chunk] == TRACE_KINDS.index("resid"))).flatten().to(p.device)
+            resid[local, 0] = clean[act_name("resid_post", start - 1)][p[local], i[local]]
+        hooks = []
+        for kind in ("attn", "mlp"):
+            for layer in range(int(first.min()), n_layers):
+                covered = (kinds[chunk] == TRACE_KINDS.index(kind)) & (first <= layer) & (lasts[chunk] >= layer)
+                local = torch.nonzero(covered).flatten().to(p.device)
+                if len(local):
+                    name = act_name(_RESTORED[kind], layer)
+                    hooks.append((name, _restore_first(local, clean[name][p[local], i[local]])))
+        logits = _resume(model, batch, states, p, i, resid, first, hooks)
+        probs = logits.softmax(-1)[torch.arange(len(chunk), device=p.device), batch.answers[p]]
+        chunk_jobs, chunk_rows = job[chunk], row[chunk]
+        for j in chunk_jobs.unique().tolist():
+            mine = chunk_jobs == j
+            out[j][chunk_rows[mine].to(p.device)] = probs[mine.to(p.device)]
+        done += len(chunk)
+        for _ in range(done * len(passing) // len(job) - ticked):
             tick(progress)
+        ticked = done * len(passing) // len(job)
     return out
 
 
-# A pass's own cost (the bridge's work per call and per block), in token positions: on SmolLM2 on a CPU a pass
-# costs about 3 ms per block beyond its tokens, and a token about 0.09 ms, so ~32 positions (profiled at bc3d5b3).
+# A pass's own cost per block it runs, in token-blocks: the block's weights are read once per pass whatever its
+# rows, which on SmolLM2 on a CPU costs about 3 ms, and a token about 0.09 ms, so ~32 tokens (profiled at bc3d5b3).
 PASS_COST = 32
 
 
-def _passes(tails: Int[torch.Tensor, " rows"], max_rows: int) -> list[Int[torch.Tensor, " rows"]]:
-    """Rows (their number of positions after the restored one) grouped into passes. A pass costs `PASS_COST` plus
-    its rows × its longest tail (the shorter ones are padded): the rows, longest tail first, are cut between tails
-    where that is cheapest (a small dynamic programme over the distinct tails), then into chunks of `max_rows`."""
-    order = torch.argsort(tails, descending=True, stable=True)
-    ordered = tails[order].tolist()
+def _passes(tails: Int[torch.Tensor, " rows"], blocks: Int[torch.Tensor, " rows"], max_rows: int
+            ) -> list[Int[torch.Tensor, " rows"]]:
+    """Rows (their number of positions after the restored one, and how many blocks they run) grouped into passes.
+    A pass costs `PASS_COST` per block it runs (its rows' most) plus each row's blocks × the pass's longest tail
+    (the shorter ones are padded): the rows, longest tail first, are cut between tails where that is cheapest (a
+    small dynamic programme over the distinct tails), then into chunks of `max_rows`, rows that run fewer blocks
+    together."""
+    order = torch.argsort(tails * (int(blocks.max()) + 1) + blocks, descending=True, stable=True)
+    ordered, depth = tails[order].tolist(), blocks[order]
     bounds = [k for k in range(len(ordered)) if k == 0 or ordered[k] != ordered[k - 1]] + [len(ordered)]
     best, cut = [0.0] + [float("inf")] * (len(bounds) - 1), [0] * len(bounds)
     for m in range(1, len(bounds)):
         for k in range(m):
-            rows = bounds[m] - bounds[k]
-            cost = best[k] + PASS_COST * -(-rows // max_rows) + rows * (ordered[bounds[k]] + 1)
+            segment = depth[bounds[k] : bounds[m]]
+            cost = (best[k] + PASS_COST * int(segment.max()) * -(-len(segment) // max_rows)
+                    + int(segment.sum()) * (ordered[bounds[k]] + 1))
             if cost < best[m]:
                 best[m], cut[m] = cost, k
     segments, m = [], len(bounds) - 1
     while m:
-        segments.append(order[bounds[cut[m]] : bounds[m]])
+        segment = order[bounds[cut[m]] : bounds[m]]
+        segments.append(segment[torch.argsort(blocks[segment], stable=True)])
         m = cut[m]
     return [chunk for segment in reversed(segments) for chunk in segment.split(max_rows)]
 
 
 def _corrupted_tails(
-    states: States, start: int, batch: Batch, prompts: Int[torch.Tensor, " rows"], positions: Int[torch.Tensor, " rows"]
+    states: States, start: int | Int[torch.Tensor, " rows"], batch: Batch, prompts: Int[torch.Tensor, " rows"],
+    positions: Int[torch.Tensor, " rows"],
 ) -> Float[torch.Tensor, "rows pos d_model"]:
-    """The corrupted residual stream entering block `start` of each row's prompt, from its position on to its END
-    (then padding, to the longest)."""
-    return states.corrupt_pre[start][prompts[:, None], _tail_positions(batch, prompts, positions)]
+    """The corrupted residual stream entering block `start` (or each row's own `start[row]`) of each row's prompt,
+    from its position on to its END (then padding, to the longest)."""
+    at = _tail_positions(batch, prompts, positions)
+    if isinstance(start, int):
+        return states.corrupt_pre[start][prompts[:, None], at]
+    tails = states.corrupt_pre[0].new_empty((*at.shape, states.corrupt_pre[0].shape[-1]))
+    for block in start.unique().tolist():
+        rows = torch.nonzero(start == block).flatten().to(prompts.device)
+        tails[rows] = states.corrupt_pre[block][prompts[rows, None], at[rows]]
+    return tails
 
 
 def _tail_positions(batch: Batch, prompts: Int[torch.Tensor, " rows"], positions: Int[torch.Tensor, " rows"]) -> Int[torch.Tensor, "rows pos"]:
@@ -384,27 +409,74 @@ def _tail_positions(batch: Batch, prompts: Int[torch.Tensor, " rows"], positions
 
 def _resume(
     model: LoadedModel, batch: Batch, states: States, prompts: Int[torch.Tensor, " rows"], positions: Int[torch.Tensor, " rows"],
-    resid: Float[torch.Tensor, "rows pos d_model"], start: int, hooks: Sequence,
+    resid: Float[torch.Tensor, "rows pos d_model"], start: int | Int[torch.Tensor, " rows"], hooks: Sequence,
 ) -> Float[torch.Tensor, "rows vocab"]:
-    """END logits of a pass that resumes `states`' run at block `start` and, on each row, at `positions[row]` of its
-    prompt: `resid` is what enters block `start` at the row's positions from there to END, the earlier positions
-    are the run's keys and values (`_left_padded_cache`), every row with its own position ids."""
+    """END logits of a pass that resumes `states`' run at block `start` (or each row at its own block `start[row]`,
+    the rows in that order) and, on each row, at `positions[row]` of its prompt: `resid` is what enters the row's
+    first block at its positions from there to END, the earlier positions are the run's keys and values
+    (`_left_padded_cache`), every row with its own position ids.
+
+    A row joins the pass at its own block: each block runs only the rows that have joined (`_joined_rows`), so rows
+    that resume at different blocks share each block's weight reads — on a CPU the cost of a pass's block beyond
+    its tokens (`PASS_COST`) — and no row runs a block below its own."""
     at = _tail_positions(batch, prompts, positions)
     computed = torch.arange(at.shape[1], device=at.device) <= (batch.ends[prompts] - positions)[:, None]
-    cache, cached = _left_padded_cache(states.kv, prompts, positions)
+    starts = torch.as_tensor(start).expand(len(prompts)).cpu()
+    first = int(starts.min())
+    joined = [int((starts <= block).sum()) for block in range(model.cfg.n_layers)]  # the first joined[b] rows run block b
+    cache, cached = _left_padded_cache(states.kv, prompts, positions, joined)
     mask = torch.cat([cached, computed], 1).long()
-    with _bridge_reads_cache(model.bridge):
-        return end_logits(model, None, mask, batch.ends[prompts] - positions, hooks, resid=resid, start=start,
+    joins = [(act_name("resid_pre", block), _join(resid, joined[block - 1] if block > first else 0, joined[block]))
+             for block in range(first, model.cfg.n_layers)
+             if (joined[block] < len(prompts) if block == first else joined[block] > joined[block - 1])]
+    with _bridge_reads_cache(model.bridge), _joined_rows(model.bridge, joined):
+        return end_logits(model, None, mask, batch.ends[prompts] - positions, [*joins, *hooks], resid=resid, start=first,
                           past_key_values=cache, position_ids=at)
 
 
+def _join(resid: Float[torch.Tensor, "rows pos d_model"], running: int, joined: int):
+    """At a block's input: the rows already running (the first `running`; at the pass's first block, `resid` itself
+    comes in), then those that join here, as they enter."""
+    return lambda x, hook: torch.cat([x[:running], resid[running:joined]])
+
+
+@contextmanager
+def _joined_rows(bridge, joined: Sequence[int]):
+    """Each block b runs the first `joined[b]` rows of the pass only: the model computes its per-row inputs to every
+    block (attention mask, rotary position embeddings, position ids) for all the pass's rows at once, so they are
+    cut to the rows that have joined on the way into each block that runs fewer."""
+    rows = joined[-1]
+
+    def cut(n: int):
+        def take(value):
+            if isinstance(value, torch.Tensor) and value.ndim >= 2 and value.shape[0] == rows:
+                return value[:n]
+            if isinstance(value, tuple):
+                return tuple(take(v) for v in value)
+            return value
+
+        def pre(module, args, kwargs):  # args[0], the block's hidden states, come already cut (`_join`)
+            return (args[0], *(take(a) for a in args[1:])), {name: take(value) for name, value in kwargs.items()}
+
+        return pre
+
+    handles = [block.register_forward_pre_hook(cut(n), with_kwargs=True)
+               for block, n in zip(bridge.blocks, joined) if 0 < n < rows]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _left_padded_cache(kv: list[tuple[torch.Tensor, torch.Tensor]], prompts: Int[torch.Tensor, " rows"],
-                       positions: Int[torch.Tensor, " rows"]) -> tuple[object, Bool[torch.Tensor, "rows prefix"]]:
+                       positions: Int[torch.Tensor, " rows"], joined: Sequence[int] | None = None
+                       ) -> tuple[object, Bool[torch.Tensor, "rows prefix"]]:
     """The run's keys and values of each row's positions < `positions[row]`, as one fresh cache (a pass extends the
     cache it is given; None for an empty one) of the longest such prefix: shorter ones are padded on the left, so
     that every row's next position is the cache's next index and the distances between real positions are kept
-    (sliding-window masks count them by index). Also which entries are real: the padding is masked, its attention
-    weight exactly zero."""
+    (sliding-window masks count them by index). With `joined`, layer b holds the first `joined[b]` rows only (those
+    that run it, `_resume`). Also which entries are real: the padding is masked, its attention weight exactly zero."""
     from transformers import DynamicCache
 
     length = int(positions.max())
@@ -415,8 +487,12 @@ def _left_padded_cache(kv: list[tuple[torch.Tensor, torch.Tensor]], prompts: Int
     cache = DynamicCache()
     index = source.clamp(min=0)
     for layer, (keys, values) in enumerate(kv):
+        # a layer no row runs holds one row: the model's masks read the prefix's length off the first layer's
+        # keys, and an empty tensor reads as no prefix
+        n = len(prompts) if joined is None else max(joined[layer], 1)
         # [rows, prefix, kv_head, d_head] (the advanced indices come first) → [rows, kv_head, prefix, d_head]
-        cache.update(keys[prompts[:, None], :, index].transpose(1, 2), values[prompts[:, None], :, index].transpose(1, 2), layer)
+        cache.update(keys[prompts[:n, None], :, index[:n]].transpose(1, 2),
+                     values[prompts[:n, None], :, index[:n]].transpose(1, 2), layer)
     return cache, real
 
 
