@@ -1,13 +1,13 @@
 """How much work each exact trace implementation does, counted rather than timed, for one noise draw, from the
 prompts' lengths and subject positions alone (no forward pass is run): token-blocks (one token through one
 transformer block) and block reads (one pass through one block, which reads that block's weights once whatever its
-rows: on a CPU ~3 ms for SmolLM2, the cost of ~32 tokens, `trace.PASS_COST`).
+rows: on a CPU ~3 ms for SmolLM2, the cost of ~32 tokens, `resume.PASS_COST`).
 
     python benchmarks/trace_work.py [--model smollm2-135m] [--prompts 12,24,108]
 
 - former: `trace_effects(kv_cache=False)` — per (kind, layer) the rows in chunks (`restoration_chunks`), each row
   at its chunk's width, from the first block the restoration changes (`restored_blocks`);
-- new: the default — the rows of every (kind, layer) in shared passes (`_passes`), each row from its restored
+- new: the default — the rows of every (kind, layer) in shared passes (`resume.shared_passes`), each row from its restored
   position to END, padded to its pass's longest, joining the pass at its own first block.
 Both unembed every row once (the same in both, not counted). The ratios former/new bound what the new
 implementation can gain at equal speed per token-block and per block read.
@@ -21,7 +21,8 @@ import torch
 
 from factscope.causal.restorations import restoration_chunks, restored_blocks, trace_rows
 from factscope.causal.scores import known_facts, spread
-from factscope.causal.trace import TRACE_KINDS, WINDOW, _passes
+from factscope.causal.resume import shared_passes
+from factscope.causal.trace import TRACE_KINDS, WINDOW
 from factscope.data import encode_all, load_facts
 from factscope.forward import make_batch
 from factscope.models import load_model
@@ -46,7 +47,7 @@ def work(model, encoded, max_rows: int = 1024) -> dict[str, int]:
                 counts["former_reads"] += n_layers - first
     blocks = n_layers - torch.tensor(starts).repeat_interleave(len(tails))
     shared = tails.repeat(len(starts))
-    for chunk in _passes(shared, blocks, max_rows):
+    for chunk in shared_passes(shared, blocks, max_rows):
         counts["new_tokens"] += (int(shared[chunk].max()) + 1) * int(blocks[chunk].sum())
         counts["new_reads"] += int(blocks[chunk].max())
     return {**counts, "rows": len(shared)}

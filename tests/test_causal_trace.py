@@ -11,8 +11,9 @@ import torch
 from causal_helpers import tiny
 
 from factscope.causal.sites import layer_window
+from factscope.causal.resume import shared_passes
 from factscope.causal.trace import (
-    TraceEffects, _passes, sem_at_draws, subject_noise, trace_effects, trace_labels, trace_passes, trace_peaks, trace_summary,
+    TraceEffects, sem_at_draws, subject_noise, trace_effects, trace_labels, trace_passes, trace_peaks, trace_summary,
     trace_table,
 )
 from factscope.data import encode
@@ -147,7 +148,7 @@ def test_passes_cover_every_row_once(max_rows):
     pass)."""
     tails = torch.tensor([0, 7, 3, 3, 7, 1, 0, 2, 7, 3, 5, 5, 0])
     blocks = torch.tensor([4, 1, 4, 2, 3, 4, 1, 2, 4, 4, 3, 1, 2])
-    passes = _passes(tails, blocks, max_rows)
+    passes = shared_passes(tails, blocks, max_rows)
     assert sorted(torch.cat(passes).tolist()) == list(range(len(tails)))
     assert all(0 < len(chunk) <= max_rows for chunk in passes)
     assert all(bool((blocks[chunk].diff() >= 0).all()) for chunk in passes)

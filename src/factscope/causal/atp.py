@@ -54,10 +54,10 @@ from .restorations import (
     Restorations, engine_restorations, known_cells, noise_draws, restoration_session_cost, restored_layers,
     subject_noise, trace_rows,
 )
+from .resume import bridge_reads_cache, left_padded_cache, tail_positions
 from .trace import (
-    _RESTORED, NOISE, SEEDS, TRACE_KINDS, WINDOW, TraceEffects, _bridge_reads_cache, _clean_states, _corrupted_states,
-    _left_padded_cache, _restored_probs_cached, _tail_positions, trace_effects, trace_passes, trace_peaks,
-    trace_remote_cost, trace_summary, trace_table,
+    _RESTORED, NOISE, SEEDS, TRACE_KINDS, WINDOW, TraceEffects, _clean_states, _corrupted_states,
+    _restored_probs_cached, trace_effects, trace_passes, trace_peaks, trace_remote_cost, trace_summary, trace_table,
 )
 
 THRESHOLD = 0.05  # a restoration effect (in p) that a false negative misses
@@ -204,7 +204,7 @@ class _CorruptedRun:
 def _corrupted_run(model: LoadedModel, batch: Batch, rows: Int[torch.Tensor, " rows"], firsts: Int[torch.Tensor, " rows"],
                    noise: Float[torch.Tensor, "batch pos d_model"], clean_kv: list, names: list[str]) -> _CorruptedRun:
     """The corrupted run of `rows`, recorded once. Positions before a prompt's first subject token cannot see the
-    noise, so they are the clean run's: they enter as its keys and values (`trace._left_padded_cache`, each row
+    noise, so they are the clean run's: they enter as its keys and values (`resume.left_padded_cache`, each row
     with its own position ids) and only the subject to END is computed — on the shipped prompts 59% of the tokens
     (SmolLM2's 108 known facts). A restoration there changes nothing, so no gradient is lost. The activations are
     taken after the gates, so a gate never drops its own site's gradient, only the paths from a site through the
@@ -212,10 +212,10 @@ def _corrupted_run(model: LoadedModel, batch: Batch, rows: Int[torch.Tensor, " r
     from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
     store: dict = {}
-    at = _tail_positions(batch, rows, firsts)
+    at = tail_positions(batch, rows, firsts)
     tails = batch.ends[rows] - firsts
     computed = torch.arange(at.shape[1], device=at.device) <= tails[:, None]
-    cache, cached = _left_padded_cache(clean_kv, rows, firsts)
+    cache, cached = left_padded_cache(clean_kv, rows, firsts)
     local = torch.arange(len(rows), device=at.device)
     dropped = _Dropped()
 
@@ -244,7 +244,7 @@ def _corrupted_run(model: LoadedModel, batch: Batch, rows: Int[torch.Tensor, " r
     hooks = [(act_name("embed"), corrupt), *((name, gate(layer, name)) for name, layer in gated.items()),
              *((name, keep(name)) for name in names if name not in gated), (act_name("final_out"), stop)]
     extra = {} if cache is None else {"past_key_values": cache}
-    with torch.enable_grad(), _bridge_reads_cache(model.bridge, cache is not None):
+    with torch.enable_grad(), bridge_reads_cache(model.bridge, cache is not None):
         normed = model.bridge.run_with_hooks(batch.tokens[rows[:, None], at], attention_mask=torch.cat([cached, computed], 1).long(),
                                              fwd_hooks=hooks, position_ids=at, **extra)
         p = unembed(model, normed).softmax(-1)[local, batch.answers[rows]]

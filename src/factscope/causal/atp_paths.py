@@ -47,7 +47,8 @@ from .ablation import MODE, ablated_logits
 from .check import CausalCheck
 from .edits import Editor, Record, edit_hooks
 from .scores import Progress, as_numpy, other_targets, scores, tick
-from .trace import _corrupted_states, _corrupted_tails, _resume
+from .resume import corrupted_tails, resume
+from .trace import _corrupted_states
 from .sites import HeadPath, MlpPath, PathSpec, parse
 
 THRESHOLD = 0.25  # a drop of a − mean(R∖a) (logits) on one prompt that a false negative misses
@@ -298,7 +299,7 @@ def _removal(keep: "_Probe", kind: str, layer: int, head: int, mode: str) -> Flo
 def _ablated_at_end(model: LoadedModel, batch: Batch, states, layer: int, change: Float[torch.Tensor, "path batch d_model"],
                     is_mlp: Bool[torch.Tensor, " path"], others, max_rows: int) -> Float[torch.Tensor, "path batch"]:
     """a − mean(R∖a) with `change[path]` added at END to layer `layer`'s attention output (head paths) or MLP
-    output (MLPs), one row per (path, prompt), END alone from block `layer` on (`trace._resume`)."""
+    output (MLPs), one row per (path, prompt), END alone from block `layer` on (`resume.resume`)."""
     n_paths, n = change.shape[:2]
     path_index, prompt = torch.meshgrid(torch.arange(n_paths), torch.arange(n), indexing="ij")
     path_index, prompt = path_index.flatten(), prompt.flatten()
@@ -312,7 +313,7 @@ def _ablated_at_end(model: LoadedModel, batch: Batch, states, layer: int, change
         hooks = [(act_name("attn_out", layer), _add_first(torch.where(mlp, 0.0, delta))),
                  (act_name("mlp_out", layer), _add_first(torch.where(mlp, delta, 0.0)))]
         ends = batch.ends[p]
-        logits = _resume(model, batch, states, p, ends, _corrupted_tails(states, layer, batch, p, ends), layer, hooks)
+        logits = resume(model, batch, states, p, ends, corrupted_tails(states, layer, batch, p, ends), layer, hooks)
         rows = torch.arange(len(p), device=device)
         mean_others = (logits.gather(1, ids[p]) * valid[p]).sum(1) / valid[p].sum(1).clamp(min=1)
         diff = logits[rows, batch.answers[p]] - mean_others

@@ -21,15 +21,8 @@ Bookkeeping, as ROME's `read_knowlege` (experiments/causal_trace.py):
   over seeds), so at n' draws the standard error would be √(sem² − sem_draws² + sem_draws² · n / n'). The summary
   gives both at the run's draws, at 1 and at 10 (BENCHMARKS.md has them on SmolLM2).
 
-Speed: a restoration at (layer, position i) cannot change anything below the first block it touches (the pass
-resumes there) or at positions before i (causal attention). With `kv_cache` (the default) each row is computed only
-from that block and from position i to END: the corrupted run's keys and values of positions < i, at every layer,
-go in as a key/value cache. Rows of every (kind, layer) share passes, whatever their restored position and first
-block: each row's cache is padded on the left to the longest prefix (the padding masked, its attention weight
-exactly zero) so that every row's position i is the pass's first, each row has its own position ids, and a row joins
-the pass at its own first block (`_resume`): a block runs only the rows that have joined, so a pass reads each
-block's weights once for all its rows — on a CPU that read, not the rows' tokens, is most of a small pass's cost.
-Rows are grouped by how many positions they run, cut where padding would cost more than a pass (`_passes`).
+Speed: with `kv_cache` (the default) each row is computed only from the first block its restoration changes and
+from its restored position to END, and the rows of every (kind, layer) share passes (the `resume` module says how).
 `kv_cache=False` is the former implementation (every row the prompt's full width, one pass per (kind, layer)), kept
 as the reference the benchmark and the tests compare against. `benchmarks/trace_work.py` counts both's work.
 
@@ -39,7 +32,6 @@ The `trace` command's check — exact patching, attribution patching or both —
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,6 +50,7 @@ from .restorations import (
     Restorations, engine_restorations, known_cells, last_resid, restoration_chunks, restoration_session_cost,
     restored_blocks, restored_layers, subject_noise, trace_rows,
 )
+from .resume import States, bridge_reads_cache, corrupted_tails, resume, shared_passes
 from .scores import Progress, tick
 
 TRACE_KINDS = ("resid", "attn", "mlp")
@@ -102,16 +95,6 @@ class TraceEffects:
     kinds: tuple[str, ...]
     window: int
     batch: Batch
-
-
-@dataclass
-class States:
-    """What one seed's restorations start from and put back."""
-
-    clean: dict[str, torch.Tensor]  # hook name → the clean run's activation, and "p" → the clean p(a)
-    corrupt_pre: list[Float[torch.Tensor, "batch pos d_model"]]  # the corrupted residual stream entering each block
-    p_corrupt: Float[torch.Tensor, " batch"]
-    kv: list[tuple[torch.Tensor, torch.Tensor]] | None  # the corrupted run's keys and values per layer [batch, kv_head, pos, d_head]
 
 
 def trace_effects(
@@ -235,7 +218,7 @@ def _clean_states(model: LoadedModel, batch: Batch, kinds: Sequence[str], kv_cac
     for layer in range(model.cfg.n_layers):
         hooks += [capture(store, act_name(_RESTORED[kind], layer)) for kind in TRACE_KINDS if kind in kinds]
     cache = DynamicCache() if kv_cache else None  # without the model's config: see `_corrupted_states`
-    with _bridge_reads_cache(model.bridge, kv_cache):
+    with bridge_reads_cache(model.bridge, kv_cache):
         logits = end_logits(model, batch.tokens, batch.mask, batch.ends, hooks, past_key_values=cache)
     if kv_cache:
         store["kv"] = [(layer.keys, layer.values) for layer in cache.layers]
@@ -257,39 +240,11 @@ def _corrupted_states(
     # A cache without the model's config keeps every position: one built from Gemma's config would keep only the
     # last `sliding_window` keys of its local layers, and the prefixes cut from it would be the wrong positions.
     cache = DynamicCache() if kv_cache else None
-    with _bridge_reads_cache(model.bridge, kv_cache):
+    with bridge_reads_cache(model.bridge, kv_cache):
         logits = end_logits(model, batch.tokens, batch.mask, batch.ends, hooks, past_key_values=cache)
     kv = [(layer.keys, layer.values) for layer in cache.layers] if kv_cache else None
     return States(clean, [store[name] for name in names], logits.softmax(-1)[batch.rows, batch.answers], kv)
 
-
-@contextmanager
-def _bridge_reads_cache(bridge, active: bool = True):
-    """TransformerLens 4.3's attention looks for the cache under `past_key_values` or `layer_past`; transformers 5
-    hands it to the attention as `cache`, so the bridge would neither fill nor read it. For the duration of a call,
-    each block's attention is given the cache under the name it reads."""
-    import warnings
-
-    if not active:
-        yield
-        return
-    for block in bridge.blocks:
-        update = block.attn._update_kv_cache
-
-        def renamed(k, v, _update=update, **kwargs):
-            if kwargs.get("past_key_values") is None and kwargs.get("layer_past") is None and kwargs.get("cache") is not None:
-                kwargs["past_key_values"] = kwargs["cache"]
-            return _update(k, v, **kwargs)
-
-        block.attn._update_kv_cache = renamed
-    try:
-        with warnings.catch_warnings():
-            # the bridge hands transformers the cache under its deprecated name, on every pass
-            warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated", category=FutureWarning)
-            yield
-    finally:
-        for block in bridge.blocks:
-            del block.attn._update_kv_cache
 
 
 def _restored_probs_cached(
@@ -297,9 +252,9 @@ def _restored_probs_cached(
     max_rows: int, progress: Progress = None,
 ) -> list[Float[torch.Tensor, " rows"]]:
     """`_restored_probs` of every (kind, layer, rows) job, computing only what a restoration can change: each row from
-    its job's first changed block (`restored_blocks`) and from its restored position on (`_resume`). Rows of every job
-    share passes, whatever their kind, layer, position and first block (`_passes`); `progress` ticks once per job's
-    worth of rows done."""
+    its job's first changed block (`restored_blocks`) and from its restored position on (`resume`). Rows of every job
+    share passes, whatever their kind, layer, position and first block (`shared_passes`); `progress` ticks once per
+    job's worth of rows done."""
     n_layers = model.cfg.n_layers
     clean, p_corrupt = states.clean, states.p_corrupt
     out = [torch.empty(len(rows.prompts), device=batch.tokens.device) for _, _, rows in jobs]
@@ -324,10 +279,10 @@ def _restored_probs_cached(
     prompts = torch.cat([jobs[j][2].prompts for j in passing])
     positions = torch.cat([jobs[j][2].positions for j in passing])
     done, ticked = 0, 0
-    for chunk in _passes((batch.ends[prompts] - positions).cpu(), n_layers - starts, max_rows):
-        chunk = chunk[torch.argsort(starts[chunk], stable=True)]  # `_resume` takes its rows in the order they join
+    for chunk in shared_passes((batch.ends[prompts] - positions).cpu(), n_layers - starts, max_rows):
+        chunk = chunk[torch.argsort(starts[chunk], stable=True)]  # `resume` takes its rows in the order they join
         p, i, first = prompts[chunk], positions[chunk], starts[chunk]
-        resid = _corrupted_tails(states, first, batch, p, i)
+        resid = corrupted_tails(states, first, batch, p, i)
         for start in first[kinds[chunk] == TRACE_KINDS.index("resid")].unique().tolist():
             # restored residuals enter block `start`: they are the state after block start − 1
             local = torch.nonzero((first == start) & (kinds[chunk] == TRACE_KINDS.index("resid"))).flatten().to(p.device)
@@ -340,7 +295,7 @@ def _restored_probs_cached(
                 if len(local):
                     name = act_name(_RESTORED[kind], layer)
                     hooks.append((name, _restore_first(local, clean[name][p[local], i[local]])))
-        logits = _resume(model, batch, states, p, i, resid, first, hooks)
+        logits = resume(model, batch, states, p, i, resid, first, hooks)
         probs = logits.softmax(-1)[torch.arange(len(chunk), device=p.device), batch.answers[p]]
         chunk_jobs, chunk_rows = job[chunk], row[chunk]
         for j in chunk_jobs.unique().tolist():
@@ -352,148 +307,6 @@ def _restored_probs_cached(
         ticked = done * len(passing) // len(job)
     return out
 
-
-# A pass's own cost per block it runs, in token-blocks: the block's weights are read once per pass whatever its
-# rows, which on SmolLM2 on a CPU costs about 3 ms, and a token about 0.09 ms, so ~32 tokens (profiled at bc3d5b3).
-PASS_COST = 32
-
-
-def _passes(tails: Int[torch.Tensor, " rows"], blocks: Int[torch.Tensor, " rows"], max_rows: int
-            ) -> list[Int[torch.Tensor, " rows"]]:
-    """Rows (their number of positions after the restored one, and how many blocks they run) grouped into passes.
-    A pass costs `PASS_COST` per block it runs (its rows' most) plus each row's blocks × the pass's longest tail
-    (the shorter ones are padded): the rows, longest tail first, are cut between tails where that is cheapest (a
-    small dynamic programme over the distinct tails), then into chunks of `max_rows`, rows that run fewer blocks
-    together."""
-    order = torch.argsort(tails * (int(blocks.max()) + 1) + blocks, descending=True, stable=True)
-    ordered, depth = tails[order].tolist(), blocks[order]
-    bounds = [k for k in range(len(ordered)) if k == 0 or ordered[k] != ordered[k - 1]] + [len(ordered)]
-    best, cut = [0.0] + [float("inf")] * (len(bounds) - 1), [0] * len(bounds)
-    for m in range(1, len(bounds)):
-        for k in range(m):
-            segment = depth[bounds[k] : bounds[m]]
-            cost = (best[k] + PASS_COST * int(segment.max()) * -(-len(segment) // max_rows)
-                    + int(segment.sum()) * (ordered[bounds[k]] + 1))
-            if cost < best[m]:
-                best[m], cut[m] = cost, k
-    segments, m = [], len(bounds) - 1
-    while m:
-        segment = order[bounds[cut[m]] : bounds[m]]
-        segments.append(segment[torch.argsort(blocks[segment], stable=True)])
-        m = cut[m]
-    return [chunk for segment in reversed(segments) for chunk in segment.split(max_rows)]
-
-
-def _corrupted_tails(
-    states: States, start: int | Int[torch.Tensor, " rows"], batch: Batch, prompts: Int[torch.Tensor, " rows"],
-    positions: Int[torch.Tensor, " rows"],
-) -> Float[torch.Tensor, "rows pos d_model"]:
-    """The corrupted residual stream entering block `start` (or each row's own `start[row]`) of each row's prompt,
-    from its position on to its END (then padding, to the longest)."""
-    at = _tail_positions(batch, prompts, positions)
-    if isinstance(start, int):
-        return states.corrupt_pre[start][prompts[:, None], at]
-    tails = states.corrupt_pre[0].new_empty((*at.shape, states.corrupt_pre[0].shape[-1]))
-    for block in start.unique().tolist():
-        rows = torch.nonzero(start == block).flatten().to(prompts.device)
-        tails[rows] = states.corrupt_pre[block][prompts[rows, None], at[rows]]
-    return tails
-
-
-def _tail_positions(batch: Batch, prompts: Int[torch.Tensor, " rows"], positions: Int[torch.Tensor, " rows"]) -> Int[torch.Tensor, "rows pos"]:
-    """Each row's positions from `positions[row]` to its END, padded to the longest with positions of the batch (the
-    padding is masked: any position will do)."""
-    width = int((batch.ends[prompts] - positions).max()) + 1
-    return (positions[:, None] + torch.arange(width, device=positions.device)).clamp(max=batch.tokens.shape[1] - 1)
-
-
-def _resume(
-    model: LoadedModel, batch: Batch, states: States, prompts: Int[torch.Tensor, " rows"], positions: Int[torch.Tensor, " rows"],
-    resid: Float[torch.Tensor, "rows pos d_model"], start: int | Int[torch.Tensor, " rows"], hooks: Sequence,
-) -> Float[torch.Tensor, "rows vocab"]:
-    """END logits of a pass that resumes `states`' run at block `start` (or each row at its own block `start[row]`,
-    the rows in that order) and, on each row, at `positions[row]` of its prompt: `resid` is what enters the row's
-    first block at its positions from there to END, the earlier positions are the run's keys and values
-    (`_left_padded_cache`), every row with its own position ids.
-
-    A row joins the pass at its own block: each block runs only the rows that have joined (`_joined_rows`), so rows
-    that resume at different blocks share each block's weight reads — on a CPU the cost of a pass's block beyond
-    its tokens (`PASS_COST`) — and no row runs a block below its own."""
-    at = _tail_positions(batch, prompts, positions)
-    computed = torch.arange(at.shape[1], device=at.device) <= (batch.ends[prompts] - positions)[:, None]
-    starts = torch.as_tensor(start).expand(len(prompts)).cpu()
-    first = int(starts.min())
-    joined = [int((starts <= block).sum()) for block in range(model.cfg.n_layers)]  # the first joined[b] rows run block b
-    cache, cached = _left_padded_cache(states.kv, prompts, positions, joined)
-    mask = torch.cat([cached, computed], 1).long()
-    joins = [(act_name("resid_pre", block), _join(resid, joined[block - 1] if block > first else 0, joined[block]))
-             for block in range(first, model.cfg.n_layers)
-             if (joined[block] < len(prompts) if block == first else joined[block] > joined[block - 1])]
-    with _bridge_reads_cache(model.bridge), _joined_rows(model.bridge, joined):
-        return end_logits(model, None, mask, batch.ends[prompts] - positions, [*joins, *hooks], resid=resid, start=first,
-                          past_key_values=cache, position_ids=at)
-
-
-def _join(resid: Float[torch.Tensor, "rows pos d_model"], running: int, joined: int):
-    """At a block's input: the rows already running (the first `running`; at the pass's first block, `resid` itself
-    comes in), then those that join here, as they enter."""
-    return lambda x, hook: torch.cat([x[:running], resid[running:joined]])
-
-
-@contextmanager
-def _joined_rows(bridge, joined: Sequence[int]):
-    """Each block b runs the first `joined[b]` rows of the pass only: the model computes its per-row inputs to every
-    block (attention mask, rotary position embeddings, position ids) for all the pass's rows at once, so they are
-    cut to the rows that have joined on the way into each block that runs fewer."""
-    rows = joined[-1]
-
-    def cut(n: int):
-        def take(value):
-            if isinstance(value, torch.Tensor) and value.ndim >= 2 and value.shape[0] == rows:
-                return value[:n]
-            if isinstance(value, tuple):
-                return tuple(take(v) for v in value)
-            return value
-
-        def pre(module, args, kwargs):  # args[0], the block's hidden states, come already cut (`_join`)
-            return (args[0], *(take(a) for a in args[1:])), {name: take(value) for name, value in kwargs.items()}
-
-        return pre
-
-    handles = [block.register_forward_pre_hook(cut(n), with_kwargs=True)
-               for block, n in zip(bridge.blocks, joined) if 0 < n < rows]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _left_padded_cache(kv: list[tuple[torch.Tensor, torch.Tensor]], prompts: Int[torch.Tensor, " rows"],
-                       positions: Int[torch.Tensor, " rows"], joined: Sequence[int] | None = None
-                       ) -> tuple[object, Bool[torch.Tensor, "rows prefix"]]:
-    """The run's keys and values of each row's positions < `positions[row]`, as one fresh cache (a pass extends the
-    cache it is given; None for an empty one) of the longest such prefix: shorter ones are padded on the left, so
-    that every row's next position is the cache's next index and the distances between real positions are kept
-    (sliding-window masks count them by index). With `joined`, layer b holds the first `joined[b]` rows only (those
-    that run it, `_resume`). Also which entries are real: the padding is masked, its attention weight exactly zero."""
-    from transformers import DynamicCache
-
-    length = int(positions.max())
-    source = torch.arange(length, device=positions.device) - (length - positions[:, None])  # position each entry holds
-    real = source >= 0
-    if length == 0:
-        return None, real
-    cache = DynamicCache()
-    index = source.clamp(min=0)
-    for layer, (keys, values) in enumerate(kv):
-        # a layer no row runs holds one row: the model's masks read the prefix's length off the first layer's
-        # keys, and an empty tensor reads as no prefix
-        n = len(prompts) if joined is None else max(joined[layer], 1)
-        # [rows, prefix, kv_head, d_head] (the advanced indices come first) → [rows, kv_head, prefix, d_head]
-        cache.update(keys[prompts[:n, None], :, index[:n]].transpose(1, 2),
-                     values[prompts[:n, None], :, index[:n]].transpose(1, 2), layer)
-    return cache, real
 
 
 def _restore_first(local: Int[torch.Tensor, " rows"], clean_out: Float[torch.Tensor, "rows d_model"]):
