@@ -991,7 +991,13 @@ def test_remote_trace_atp_equals_the_local_check_and_costs_its_plan(tiny, monkey
     local = atp.CHECK.run(local_model, known, progress=None, noise=3.0, window=2, seeds=(0, 1), method=method,
                           graddrop=graddrop)
     pd.testing.assert_frame_equal(local["atp_trace"], run.atp_trace, check_exact=False, rtol=0, atol=1e-6)
-    pd.testing.assert_frame_equal(local["atp_agreement"], run.atp_agreement, check_exact=False, rtol=1e-3)
+    # Spearman ranks the tiny model's near-zero exact effects, whose order moves with bf16 rounding (the remote
+    # exact passes are full width, the local ones resumed in passes of their own shapes): an absolute tolerance
+    ranks = ["spearman"]
+    pd.testing.assert_frame_equal(local["atp_agreement"].drop(columns=ranks), run.atp_agreement.drop(columns=ranks),
+                                  check_exact=False, rtol=1e-3)
+    pd.testing.assert_frame_equal(local["atp_agreement"][ranks], run.atp_agreement[ranks], check_exact=False, rtol=0,
+                                  atol=5e-3)
     if method == "both":
         expected = trace_table(trace_effects(local_model, known, seeds=(0, 1), window=2, kv_cache=False))
         pd.testing.assert_frame_equal(expected, run.causal_trace, check_exact=False, rtol=0, atol=1e-6)

@@ -66,6 +66,10 @@ def bridge_reads_cache(bridge, active: bool = True):
 # A pass's own cost per block it runs, in token-blocks: the block's weights are read once per pass whatever its
 # rows, which on SmolLM2 on a CPU costs about 3 ms, and a token about 0.09 ms, so ~32 tokens (profiled at bc3d5b3).
 PASS_COST = 32
+# A pass's rows × positions at most: a block's activations beyond the CPU's cache make each elementwise op wait on
+# memory (2,048 tokens × SmolLM2's 1,536 MLP features is 12.6 MB in fp32); on 24 SmolLM2 prompts a trace at this
+# budget took 58 s against 62 s with no budget but `max_rows` (measured at a38db5a's successor, quiet, 1 thread).
+MAX_TOKENS = 2048
 
 
 def shared_passes(tails: Int[torch.Tensor, " rows"], blocks: Int[torch.Tensor, " rows"], max_rows: int
@@ -73,8 +77,11 @@ def shared_passes(tails: Int[torch.Tensor, " rows"], blocks: Int[torch.Tensor, "
     """Rows (their number of positions after the restored one, and how many blocks they run) grouped into passes.
     A pass costs `PASS_COST` per block it runs (its rows' most) plus each row's blocks × the pass's longest tail
     (the shorter ones are padded): the rows, longest tail first, are cut between tails where that is cheapest (a
-    small dynamic programme over the distinct tails), then into chunks of `max_rows`, rows that run fewer blocks
-    together."""
+    small dynamic programme over the distinct tails), then into chunks of `max_rows` rows and `MAX_TOKENS` tokens
+    at most, rows that run fewer blocks together."""
+    def per_pass(tail: int) -> int:
+        return max(1, min(max_rows, MAX_TOKENS // (tail + 1)))
+
     order = torch.argsort(tails * (int(blocks.max()) + 1) + blocks, descending=True, stable=True)
     ordered, depth = tails[order].tolist(), blocks[order]
     bounds = [k for k in range(len(ordered)) if k == 0 or ordered[k] != ordered[k - 1]] + [len(ordered)]
@@ -82,16 +89,16 @@ def shared_passes(tails: Int[torch.Tensor, " rows"], blocks: Int[torch.Tensor, "
     for m in range(1, len(bounds)):
         for k in range(m):
             segment = depth[bounds[k] : bounds[m]]
-            cost = (best[k] + PASS_COST * int(segment.max()) * -(-len(segment) // max_rows)
+            cost = (best[k] + PASS_COST * int(segment.max()) * -(-len(segment) // per_pass(ordered[bounds[k]]))
                     + int(segment.sum()) * (ordered[bounds[k]] + 1))
             if cost < best[m]:
                 best[m], cut[m] = cost, k
     segments, m = [], len(bounds) - 1
     while m:
         segment = order[bounds[cut[m]] : bounds[m]]
-        segments.append(segment[torch.argsort(blocks[segment], stable=True)])
+        segments.append(segment[torch.argsort(blocks[segment], stable=True)].split(per_pass(ordered[bounds[cut[m]]])))
         m = cut[m]
-    return [chunk for segment in reversed(segments) for chunk in segment.split(max_rows)]
+    return [chunk for segment in reversed(segments) for chunk in segment]
 
 
 def corrupted_tails(

@@ -311,8 +311,7 @@ def _restored_probs_cached(
 
 def _restore_first(local: Int[torch.Tensor, " rows"], clean_out: Float[torch.Tensor, "rows d_model"]):
     def hook(x: Float[torch.Tensor, "rows pos d_model"], hook):
-        x = x.clone()
-        x[local, 0] = clean_out
+        x[local, 0] = clean_out  # in place: the sublayer's output is a fresh tensor that nothing else holds
         return x
 
     return hook
