@@ -31,9 +31,11 @@ _ACT_NAMES = {
     "final_scale": "ln_final.hook_scale",
     "final_out": "ln_final.hook_out",
     "resid_pre": "blocks.{layer}.hook_resid_pre",
+    "resid_mid": "blocks.{layer}.hook_resid_mid",  # between attention and MLP (a sequential block only)
     "resid_post": "blocks.{layer}.hook_resid_post",
     "attn_out": "blocks.{layer}.hook_attn_out",
     "mlp_out": "blocks.{layer}.hook_mlp_out",
+    "mlp_in": "blocks.{layer}.mlp.hook_in",  # what the MLP reads, after its pre-norm where there is one
     "attn_scores": "blocks.{layer}.attn.hook_attn_scores",
     "pattern": "blocks.{layer}.attn.hook_pattern",
     "v": "blocks.{layer}.attn.hook_v",

@@ -342,7 +342,8 @@ def exact_cells(model: LoadedModel, atp: TraceEffects, cells: Bool[torch.Tensor,
         clean, std = _clean_states(model, batch, atp.kinds)
     for seed in seeds:
         if engine is None:
-            states = _corrupted_states(model, batch, subject_noise(batch, noise * std, seed, model.cfg.d_model), clean, True)
+            states = _corrupted_states(model, batch, subject_noise(batch, noise * std, seed, model.cfg.d_model), clean, True,
+                                       resid_mid="mlp" in atp.kinds)
             restored = _restored_probs_cached(model, batch, [(atp.kinds[k], layer, rows) for k, layer, _, rows in jobs],
                                               states, atp.window, max_rows)
             p_corrupt = states.p_corrupt

@@ -39,6 +39,16 @@ def restored_blocks(kind: str, layer: int, window: int, n_layers: int) -> tuple[
     return (layer + 1, layer + 1) if kind == "resid" else layer_window(layer, window, n_layers)
 
 
+def resumed_block(kind: str, layer: int, window: int, n_layers: int, sequential: bool) -> int:
+    """The first block a resumed restoration pass runs (`resume`): the restoration's first block
+    (`restored_blocks`), but one later for an MLP window with a block after its first, in a model whose blocks
+    run attention then the MLP (`sequential`, a `resid_mid` between them). That block's attention reads only
+    corrupted states and its MLP acts per position, so the residual leaving it is the corrupted one but at the
+    restored position: the corrupted `resid_mid` plus the clean MLP output, the block's own addition."""
+    first = restored_blocks(kind, layer, window, n_layers)[0]
+    return first + 1 if sequential and kind == "mlp" and first < n_layers - 1 else first
+
+
 def restored_layers(kind: str, layer: int, window: int, n_layers: int) -> tuple[int, int]:
     """The layers whose states a restoration at `layer` puts back (first, last): the layer's own residual stream
     (`resid`), or the window of attention / MLP outputs around it."""

@@ -48,7 +48,7 @@ from ..models import LoadedModel
 from ..taxonomy import GROUPS
 from .restorations import (
     Restorations, engine_restorations, known_cells, last_resid, restoration_chunks, restoration_session_cost,
-    restored_blocks, restored_layers, subject_noise, trace_rows,
+    restored_blocks, restored_layers, resumed_block, subject_noise, trace_rows,
 )
 from .resume import States, bridge_reads_cache, corrupted_tails, resume, shared_passes
 from .scores import Progress, tick
@@ -137,7 +137,8 @@ def trace_effects(
     effects = torch.zeros((len(seeds), len(kinds), n_layers, *batch.tokens.shape))  # zero where not restored
     p_corrupted = []
     for s, seed in enumerate(seeds):
-        states = _corrupted_states(model, batch, subject_noise(batch, noise * std, seed, model.cfg.d_model), clean, kv_cache)
+        states = _corrupted_states(model, batch, subject_noise(batch, noise * std, seed, model.cfg.d_model), clean, kv_cache,
+                                   resid_mid=kv_cache and "mlp" in kinds)
         tick(progress)
         p_corrupt = states.p_corrupt
         p_corrupted.append(p_corrupt.cpu())
@@ -228,23 +229,33 @@ def _clean_states(model: LoadedModel, batch: Batch, kinds: Sequence[str], kv_cac
 
 
 def _corrupted_states(
-    model: LoadedModel, batch: Batch, noise: Float[torch.Tensor, "batch pos d_model"], clean: dict, kv_cache: bool
+    model: LoadedModel, batch: Batch, noise: Float[torch.Tensor, "batch pos d_model"], clean: dict, kv_cache: bool,
+    resid_mid: bool = False,
 ) -> States:
-    """The corrupted run: the residual stream entering every block, p(a), and (`kv_cache`) every layer's keys and
-    values."""
+    """The corrupted run: the residual stream entering every block, p(a), (`kv_cache`) every layer's keys and
+    values, and (`resid_mid`, where the blocks have one) the residual stream between every block's attention and
+    MLP."""
     from transformers import DynamicCache
 
     store: dict = {}
     names = [act_name("resid_pre", layer) for layer in range(model.cfg.n_layers)]
-    hooks = [(act_name("embed"), lambda x, hook: add_noise(x, noise)), *(capture(store, name) for name in names)]
+    mid_names = [act_name("resid_mid", layer) for layer in range(model.cfg.n_layers)] if resid_mid and sequential(model) else []
+    hooks = [(act_name("embed"), lambda x, hook: add_noise(x, noise)), *(capture(store, name) for name in names + mid_names)]
     # A cache without the model's config keeps every position: one built from Gemma's config would keep only the
     # last `sliding_window` keys of its local layers, and the prefixes cut from it would be the wrong positions.
     cache = DynamicCache() if kv_cache else None
     with bridge_reads_cache(model.bridge, kv_cache):
         logits = end_logits(model, batch.tokens, batch.mask, batch.ends, hooks, past_key_values=cache)
     kv = [(layer.keys, layer.values) for layer in cache.layers] if kv_cache else None
-    return States(clean, [store[name] for name in names], logits.softmax(-1)[batch.rows, batch.answers], kv)
+    return States(clean, [store[name] for name in names], logits.softmax(-1)[batch.rows, batch.answers], kv,
+                  [store[name] for name in mid_names] or None)
 
+
+
+def sequential(model: LoadedModel) -> bool:
+    """Whether the model's blocks run attention, then the MLP on its result (a `resid_mid` between them), rather
+    than both on the block's input (GPT-NeoX, GPT-J: parallel)."""
+    return act_name("resid_mid", 0) in model.bridge.hook_dict
 
 
 def _restored_probs_cached(
@@ -273,7 +284,9 @@ def _restored_probs_cached(
         return torch.cat([torch.full((n,), value) for value, n in zip(values, sizes)])
 
     windows = [restored_blocks(jobs[j][0], jobs[j][1], window, n_layers) for j in passing]
-    job, starts, lasts = per_row(passing), per_row([w[0] for w in windows]), per_row([w[1] for w in windows])
+    job, firsts, lasts = per_row(passing), per_row([w[0] for w in windows]), per_row([w[1] for w in windows])
+    starts = per_row([resumed_block(jobs[j][0], jobs[j][1], window, n_layers, states.corrupt_mid is not None)
+                      for j in passing])
     kinds = per_row([TRACE_KINDS.index(jobs[j][0]) for j in passing])
     row = torch.cat([torch.arange(n) for n in sizes])
     prompts = torch.cat([jobs[j][2].prompts for j in passing])
@@ -287,10 +300,20 @@ def _restored_probs_cached(
             # restored residuals enter block `start`: they are the state after block start − 1
             local = torch.nonzero((first == start) & (kinds[chunk] == TRACE_KINDS.index("resid"))).flatten().to(p.device)
             resid[local, 0] = clean[act_name("resid_post", start - 1)][p[local], i[local]]
+        folded = (kinds[chunk] == TRACE_KINDS.index("mlp")) & (first > firsts[chunk])  # `resumed_block`
+        for start in first[folded].unique().tolist():
+            local = torch.nonzero(folded & (first == start)).flatten().to(p.device)
+            # the block's own sum, in the model's dtype: the same number the full pass adds
+            resid[local, 0] = (states.corrupt_mid[start - 1][p[local], i[local]]
+                               + clean[act_name("mlp_out", start - 1)][p[local], i[local]])
+        # the last block's MLP runs at END alone (`resume`): there a restored MLP output before END changes nothing
+        at_end = i == batch.ends[p]
         hooks = []
         for kind in ("attn", "mlp"):
             for layer in range(int(first.min()), n_layers):
                 covered = (kinds[chunk] == TRACE_KINDS.index(kind)) & (first <= layer) & (lasts[chunk] >= layer)
+                if kind == "mlp" and layer == n_layers - 1:
+                    covered &= at_end.to(covered.device)
                 local = torch.nonzero(covered).flatten().to(p.device)
                 if len(local):
                     name = act_name(_RESTORED[kind], layer)
