@@ -8,7 +8,9 @@ rows: on a CPU ~3 ms for SmolLM2, the cost of ~32 tokens, `resume.PASS_COST`).
 - former: `trace_effects(kv_cache=False)` — per (kind, layer) the rows in chunks (`restoration_chunks`), each row
   at its chunk's width, from the first block the restoration changes (`restored_blocks`);
 - new: the default — the rows of every (kind, layer) in shared passes (`resume.shared_passes`), each row from its restored
-  position to END, padded to its pass's longest, joining the pass at its own first block.
+  position to END, padded to its pass's longest, joining the pass at its own first block (`resumed_block`: an MLP
+  window one block after its first); the last block's MLP runs at END alone, so its other tokens there run
+  attention only (counted apart: `end_only`, the tokens whose last-block MLP is skipped).
 Both unembed every row once (the same in both, not counted). The ratios former/new bound what the new
 implementation can gain at equal speed per token-block and per block read.
 """
@@ -19,10 +21,10 @@ import argparse
 
 import torch
 
-from factscope.causal.restorations import restoration_chunks, restored_blocks, trace_rows
+from factscope.causal.restorations import restoration_chunks, restored_blocks, resumed_block, trace_rows
 from factscope.causal.scores import known_facts, spread
 from factscope.causal.resume import shared_passes
-from factscope.causal.trace import TRACE_KINDS, WINDOW
+from factscope.causal.trace import TRACE_KINDS, WINDOW, sequential
 from factscope.data import encode_all, load_facts
 from factscope.forward import make_batch
 from factscope.models import load_model
@@ -34,14 +36,14 @@ def work(model, encoded, max_rows: int = 1024) -> dict[str, int]:
     batch = make_batch(model, encoded)
     rows = trace_rows(batch)
     tails = batch.ends[rows.prompts] - rows.positions
-    counts = dict.fromkeys(("former_tokens", "former_reads", "new_tokens", "new_reads"), 0)
+    counts = dict.fromkeys(("former_tokens", "former_reads", "new_tokens", "new_reads", "end_only"), 0)
     starts = []
     for kind in TRACE_KINDS:
         for layer in range(n_layers):
             if kind == "resid" and layer == n_layers - 1:  # no pass (`last_resid`)
                 continue
             first = restored_blocks(kind, layer, WINDOW, n_layers)[0]
-            starts.append(first)
+            starts.append(resumed_block(kind, layer, WINDOW, n_layers, sequential(model)))
             for chunk in restoration_chunks(batch, rows, max_rows):
                 counts["former_tokens"] += len(chunk) * (int(batch.ends[rows.prompts[chunk]].max()) + 1) * (n_layers - first)
                 counts["former_reads"] += n_layers - first
@@ -50,6 +52,7 @@ def work(model, encoded, max_rows: int = 1024) -> dict[str, int]:
     for chunk in shared_passes(shared, blocks, max_rows):
         counts["new_tokens"] += (int(shared[chunk].max()) + 1) * int(blocks[chunk].sum())
         counts["new_reads"] += int(blocks[chunk].max())
+        counts["end_only"] += int(shared[chunk].max()) * len(chunk)
     return {**counts, "rows": len(shared)}
 
 
@@ -64,8 +67,9 @@ def main() -> None:
         encoded = spread(known, count)
         counted = work(model, encoded)
         print(f"{len(encoded)} prompts, {counted['rows']:,} rows: token-blocks former {counted['former_tokens']:,}, "
-              f"new {counted['new_tokens']:,} (former/new={counted['former_tokens'] / counted['new_tokens']:.2f}); "
-              f"block reads former {counted['former_reads']:,}, new {counted['new_reads']:,}")
+              f"new {counted['new_tokens']:,} (former/new={counted['former_tokens'] / counted['new_tokens']:.2f}), of which "
+              f"{counted['end_only']:,} skip the last block's MLP; block reads former {counted['former_reads']:,}, "
+              f"new {counted['new_reads']:,}")
 
 
 if __name__ == "__main__":

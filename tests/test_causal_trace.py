@@ -141,6 +141,26 @@ def test_cached_restorations_keep_each_layers_attention_type_and_sliding_window(
     assert difference <= 1e-5 and difference <= 1e-3 * largest and largest > 0
 
 
+@pytest.mark.parametrize("family", ["llama", "neox"])
+def test_mlp_windows_resume_after_their_first_block_where_the_blocks_are_sequential(model_dirs, family):
+    """An MLP window's rows skip its first block where attention runs before the MLP (the restored position enters
+    the next block as the corrupted resid_mid plus the clean MLP output); parallel blocks (NeoX) have no resid_mid,
+    and there the rows start at the window's first block. Either way the trace equals the full-width one
+    (`test_cached_restorations_equal_full_width_ones`)."""
+    from factscope.causal.restorations import restored_blocks, resumed_block
+    from factscope.causal.trace import sequential
+
+    model, _ = tiny(model_dirs, family)
+    n_layers = model.cfg.n_layers
+    assert sequential(model) == (family == "llama")
+    for kind in ("resid", "attn", "mlp"):
+        for layer in range(n_layers):
+            first = restored_blocks(kind, layer, 2, n_layers)[0]
+            skips = kind == "mlp" and sequential(model) and first < n_layers - 1
+            assert resumed_block(kind, layer, 2, n_layers, sequential(model)) == first + skips
+    assert resumed_block("mlp", n_layers - 1, 1, n_layers, True) == n_layers - 1  # no block after it to resume at
+
+
 @pytest.mark.parametrize("max_rows", [1, 5, 1024])
 def test_passes_cover_every_row_once(max_rows):
     """Every restoration is in exactly one pass, no pass holds more than `max_rows` rows, rows that run fewer blocks
