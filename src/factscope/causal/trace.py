@@ -21,8 +21,9 @@ Bookkeeping, as ROME's `read_knowlege` (experiments/causal_trace.py):
   over seeds), so at n' draws the standard error would be √(sem² − sem_draws² + sem_draws² · n / n'). The summary
   gives both at the run's draws, at 1 and at 10 (BENCHMARKS.md has them on SmolLM2).
 
-Speed: with `kv_cache` (the default) each row is computed only from the first block its restoration changes and
-from its restored position to END, and the rows of every (kind, layer) share passes (the `resume` module says how).
+Speed: with `kv_cache` (the default) each row is computed only from the first block its restoration changes (an
+MLP window one block later: `resumed_block`) and from its restored position to END, and the rows of every (kind,
+layer) share passes (the `resume` module says how).
 `kv_cache=False` is the former implementation (every row the prompt's full width, one pass per (kind, layer)), kept
 as the reference the benchmark and the tests compare against. `benchmarks/trace_work.py` counts both's work.
 
