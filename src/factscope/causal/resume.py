@@ -159,7 +159,8 @@ def _end_only_mlp(ends: Int[torch.Tensor, " rows"]):
     """At the last block's MLP input: END's position alone. Nothing after the last block reads another position
     of the residual stream, and the block adds its MLP's [rows, 1, d_model] output to every position by
     broadcasting, so END's is exact and the MLP (three quarters of a SmolLM2 block's weights) runs on one token
-    per row instead of the row's whole tail (3% of a SmolLM2 trace's token-blocks)."""
+    per row instead of the row's whole tail (on the default SmolLM2 trace, 171,236 of 4,062,255 token-blocks
+    skip it: `benchmarks/trace_work.py`)."""
     return lambda x, hook: x[torch.arange(len(x), device=x.device), ends, None]
 
 
