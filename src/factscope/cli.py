@@ -13,9 +13,9 @@ from typing import Annotated, Optional
 import pandas as pd
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from . import stages
 from .errors import FactscopeError
@@ -23,7 +23,9 @@ from .taxonomy import CLASSES, DEFAULT_MODEL, MECHANISM_ORDER
 from .stage_io import Reporter
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="How a language model recalls a fact.")
-console = Console(stderr=True)
+# markup off: every string printed can hold user text (a relation named `[/fs]`, a path), which rich would parse
+console = Console(stderr=True, markup=False)
+stdout = Console(markup=False)
 state = {"debug": False}
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="smollm2-135m, gemma3-270m, a HF dir, a .gguf, or a cached hub id.")]
@@ -48,17 +50,17 @@ class RichReporter(Reporter):
     """Spinners, progress bars and warnings on stderr, so stdout keeps only the result tables."""
 
     def status(self, text: str):
-        return console.status(text)
+        return console.status(Text(text))  # a str would be parsed as markup whatever the console says
 
     @contextmanager
     def progress(self, label: str, total: int):
-        columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+        columns = (TextColumn(label, markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
         with Progress(*columns, console=console, transient=False, disable=not console.is_terminal and total < 1) as bar:
             task = bar.add_task(label, total=total)
             yield lambda n: bar.advance(task, n)
 
     def warn(self, text: str) -> None:
-        console.print(escape(text), highlight=False, soft_wrap=True)
+        console.print(text, highlight=False, soft_wrap=True)
 
 
 REPORTER = RichReporter()
@@ -299,7 +301,7 @@ def _print_causal(causal: dict, keys: tuple[str, ...]) -> None:
             table.add_row(label, _agreement_text(agreement, file))
             if agreement.get("graddrop"):
                 table.add_row(f"{label}, GradDrop", _agreement_text(agreement["graddrop"], file))
-    Console().print(table)
+    stdout.print(table)
 
 
 def _agreement_text(agreement: dict, file: str) -> str:
@@ -352,7 +354,7 @@ def _print_comparison(tidy: pd.DataFrame) -> None:
         classes = " / ".join(f"{value.get((run, 'head_count', name), 0):.0f}" for name in ("subject", "relation", "mixed"))
         table.add_row(run, model, f"{value[(run, 'n_layers', '')]:.0f} × {value[(run, 'n_heads', '')]:.0f}",
                       f"{value[(run, 'accuracy', '')]:.1%}", classes, f"{value[(run, 'max_abs_reconstruction_error', '')]:.1e}")
-    Console().print(table)
+    stdout.print(table)
 
 
 class FactFormat(str, Enum):
@@ -384,8 +386,8 @@ def _print_departures(run) -> None:
     table.add_column("this run", overflow="fold")
     colour = {"agrees": "green", "departs": "yellow", "inconclusive": "dim", "not run": "dim"}
     for verdict in departures(run):
-        table.add_row(f"[{colour[verdict.status]}]{verdict.status}[/]", escape(verdict.text))
-    Console().print(table)
+        table.add_row(Text(verdict.status, style=colour[verdict.status]), verdict.text)
+    stdout.print(table)
 
 
 def _print_mechanisms(summary: dict) -> None:
@@ -403,9 +405,8 @@ def _print_mechanisms(summary: dict) -> None:
         low, high = intervals.get(mechanism, (None, None))
         interval = f" [{low:+.1%}, {high:+.1%}]" if low is not None else ""
         shares.add_row(mechanism, f"{by_metric['logit'][mechanism]:+.1%}", f"{by_metric['logit_diff'][mechanism]:+.1%}{interval}")
-    out = Console()
-    out.print(classes)
-    out.print(shares)
+    stdout.print(classes)
+    stdout.print(shares)
 
 
 def _model_title(run) -> str:
@@ -419,7 +420,7 @@ def _print_accuracy(accuracy, title: str) -> None:
         table.add_column(column, justify="left" if column == "relation" else "right")
     for row in accuracy.itertuples():
         table.add_row(row.relation, str(row.n), str(int(row.correct)), f"{row.accuracy:.1%}", f"{row.mean_prob:.3f}")
-    Console().print(table)
+    stdout.print(table)
 
 
 class Interrupted(BaseException):
@@ -467,5 +468,5 @@ def _fail(err: BaseException, message: str, code: int) -> None:
     if state["debug"]:
         raise err
     message = "; ".join([message, *getattr(err, "__notes__", ())])
-    console.print(f"[red]factscope: error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    console.print(Text.assemble(("factscope: error:", "red"), " ", message), highlight=False, soft_wrap=True)
     sys.exit(code)

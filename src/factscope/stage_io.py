@@ -60,8 +60,9 @@ def hub_config_and_tokenizer(model: str):
     from transformers import AutoConfig, AutoTokenizer
 
     try:
-        return AutoConfig.from_pretrained(model), AutoTokenizer.from_pretrained(model)
-    except (OSError, ValueError) as err:
+        return (AutoConfig.from_pretrained(model, trust_remote_code=False),
+                AutoTokenizer.from_pretrained(model, trust_remote_code=False))
+    except (OSError, ValueError) as err:  # a repository naming custom code is a ValueError here
         raise FactscopeError(f"cannot read {model!r}'s config and tokenizer from the Hub ({str(err).splitlines()[0]})") from None
 
 
@@ -99,18 +100,19 @@ def finished_run(run_dir: str | Path) -> Path:
     return run_dir
 
 
-def refuse_existing(out: Path, overwrite: bool, resume: bool = False) -> None:
-    """Checked before any slow work, so a wrong --out costs nothing."""
-    if out.exists() and not (overwrite or resume):
-        raise FactscopeError(f"{out}: output directory exists; pass --overwrite to replace it")
+def refuse_existing(out: Path, overwrite: bool, resume: bool = False, dataset: str | Path | None = None) -> None:
+    """Checked before any slow work, so a wrong --out costs nothing and nothing factscope did not write is replaced
+    (`rundir.check_output`); the dataset is protected from an --overwrite of the folder that holds it."""
+    rundir.check_output(out, overwrite, resume, protected=[dataset] if dataset is not None else [])
 
 
 def causal_run(run_dir: Path) -> tuple[dict, pd.DataFrame, list[Fact]]:
     """A finished run's manifest, head table and facts, each checked before any model work."""
-    from .data import load_facts
+    from .data import read_dataset
 
     manifest = run_json(run_dir / rundir.MANIFEST)
-    run_json(run_dir / rundir.SUMMARY)  # rewritten after the checks ran: a damaged one must stop them first
+    summary = run_json(run_dir / rundir.SUMMARY)  # rewritten after the checks ran: a damaged one must stop them first
+    _check_agreement(run_dir, manifest, summary)
     heads = rundir.read_table(run_dir, "heads", required=True)
     lacking = sorted({"layer", "head", "class"} - set(heads.columns))
     if lacking:
@@ -120,9 +122,24 @@ def causal_run(run_dir: Path) -> tuple[dict, pd.DataFrame, list[Fact]]:
     dataset = Path(manifest.get("dataset", ""))
     if not dataset.is_file():
         raise FactscopeError(f"{run_dir / rundir.MANIFEST}: its dataset {dataset} is not there (run from the directory the analysis ran in)")
-    if rundir.dataset_sha256(dataset) != manifest.get("dataset_sha256"):
+    source = read_dataset(dataset)
+    if source.sha256 != manifest.get("dataset_sha256"):
         raise FactscopeError(f"{dataset}: changed since the run that wrote run.json; rerun `factscope analyze`")
-    return manifest, heads, load_facts(dataset)
+    return manifest, heads, source.facts
+
+
+def _check_agreement(run_dir: Path, manifest: dict, summary: dict) -> None:
+    """run.json says how the model ran (and the causal commands run it that way again); summary.json says what the
+    tables were computed with. An edit to either makes them disagree, and a check would run in a dtype, or with a
+    BOS, the tables were not made with: refused before the model loads."""
+    config = manifest.get("config", {})
+    recorded = {"model": manifest.get("model"), "weights_sha256": manifest.get("weights_sha256"),
+                "dataset": manifest.get("dataset"), "prepend_bos": config.get("prepend_bos"),
+                "dtype": config.get("dtype", "float32")}
+    for key, value in recorded.items():
+        if key in summary and summary[key] != value:
+            raise FactscopeError(f"{run_dir / rundir.SUMMARY}: {key} {summary[key]!r} disagrees with "
+                                 f"{rundir.MANIFEST}'s {value!r}; the run was edited — rerun `factscope analyze`")
 
 
 def causal_inputs(run_dir: str | Path, command: str, overwrite: bool, device: str, threads: int | None,

@@ -13,6 +13,7 @@ spinners, progress bars, warnings — is a `Reporter`; the default says nothing,
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import replace
@@ -51,9 +52,9 @@ def recall(
     if remote:
         dtype, sending = _before_remote(model, dataset, dtype, batch_size, bos, reporter, command="recall")
     with rundir.locked(out):
-        refuse_existing(out, overwrite)
-        loaded, encoded, dataset_path, engine = _load(model, dataset, remote=remote, device=device, bos=bos,
-                                                      dtype=dtype, threads=threads, reporter=reporter)
+        refuse_existing(out, overwrite, dataset=dataset)
+        loaded, encoded, source, engine = _load(model, dataset, remote=remote, device=device, bos=bos,
+                                                dtype=dtype, threads=threads, reporter=reporter)
         with reporter.progress("recall", len(encoded)) as advance, sending():
             table = recall_table(loaded, encoded, batch_size=batch_size, progress=advance, engine=engine)
         table.insert(0, "model", loaded.name)
@@ -61,7 +62,7 @@ def recall(
         accuracy = accuracy_table(table)
         config = {"command": "recall", "batch_size": batch_size, "prepend_bos": loaded.prepend_bos,
                   "device": _used_device(loaded, device), "dtype": loaded.dtype, "remote": remote}
-        manifest = rundir.manifest(loaded.name, loaded.weights_sha256, dataset_path, config)
+        manifest = rundir.manifest(loaded.name, loaded.weights_sha256, source, config)
         with rundir.output_dir(out, overwrite, manifest=manifest) as run:
             rundir.write_table(table, run.staging, "recall")
             rundir.write_json(
@@ -69,7 +70,7 @@ def recall(
                 {
                     "model": loaded.name,
                     "weights_sha256": loaded.weights_sha256,
-                    "dataset": str(dataset_path),
+                    "dataset": str(source.path),
                     "prepend_bos": loaded.prepend_bos,
                     "n_prompts": len(table),
                     "accuracy": float(accuracy.iloc[-1]["accuracy"]),
@@ -119,17 +120,17 @@ def analyze(
     if remote:
         dtype, sending = _before_remote(model, dataset, dtype, batch_size, bos, reporter, command="analyze", swap=swap)
     with rundir.locked(out):
-        refuse_existing(out, overwrite, resume)
+        refuse_existing(out, overwrite, resume, dataset)
         rule = ClassRule(k=k, z=z)  # invalid k or z is refused before the model loads
-        loaded, encoded, dataset_path, engine = _load(model, dataset, remote=remote, device=device, bos=bos,
-                                                      dtype=dtype, threads=threads, reporter=reporter)
+        loaded, encoded, source, engine = _load(model, dataset, remote=remote, device=device, bos=bos,
+                                                dtype=dtype, threads=threads, reporter=reporter)
         config = {"command": "analyze", "batch_size": batch_size, "known_only": not all_prompts, "k": k, "z": z,
                   "swap": swap, "prepend_bos": loaded.prepend_bos, "device": _used_device(loaded, device),
                   "dtype": loaded.dtype, "remote": remote}
-        manifest = rundir.manifest(loaded.name, loaded.weights_sha256, dataset_path, config)
+        manifest = rundir.manifest(loaded.name, loaded.weights_sha256, source, config)
         with rundir.output_dir(out, overwrite, resume, manifest) as run:
             with reporter.progress("analyze", len(encoded)) as advance:
-                summary = {"model": loaded.name, "weights_sha256": loaded.weights_sha256, "dataset": str(dataset_path)}
+                summary = {"model": loaded.name, "weights_sha256": loaded.weights_sha256, "dataset": str(source.path)}
                 with sending():
                     written = write_batches(run, loaded, encoded, batch_size, advance, known_only=not all_prompts,
                                             engine=engine or local_end_activations)
@@ -199,6 +200,7 @@ def ablate(
     if method not in METHODS:
         raise FactscopeError(f"ablate method {method!r}: use {', '.join(METHODS)}")
     if remote:
+        seeds = checked_seeds(seeds) if seeds is not None else None
         noise = {name: list(value) for name, value in (("noise_scales", noise_scales), ("seeds", seeds)) if value is not None}
         return _remote_ablate(run_dir, window=window, mode=mode, noise=noise, method=method, limit=limit,
                               overwrite=overwrite, report=report, reporter=reporter)
@@ -206,7 +208,7 @@ def ablate(
     if noise_scales is not None:
         options["noise_scales"] = list(noise_scales)
     if seeds is not None:
-        options["seeds"] = list(seeds)
+        options["seeds"] = checked_seeds(seeds)
     run_dir = finished_run(run_dir)
     with rundir.locked(run_dir):
         trace, targets = rundir.read_table(run_dir, "causal_trace"), run_targets(run_dir, reporter)  # before the model
@@ -249,7 +251,7 @@ def trace(
     check_method(method, graddrop)
     options = {"noise": noise, "window": window, "method": method, "graddrop": graddrop}
     if seeds is not None:
-        options["seeds"] = list(seeds)
+        options["seeds"] = checked_seeds(seeds)
     if remote:
         return _remote_trace(run_dir, options=options, limit=limit, overwrite=overwrite, report=report,
                              reporter=reporter)
@@ -294,6 +296,19 @@ def _remote_run(run_dir: str | Path, command: str) -> Path:
     return run_dir
 
 
+SEED_LIMIT = 2**63  # torch.Generator takes any 64-bit seed, numpy's bootstrap no negative one; JSON readers want int64
+
+
+def checked_seeds(seeds: Sequence[int]) -> list[int]:
+    """Seeds as the noise draws take them, refused in one line before the model loads if any cannot be one."""
+    for seed in seeds:
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < SEED_LIMIT:
+            raise FactscopeError(f"seed {seed!r}: seeds are integers from 0 to 2^63-1")
+    if not seeds:
+        raise FactscopeError("seeds: give at least one")
+    return [int(seed) for seed in seeds]
+
+
 def remote_ablate_plan(run_dir: str | Path, *, window: int = 9, mode: str = "mean", noise_scales: Sequence[float] | None = None,
                        seeds: Sequence[int] | None = None, method: str = "exact", limit: int | None = None):
     """What `ablate --remote` would send and get back (`remote.Plan`), from the run, the model's config and
@@ -304,6 +319,7 @@ def remote_ablate_plan(run_dir: str | Path, *, window: int = 9, mode: str = "mea
     from . import causal
     from . import remote as ndif
 
+    seeds = checked_seeds(seeds) if seeds is not None else None
     model, heads, recalled, checked = _remote_plan_inputs(run_dir, limit)
     noise = {name: value for name, value in (("noise_scales", noise_scales), ("seeds", seeds)) if value is not None}
     requests, bytes_back, bytes_sent = causal.remote_ablate_cost(model, checked, heads, window=window, mode=mode,
@@ -324,6 +340,7 @@ def remote_trace_plan(run_dir: str | Path, *, seeds: Sequence[int] | None = None
     from .causal.trace import SEEDS
 
     check_method(method, graddrop)
+    seeds = checked_seeds(seeds) if seeds is not None else None
     model, _, recalled, checked = _remote_plan_inputs(run_dir, limit)
     requests, bytes_back, bytes_sent = causal.remote_trace_cost(model, checked, seeds=seeds if seeds is not None else SEEDS,
                                                                 method=method, graddrop=graddrop)
@@ -385,13 +402,11 @@ def compare(run_dirs: Sequence[str | Path], out: str | Path = "compare.html", ov
 def import_facts(source: str | Path, format: str, out: str | Path = "facts.jsonl", prefix: str = "",
                  limit: int | None = None, overwrite: bool = False) -> list[dict]:
     """Convert known_1000 or CounterFact records into factscope's facts (JSONL) at OUT; returns the rows."""
-    from .data import facts_jsonl, import_facts as read_records
+    from .data import facts_jsonl, import_facts as read_records, imported_facts_file
 
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FactscopeError(f"{out}: exists; pass --overwrite to replace it")
-    if out.suffix.lower() == ".csv":
+    if Path(out).suffix.lower() == ".csv":
         raise FactscopeError(f"{out}: import-facts writes JSONL; name the output .jsonl")
+    out = rundir.check_file_output(out, overwrite, imported_facts_file)
     rows = read_records(source, format, prefix, limit)
     rundir.atomic_write_text(out, facts_jsonl(rows))
     return rows
@@ -448,26 +463,24 @@ def _before_remote(model: str, dataset: str | Path | None, dtype: str | None, ba
 
 def _load(model: str, dataset: str | Path | None, *, remote: bool, device: str, bos: bool | None, dtype: str | None,
           threads: int | None, reporter: Reporter):
-    """The model, the dataset encoded for it, the dataset's path, and the engine whose passes a remote run sends
+    """The model, the dataset encoded for it, the dataset as read (`data.Dataset`), and the engine whose passes a remote run sends
     (None: the local engine). A remote run reads the model's config and tokenizer only (`_prepare_remote`)."""
     if remote:
         from . import remote as ndif
 
-        loaded, encoded, dataset_path = _prepare_remote(model, dataset, bos, dtype, reporter)
-        return loaded, encoded, dataset_path, ndif.remote_engine(model, loaded.tokenizer)
-    loaded, encoded, dataset_path = _prepare(model, dataset, device, bos, reporter, dtype=dtype or "float32",
-                                             threads=threads)
-    return loaded, encoded, dataset_path, None
+        loaded, encoded, source = _prepare_remote(model, dataset, bos, dtype, reporter)
+        return loaded, encoded, source, ndif.remote_engine(model, loaded.tokenizer)
+    loaded, encoded, source = _prepare(model, dataset, device, bos, reporter, dtype=dtype or "float32", threads=threads)
+    return loaded, encoded, source, None
 
 
 def _prepare_remote(model_name: str, dataset: str | Path | None, bos: bool | None, dtype: str, reporter: Reporter):
     """`_prepare` for a remote run: the dataset, then the Hub config and tokenizer, never the weights."""
-    from .data import encode_all, load_facts, shipped_dataset
+    from .data import encode_all, read_dataset
 
-    dataset_path = Path(dataset) if dataset is not None else shipped_dataset()
-    facts = load_facts(dataset_path)
+    source = read_dataset(dataset)
     model = remote_model(model_name, bos, dtype, reporter)
-    return model, encode_all(facts, model.tokenizer, model.prepend_bos, max_tokens=model.max_tokens), dataset_path
+    return model, encode_all(source.facts, model.tokenizer, model.prepend_bos, max_tokens=model.max_tokens), source
 
 
 def _prepare(model_name: str, dataset: str | Path | None, device: str, bos: bool | None, reporter: Reporter, seed: int = 0,
@@ -478,26 +491,25 @@ def _prepare(model_name: str, dataset: str | Path | None, device: str, bos: bool
     """
     import torch
 
-    from .data import encode_all, load_facts, shipped_dataset, single_target_relations
+    from .data import encode_all, read_dataset, single_target_relations
     from .memory import tune_allocator
     from .models import load_model
 
-    dataset_path = Path(dataset) if dataset is not None else shipped_dataset()
-    facts = load_facts(dataset_path)
+    source = read_dataset(dataset)
     check_device(device)
     if threads:
         torch.set_num_threads(threads)
     tune_allocator()
     with reporter.status(f"loading {model_name}"):
         model = load_model(model_name, device=device, prepend_bos=bos, dtype=dtype)
-    encoded = encode_all(facts, model.tokenizer, model.prepend_bos, max_tokens=model.max_tokens)
+    encoded = encode_all(source.facts, model.tokenizer, model.prepend_bos, max_tokens=model.max_tokens)
     single = single_target_relations(encoded)
     if single:
         which = ", ".join(f"relation {relation!r} has one attribute ({attribute!r})" for relation, attribute in single.items())
         skipped = "it" if len(single) == 1 else "them"
         reporter.warn(f"warning: {which}; analyses of a − mean(R∖a) skip {skipped}")
     torch.manual_seed(seed)
-    return model, encoded, dataset_path
+    return model, encoded, source
 
 
 def _used_device(model, requested: str) -> str:

@@ -19,9 +19,9 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from ..errors import FactscopeError
-from ..rundir import SUMMARY, TABLES, Run, atomic_write_text, load_run, write_csv
+from ..rundir import SUMMARY, TABLES, Run, atomic_write_text, check_file_output, load_run, write_csv
 from ..taxonomy import CLASSES, MECHANISM_ORDER
-from .page import PAPER, Section, figure_div, page_html
+from .page import GENERATOR, PAPER, Section, figure_div, page_html
 from .style import (CLASS_COLORS, CLASS_LETTERS, MECHANISM_COLORS, MECHANISM_LABELS, METRIC_LABELS, SHOWN_CLASSES,
                     dropdown, series_color, style_figure)
 from .text import pct
@@ -264,18 +264,26 @@ SECTIONS = (
 
 
 def write_compare(run_dirs: Sequence[str | Path], out: str | Path, overwrite: bool = False) -> tuple[Path, Path]:
-    """Write OUT (HTML) and OUT.csv (the tidy table); refuse existing files unless `overwrite`."""
-    out = Path(out)
-    csv_path = out.with_suffix(".csv")
-    for path in (out, csv_path):
-        if path.exists() and not overwrite:
-            raise FactscopeError(f"{path}: exists; pass --overwrite to replace it")
+    """Write OUT (HTML) and OUT.csv (the tidy table); refuse existing files unless `overwrite`, and files factscope
+    did not write even then."""
+    out = check_file_output(out, overwrite, _our_page)
+    csv_path = check_file_output(out.with_suffix(".csv"), overwrite, _our_table)
     comparison = load_comparison(run_dirs)
     page = render_html(comparison)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_csv(comparison.table, csv_path)
     atomic_write_text(out, page)
     return out, csv_path
+
+
+def _our_page(path: Path) -> bool:
+    with path.open("rb") as handle:
+        return GENERATOR.encode() in handle.read(4096)
+
+
+def _our_table(path: Path) -> bool:
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        return handle.readline().strip().replace('"', "").split(",") == COLUMNS
 
 
 def render_html(comparison: Comparison) -> str:

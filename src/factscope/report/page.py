@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import FactscopeError
-from ..rundir import TABLES, Run, atomic_write_text, load_run
+from ..rundir import FIGURES, REPORT, TABLES, Run, atomic_write_text, load_run
 from ..taxonomy import CLASSES
 from .figures_causal import (fig_ablations, fig_atp_paths, fig_atp_trace, fig_causal_trace, fig_enrichment,
                              fig_extraction_rate, fig_knockout, fig_noise_robustness)
@@ -145,6 +145,9 @@ def figure_div(fig, figure_id: str) -> str:
     return f'<div class="figure" data-figure="{figure_id}">{div}</div>'
 
 
+GENERATOR = 'name="generator" content="factscope'  # how `compare --overwrite` knows a page is factscope's
+
+
 def page_html(title: str, subtitle: str, toc: str, body: str) -> str:
     """One self-contained page: plotly.js inlined once, nothing fetched (report.html, compare.html)."""
     from plotly.offline import get_plotlyjs
@@ -156,7 +159,7 @@ def page_html(title: str, subtitle: str, toc: str, body: str) -> str:
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="generator" content="factscope {esc(__version__)}">
+<meta {GENERATOR} {esc(__version__)}">
 <title>{esc(title)}</title>
 <style>{CSS}</style>
 <script type="text/javascript">window.PlotlyConfig = {{MathJaxConfig: 'local'}};</script>
@@ -308,8 +311,8 @@ code { font-family: %s; font-size:0.92em; background:#f1f1ef; padding:1px 4px; b
 def write_report(run_dir: str | Path, pngs: bool = True) -> Path:
     """Write DIR/report.html (self-contained) and DIR/figures/*.png; return the path of report.html."""
     run = load_run(run_dir)
-    target = run.path / "report.html"
+    target = run.path / REPORT
     atomic_write_text(target, render_html(run))
     if pngs:
-        save_pngs(run, run.path / "figures")
+        save_pngs(run, run.path / FIGURES)
     return target

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..errors import FactscopeError
 from ..rundir import atomic_path
 from ..taxonomy import CLASSES, MECHANISM_ORDER
 from .figures_dla import additive_table, lens_table, share_table
@@ -27,6 +28,8 @@ def save_pngs(run: Run, folder: Path, dpi: int = 200) -> list[Path]:
     import matplotlib.pyplot as plt
 
     folder = Path(folder)
+    if folder.is_symlink():
+        raise FactscopeError(f"{folder}: is a symbolic link; factscope never writes figures through a link (remove it)")
     folder.mkdir(parents=True, exist_ok=True)
     rc = {"font.size": 10, "axes.titlesize": 12, "axes.labelsize": 10, "axes.spines.top": False,
           "axes.spines.right": False, "legend.frameon": False, "figure.dpi": dpi, "savefig.bbox": "tight",
