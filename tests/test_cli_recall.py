@@ -118,12 +118,13 @@ def default_run(tiny_llama_dir, cli_env, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bos_run(tiny_llama_dir, cli_env, tmp_path_factory):
-    """The same with --bos, into an existing directory replaced with --overwrite."""
+    """The same with --bos, replacing with --overwrite an earlier run of factscope's (an analysis's tables)."""
     work = tmp_path_factory.mktemp("bos-run")
     out = work / "out"
     out.mkdir()
-    (out / "stale.txt").write_text("from an earlier run")
+    (out / "heads.csv").write_text("from an earlier run")
     (out / "recall.csv").write_text("not,a,real,table\n")
+    (out / "run.json").write_text(json.dumps({"versions": {"factscope": "0.1.0"}}))
     result = cli("recall", "--model", tiny_llama_dir, "--out", out, "--bos", "--overwrite", env=cli_env, cwd=work)
     return result, out
 
@@ -189,7 +190,7 @@ def test_bos_prepends_and_is_recorded(bos_run, default_run, reference):
 def test_overwrite_replaces_the_directory(bos_run):
     result, out = bos_run
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in out.iterdir()) == OUTPUT_FILES  # stale.txt is gone
+    assert sorted(p.name for p in out.iterdir()) == OUTPUT_FILES  # the earlier run's heads.csv is gone
     assert (out / "recall.csv").read_text() != "not,a,real,table\n"
     table, _ = read_run(out)
     assert set(REQUIRED_COLUMNS) <= set(table.columns)

@@ -108,6 +108,11 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path):
     result = cli("import-facts", source, "--format", "known_1000", "--out", out)
     assert result.returncode == 2 and "exists; pass --overwrite" in result.stderr
     assert out.read_text() == "mine\n"
+    result = cli("import-facts", source, "--format", "known_1000", "--out", out, "--overwrite")
+    assert result.returncode == 2 and "not a file factscope wrote" in result.stderr  # the user's own file
+    assert out.read_text() == "mine\n"
+    out.unlink()
+    assert cli("import-facts", source, "--format", "known_1000", "--out", out, "--limit", "2").returncode == 0
     assert cli("import-facts", source, "--format", "known_1000", "--out", out, "--overwrite").returncode == 0
     assert len(load_facts(out)) == len(KNOWN_1000)
 

@@ -182,7 +182,12 @@ def test_existing_outputs_are_refused_unless_overwrite(run_dirs, tmp_path):
     with pytest.raises(FactscopeError, match=re.escape(f"{tmp_path / 'mine.csv'}: exists; pass --overwrite")):
         compare.write_compare(run_dirs[:2], out)
     assert not out.exists()
-    assert compare.write_compare(run_dirs[:2], out, overwrite=True) == (out, tmp_path / "mine.csv")
+    with pytest.raises(FactscopeError, match="not a file factscope wrote"):  # a table of the user's own
+        compare.write_compare(run_dirs[:2], out, overwrite=True)
+    assert (tmp_path / "mine.csv").read_text() == "mine\n"
+    (tmp_path / "mine.csv").unlink()
+    compare.write_compare(run_dirs[:2], out)
+    assert compare.write_compare(run_dirs[:2], out, overwrite=True) == (out, tmp_path / "mine.csv")  # its own
     assert read_table(tmp_path / "mine.csv")["run"].nunique() == 2
 
 

@@ -134,7 +134,7 @@ def _check_agreement(run_dir: Path, manifest: dict, summary: dict) -> None:
     BOS, the tables were not made with: refused before the model loads."""
     config = manifest.get("config", {})
     recorded = {"model": manifest.get("model"), "weights_sha256": manifest.get("weights_sha256"),
-                "dataset": manifest.get("dataset"), "prepend_bos": config.get("prepend_bos"),
+                "prepend_bos": config.get("prepend_bos"),
                 "dtype": config.get("dtype", "float32")}
     for key, value in recorded.items():
         if key in summary and summary[key] != value:
