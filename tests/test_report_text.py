@@ -99,7 +99,12 @@ def test_departures_follow_the_numbers(full_dir, full_run):
     assert verdicts["dominance"].status == dominance and "95% CI" in verdicts["dominance"].text
     summary = full_run.summary["interference"]
     assert verdicts["only_sum"].status == ("departs" if summary["only_sum_ranks_first"] < 0.05 else "agrees")
-    assert verdicts["ablation"].status in ("agrees", "departs")
+    total = pd.read_csv(full_dir / "ablations.csv").query("effect == 'total'")
+    everything = total.loc[total["n_mechanisms"].idxmax()]
+    band = 0.25 * abs(everything["sum_alone_delta_logit_diff"])
+    low, high = everything["interaction_logit_diff_low"], everything["interaction_logit_diff_high"]
+    additivity = "agrees" if -band < low and high < band else "departs" if low > band or high < -band else "inconclusive"
+    assert verdicts["ablation"].status == additivity and "total effects" in verdicts["ablation"].text
     assert verdicts["swap"].status in ("agrees", "departs")
 
 

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
 SWAP_MOVES = 0.5  # a relation head whose RELATION part changes by more than this under subject swap depends on the subject
 ONLY_SUM_NONE = 0.05  # below this fraction of prompts, "only the sum ranks a first" counts as absent
+# an interaction of removing every mechanism within this fraction of the summed single effects counts as additive
+ADDITIVE = 0.25
 
 
 def pooled_shares(run: Run, metric: str = "logit_diff") -> pd.DataFrame:
@@ -410,12 +412,13 @@ def departures(run: Run) -> list[Verdict]:
 
 
 def _additivity_verdict(claim: str, effects: dict[str, pd.DataFrame]) -> Verdict:
-    """The paper's additivity is about direct contributions, so the verdict reads the direct effects where the
-    table has them (disjoint paths' direct effects add up on logits by construction: a departure there means
-    paths shared between mechanisms or a broken edit) and says what the total effects add; a table from before
-    the direct effects is judged on its total effects, as then."""
-    effect = "direct" if "direct" in effects else "total"
-    table = effects[effect]
+    """The paper's claim is about what removing mechanisms does to the model: removing several does what removing
+    each does, summed. That is a claim about TOTAL effects (the layers above react), judged by the interaction of
+    removing all of them, effect(all) − Σ effect(alone), against `ADDITIVE` of the summed single effects, with its
+    bootstrap interval: additive where the whole interval lies inside ±ADDITIVE·|Σ|, non-additive where it lies
+    wholly outside, inconclusive where it crosses the band's edge. Direct effects of disjoint paths add up by
+    construction, so their interaction is reported as a sanity check of the edits, never as evidence."""
+    table = effects["total"]
     everything = table[table["n_mechanisms"] == table["n_mechanisms"].max()].iloc[0]
     summed, interaction = float(everything["sum_alone_delta_logit_diff"]), float(everything["interaction_logit_diff"])
     n_prompts = int(table["n_prompts"].min()) if "n_prompts" in table else 0
@@ -423,15 +426,23 @@ def _additivity_verdict(claim: str, effects: dict[str, pd.DataFrame]) -> Verdict
         why = (f"too few prompts ({n_prompts}; a verdict needs at least {MIN_ABLATION_PROMPTS})"
                if n_prompts < MIN_ABLATION_PROMPTS else "the interaction is not a number")
         return Verdict("ablation", claim, "inconclusive", f"Inconclusive: {why}; rerun `factscope ablate --overwrite` on more known facts.")
+    band = ADDITIVE * abs(summed)
+    low, high = everything.get("interaction_logit_diff_low", np.nan), everything.get("interaction_logit_diff_high", np.nan)
+    if not (np.isfinite(low) and np.isfinite(high)):  # a table from before the intervals: the point estimate alone
+        low = high = interaction
+    status = "agrees" if -band < low and high < band else "departs" if low > band or high < -band else "inconclusive"
     relative = abs(interaction) / abs(summed) if summed else math.inf
-    text = (f"Removing {everything['mechanism_set']} ({effect} effects): interaction {interaction:+.2f}"
-            f"{interval_text(everything, 'interaction_logit_diff', '+.2f')} logits, {relative:.0%} of the summed single "
-            f"effects ({summed:+.2f}).")
-    if effect == "direct" and "total" in effects:
-        total = effects["total"]
-        whole = total[total["n_mechanisms"] == total["n_mechanisms"].max()].iloc[0]
-        text += (f" As total effects, with the layers above reacting, the change is {whole['delta_logit_diff']:+.2f} against "
-                 f"{whole['sum_alone_delta_logit_diff']:+.2f} summed (interaction {whole['interaction_logit_diff']:+.2f}"
-                 f"{interval_text(whole, 'interaction_logit_diff', '+.2f')}): what downstream reactions add to the direct "
-                 "contributions DLA measures.")
-    return Verdict("ablation", claim, "agrees" if relative < 0.25 else "departs", text)
+    text = (f"Removing {everything['mechanism_set']} (total effects, the layers above reacting) changes a − mean(R∖a) "
+            f"by {everything['delta_logit_diff']:+.2f} logits against {summed:+.2f} for the single removals summed: "
+            f"interaction {interaction:+.2f}{interval_text(everything, 'interaction_logit_diff', '+.2f')}, "
+            f"{relative:.0%} of the summed effects ({'within' if status == 'agrees' else 'beyond' if status == 'departs' else 'crossing'}"
+            f" the ±{ADDITIVE:.0%} band)."
+            + {"agrees": "", "departs": " Removing them together does not do what removing each does, summed.",
+               "inconclusive": " The interval crosses the band's edge: this sample cannot tell."}[status])
+    if "direct" in effects:
+        direct = effects["direct"]
+        whole = direct[direct["n_mechanisms"] == direct["n_mechanisms"].max()].iloc[0]
+        text += (f" Sanity check, not evidence: as direct effects (only their own contributions to END replaced), "
+                 f"which add up by construction for disjoint paths, the interaction is "
+                 f"{whole['interaction_logit_diff']:+.2f}{interval_text(whole, 'interaction_logit_diff', '+.2f')}.")
+    return Verdict("ablation", claim, status, text)
