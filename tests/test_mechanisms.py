@@ -247,8 +247,9 @@ def test_mechanisms_sum_exactly_to_the_logit(model_dirs, family):
     parts = mechanism_parts(attn, rest, heads)
     assert set(parts["mechanism"]) == set(MECHANISMS)
 
-    correct = parts[parts["is_correct_target"]].groupby("prompt_id")[["value", "logit_diff"]].sum()
-    every_part = pd.concat([attn, rest]).query("is_correct_target").groupby("prompt_id")[["value", "logit_diff"]].sum()
+    summed = ["value", "centred", "logit_diff"]
+    correct = parts[parts["is_correct_target"]].groupby("prompt_id")[summed].sum()
+    every_part = pd.concat([attn, rest]).query("is_correct_target").groupby("prompt_id")[summed].sum()
     pd.testing.assert_frame_equal(correct, every_part.loc[correct.index], rtol=0, atol=1e-9)  # nothing lost or doubled
     model_logit = result.recall.set_index("prompt_id")["logit"]
     assert np.abs(correct["value"] - model_logit.loc[correct.index]).max() < TOLERANCE
@@ -258,7 +259,11 @@ def test_mechanisms_sum_exactly_to_the_logit(model_dirs, family):
     assert np.abs(correct["logit_diff"] - (correct["value"] - others.loc[correct.index])).max() < 1e-6
 
     shares = mechanism_shares(parts)
+    assert set(shares["metric"]) == {"logit", "centred_logit", "logit_diff"}
     assert np.allclose(shares.groupby(["relation", "metric"])["share"].sum(), 1.0)
+    # the centred shares are of the logit less its vocabulary mean: their total is the mean centred logit
+    pooled = shares.query("relation == 'all' and metric == 'centred_logit'")
+    assert pooled["mean_value"].sum() == pytest.approx(correct["centred"].mean(), abs=1e-9)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -148,9 +148,9 @@ def test_relation_with_one_attribute_is_warned_and_skipped(tiny_llama_dir, tmp_p
     shares = pd.read_csv(out / "mechanisms.csv")
     assert shares["share"].notna().all()
     capital = shares[shares["relation"] == "capital_city"]
-    assert set(capital["metric"]) == {"logit"} and (capital["n_prompts"] == 2).all()
+    assert set(capital["metric"]) == {"logit", "centred_logit"} and (capital["n_prompts"] == 2).all()
     n = len(MECHANISMS)
-    assert (shares.loc[shares["relation"] == "all", "n_prompts"].to_numpy() == [5] * n + [3] * n).all()
+    assert (shares.loc[shares["relation"] == "all", "n_prompts"].to_numpy() == [5] * n + [5] * n + [3] * n).all()
 
 
 def test_no_relation_with_two_attributes_fails_in_one_line(tiny_llama_dir, tmp_path):

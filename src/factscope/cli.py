@@ -397,14 +397,21 @@ def _print_mechanisms(summary: dict) -> None:
     for name in CLASSES:  # summary.json's keys come back sorted: print in the taxonomy's order
         entry = summary["head_classes"][name]
         classes.add_row(name, str(entry["count"]), ", ".join(entry["top"]) if name != "negligible" else "")
-    shares = Table(title="share of the correct attribute's logit and of a − mean(R \\ a) [95% CI], by mechanism")
-    for column in ("mechanism", "logit", "a − mean(R\\a)"):
+    # the centred logit (less its vocabulary mean): what raises every logit alike changes no probability
+    shares = Table(title="share of a − mean(R \\ a) and of the correct attribute's centred logit [95% CI], by mechanism")
+    for column in ("mechanism", "a − mean(R\\a)", "centred logit"):
         shares.add_column(column, justify="left" if column == "mechanism" else "right")
-    by_metric, intervals = summary["mechanism_shares"], summary.get("mechanism_shares_ci", {}).get("logit_diff", {})
-    for mechanism in MECHANISM_ORDER:
-        low, high = intervals.get(mechanism, (None, None))
+    by_metric, intervals = summary["mechanism_shares"], summary.get("mechanism_shares_ci", {})
+
+    def cell(metric: str, mechanism: str) -> str:
+        if metric not in by_metric:  # a run from before the centred shares
+            return "—"
+        low, high = intervals.get(metric, {}).get(mechanism, (None, None))
         interval = f" [{low:+.1%}, {high:+.1%}]" if low is not None else ""
-        shares.add_row(mechanism, f"{by_metric['logit'][mechanism]:+.1%}", f"{by_metric['logit_diff'][mechanism]:+.1%}{interval}")
+        return f"{by_metric[metric][mechanism]:+.1%}{interval}"
+
+    for mechanism in MECHANISM_ORDER:
+        shares.add_row(mechanism, cell("logit_diff", mechanism), cell("centred_logit", mechanism))
     stdout.print(classes)
     stdout.print(shares)
 

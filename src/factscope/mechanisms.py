@@ -8,8 +8,10 @@ Everything here is a pure function of `attributions.parquet` (see `decompose`): 
   correct attribute `a` from the SUBJECT tokens, from the RELATION tokens (END excluded), from END itself, and from
   BOS + the first token + prefix (`taxonomy.GROUPS`); the classes read S and R, and the paper's RELATION (END
   included) is R + END, kept beside them as `paper_class`;
-  breadth, `to_a`/`to_others`, top targets and MLP boosting are centred too; shares of "logit" are of the model's
-  own logit (`value`), shares of a − mean(R∖a) are the same either way;
+  breadth, `to_a`/`to_others`, top targets and MLP boosting are centred too; shares of "centred_logit" are of
+  the model's logit of `a` less its mean logit over the vocabulary (`centred`: what raises every logit alike
+  changes no probability, so it is no share of recall), those of "logit" of its own logit (`value`, kept for
+  reference only), and shares of a − mean(R∖a) are the same either way;
 - *specificity* of a part is its mean `logit_diff` on `a`, i.e. DLA(a) − mean DLA(R_r \\ a);
   *breadth* is its mean DLA over every attribute of R_r (a included): a relation head is broad, a subject
   head specific;
@@ -41,6 +43,7 @@ MEASURES = ("specificity", "breadth", "to_a", "to_others")
 KEYS = ["prompt_id", "relation", "target", "is_correct_target"]
 ATTN_COLUMNS = [*KEYS, "layer", "head", "source", "value", "centred", "logit_diff"]
 REST_COLUMNS = [*KEYS, "component", "layer", "value", "centred", "logit_diff"]
+PART_VALUES = ("value", "centred", "logit_diff")  # what a mechanism sums over its parts: one metric of shares each
 
 
 @dataclass(frozen=True)
@@ -299,7 +302,8 @@ def mlp_boosting(rest: pd.DataFrame) -> pd.DataFrame:
 
 
 def mechanism_parts(attn: pd.DataFrame, rest: pd.DataFrame, heads: pd.DataFrame) -> pd.DataFrame:
-    """Per prompt, target and mechanism: summed value and logit_diff; every part lands in exactly one mechanism.
+    """Per prompt, target and mechanism: summed value, centred and logit_diff; every part lands in exactly one
+    mechanism.
 
     heads: per-head classes (columns layer, head, class). Mechanisms with no parts (no mixed heads, say) get
     explicit zeros so means over prompts are over the same prompts for every mechanism.
@@ -307,16 +311,16 @@ def mechanism_parts(attn: pd.DataFrame, rest: pd.DataFrame, heads: pd.DataFrame)
     lookup = pd.DataFrame(
         [(*key, name) for key, name in HEAD_MECHANISM.items()], columns=["class", "source", "mechanism"]
     )
-    columns = [*KEYS, "mechanism", "value", "logit_diff"]
+    columns = [*KEYS, "mechanism", *PART_VALUES]
     head_parts = attn.merge(heads[["layer", "head", "class"]], on=["layer", "head"], how="left").merge(
         lookup, on=["class", "source"], how="left"
     )
     head_parts = head_parts.fillna({"mechanism": "other_heads"})[columns]
     other_parts = rest.assign(mechanism=np.where(rest["component"] == "mlp", "mlps", "embed_bias"))[columns]
     tagged = pd.concat([head_parts, other_parts], ignore_index=True)
-    sums = tagged.groupby([*KEYS, "mechanism"])[["value", "logit_diff"]].sum().reset_index()
+    sums = tagged.groupby([*KEYS, "mechanism"])[list(PART_VALUES)].sum().reset_index()
     full = tagged[KEYS].drop_duplicates().merge(pd.DataFrame({"mechanism": MECHANISMS}), how="cross")
-    parts = full.merge(sums, on=[*KEYS, "mechanism"], how="left").fillna({"value": 0.0, "logit_diff": 0.0})
+    parts = full.merge(sums, on=[*KEYS, "mechanism"], how="left").fillna(dict.fromkeys(PART_VALUES, 0.0))
     # a prompt whose R_r has one attribute has no a − mean(R∖a): keep it NaN, not the 0 that sum() made of it
     undefined = tagged.loc[tagged["logit_diff"].isna(), "prompt_id"].unique()
     parts.loc[parts["prompt_id"].isin(undefined), "logit_diff"] = np.nan
@@ -342,14 +346,14 @@ def mechanism_shares(parts: pd.DataFrame) -> pd.DataFrame:
 
     share = mean contribution / mean total, so the shares of a (relation, metric) sum to 1 exactly; a negative
     share is destructive interference. alone_ranks_first: fraction of prompts where the mechanism alone puts `a`
-    first among R_r (the same for both metrics: logit_diff is an increasing function of the value over R_r).
+    first among R_r (the same for every metric: each is an increasing function of the value over R_r).
     negative_fraction: fraction of prompts where its contribution is negative.
     """
     correct = parts[parts["is_correct_target"]]
     long = correct.melt(
-        id_vars=["prompt_id", "relation", "mechanism"], value_vars=["value", "logit_diff"],
+        id_vars=["prompt_id", "relation", "mechanism"], value_vars=list(PART_VALUES),
         var_name="metric", value_name="x",
-    ).replace({"metric": {"value": "logit"}})
+    ).replace({"metric": {"value": "logit", "centred": "centred_logit"}})
     long = long.dropna(subset=["x"])  # logit_diff of prompts whose R_r has one attribute: undefined, not 0
     long["negative"] = (long["x"] < 0).astype(float)
     alone = ranks_first(parts, ["mechanism"]).rename("alone_ranks_first").reset_index()

@@ -22,8 +22,8 @@ from ..errors import FactscopeError
 from ..rundir import SUMMARY, TABLES, Run, atomic_write_text, check_file_output, load_run, write_csv
 from ..taxonomy import CLASSES, MECHANISM_ORDER
 from .page import GENERATOR, PAPER, Section, figure_div, page_html
-from .style import (CLASS_COLORS, CLASS_LETTERS, MECHANISM_COLORS, MECHANISM_LABELS, METRIC_LABELS, SHOWN_CLASSES,
-                    dropdown, series_color, style_figure)
+from .style import (CLASS_COLORS, CLASS_LETTERS, MECHANISM_COLORS, MECHANISM_LABELS, METRIC_LABELS, SHARE_METRICS,
+                    SHOWN_CLASSES, dropdown, series_color, style_figure)
 from .text import pct
 
 REQUIRED_FILES = (SUMMARY, *(TABLES[name] for name in ("recall", "heads", "mechanisms")))
@@ -190,9 +190,9 @@ def fig_depths(comparison: Comparison) -> go.Figure:
 
 
 def fig_shares(comparison: Comparison) -> go.Figure:
-    """Per relation and run, each mechanism's share of a − mean(R∖a) (dropdown: of the logit of a), stacked."""
+    """Per relation and run, each mechanism's share of a − mean(R∖a) (dropdown: of the centred logit of a), stacked."""
     fig = go.Figure()
-    metrics = ("logit_diff", "logit")
+    metrics = SHARE_METRICS
     n_traces = dict.fromkeys(metrics, 0)
     for metric_name in metrics:
         rows = metric(comparison, f"share_{metric_name}")

@@ -15,8 +15,8 @@ from plotly.subplots import make_subplots
 from ..errors import FactscopeError
 from ..rundir import TABLES
 from ..taxonomy import HEAD_MECHANISM, MECHANISM_ORDER
-from .style import (GROUP_COLORS, MECHANISM_COLORS, MECHANISM_LABELS, METRIC_LABELS, MONO, display_token, dropdown,
-                    layer_ticks, log_dtick, nested, require, series_color, series_dash, style_figure)
+from .style import (GROUP_COLORS, MECHANISM_COLORS, MECHANISM_LABELS, METRIC_LABELS, MONO, SHARE_METRICS, display_token,
+                    dropdown, layer_ticks, log_dtick, nested, require, series_color, series_dash, style_figure)
 
 if TYPE_CHECKING:
     from ..rundir import Run
@@ -168,9 +168,9 @@ def fig_recall(run: Run) -> go.Figure:
 
 
 def fig_mechanism_shares(run: Run) -> go.Figure:
-    """Per relation: each mechanism's share of a − mean(R∖a) (dropdown: of the logit of a), stacked."""
+    """Per relation: each mechanism's share of a − mean(R∖a) (dropdown: of the centred logit of a), stacked."""
     fig = go.Figure()
-    metrics = ("logit_diff", "logit")
+    metrics = SHARE_METRICS
     n_traces = {}
     for metric in metrics:
         table = share_table(run, metric)

@@ -49,7 +49,7 @@ SECTIONS = (
             fig_heatmap, ("heads",)),
     Section("shares", "Mechanism shares by relation",
             "How much of <i>a</i> − mean(R∖a) each mechanism supplies, per relation. The dropdown switches to the "
-            "logit of <i>a</i> itself.", fig_mechanism_shares, ("mechanisms",)),
+            "centred logit of <i>a</i> (its logit less its mean over the vocabulary).", fig_mechanism_shares, ("mechanisms",)),
     Section("lens", "Logit lens", "When does the answer become readable at END?", fig_logit_lens,
             ("logit_lens", "recall")),
     Section("specificity", "Specificity", "Subject heads should write the subject's own attribute; relation heads "

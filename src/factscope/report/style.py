@@ -48,7 +48,9 @@ QUALITATIVE = ("#88CCEE", "#CC6677", "#DDCC77", "#117733", "#332288", "#AA4499",
                "#661100", "#6699CC", "#888888")
 DASHES = ("solid", "dash", "dot", "dashdot")
 DIVERGING = "RdBu"  # ColorBrewer, colour-blind safe; blue = raises the logit, red = lowers it
-METRIC_LABELS = {"logit_diff": "a − mean(R∖a)", "logit": "logit of a"}
+METRIC_LABELS = {"logit_diff": "a − mean(R∖a)", "centred_logit": "centred logit of a", "logit": "logit of a"}
+# the shares the report shows: a raise of every logit alike changes no probability, so "of the logit" is centred
+SHARE_METRICS = ("logit_diff", "centred_logit")
 
 TEMPLATE = go.layout.Template(pio.templates["simple_white"])
 TEMPLATE.layout.update(

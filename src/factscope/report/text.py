@@ -150,7 +150,12 @@ def findings(run: Run) -> list[Finding]:
 
 def _class_findings(run: Run) -> list[Finding]:
     heads = run.heads
-    diff, logit = pooled_shares(run, "logit_diff"), pooled_shares(run, "logit")
+    diff, logit = pooled_shares(run, "logit_diff"), pooled_shares(run, "centred_logit")
+
+    def of_logit(mechanism: str) -> str:
+        # runs from before the centred metric have only the uncentred logit, which is no share of recall: say nothing
+        return f" ({pct(logit.loc[mechanism, 'share'])} of the centred logit of a)" if mechanism in logit.index else ""
+
     rule = run.summary.get("head_class_rule", {})
     counts = heads["class"].value_counts()
     total = float(diff["mean_value"].sum())
@@ -167,7 +172,7 @@ def _class_findings(run: Run) -> list[Finding]:
         if count:
             sentences.append(
                 f"{plural(count, f'{name} head')} ({names_list(top_heads(heads, name))}) {verb(count, 'supply')} "
-                f"{pct(diff.loc[mechanism, 'share'])} of it ({pct(logit.loc[mechanism, 'share'])} of the logit of a);"
+                f"{pct(diff.loc[mechanism, 'share'])} of it{of_logit(mechanism)};"
             )
     if counts.get("mixed", 0):
         mixed = diff.loc["mixed_subject", "share"] + diff.loc["mixed_relation", "share"]
@@ -180,10 +185,10 @@ def _class_findings(run: Run) -> list[Finding]:
     if "end_heads" in diff.index:
         sentences.append(
             f"every head's END←END part (END re-reading its own residual, which the paper counts in RELATION) "
-            f"supplies {pct(diff.loc['end_heads', 'share'])} ({pct(logit.loc['end_heads', 'share'])} of the logit);"
+            f"supplies {pct(diff.loc['end_heads', 'share'])}{of_logit('end_heads')};"
         )
     sentences.append(
-        f"MLPs supply {pct(diff.loc['mlps', 'share'])} ({pct(logit.loc['mlps', 'share'])} of the logit); the other "
+        f"MLPs supply {pct(diff.loc['mlps', 'share'])}{of_logit('mlps')}; the other "
         f"head parts (negligible heads, BOS/first-token/prefix parts, off-class parts) "
         f"{pct(diff.loc['other_heads', 'share'])}; embeddings and biases {pct(diff.loc['embed_bias', 'share'])}."
     )
