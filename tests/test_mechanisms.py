@@ -21,6 +21,7 @@ from factscope.mechanisms import (
     MECHANISMS,
     ClassRule,
     class_sweep,
+    class_counts,
     classify_heads,
     head_dla,
     interference,
@@ -74,6 +75,36 @@ def test_rule_is_symmetric_and_never_calls_a_head_with_r_above_s_a_subject_head(
         assert forward != "subject"
 
 
+@pytest.mark.parametrize("s, r, expected", [
+    (0.050, 0.047, "mixed"),  # only S crosses τ = 0.048, but R/S = 0.94: nothing dominates (was "subject")
+    (0.047, 0.050, "mixed"),  # its mirror (was "relation")
+    (0.050, 0.004, "subject"),  # S ≥ 10·R: subject, whether or not R crosses τ
+    (0.004, 0.050, "relation"),
+    (0.050, -0.30, "subject"),  # a head that lowers a through its relation part
+    (0.040, 0.030, "negligible"),  # neither crosses τ
+])
+def test_dominance_decides_the_class_whichever_side_crosses_the_threshold(s, r, expected):
+    assert ClassRule(k=10).classify([s], [r], 0.048)[0] == expected
+
+
+def test_class_counts_carry_intervals_and_what_the_top_heads_carry():
+    rng = np.random.default_rng(2)
+    relations = [f"r{k}" for k in range(6) for _ in range(10)]
+    values = {(0, 0): [(1.0 + e, 0.0) for e in rng.normal(0, 0.2, 60)],
+              (0, 1): [(0.0, 1.0 + e) for e in rng.normal(0, 0.2, 60)],
+              # a borderline head: significant on some relations only, so its class moves between resamples
+              (0, 2): [(0.0, 0.05 if (k // 10) % 2 else 0.0) for k in range(60)],
+              **{(1, h): [(e, f) for e, f in rng.normal(0, 0.002, (60, 2))] for h in range(30)}}
+    result = classify_heads(per_prompt_table(values, relations))
+    for name, (low, high) in result.count_intervals.items():
+        assert low <= high and isinstance(low, int)
+    assert result.count_intervals["subject"] == [1, 1]  # the clear subject head is always there
+    counts = class_counts(result.heads.assign(subject_specificity=result.heads["subject_dla"],
+                                              relation_specificity=result.heads["relation_dla"]),
+                          result.count_intervals)
+    assert counts["subject"]["count_ci"] == [1, 1] and counts["subject"]["top_carriers_fraction"] == pytest.approx(1.0)
+
+
 def test_one_scale_for_both_sources():
     """The review's case: R's bulk is wider than S's, and a head with R > S missed R's own bar — one τ for both."""
     rng = np.random.default_rng(0)
@@ -94,13 +125,13 @@ def test_bootstrap_intervals_cover_the_means_and_are_reproducible():
               (0, 1): [(0.0, 1.0 + e) for e in rng.normal(0, 0.3, 40)],  # a clear relation head
               **{(1, h): [(e, f) for e, f in rng.normal(0, 0.01, (40, 2))] for h in range(30)}}
     per_prompt = per_prompt_table(values, ["r"] * 40)
-    heads, _, _ = classify_heads(per_prompt)
-    again, _, _ = classify_heads(per_prompt)
+    heads, *_ = classify_heads(per_prompt)
+    again, *_ = classify_heads(per_prompt)
     pd.testing.assert_frame_equal(heads, again)  # seeded
     assert (heads["subject_dla_low"] <= heads["subject_dla"]).all() and (heads["subject_dla"] <= heads["subject_dla_high"]).all()
     clear = heads.set_index("name").loc[["L0H0", "L0H1"]]
     assert (clear["class_agreement"] == 1.0).all() and clear["class"].tolist() == ["subject", "relation"]
-    other, _, _ = classify_heads(per_prompt, seed=1)
+    other, *_ = classify_heads(per_prompt, seed=1)
     assert not np.allclose(other["subject_dla_low"], heads["subject_dla_low"])  # the seed is what fixes them
 
 
@@ -150,7 +181,7 @@ def test_stability_over_prompts_and_relations():
         },
         ["r1", "r1", "r2", "r2"],
     )
-    heads, by_relation, _ = classify_heads(table)
+    heads, by_relation, *_ = classify_heads(table)
     named = heads.set_index("name")
     assert named.loc["L0H0", "class"] == "subject"
     assert named.loc["L0H0", "stability"] == 0.75 and named.loc["L0H0", "relation_stability"] == 1.0
@@ -165,7 +196,7 @@ def test_stability_over_prompts_and_relations():
 def test_k_sweep_moves_heads_from_subject_to_mixed():
     ratios = [1.2, 2.5, 4, 8, 15, 30, 100]  # S / R of seven heads where both are significant
     table = per_prompt_table({(0, h): [(ratio, 1.0)] for h, ratio in enumerate(ratios)} | quiet_heads(30, 1), ["r"])
-    heads, _, _ = classify_heads(table)
+    heads, *_ = classify_heads(table)
     sweep = class_sweep(heads, ks=[1.5, 3, 10, 50], zs=[3]).pivot(index="k", columns="class", values="count")
     assert sweep["subject"].tolist() == [6, 5, 3, 1]
     assert sweep["mixed"].tolist() == [1, 2, 4, 6]
@@ -241,7 +272,7 @@ def test_mechanisms_sum_exactly_to_the_logit(model_dirs, family):
     encoded = encode_all(load_facts(), model.tokenizer, model.prepend_bos)[::4]
     result = decompose(model, encoded, known_only=False)
     attn, rest = split_parts(result.attributions)
-    heads, _, _ = classify_heads(head_dla(attn))
+    heads, *_ = classify_heads(head_dla(attn))
     assert set(heads["class"]) <= set(CLASSES) and len(heads) == model.cfg.n_layers * model.cfg.n_heads
     heads["class"] = [CLASSES[i % len(CLASSES)] for i in range(len(heads))]  # random heads: give every class some
     parts = mechanism_parts(attn, rest, heads)

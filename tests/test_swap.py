@@ -17,7 +17,7 @@ def test_swap_subjects_replaces_the_last_mention_cyclically():
 
 def test_subject_swap_moves_subject_heads_not_relation_heads(handbuilt_run):
     model, encoded, result, _ = handbuilt_run
-    heads, _, _ = classify_heads(head_dla(split_parts(result.attributions)[0]))
+    heads, *_ = classify_heads(head_dla(split_parts(result.attributions)[0]))
     swap = subject_swap(model, encoded, heads).set_index("name")
     assert swap.loc["L0H1", "rel_change"] < 1e-4
     assert swap.loc["L0H0", "rel_change"] > 1.0

@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -62,9 +63,13 @@ class ClassRule:
     0.0086 for S), so a head with R > S was called a subject head whenever R missed its own bar (4 such heads).
     With one τ, a head's larger side is always the one that can be significant first.
 
-    Classes, in the paper's spirit: both significant → subject if S ≥ k·R, relation if R ≥ k·S, else mixed;
-    only S significant → subject; only R → relation; neither → negligible. The rule is symmetric: exchanging S and
-    R exchanges subject and relation, and a head with R ≥ S is never a subject head.
+    Classes, by dominance: a significant head (S or R above τ) is a subject head if S ≥ k·R, a relation head if
+    R ≥ k·S, else mixed; a head with neither above τ is negligible. The ratio applies whichever side crossed τ:
+    applying it only when both did made a head with S barely above τ and R/S = 0.94 a subject head (its R below
+    τ) on one set and mixed on another — the class followed which side crossed the threshold, not which source
+    dominates (on SmolLM2's shipped set 23/36/7 subject/relation/mixed heads under the old rule, 18/22/26 under
+    this one). The rule is symmetric: exchanging S and R exchanges subject and relation, and a head with R ≥ S is
+    never a subject head.
     """
 
     k: float = 10.0
@@ -86,11 +91,10 @@ class ClassRule:
 
     def classify(self, subject, relation, threshold: float) -> np.ndarray:
         s, r = np.asarray(subject, dtype=float), np.asarray(relation, dtype=float)
-        s_sig, r_sig = s > threshold, r > threshold
-        both = s_sig & r_sig
+        significant = np.maximum(s, r) > threshold
         s_dominates, r_dominates = s >= self.k * r, r >= self.k * s  # both only for S = R at k = 1: mixed
-        conditions = [both & s_dominates & ~r_dominates, both & r_dominates & ~s_dominates, both, s_sig, r_sig]
-        return np.select(conditions, ["subject", "relation", "mixed", "subject", "relation"], default="negligible")
+        conditions = [significant & s_dominates & ~r_dominates, significant & r_dominates & ~s_dominates, significant]
+        return np.select(conditions, ["subject", "relation", "mixed"], default="negligible")
 
 
 def robust_threshold(values: pd.Series, z: float) -> float:
@@ -161,24 +165,33 @@ def head_dla(attn: pd.DataFrame) -> pd.DataFrame:
     return table.reset_index()
 
 
+class HeadClasses(NamedTuple):
+    heads: pd.DataFrame  # per head: mean S, R, END, other DLA, class, intervals, agreement, stability
+    by_relation: pd.DataFrame  # per relation and head: the same means and the class under the pooled τ
+    threshold: float  # the pooled significance threshold τ
+    count_intervals: dict  # {class: [low, high]}: the bootstrap interval of how many heads the class has
+
+
 def classify_heads(
     per_prompt: pd.DataFrame, rule: ClassRule = ClassRule(), n_resamples: int = bootstrap.N_RESAMPLES,
     seed: int = bootstrap.SEED,
-) -> tuple[pd.DataFrame, pd.DataFrame, float]:
-    """Pooled classes with their uncertainty, the per-relation classes, and the pooled significance threshold τ.
+) -> HeadClasses:
+    """Pooled classes with their uncertainty, the per-relation classes, the pooled significance threshold τ and
+    the intervals of the class counts.
 
     per_prompt: as from `head_dla`.
     Per-prompt and per-relation classes use the pooled τ, so stability asks whether a head lands in the same
     region of the (S, R) plane on each prompt or relation, not whether a re-fitted rule agrees. The bootstrap
-    re-fits everything: on each resample of the prompts, every head's mean S and R, τ, and the classes;
-    `class_agreement` is the fraction of resamples that give the head its class, and `*_dla_low/high` the
-    percentile interval of its S and R.
+    re-fits everything: on each resample (relations, then prompts: `bootstrap.resample_weights`), every head's
+    mean S and R, τ, and the classes; `class_agreement` is the fraction of resamples that give the head its class,
+    `*_dla_low/high` the percentile interval of its S and R, and `count_intervals` that of each class's count.
     """
     heads = per_prompt.groupby(["layer", "head"])[list(DLA_COLUMNS)].mean().reset_index()
     threshold = rule.threshold(heads["subject_dla"], heads["relation_dla"])
     heads["class"] = rule.classify(heads["subject_dla"], heads["relation_dla"], threshold)
     heads.insert(2, "name", head_name(heads["layer"], heads["head"]))
-    heads = heads.join(_bootstrap_classes(per_prompt, heads, rule, n_resamples, seed), on=["layer", "head"])
+    uncertainty, count_intervals = _bootstrap_classes(per_prompt, heads, rule, n_resamples, seed)
+    heads = heads.join(uncertainty, on=["layer", "head"])
     pooled = heads.set_index(["layer", "head"])["class"]
 
     def agreement(table: pd.DataFrame) -> pd.Series:
@@ -191,17 +204,19 @@ def classify_heads(
     by_relation.insert(3, "name", head_name(by_relation["layer"], by_relation["head"]))
     heads = heads.join(agreement(per_prompt).rename("stability"), on=["layer", "head"])
     heads = heads.join(agreement(by_relation).rename("relation_stability"), on=["layer", "head"])
-    return heads, by_relation, threshold
+    return HeadClasses(heads, by_relation, threshold, count_intervals)
 
 
 def _bootstrap_classes(per_prompt: pd.DataFrame, heads: pd.DataFrame, rule: ClassRule, n_resamples: int,
-                       seed: int) -> pd.DataFrame:
-    """Per head: S and R intervals and the fraction of prompt resamples that reproduce its class."""
+                       seed: int) -> tuple[pd.DataFrame, dict]:
+    """Per head: S and R intervals and the fraction of resamples that reproduce its class; per class: the
+    interval of its count."""
     wide = per_prompt.pivot_table(index="prompt_id", columns=["layer", "head"], values=["subject_dla", "relation_dla"])
+    relations = per_prompt.groupby("prompt_id")["relation"].first().reindex(wide.index).to_numpy()
     order = pd.MultiIndex.from_frame(heads[["layer", "head"]])
     s = wide["subject_dla"].reindex(columns=order).fillna(0.0).to_numpy()  # [prompt, head]
     r = wide["relation_dla"].reindex(columns=order).fillna(0.0).to_numpy()
-    weights = bootstrap.resample_weights(len(wide), n_resamples, seed)  # [resample, prompt]
+    weights = bootstrap.resample_weights(len(wide), n_resamples, seed, relations)  # [resample, prompt]
     s_boot, r_boot = weights @ s, weights @ r  # [resample, head]
     # τ per resample, vectorised: median + z · 1.4826 · MAD over the pooled S and R of all heads
     pooled = np.concatenate([s_boot, r_boot], axis=1)
@@ -213,7 +228,8 @@ def _bootstrap_classes(per_prompt: pd.DataFrame, heads: pd.DataFrame, rule: Clas
     (s_low, s_high), (r_low, r_high) = bootstrap.interval(s_boot), bootstrap.interval(r_boot)
     table = pd.DataFrame({"subject_dla_low": s_low, "subject_dla_high": s_high, "relation_dla_low": r_low,
                           "relation_dla_high": r_high, "class_agreement": agreement}, index=order)
-    return table
+    counts = {name: bootstrap.interval((classes == name).sum(1).astype(float)) for name in CLASSES}
+    return table, {name: [int(round(low)), int(round(high))] for name, (low, high) in counts.items()}
 
 
 def paper_classes(heads: pd.DataFrame, rule: ClassRule) -> np.ndarray:
@@ -358,6 +374,7 @@ def mechanism_shares(parts: pd.DataFrame) -> pd.DataFrame:
     long["negative"] = (long["x"] < 0).astype(float)
     alone = ranks_first(parts, ["mechanism"]).rename("alone_ranks_first").reset_index()
     long = long.merge(alone, on=["prompt_id", "relation", "mechanism"], how="left")
+    long["source_relation"] = long["relation"]  # kept through the pooling: its intervals resample relations
     frames = [long.assign(relation="all"), long]
     stats = pd.concat(frames).groupby(["relation", "metric", "mechanism"], sort=False).agg(
         mean_value=("x", "mean"), alone_ranks_first=("alone_ranks_first", "mean"),
@@ -370,12 +387,15 @@ def mechanism_shares(parts: pd.DataFrame) -> pd.DataFrame:
 
 
 def _share_intervals(long: pd.DataFrame) -> pd.DataFrame:
-    """Bootstrap interval of every share: resample the prompts of each (relation, metric), recompute every
-    mechanism's mean and divide by their sum, as `mechanism_shares` does."""
+    """Bootstrap interval of every share: resample each (relation, metric)'s prompts — the pooled ones ("all")
+    by relation, then prompt (`bootstrap.resample_weights`) — recompute every mechanism's mean and divide by their
+    sum, as `mechanism_shares` does. long: `relation` is "all" or the relation; `source_relation` the prompt's."""
     frames = []
     for (relation, metric), rows in long.groupby(["relation", "metric"], sort=False):
         wide = rows.pivot_table(index="prompt_id", columns="mechanism", values="x", aggfunc="sum").fillna(0.0)
-        means = bootstrap.resample_weights(len(wide)) @ wide.to_numpy()  # [resample, mechanism]
+        relations = (rows.groupby("prompt_id")["source_relation"].first().reindex(wide.index).to_numpy()
+                     if relation == "all" else None)
+        means = bootstrap.resample_weights(len(wide), relations=relations) @ wide.to_numpy()  # [resample, mechanism]
         low, high = bootstrap.interval(means / means.sum(1, keepdims=True))
         frames.append(pd.DataFrame({"relation": relation, "metric": metric, "mechanism": wide.columns,
                                     "share_low": low, "share_high": high}))
@@ -428,7 +448,7 @@ def summarize(run_dir: Path, rule: ClassRule = ClassRule()) -> dict:
             f"{run_dir}: every analysed relation has one attribute, so a − mean(R∖a) is undefined; "
             "the dataset needs relations with at least two different attributes"
         )
-    heads, by_relation, threshold = classify_heads(head_dla(attn), rule)
+    heads, by_relation, threshold, count_intervals = classify_heads(head_dla(attn), rule)
     heads.insert(heads.columns.get_loc("class") + 1, "paper_class", paper_classes(heads, rule))
     heads = heads.merge(head_extraction(attn), on=["layer", "head"]).join(top_targets(attn), on=["layer", "head"])
     parts = mechanism_parts(attn, rest, heads)
@@ -441,7 +461,7 @@ def summarize(run_dir: Path, rule: ClassRule = ClassRule()) -> dict:
     write_table(shares, run_dir, "mechanisms")
     pooled = shares[shares["relation"] == "all"]
     return {
-        "head_classes": class_counts(heads),
+        "head_classes": class_counts(heads, count_intervals),
         "head_classes_paper": heads["paper_class"].value_counts().reindex(CLASSES, fill_value=0).astype(int).to_dict(),
         "head_class_rule": {
             # one τ for both sources; the per-source keys stay for readers of earlier runs' summaries
@@ -458,13 +478,20 @@ def summarize(run_dir: Path, rule: ClassRule = ClassRule()) -> dict:
                      zip(group["mechanism"], group["share_low"], group["share_high"])}
             for metric, group in pooled.groupby("metric")
         },
-        "intervals": bootstrap.record(),
+        "intervals": bootstrap.record(bootstrap.count_relations(attn.drop_duplicates("prompt_id")["relation"])),
         "interference": interference(parts, shares),
     }
 
 
-def class_counts(heads: pd.DataFrame, n: int = TOP_N) -> dict:
-    """{class: {"count": n, "top": names}}, the top ranked by the DLA that defines the class."""
+TOP_CARRIERS = 3
+
+
+def class_counts(heads: pd.DataFrame, count_intervals: dict | None = None, n: int = TOP_N) -> dict:
+    """{class: {"count": n, "count_ci": [low, high], "top": names}}, the top ranked by the DLA that defines the
+    class; for subject and relation heads also `top_carriers_fraction`: the fraction of the class's a − mean(R∖a)
+    (its mechanism's mean, the sum of its heads' own-source specificity) that its `TOP_CARRIERS` largest
+    contributors supply — a count moves with every head near the threshold, this fraction only with the few that
+    carry the class."""
     score = {
         "subject": heads["subject_dla"],
         "relation": heads["relation_dla"],
@@ -476,4 +503,11 @@ def class_counts(heads: pd.DataFrame, n: int = TOP_N) -> dict:
         members = heads["class"] == name
         order = score[name][members].sort_values(ascending=False).index[:n]
         out[name] = {"count": int(members.sum()), "top": heads.loc[order, "name"].tolist()}
+        if count_intervals is not None:
+            out[name]["count_ci"] = count_intervals[name]
+        if name in ("subject", "relation") and f"{name}_specificity" in heads:
+            carried = heads.loc[members, f"{name}_specificity"].sort_values(ascending=False)
+            total = float(carried.sum())
+            fraction = float(carried.iloc[:TOP_CARRIERS].sum()) / total if total > 0 and len(carried) else None
+            out[name]["top_carriers_fraction"] = fraction
     return out

@@ -143,7 +143,9 @@ def analyze(
             summary.update(finish_batches(run, encoded, written))
             # R_r over every prompt of the dataset, known or not: the one every later stage of this run uses
             rundir.write_table(pd.DataFrame(targets_table(relation_targets(encoded))), run.staging, "relation_targets")
-            summary["accuracy_ci"] = bootstrap.mean_interval(rundir.read_table(run.staging, "recall", required=True)["correct"])
+            recall_rows = rundir.read_table(run.staging, "recall", required=True)
+            summary["accuracy_ci"] = bootstrap.mean_interval(recall_rows["correct"], relations=recall_rows["relation"])
+            summary["accuracy_intervals"] = bootstrap.record(bootstrap.count_relations(recall_rows["relation"]))
             if summary["n_analysed"] == 0:
                 raise FactscopeError("no prompt is a known fact for this model; rerun with --all-prompts")
             summary.update(summarize(run.staging, rule))

@@ -104,7 +104,8 @@ def ablation_grid(
     their changes from the clean model (`delta_*`, `accuracy_drop`), and for sets of two or more the additivity
     check `interaction_logit` (and `interaction_logit_diff`) = effect(together) − Σ effect(alone).
     `accuracy_low/high`, `delta_logit_diff_low/high` and `interaction_logit_diff_low/high` are bootstrap
-    intervals over prompts (`bootstrap.mean_interval`, its default seed). Robustness is the `accuracy` of the
+    intervals (`bootstrap.mean_interval`, its default seed: relations then prompts where the prompts have at
+    least `bootstrap.MIN_RELATIONS` relations, `n_relations`; prompts alone otherwise). Robustness is the `accuracy` of the
     single sets against the set of all: see `robustness_summary`.
     """
     if not mechanisms:
@@ -127,14 +128,15 @@ def ablation_grid(
             {
                 "effect": effect, "mechanism_set": " + ".join(names) or "none", "n_mechanisms": len(names),
                 "n_removed": parse(model, union(*(mechanisms[name] for name in names))).n_paths, "mode": mode,
-                "n_prompts": len(batch), "mean_logit": finite_mean(result["logit"]),
+                "n_prompts": len(batch), "n_relations": bootstrap.count_relations([e.fact.relation for e in encoded]),
+                "mean_logit": finite_mean(result["logit"]),
                 "mean_logit_diff": finite_mean(result["logit_diff"]), "accuracy": finite_mean(result["correct"]),
                 "mean_prob": finite_mean(result["prob"]),
             }
             for names, result in zip(sets, per_set)
         ]
         table = _with_interactions(pd.DataFrame.from_records(records), sets)
-        tables.append(_with_intervals(table, sets, per_set))
+        tables.append(_with_intervals(table, sets, per_set, [e.fact.relation for e in encoded]))
     return pd.concat(tables, ignore_index=True)
 
 
@@ -187,17 +189,22 @@ def _with_interactions(table: pd.DataFrame, sets: list[tuple[str, ...]]) -> pd.D
     return table
 
 
-def _with_intervals(table: pd.DataFrame, sets: list[tuple[str, ...]], per_set: list[dict[str, np.ndarray]]) -> pd.DataFrame:
-    """Bootstrap intervals over prompts of the accuracy, the change of a − mean(R∖a) and its interaction term,
-    from the per-prompt values (paired: a prompt's change is against its own clean value)."""
+def _with_intervals(table: pd.DataFrame, sets: list[tuple[str, ...]], per_set: list[dict[str, np.ndarray]],
+                    relations: list[str]) -> pd.DataFrame:
+    """Bootstrap intervals (relations, then prompts, where there are enough relations: `bootstrap`) of the
+    accuracy, the change of a − mean(R∖a) and its interaction term, from the per-prompt values (paired: a
+    prompt's change is against its own clean value)."""
     clean = per_set[0]["logit_diff"]
     delta = {names: result["logit_diff"] - clean for names, result in zip(sets, per_set)}
     columns: dict[str, list] = {name: [] for name in ("accuracy", "delta_logit_diff", "interaction_logit_diff")}
     for names, result in zip(sets, per_set):
-        columns["accuracy"].append(bootstrap.mean_interval(result["correct"]))
-        columns["delta_logit_diff"].append(bootstrap.mean_interval(delta[names]) if names else [0.0, 0.0])
-        interaction = delta[names] - sum(delta[(name,)] for name in names) if len(names) > 1 else []
-        columns["interaction_logit_diff"].append(bootstrap.mean_interval(interaction))
+        columns["accuracy"].append(bootstrap.mean_interval(result["correct"], relations=relations))
+        columns["delta_logit_diff"].append(bootstrap.mean_interval(delta[names], relations=relations) if names else [0.0, 0.0])
+        if len(names) > 1:
+            interaction = delta[names] - sum(delta[(name,)] for name in names)
+            columns["interaction_logit_diff"].append(bootstrap.mean_interval(interaction, relations=relations))
+        else:
+            columns["interaction_logit_diff"].append([None, None])
     for name, intervals in columns.items():
         table[f"{name}_low"] = [np.nan if low is None else low for low, _ in intervals]
         table[f"{name}_high"] = [np.nan if high is None else high for _, high in intervals]
@@ -213,7 +220,7 @@ def robustness_summary(grid: pd.DataFrame) -> dict:
     if (effects == "direct").any():
         out["direct"] = _effect_summary(grid[effects == "direct"])
     if "accuracy_low" in grid:
-        out["bootstrap"] = bootstrap.record()
+        out["bootstrap"] = bootstrap.record(int(grid["n_relations"].iloc[0]) if "n_relations" in grid else None)
     return out
 
 

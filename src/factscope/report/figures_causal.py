@@ -11,6 +11,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from .. import bootstrap
 from ..taxonomy import GROUPS
 from .text_causal import agreement_caption
 from .style import (BLOCKED_LABELS, CLASS_COLORS, MECHANISM_COLORS, MECHANISM_LABELS, METRIC_LABELS, SOURCE_COLORS, layer_ticks,
@@ -71,8 +72,10 @@ def fig_ablations(run: Run, metric: str = "logit_diff") -> go.Figure:
         fig.add_scatter(x=total["mechanism_set"], y=total[f"sum_alone_delta_{metric}"], mode="markers",
                         name="sum of single total effects", marker=dict(symbol="diamond", size=12, color="#D55E00"),
                         hovertemplate="sum of single effects %{y:+.3f}<extra></extra>")
+    n_relations = int(table["n_relations"].iloc[0]) if "n_relations" in table else None
+    intervals_over = bootstrap.unit_text(bootstrap.record(n_relations))
     style_figure(fig, "Ablations: are the mechanisms additive?", f"Change of {METRIC_LABELS.get(metric, metric)} when the "
-                 "mechanisms are removed (bars: 95% bootstrap intervals over prompts). Direct effects add up by "
+                 f"mechanisms are removed (bars: {intervals_over}). Direct effects add up by "
                  "construction; where the diamond meets the total-effect bar the total effects add up too.", height=480)
     fig.update_yaxes(title_text=f"Δ {METRIC_LABELS.get(metric, metric)} (logits)")
     fig.update_xaxes(tickangle=-30)

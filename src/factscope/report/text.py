@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from .. import bootstrap
 from ..rundir import SUMMARY, TABLES
 from ..taxonomy import HEAD_MECHANISM
 from .figures_dla import lens_table
@@ -198,7 +199,38 @@ def _class_findings(run: Run) -> list[Finding]:
             f"With END counted in RELATION, as the paper counts it, the same rule finds {int(paper.get('subject', 0))} "
             f"subject, {int(paper.get('relation', 0))} relation and {int(paper.get('mixed', 0))} mixed heads."
         )
+    robustness = _count_robustness(run.summary)
+    if robustness:
+        sentences.append(robustness)
     return [Finding("classes", " ".join(sentences))]
+
+
+FRAGILE_COUNT = 0.5  # a class count whose interval is wider than half the count is called fragile
+CARRIED = 0.5  # the three largest heads of a class supplying more than this fraction of its share: carried by few
+
+
+def _count_robustness(summary: dict) -> str:
+    """How firm the class counts are (their bootstrap intervals) against how firm the shares are (what the three
+    largest heads of a class carry): counts move with every head near τ, a share carried by few heads does not."""
+    classes = summary.get("head_classes", {})
+    shown = [name for name in ("subject", "relation", "mixed") if "count_ci" in classes.get(name, {})]
+    if not shown:
+        return ""  # a run from before the count intervals
+    spans = ", ".join(f"{name} {classes[name]['count_ci'][0]}–{classes[name]['count_ci'][1]}" for name in shown)
+    fragile = [name for name in shown
+               if classes[name]["count_ci"][1] - classes[name]["count_ci"][0] > FRAGILE_COUNT * max(classes[name]["count"], 1)]
+    text = (f"Over {bootstrap.unit_text(summary.get('intervals'))}, the class counts range {spans}: "
+            + (f"the {' and '.join(fragile)} count{'s are' if len(fragile) > 1 else ' is'} fragile (interval wider "
+               f"than half the count)" if fragile else "no count's interval is wider than half the count"))
+    carriers = [(name, classes[name].get("top_carriers_fraction")) for name in ("subject", "relation")]
+    carriers = [(name, value) for name, value in carriers if value is not None]
+    if carriers:
+        text += "; the shares rest on few heads: " + ", ".join(
+            f"the three largest {name} heads carry {pct(value)} of their class's a − mean(R∖a)" for name, value in carriers)
+        few = [name for name, value in carriers if value > CARRIED]
+        text += (f", so the {' and '.join(few)} share{'s' if len(few) > 1 else ''} would hardly move with heads near "
+                 "the threshold" if few else ", spread over many heads")
+    return text + "."
 
 
 def _interference_finding(interference: dict) -> Finding:
