@@ -43,7 +43,8 @@ def build_full_run(root: Path, model_dir: Path) -> Path:
     from factscope.data import encode_all, load_facts
     from factscope.mechanisms import ClassRule, summarize
     from factscope.models import load_model
-    from factscope.swap import subject_swap, swap_summary
+    from factscope.mechanisms import swap_summary
+    from factscope.swap import subject_swap
 
     out = root / "full-run"
     analyze(model_dir, out, "--all-prompts")

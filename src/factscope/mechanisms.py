@@ -511,3 +511,24 @@ def class_counts(heads: pd.DataFrame, count_intervals: dict | None = None, n: in
             fraction = float(carried.iloc[:TOP_CARRIERS].sum()) / total if total > 0 and len(carried) else None
             out[name]["top_carriers_fraction"] = fraction
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. The subject swap's table (`swap.subject_swap`), summarised
+
+
+def swap_summary(stats: pd.DataFrame) -> dict:
+    """Per (class, source), e.g. {"relation/relation": {...}}: rel_change and corr averaged over the class's heads
+    weighted by each part's mean |DLA| — the heads that carry the class decide how much it moves, not the many that
+    barely cross the threshold — and the unweighted means beside them (`*_unweighted`)."""
+    out = {}
+    for (name, source), rows in stats.groupby(["class", "source"]):
+        weights = rows["mean_abs_dla"] if "mean_abs_dla" in rows else pd.Series(1.0, index=rows.index)
+        corr = rows["corr"].notna()
+        out[f"{name}/{source}"] = {
+            "rel_change": float(np.average(rows["rel_change"], weights=weights)),
+            "corr": float(np.average(rows.loc[corr, "corr"], weights=weights[corr])) if corr.any() else float("nan"),
+            "rel_change_unweighted": float(rows["rel_change"].mean()), "corr_unweighted": float(rows["corr"].mean()),
+            "n_heads": int(len(rows)), "weight": "mean |DLA|",
+        }
+    return out

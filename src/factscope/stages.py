@@ -150,12 +150,16 @@ def analyze(
                 raise FactscopeError("no prompt is a known fact for this model; rerun with --all-prompts")
             summary.update(summarize(run.staging, rule))
             if swap:
-                from .swap import subject_swap, swap_summary
+                from .mechanisms import swap_summary
+                from .swap import subject_swap
 
-                # all prompts, known or not, so that every R_r is the one the analysis used
+                # all prompts decomposed, known or not, so that every R_r is the one the analysis used; measured
+                # on the prompts the analysis analysed
+                analysed = recall_rows if all_prompts else recall_rows[recall_rows["correct"]]
                 with sending():
                     stats = subject_swap(loaded, encoded, rundir.read_table(run.staging, "heads", required=True),
-                                         batch_size, engine=engine or local_end_activations)
+                                         batch_size, engine=engine or local_end_activations,
+                                         measured=set(analysed["prompt_id"].astype(str)))
                 rundir.write_table(stats, run.staging, "subject_swap")
                 summary["subject_swap"] = swap_summary(stats)
             if remote:  # the swap's passes included

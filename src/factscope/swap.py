@@ -40,14 +40,16 @@ def swap_subjects(facts: list[Fact]) -> dict[str, Fact]:
 
 
 def subject_swap(model: LoadedModel, encoded: list[Encoded], heads: pd.DataFrame, batch_size: int = 16,
-                 engine: Engine = local_end_activations) -> pd.DataFrame:
+                 engine: Engine = local_end_activations, measured: set[str] | None = None) -> pd.DataFrame:
     """How far each classified head's own parts move when the subject is swapped for another of the relation.
 
     heads: per-head classes (layer, head, class), e.g. DIR/heads.csv. Pass the same facts the analysis used so
     R_r is the same. Per (head, source): `rel_change` = mean |Δ DLA| / mean |DLA| over prompts × R_r and
     `corr` = mean over prompts of the correlation across R_r of the clean and swapped DLA vectors. A relation
     head's RELATION part should barely move (rel_change ≪ 1, corr ≈ 1); a subject head's SUBJECT part should.
-    `engine` runs the two decompositions' passes (`decompose.decompose`), on NDIF with `analyze --remote --swap`.
+    `mean_abs_dla` is the part's mean |DLA| (what `swap_summary` weights by). measured: the prompt ids the
+    statistics are taken over (the analysis's known facts: a head's DLA on a fact the model does not know is no
+    mechanism of recall); every prompt is still decomposed, so R_r stays the analysis's. `engine` runs the two decompositions' passes (`decompose.decompose`), on NDIF with `analyze --remote --swap`.
     """
     swapped = swap_subjects([item.fact for item in encoded])
     clean = [item for item in encoded if item.fact.prompt_id in swapped]
@@ -59,6 +61,10 @@ def subject_swap(model: LoadedModel, encoded: list[Encoded], heads: pd.DataFrame
         _watched_values(decompose(model, items, batch_size, known_only=False, engine=engine).attributions, watched)
         for items in (clean, moved)
     )
+    if measured is not None:
+        before = before[before.index.get_level_values("prompt_id").isin(measured)]
+        if before.empty:
+            raise FactscopeError("subject swap: no known fact has another subject of its relation to swap with")
     return _swap_stats(before, after.reindex(before.index), watched)
 
 
@@ -95,6 +101,7 @@ def _swap_stats(before: pd.Series, after: pd.Series, watched: pd.DataFrame) -> p
     stats = pd.DataFrame(
         {
             "rel_change": sums["change"] / sums["size"],
+            "mean_abs_dla": sums["size"],
             "corr": corr.replace([np.inf, -np.inf], np.nan).groupby(level=part).mean(),
             "n_prompts": frame.groupby(part)["prompt_id"].nunique(),
         }
@@ -102,9 +109,3 @@ def _swap_stats(before: pd.Series, after: pd.Series, watched: pd.DataFrame) -> p
     stats = watched.merge(stats, on=part)
     stats.insert(2, "name", head_name(stats["layer"], stats["head"]))
     return stats
-
-
-def swap_summary(stats: pd.DataFrame) -> dict:
-    """Mean rel_change and corr per (class, source), e.g. {"relation/relation": {...}, "subject/subject": {...}}."""
-    grouped = stats.groupby(["class", "source"])[["rel_change", "corr"]].mean()
-    return {f"{name}/{source}": {k: float(v) for k, v in row.items()} for (name, source), row in grouped.iterrows()}

@@ -13,6 +13,7 @@ import pandas as pd
 from .. import bootstrap
 from ..rundir import SUMMARY, TABLES
 from ..taxonomy import HEAD_MECHANISM
+from ..mechanisms import swap_summary
 from .figures_dla import lens_table
 from .figures_heads import top_heads
 from .prose import Finding, Verdict, interval_text, names_list, pct, plural, verb
@@ -285,12 +286,16 @@ def strongest_relation_head(run: Run) -> str | None:
 
 def _swap_finding(run: Run) -> Finding:
     swap = run.subject_swap
-    grouped = swap.groupby(["class", "source"])[["rel_change", "corr"]].mean()
+    summary = swap_summary(swap)
+    weighted = "mean_abs_dla" in swap  # tables from before the weights have only the plain mean
     parts = [
-        f"{name} heads' {source.upper()} parts change by {row['rel_change']:.2f} of their size (corr {row['corr']:.2f})"
-        for (name, source), row in grouped.iterrows()
+        f"{key.split('/')[0]} heads' {key.split('/')[1].upper()} parts change by {entry['rel_change']:.2f} of their "
+        f"size (corr {entry['corr']:.2f}" + (f"; unweighted {entry['rel_change_unweighted']:.2f})" if weighted else ")")
+        for key, entry in summary.items()
     ]
-    text = "Subject swap (each subject replaced by another of its relation): " + "; ".join(parts) + "."
+    text = ("Subject swap (each subject replaced by another of its relation, on the known facts"
+            + (", means over heads weighted by each part's mean |DLA|" if weighted else "") + "): "
+            + "; ".join(parts) + ".")
     head = strongest_relation_head(run)
     row = swap[(swap["name"] == head) & (swap["source"] == "relation")] if head else swap.iloc[:0]
     if len(row):
@@ -315,7 +320,7 @@ def departures(run: Run) -> list[Verdict]:
     else:
         swap = run.subject_swap
         row = swap[(swap["name"] == head) & (swap["source"] == "relation")]
-        rel = swap[(swap["class"] == "relation") & (swap["source"] == "relation")]["rel_change"]
+        rel = swap_summary(swap).get("relation/relation", {}).get("rel_change", float("nan"))
         if row.empty:
             verdicts.append(Verdict("swap", claim, "not run", f"Not checked: {TABLES['subject_swap']} has no row for {head}."))
         else:
@@ -324,7 +329,7 @@ def departures(run: Run) -> list[Verdict]:
             verdicts.append(Verdict("swap", claim, "departs" if moves else "agrees", (
                 f"The strongest relation head, {head}, changes its RELATION DLA by {change:.2f} of its size when the "
                 f"subject is swapped ({'more' if moves else 'less'} than {SWAP_MOVES:g}); relation heads on average "
-                f"by {rel.mean():.2f}."
+                f"by {rel:.2f} (weighted by |DLA|)."
                 + (" Here relation heads depend on the subject." if moves else "")
             )))
 
