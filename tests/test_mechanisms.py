@@ -339,6 +339,12 @@ def test_handbuilt_outputs(handbuilt_run):
     # the END head's write is the same for every attribute: some of the logit, none of a − mean(R∖a)
     assert summary["mechanism_shares"]["logit"]["end_heads"] > 0.05 and abs(diff_shares["end_heads"]) < 1e-6
     assert summary["interference"]["alone_ranks_first"]["subject_heads"] == 1.0
+    # held out: the relation head writes every attribute of R_r alike, the subject head a alone
+    held = summary["breadth_held_out"]
+    assert held["relation"]["fraction"] == pytest.approx(1.0, abs=1e-3)
+    assert abs(held["subject"]["fraction"]) < 0.05
+    assert held["relation"]["fraction_ci"][0] <= held["relation"]["fraction"] <= held["relation"]["fraction_ci"][1]
+    assert summary["mlp_relation_boost"]["fraction"] is None  # the built MLP writes nothing: no boosting to judge
     assert summary["interference"]["alone_ranks_first"]["relation_heads"] == 0.0  # a tie over R_r ranks nothing
     sweep = pd.read_csv(run / "head_class_sweep.csv")
     assert (sweep.groupby(["k", "z"])["count"].sum() == 4).all()

@@ -3,10 +3,12 @@ departs, inconclusive), so that no verdict is an identity of the method."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pandas as pd
 import pytest
 
-from factscope.report.text import _additivity_verdict
+from factscope.report.text import _additivity_verdict, _breadth_verdict, _destructive_verdict, _mlp_boost_verdict
 from factscope.report.text_causal import ablation_effects
 
 CLAIM = "additive"
@@ -54,3 +56,56 @@ def test_exactly_additive_direct_effects_do_not_make_a_departure_agree():
 def test_too_few_prompts_give_no_additivity_verdict():
     verdict = _additivity_verdict(CLAIM, ablation_effects(ablation_table(-2.4, (1.2, 2.0), n_prompts=3)))
     assert verdict.status == "inconclusive" and "too few prompts (3;" in verdict.text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Breadth on held-out prompts, MLP boosting, destructive interference among the paper's mechanisms
+
+
+def breadth(subject_ci: tuple[float, float], relation_ci: tuple[float, float]) -> dict:
+    def entry(ci):
+        return {"to_a": 1.0, "to_others": sum(ci) / 2, "fraction": sum(ci) / 2, "fraction_ci": list(ci),
+                "fraction_in_sample": sum(ci) / 2 + 0.1, "n_prompts": 40}
+    return {"bar": 0.5, "subject": entry(subject_ci), "relation": entry(relation_ci)}
+
+
+@pytest.mark.parametrize(("subject_ci", "relation_ci", "status"), [
+    ((0.0, 0.2), (0.6, 0.9), "agrees"),        # subject heads specific, relation heads broad, both clear of the bar
+    ((0.0, 0.2), (0.2, 0.4), "departs"),       # relation heads wholly specific: "broad" fails
+    ((0.6, 0.8), (0.6, 0.9), "departs"),       # subject heads as broad as relation heads
+    ((0.0, 0.2), (0.4, 0.8), "inconclusive"),  # the relation heads' interval crosses the bar
+])
+def test_breadth_is_judged_on_held_out_prompts(subject_ci, relation_ci, status):
+    verdict = _breadth_verdict("broad", breadth(subject_ci, relation_ci))
+    assert verdict.status == status and "did not choose the heads" in verdict.text and "in-sample" in verdict.text
+
+
+@pytest.mark.parametrize(("ci", "status"), [((0.6, 0.9), "agrees"), ((0.05, 0.3), "departs"), ((0.3, 0.7), "inconclusive")])
+def test_mlp_boosting_verdict_can_come_out_each_way(ci, status):
+    boost = {"bar": 0.5, "to_a": 2.0, "to_others": sum(ci), "fraction": sum(ci) / 2, "fraction_ci": list(ci)}
+    assert _mlp_boost_verdict("boost", boost).status == status
+    assert _mlp_boost_verdict("boost", None).status == "not run"
+
+
+def shares_run(rows: dict[str, tuple[float, float, float]]) -> SimpleNamespace:
+    """A run holding only mechanisms.csv's pooled a − mean(R∖a) rows: mechanism → (mean, low, high) of the share."""
+    total = sum(mean for mean, _, _ in rows.values())
+    table = pd.DataFrame([
+        {"relation": "all", "metric": "logit_diff", "mechanism": name, "mean_value": mean, "share": mean / total,
+         "share_low": low / total, "share_high": high / total, "negative_fraction": 0.5 if mean < 0 else 0.0}
+        for name, (mean, low, high) in rows.items()])
+    return SimpleNamespace(mechanisms=table)
+
+
+@pytest.mark.parametrize(("relation_heads", "status"), [
+    ((1.0, 0.5, 1.5), "agrees"),
+    ((-0.5, -0.8, -0.2), "departs"),
+    ((-0.1, -0.4, 0.3), "inconclusive"),
+    ((0.2, -0.1, 0.5), "inconclusive"),  # positive, but the interval reaches below zero
+])
+def test_destructive_interference_is_judged_on_the_papers_mechanisms(relation_heads, status):
+    run = shares_run({"subject_heads": (3.0, 2.5, 3.5), "relation_heads": relation_heads, "mlps": (2.0, 1.5, 2.5),
+                      "other_heads": (-1.0, -1.3, -0.7)})  # the catch-all is negative in every case
+    verdict = _destructive_verdict("constructive", run)
+    assert verdict.status == status
+    assert "no mechanism of the paper" in verdict.text  # the catch-all is reported, never judged

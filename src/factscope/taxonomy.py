@@ -44,6 +44,9 @@ MECHANISM_ORDER = (
     "embed_bias",
 )
 assert set(MECHANISM_ORDER) == set(MECHANISMS)
+# the mechanisms of the paper (END←END parts belong to its RELATION): verdicts on its claims are about these, not
+# about the catch-all `other_heads` or the embeddings and biases
+PAPER_MECHANISMS = tuple(name for name in MECHANISM_ORDER if name not in ("other_heads", "embed_bias"))
 
 # the accepted |sum of parts − the model's logit| of the decomposition in fp32; also the floor below which a head's
 # DLA never counts as significant (mechanisms.ClassRule)
