@@ -124,8 +124,11 @@ def test_the_handbuilt_model_is_described_as_it_was_built(handbuilt_dir):
     assert "1 relation head (L0H1)" in text
     assert "recalls 12 of 12 facts (100%)" in finding(run, "recall")
     verdicts = {v.key: v for v in departures(run)}
-    assert verdicts["swap"].status == "agrees" and "L0H1" in verdicts["swap"].text
-    assert verdicts["specificity"].status == "agrees"
-    assert verdicts["mixed"].status == "departs"  # none built
+    # 12 facts: too few for a verdict, whatever the numbers say — and what they say is kept in the text
+    assert all(v.status in ("inconclusive", "not run") for v in verdicts.values())
+    assert verdicts["swap"].status == "inconclusive" and "L0H1" in verdicts["swap"].text
+    assert 'the numbers alone would say "agrees"' in verdicts["swap"].text and "(n = 12 prompts" in verdicts["swap"].text
+    assert 'would say "agrees"' in verdicts["specificity"].text
+    assert 'would say "departs"' in verdicts["mixed"].text  # none built
     path = write_report(handbuilt_dir)
     assert "L0H0" in path.read_text(encoding="utf-8")

@@ -8,7 +8,9 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
-from factscope.report.text import _additivity_verdict, _breadth_verdict, _destructive_verdict, _mlp_boost_verdict
+from factscope.report.prose import Verdict
+from factscope.report.text import (MIN_VERDICT_PROMPTS, _additivity_verdict, _breadth_verdict, _destructive_verdict,
+                                    _mlp_boost_verdict, sized)
 from factscope.report.text_causal import ablation_effects
 
 CLAIM = "additive"
@@ -109,3 +111,16 @@ def test_destructive_interference_is_judged_on_the_papers_mechanisms(relation_he
     verdict = _destructive_verdict("constructive", run)
     assert verdict.status == status
     assert "no mechanism of the paper" in verdict.text  # the catch-all is reported, never judged
+
+
+@pytest.mark.parametrize(("n_prompts", "n_relations", "status"), [
+    (108, 11, "departs"),                       # enough: the verdict stands, its sample stated
+    (17, 9, "inconclusive"),                    # too few prompts
+    (400, 2, "inconclusive"),                   # many prompts, too few relations
+    (MIN_VERDICT_PROMPTS, 5, "departs"),        # at the minimums
+])
+def test_small_samples_get_no_firm_verdict(n_prompts, n_relations, status):
+    verdict = sized(Verdict("x", "claim", "departs", "Numbers."), n_prompts, n_relations)
+    assert verdict.status == status and f"(n = {n_prompts} prompts, {n_relations} relations)" in verdict.text
+    assert ('would say "departs"' in verdict.text) == (status == "inconclusive")
+    assert sized(Verdict("x", "claim", "not run", "Not checked."), 3, 1).status == "not run"

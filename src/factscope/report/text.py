@@ -404,7 +404,31 @@ def departures(run: Run) -> list[Verdict]:
         verdicts.append(_additivity_verdict(claim, ablation_effects(run.ablations)))
     else:
         verdicts.append(Verdict("ablation", claim, "not run", f"Not checked: no {TABLES['ablations']} (causal checks not run)."))
-    return verdicts
+    analysed = (summary.get("n_analysed"), summary.get("intervals", {}).get("n_relations"))
+    ablated = analysed
+    if run.has("ablations") and "n_prompts" in run.ablations:
+        ablated = (int(run.ablations["n_prompts"].min()),
+                   int(run.ablations["n_relations"].iloc[0]) if "n_relations" in run.ablations else None)
+    return [sized(verdict, *(ablated if verdict.key == "ablation" else analysed)) for verdict in verdicts]
+
+
+MIN_VERDICT_PROMPTS = 30  # below this many prompts (or bootstrap.MIN_RELATIONS relations) no verdict is firm
+
+
+def sized(verdict: Verdict, n_prompts: int | None, n_relations: int | None) -> Verdict:
+    """The verdict with the sample it rests on stated, and made inconclusive where the sample is below
+    `MIN_VERDICT_PROMPTS` prompts or `bootstrap.MIN_RELATIONS` relations: 17 prompts over 9 relations, or 100 prompts
+    of 2 relations, cannot tell this model's mechanisms from the facts chosen."""
+    if verdict.status == "not run" or n_prompts is None:
+        return verdict
+    relations = f", {plural(n_relations, 'relation')}" if n_relations is not None else ""
+    text = f"{verdict.text} (n = {plural(n_prompts, 'prompt')}{relations})"
+    small = n_prompts < MIN_VERDICT_PROMPTS or (n_relations is not None and n_relations < bootstrap.MIN_RELATIONS)
+    if small and verdict.status in ("agrees", "departs"):
+        return Verdict(verdict.key, verdict.claim, "inconclusive", (
+            f"{text}. Too small a sample for a verdict (at least {MIN_VERDICT_PROMPTS} prompts over "
+            f"{bootstrap.MIN_RELATIONS} relations): the numbers alone would say \"{verdict.status}\"."))
+    return Verdict(verdict.key, verdict.claim, verdict.status, text)
 
 
 def _destructive_verdict(claim: str, run: Run) -> Verdict:
