@@ -170,11 +170,11 @@ def remote_ablate_cost(model, known: list[Encoded], heads: pd.DataFrame, *, wind
 
 
 def remote_trace_cost(model, known: list[Encoded], *, seeds: Sequence[int] = trace.SEEDS, method: str = "exact",
-                      graddrop: bool = False) -> tuple[int, int, int]:
+                      graddrop: bool = False, window: int = trace.WINDOW) -> tuple[int, int, int]:
     """How many requests `trace_checks(engine=...)` sends over `known`, the bytes they bring back and the bytes of
     noise draws they send (`atp.CHECK.remote_cost`; with `method` "atp" the bytes back are an upper bound)."""
     return atp.CHECK.remote_cost(model.cfg.n_layers, known, seeds=seeds, method=method, graddrop=graddrop,
-                                 d_model=model.cfg.d_model)
+                                 d_model=model.cfg.d_model, window=window)
 
 
 def _remote_options(model, heads: pd.DataFrame, window: int, mode: str, noise_scales: Sequence[float],
