@@ -16,7 +16,7 @@ from .figures_dla import lens_table
 from .figures_heads import top_heads
 from .prose import Finding, Verdict, interval_text, names_list, pct, plural, verb
 from .style import MECHANISM_LABELS, SHOWN_CLASSES
-from .text_causal import MIN_ABLATION_PROMPTS, ablation_effects, causal_findings
+from .text_causal import MIN_ABLATION_PROMPTS, ablation_effects, causal_findings, causal_verdicts
 
 if TYPE_CHECKING:
     from ..rundir import Run
@@ -408,7 +408,7 @@ def departures(run: Run) -> list[Verdict]:
         verdicts.append(_additivity_verdict(claim, ablation_effects(run.ablations)))
     else:
         verdicts.append(Verdict("ablation", claim, "not run", f"Not checked: no {TABLES['ablations']} (causal checks not run)."))
-    return verdicts
+    return verdicts + causal_verdicts(run)  # 10–11. additivity under noise; MLP enrichment beyond MLP0
 
 
 def _additivity_verdict(claim: str, effects: dict[str, pd.DataFrame]) -> Verdict:
