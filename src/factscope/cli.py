@@ -217,7 +217,7 @@ def trace(
     --graddrop adds GradDrop's error to atp_agreement.csv (layers backward passes per seed)."""
     if _plan_only(dry_run, remote):
         console.print(stages.remote_trace_plan(run_dir, seeds=_numbers(seeds, int, "--seeds"), limit=limit,
-                                               method=method, graddrop=graddrop).describe())
+                                               method=method, graddrop=graddrop, window=window).describe())
         return
     run = stages.trace(run_dir, noise=noise, window=window, seeds=_numbers(seeds, int, "--seeds"), method=method,
                        graddrop=graddrop, limit=limit, device=device, threads=threads, overwrite=overwrite,

@@ -23,6 +23,7 @@ intervals over prompts in which the scale is re-picked in every resample (`halvi
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -189,7 +190,9 @@ def halving_columns(scales: np.ndarray, correct: np.ndarray, model_first: np.nda
         area = np.where(scales[pick] > 0, cumulative[rows, pick] / scales[pick], at_pick)
     out = {"accuracy_halved": bool(halved[0].any())}
     for name, values in (("halved_scale", scales[pick]), ("margin_at_halved", at_pick), ("margin_area", area)):
-        low, high = bootstrap.interval(values[1:])
+        with warnings.catch_warnings():  # no prompt with a second attribute in R_r: no margin, a NaN interval
+            warnings.simplefilter("ignore", RuntimeWarning)
+            low, high = bootstrap.interval(values[1:])
         out[name], out[f"{name}_low"], out[f"{name}_high"] = float(values[0]), float(low), float(high)
     return out
 
