@@ -21,39 +21,39 @@ import argparse
 
 import torch
 
-from factscope.causal.restorations import restoration_chunks, restored_blocks, resumed_block, trace_rows
+from factscope.causal.restorations import restoration_chunks, restored_blocks, resumed_block, trace_rows, trace_sites
 from factscope.causal.scores import known_facts, spread
 from factscope.causal.resume import shared_passes
-from factscope.causal.trace import TRACE_KINDS, WINDOW, sequential
+from factscope.causal.trace import EXACT_KINDS, TRACE_KINDS, WINDOW, sequential
 from factscope.data import encode_all, load_facts
 from factscope.forward import make_batch
 from factscope.models import load_model
 
 
-def work(model, encoded, max_rows: int = 1024) -> dict[str, int]:
-    """One draw's restoration passes: token-blocks and block reads of each implementation, and the rows restored."""
+def work(model, encoded, max_rows: int = 1024, kinds=EXACT_KINDS) -> dict[str, int]:
+    """One draw's restoration passes: token-blocks and block reads of each implementation, and the rows restored,
+    for the distinct restorations of `kinds` (`restorations.trace_sites`; by default the windows and MLP0 apart)."""
     n_layers = model.cfg.n_layers
     batch = make_batch(model, encoded)
     rows = trace_rows(batch)
     tails = batch.ends[rows.prompts] - rows.positions
     counts = dict.fromkeys(("former_tokens", "former_reads", "new_tokens", "new_reads", "end_only"), 0)
     starts = []
-    for kind in TRACE_KINDS:
-        for layer in range(n_layers):
-            if kind == "resid" and layer == n_layers - 1:  # no pass (`last_resid`)
-                continue
-            first = restored_blocks(kind, layer, WINDOW, n_layers)[0]
-            starts.append(resumed_block(kind, layer, WINDOW, n_layers, sequential(model)))
-            for chunk in restoration_chunks(batch, rows, max_rows):
-                counts["former_tokens"] += len(chunk) * (int(batch.ends[rows.prompts[chunk]].max()) + 1) * (n_layers - first)
-                counts["former_reads"] += n_layers - first
+    for kind, layer in trace_sites(kinds, WINDOW, n_layers)[0]:
+        if kind == "resid" and layer == n_layers - 1:  # no pass (`last_resid`)
+            continue
+        first = restored_blocks(kind, layer, WINDOW, n_layers)[0]
+        starts.append(resumed_block(kind, layer, WINDOW, n_layers, sequential(model)))
+        for chunk in restoration_chunks(batch, rows, max_rows):
+            counts["former_tokens"] += len(chunk) * (int(batch.ends[rows.prompts[chunk]].max()) + 1) * (n_layers - first)
+            counts["former_reads"] += n_layers - first
     blocks = n_layers - torch.tensor(starts).repeat_interleave(len(tails))
     shared = tails.repeat(len(starts))
     for chunk in shared_passes(shared, blocks, max_rows):
         counts["new_tokens"] += (int(shared[chunk].max()) + 1) * int(blocks[chunk].sum())
         counts["new_reads"] += int(blocks[chunk].max())
         counts["end_only"] += int(shared[chunk].max()) * len(chunk)
-    return {**counts, "rows": len(shared)}
+    return {**counts, "rows": len(shared), "restorations": len(starts)}
 
 
 def main() -> None:
@@ -65,8 +65,11 @@ def main() -> None:
     known = known_facts(model, encode_all(load_facts(), model.tokenizer, model.prepend_bos))
     for count in (int(n) for n in args.prompts.split(",")):
         encoded = spread(known, count)
+        windows_only = work(model, encoded, kinds=TRACE_KINDS)
         counted = work(model, encoded)
-        print(f"{len(encoded)} prompts, {counted['rows']:,} rows: token-blocks former {counted['former_tokens']:,}, "
+        print(f"{len(encoded)} prompts, {counted['restorations']} restorations per position ({windows_only['restorations']} "
+              f"without MLP0 apart: new token-blocks {windows_only['new_tokens']:,}), {counted['rows']:,} rows: "
+              f"token-blocks former {counted['former_tokens']:,}, "
               f"new {counted['new_tokens']:,} (former/new={counted['former_tokens'] / counted['new_tokens']:.2f}), of which "
               f"{counted['end_only']:,} skip the last block's MLP; block reads former {counted['former_reads']:,}, "
               f"new {counted['new_reads']:,}")

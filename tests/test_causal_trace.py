@@ -10,6 +10,7 @@ import pytest
 import torch
 from causal_helpers import tiny
 
+from factscope.causal.restorations import restored_layers, trace_sites
 from factscope.causal.sites import layer_window
 from factscope.causal.resume import shared_passes
 from factscope.causal.trace import (
@@ -51,9 +52,15 @@ def test_stacked_restorations_match_one_forward_per_restoration(model_dirs, fami
     row = 5
     item = encoded[row]
     first_subject = item.groups.index("subject")
-    for kind, layer, pos in [("resid", 0, first_subject), ("resid", 1, item.end), ("attn", 1, first_subject + 1), ("mlp", 0, first_subject), ("mlp", 2, item.end - 1)]:
-        hook_name = {"resid": "hook_resid_post", "attn": "hook_attn_out", "mlp": "hook_mlp_out"}[kind]
-        first, last = (layer, layer) if kind == "resid" else layer_window(layer, 2, 3)
+    cases = [("resid", 0, first_subject), ("resid", 1, item.end), ("attn", 1, first_subject + 1), ("mlp", 0, first_subject),
+             ("mlp", 2, item.end - 1), ("mlp_single", 1, first_subject), ("mlp_single", 2, item.end),
+             ("mlp_single", 0, first_subject + 1), ("mlp_without_mlp0", 1, first_subject)]
+    for kind, layer, pos in cases:
+        hook_name = {"resid": "hook_resid_post", "attn": "hook_attn_out"}.get(kind, "hook_mlp_out")
+        first, last = restored_layers(kind, layer, 2, 3)
+        assert (first, last) == {"resid": (layer, layer), "mlp_single": (layer, layer),
+                                 "mlp_without_mlp0": (max(1, layer_window(layer, 2, 3)[0]), layer_window(layer, 2, 3)[1])
+                                 }.get(kind, layer_window(layer, 2, 3))
 
         def restore(x, hook, name=None):
             x = x.clone()
@@ -77,7 +84,12 @@ def test_trace_table(model_dirs):
     table = trace_table(trace_effects(model, encoded, seeds=(0, 1), progress=calls.append))
     assert sum(calls) == trace_passes(3, seeds=(0, 1))
     tokens = {"first_subject", "last_subject", "further_tokens", "last_token", "subject", "relation", "prefix", "bos"}
-    assert tokens <= set(table["token"]) and set(table["kind"]) == {"resid", "attn", "mlp"}
+    assert tokens <= set(table["token"]) and set(table["kind"]) == {"resid", "attn", "mlp", "mlp_single", "mlp_without_mlp0"}
+    # with the default window of 10 on 3 layers every MLP window holds MLP0: without it, each is layers 1–2, and
+    # the restorations the kinds share are run once
+    without = table[table["kind"] == "mlp_without_mlp0"]
+    assert (without["first_layer"] == 1).all() and (without["last_layer"] == 2).all()
+    assert len(trace_sites(("resid", "attn", "mlp", "mlp_single", "mlp_without_mlp0"), 10, 3)[0]) == 3 + 1 + 1 + 3 + 1
     assert not table.duplicated(["kind", "layer", "token"]).any()
     prefix = table[table["token"].isin(["bos", "prefix"])]
     assert (prefix["indirect_effect"] == 0).all()  # the noise cannot reach positions before the subject

@@ -70,7 +70,9 @@ def test_ablate_writes_every_table_and_its_summary(run_dir):
     assert (knockout["n_prompts"] == 24).all()
     for blocked, rows in windows.groupby("blocked"):
         worst = rows.loc[rows["rel_change_p"].idxmin()]
-        assert summary["knockout"][f"{blocked}_worst_window"]["rel_change_p"] == pytest.approx(worst["rel_change_p"])
+        entry = summary["knockout"][f"{blocked}_worst_window"]
+        assert entry["rel_change_p"] == pytest.approx(worst["rel_change_p"])
+        assert entry["layer"] == worst["layer"] and len(entry["layer_ci"]) == len(entry["picked_rel_change_p_ci"]) == 2
     ablations = read_csv(run_dir / "ablations.csv")
     assert ablations["mechanism_set"].iloc[0] == "none"
     assert set(ablations["effect"]) == {"total", "direct"}
@@ -79,6 +81,10 @@ def test_ablate_writes_every_table_and_its_summary(run_dir):
     assert set(noise["noise_scale"]) == {0.0, 1.0, 4.0} and (noise["n_seeds"] == 2).all()
     assert summary["noise_robustness"]["all"]["accuracy_at_max_scale"] == pytest.approx(
         noise[(noise["mechanism"] == "all") & (noise["noise_scale"] == 4.0)]["accuracy"].iloc[0])
+    for mechanism, entry in summary["noise_robustness"].items():  # read where the rule says, with its intervals
+        rows = noise[noise["mechanism"] == mechanism]
+        assert entry["at_halved"]["halved_scale"] == pytest.approx(rows["halved_scale"].iloc[0])
+        assert entry["at_halved"]["halved_scale"] in (0.0, 1.0, 4.0) and len(entry["at_halved"]["margin_area_ci"]) == 2
     extraction = read_csv(run_dir / "extraction_rate.csv")
     assert set(extraction["sublayer"]) == {"attn", "mlp"} and summary["extraction_rate"]["attn"]["extraction_rate"] == pytest.approx(
         extraction[extraction["sublayer"] == "attn"]["extraction_rate"].max())
@@ -89,7 +95,10 @@ def test_ablate_writes_every_table_and_its_summary(run_dir):
 def test_trace_writes_the_table_peaks_and_enrichment_with_the_trace(run_dir):
     summary = json.loads((run_dir / "summary.json").read_text())["causal"]
     trace = pd.read_parquet(run_dir / "causal_trace.parquet")
-    assert set(trace["kind"]) == {"resid", "attn", "mlp"} and (trace["n_seeds"] == 1).all()
+    assert set(trace["kind"]) == {"resid", "attn", "mlp", "mlp_single", "mlp_without_mlp0"} and (trace["n_seeds"] == 1).all()
+    # MLP0 apart from the peak MLP window, in summary.json beside the peaks, and with the enrichment
+    split = summary["trace"]["mlp0"]
+    assert split["token"] == "last_subject" and summary["enrichment"]["mlp0"] == split
     assert summary["trace"]["n_prompts"] == 8 and summary["trace"]["seeds"] == [0]
     peaks = read_csv(run_dir / "trace_peaks.csv")
     assert len(peaks) == len(summary["trace"]["peaks"]) == trace.groupby(["kind", "token"]).ngroups

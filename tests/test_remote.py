@@ -914,7 +914,7 @@ def test_trace_atp_check_through_the_engine(model_dirs, family, remote):
     remote_model = config_only(folder, engine)
     estimate = atp.atp_trace(remote_model, encoded, seeds=(0,), window=2, engine=engine)
     cells = atp.sample_cells(estimate.effects.mean(0), atp._restorable(make_batch(model, encoded)))
-    full = trace_effects(model, encoded, seeds=(0,), window=2, kv_cache=False).effects[0]
+    full = trace_effects(model, encoded, seeds=(0,), window=2, kv_cache=False, kinds=estimate.kinds).effects[0]
     got = atp.exact_cells(remote_model, estimate, cells, (0,), 3.0, engine=engine)
     assert torch.equal(got[cells], full[cells]) and (got[cells] != 0).any() and (got[~cells] == 0).all()
 
@@ -957,7 +957,7 @@ def test_remote_trace_equals_local_full_width_tracing_and_costs_its_plan(tiny, m
     engines = []
     stages = _remote_stages(monkeypatch, folder, engines)
     run = stages.analyze("org/tiny", None, tmp_path / "run", remote=True, all_prompts=True, report=False)
-    plan = stages.remote_trace_plan(run.path, seeds=[0, 1], limit=6)
+    plan = stages.remote_trace_plan(run.path, seeds=[0, 1], limit=6, window=2)
     run = stages.trace(run.path, remote=True, seeds=[0, 1], window=2, limit=6, report=False)
     known = spread(encode_all(load_facts(), local_model.tokenizer, local_model.prepend_bos), 6)
     expected = trace_table(trace_effects(local_model, known, seeds=(0, 1), window=2, kv_cache=False))
@@ -984,7 +984,7 @@ def test_remote_trace_atp_equals_the_local_check_and_costs_its_plan(tiny, monkey
     engines = []
     stages = _remote_stages(monkeypatch, folder, engines)
     run = stages.analyze("org/tiny", None, tmp_path / "run", remote=True, all_prompts=True, report=False)
-    plan = stages.remote_trace_plan(run.path, seeds=[0, 1], limit=6, method=method, graddrop=graddrop)
+    plan = stages.remote_trace_plan(run.path, seeds=[0, 1], limit=6, method=method, graddrop=graddrop, window=2)
     run = stages.trace(run.path, remote=True, seeds=[0, 1], window=2, limit=6, method=method, graddrop=graddrop,
                        report=False)
     known = spread(encode_all(load_facts(), local_model.tokenizer, local_model.prepend_bos), 6)
@@ -1047,7 +1047,7 @@ def test_trace_atp_through_the_engine_on_smollm2():
                                    rtol=0, atol=1e-5)
     cells = atp.sample_cells(got.effects.mean(0), atp._restorable(make_batch(model, known)))
     exact = atp.exact_cells(model, got, cells, (0,), 3.0, engine=engine)
-    full = trace_effects(model, known, seeds=(0,), kv_cache=False).effects[0]
+    full = trace_effects(model, known, seeds=(0,), kv_cache=False, kinds=got.kinds).effects[0]
     torch.testing.assert_close(exact[cells], full[cells], rtol=0, atol=1e-5)
     assert engine.requests == 3 and (exact[cells].abs() > 1e-3).any()
 

@@ -168,7 +168,7 @@ def ablate(
     run_dir: RunArg,
     mode: Annotated[AblationMode, typer.Option("--mode", help="Replace a removed path by its dataset mean, or by zero.")] = AblationMode.mean,
     window: Annotated[int, typer.Option("--window", min=1, help="Layers per attention-knockout window.")] = 9,
-    noise_scales: Annotated[Optional[str], typer.Option("--noise-scales", help="Comma-separated noise scales (× the norm of END's clean final residual, spread over a mechanism's paths; default: the noise check's own, 0,0.25,0.5,1,2,4).")] = None,
+    noise_scales: Annotated[Optional[str], typer.Option("--noise-scales", help="Comma-separated noise scales (× the norm of END's clean final residual, spread over a mechanism's paths; default: the noise check's own, 0,0.05,0.1,0.15,0.25,0.5,1,2; keep 0 in it: the summary is read where the full model's accuracy has halved from scale 0's).")] = None,
     seeds: SeedsOpt = None,
     method: Annotated[str, typer.Option("--method", help="exact (the mechanism grid only), atp (also every single path by attribution patching, checked on a sample ablated exactly) or both (every path ablated exactly too).")] = "exact",
     limit: LimitOpt = None,
@@ -217,7 +217,7 @@ def trace(
     --graddrop adds GradDrop's error to atp_agreement.csv (layers backward passes per seed)."""
     if _plan_only(dry_run, remote):
         console.print(stages.remote_trace_plan(run_dir, seeds=_numbers(seeds, int, "--seeds"), limit=limit,
-                                               method=method, graddrop=graddrop).describe())
+                                               method=method, graddrop=graddrop, window=window).describe())
         return
     run = stages.trace(run_dir, noise=noise, window=window, seeds=_numbers(seeds, int, "--seeds"), method=method,
                        graddrop=graddrop, limit=limit, device=device, threads=threads, overwrite=overwrite,
@@ -272,12 +272,26 @@ def _print_causal(causal: dict, keys: tuple[str, ...]) -> None:
         if key == "bootstrap":
             continue
         layers = entry["layers"]
-        table.add_row(f"knockout {key}", f"layers {layers[0]}–{layers[1]}: p(a) {entry['rel_change_p']:+.0%}"
-                      f"{_ci(entry.get('rel_change_p_ci'), '+.0%')}, accuracy → {entry['accuracy_after']:.0%}"
+        # a worst window's interval re-picks the window in every resample where the summary has it
+        size = _ci(entry.get("picked_rel_change_p_ci") or entry.get("rel_change_p_ci"), "+.0%")
+        centre = _ci(entry.get("layer_ci"), ".0f").replace(", ", "–")
+        table.add_row(f"knockout {key}", f"layers {layers[0]}–{layers[1]}{f' (centre{centre}, re-picked)' if centre else ''}: "
+                      f"p(a) {entry['rel_change_p']:+.0%}{size}, accuracy → {entry['accuracy_after']:.0%}"
                       f"{_ci(entry.get('accuracy_after_ci'), '.0%')}")
     for sublayer, entry in summary.get("extraction_rate", {}).items():
-        table.add_row(f"extraction rate ({sublayer})", f"best layer {entry['layer']}: {entry['extraction_rate']:.1%}")
+        best = (f"best layer {entry['layer']}{_ci(entry.get('layer_ci'), '.0f').replace(', ', '–')}: "
+                f"{entry['extraction_rate']:.1%}{_ci(entry.get('extraction_rate_ci'), '.1%')}"
+                if entry["layer"] is not None else "no layer extracts the prediction (0% everywhere)")
+        table.add_row(f"extraction rate ({sublayer})", best)
     for mechanism, entry in summary.get("noise_robustness", {}).items():
+        if "at_halved" in entry and mechanism != "all":
+            at = entry["at_halved"]
+            table.add_row(f"noise → {mechanism} (at {at['halved_scale']:g}×, accuracy halved)" if at["accuracy_halved"]
+                          else f"noise → {mechanism} (at {at['halved_scale']:g}×: accuracy never halves)",
+                          f"margin {at['margin_at_halved']:+.0%}{_ci(at['margin_at_halved_ci'], '+.0%')}; area between "
+                          f"the curves {at['margin_area']:+.0%}{_ci(at['margin_area_ci'], '+.0%')}"
+                          + ("" if at["informative"] else "; the model is at chance at every noisy scale"))
+            continue
         text = f"accuracy at max scale {entry['accuracy_at_max_scale']:.0%}; mean over scales {entry['mean_accuracy_over_scales']:.0%}"
         if "alone_first_among_r_at_max_scale" in entry:
             text += (f"; a first among R_r at max scale: model {entry['first_among_r_at_max_scale']:.0%}, "
@@ -291,6 +305,13 @@ def _print_causal(causal: dict, keys: tuple[str, ...]) -> None:
             effect = _ci([peak.get("peak_effect_low"), peak.get("peak_effect_high")], "+.3f")
             table.add_row(f"trace peak {peak['kind']} @ {peak['token']}",
                           f"layer {peak['layer']}{layers}: Δp {peak['indirect_effect']:+.3f}{effect}")
+    split = summary.get("trace", {}).get("mlp0")
+    if split:
+        window, without = split["window"], split["without_mlp0"]
+        table.add_row("trace: MLP0 apart @ last_subject",
+                      f"window {window['layers'][0]}–{window['layers'][1]} Δp {window['effect']:+.3f}; MLP0 alone "
+                      f"{split['mlp0_alone']['effect']:+.3f}{_ci(split['mlp0_alone']['effect_ci'], '+.3f')}; without MLP0 "
+                      f"{without['effect']:+.3f}{_ci(without['effect_ci'], '+.3f')}")
     paths = summary.get("path_ablations", {})
     if paths.get("atp_top_paths"):
         table.add_row("AtP: paths whose removal costs most", ", ".join(paths["atp_top_paths"]) + " (logits of a − mean(R∖a))")

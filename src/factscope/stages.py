@@ -336,10 +336,11 @@ def remote_ablate_plan(run_dir: str | Path, *, window: int = 9, mode: str = "mea
 
 
 def remote_trace_plan(run_dir: str | Path, *, seeds: Sequence[int] | None = None, limit: int | None = None,
-                      method: str = "exact", graddrop: bool = False):
+                      method: str = "exact", graddrop: bool = False, window: int = 10):
     """What `trace --remote` would send and get back (`remote.Plan`): the recall passes, then the trace check's
     sessions (`causal.remote_trace_cost`), over the prompts `_remote_plan_inputs` expects the server to find
-    again."""
+    again. `window`: the trace's, which decides how many of its restorations are distinct (an MLP window without
+    MLP0 that never held MLP0 is its MLP window)."""
     from . import causal
     from . import remote as ndif
     from .causal.atp import check_method
@@ -349,7 +350,7 @@ def remote_trace_plan(run_dir: str | Path, *, seeds: Sequence[int] | None = None
     seeds = checked_seeds(seeds) if seeds is not None else None
     model, _, recalled, checked = _remote_plan_inputs(run_dir, limit)
     requests, bytes_back, bytes_sent = causal.remote_trace_cost(model, checked, seeds=seeds if seeds is not None else SEEDS,
-                                                                method=method, graddrop=graddrop)
+                                                                method=method, graddrop=graddrop, window=window)
     note = "bytes back at most: the sampled exact check's cells are chosen from the estimates" if method == "atp" else ""
     return ndif.causal_plan(model.name, recalled, causal.KNOWN_BATCH, len(checked), requests, bytes_back, bytes_sent,
                             note)

@@ -7,9 +7,11 @@ what happens to the attribute's probability, logit and top-1 accuracy. One modul
 - `ablation`    remove paths (a head's END←group contribution, an MLP at END) alone, in pairs, together, as
                 total effects (the layers above react) and direct effects (only their share of END's residual);
 - `noise`       noise on one mechanism: does the full model keep a first more often than the mechanism alone?
+                (read at the scale where the full model's accuracy has halved, `causal_readings.HALVING_RULE`)
 - `extraction`  attribute extraction rate (Geva et al. 2023) of every attention / MLP sublayer;
 - `enrichment`  logit lens at the last subject token: from which layer is `a` decodable there;
-- `trace`       causal tracing (Meng et al. 2022): noise on the subject, restore one clean state;
+- `trace`       causal tracing (Meng et al. 2022): noise on the subject, restore one clean state (MLP0 apart: one MLP
+                layer alone, MLP windows without MLP0);
 - `atp`         the same restorations estimated by attribution patching, with its error against exact patching;
 - `atp_paths`   the effect of removing every head path and MLP at END estimated by attribution patching
                 (`ablate --method atp|both`), with its error against exact path ablation.
@@ -170,11 +172,11 @@ def remote_ablate_cost(model, known: list[Encoded], heads: pd.DataFrame, *, wind
 
 
 def remote_trace_cost(model, known: list[Encoded], *, seeds: Sequence[int] = trace.SEEDS, method: str = "exact",
-                      graddrop: bool = False) -> tuple[int, int, int]:
+                      graddrop: bool = False, window: int = trace.WINDOW) -> tuple[int, int, int]:
     """How many requests `trace_checks(engine=...)` sends over `known`, the bytes they bring back and the bytes of
     noise draws they send (`atp.CHECK.remote_cost`; with `method` "atp" the bytes back are an upper bound)."""
     return atp.CHECK.remote_cost(model.cfg.n_layers, known, seeds=seeds, method=method, graddrop=graddrop,
-                                 d_model=model.cfg.d_model)
+                                 d_model=model.cfg.d_model, window=window)
 
 
 def _remote_options(model, heads: pd.DataFrame, window: int, mode: str, noise_scales: Sequence[float],

@@ -370,10 +370,15 @@ def sampled_agreement(model: LoadedModel, estimates: dict[str, TraceEffects], se
 
 
 def full_agreement(exact: TraceEffects, estimates: dict[str, TraceEffects]) -> pd.DataFrame:
-    """`agreement` of every estimate on every restored cell of a run where exact patching ran too."""
-    cells = _restorable(exact.batch).expand(exact.effects.shape[1:]).clone()
-    return pd.concat([agreement(exact.effects.mean(0), estimate.effects.mean(0), cells, exact.kinds, sampled=False,
-                                estimator=name) for name, estimate in estimates.items()], ignore_index=True)
+    """`agreement` of every estimate on every restored cell of a run where exact patching ran too, over the kinds
+    the estimates have (exact tracing also restores single MLP layers and windows without MLP0, which AtP does not
+    estimate)."""
+    out = []
+    for name, estimate in estimates.items():
+        mean = exact.effects.mean(0)[[exact.kinds.index(kind) for kind in estimate.kinds]]
+        cells = _restorable(exact.batch).expand(mean.shape).clone()
+        out.append(agreement(mean, estimate.effects.mean(0), cells, estimate.kinds, sampled=False, estimator=name))
+    return pd.concat(out, ignore_index=True)
 
 
 def agreement_summary(table: pd.DataFrame) -> dict:
@@ -429,12 +434,12 @@ def check_method(method: str, graddrop: bool) -> None:
 
 
 def _passes(n_layers: int, noise: float, window: int, seeds: Sequence[int], method: str, graddrop: bool, **_) -> int:
-    exact = trace_passes(n_layers, seeds) if method != "atp" else 0
+    exact = trace_passes(n_layers, seeds, window=window) if method != "atp" else 0
     return exact + (atp_passes(seeds) * (1 + graddrop) if method != "exact" else 0)
 
 
 def _remote_cost(n_layers: int, known: list[Encoded], *, seeds: Sequence[int], method: str, graddrop: bool,
-                 d_model: int, **_) -> tuple[int, int, int]:
+                 d_model: int, window: int = WINDOW, **_) -> tuple[int, int, int]:
     """Through an engine (requests, bytes back, bytes sent): exact tracing's sessions (`trace_remote_cost`) unless
     `atp`; one session per estimate (AtP, and GradDrop with `graddrop`) bringing back p_clean per prompt, the std
     (fp64), p_corrupt per seed and prompt and the estimate per seed, kind, layer and restorable cell (fp32), and
@@ -444,7 +449,7 @@ def _remote_cost(n_layers: int, known: list[Encoded], *, seeds: Sequence[int], m
     (the residual after the last block needs none)."""
     n, n_seeds, estimators = len(known), len(seeds), 1 + graddrop
     cells, subject = known_cells(known)
-    costs = [trace_remote_cost(n_layers, known, seeds, d_model)] if method != "atp" else []
+    costs = [trace_remote_cost(n_layers, known, seeds, d_model, window=window)] if method != "atp" else []
     if method != "exact":
         back = 4 * n + 8 + n_seeds * 4 * n + n_seeds * len(TRACE_KINDS) * n_layers * cells * 4
         costs += [(1, back, n_seeds * subject * d_model * 4)] * estimators

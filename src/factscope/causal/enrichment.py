@@ -8,6 +8,7 @@ import pandas as pd
 import torch
 from jaxtyping import Int
 
+from ..causal_readings import mlp0_split
 from ..data import Encoded, relation_targets
 from ..end_maths import lens_ranks
 from ..forward import Batch, act_name, capture, make_batch, target_ids
@@ -82,7 +83,9 @@ def remote_cost(n_layers: int, known: list[Encoded], targets: dict[str, dict[int
 
 def enrichment_summary(enrichment: pd.DataFrame, trace: pd.DataFrame | None = None) -> dict:
     """From which layer a is decodable at the last subject token (median rank ≤ top_k, and a outranking the
-    rest of R_r for most prompts), next to the causal-tracing peak of the MLP windows at that token."""
+    rest of R_r for most prompts), next to the causal-tracing peak of the MLP windows at that token, with the
+    intervals of its layer and size re-picked in every resample where the trace has them
+    (`trace._peak_intervals`), and MLP0 apart from that window (`mlp0`: `trace.mlp0_split`)."""
     top_k = int(enrichment["top_k"].iloc[0])
     decodable = enrichment[enrichment["median_rank_a"] <= top_k]
     above = enrichment[enrichment["frac_a_above_others"] > 0.5]
@@ -99,6 +102,13 @@ def enrichment_summary(enrichment: pd.DataFrame, trace: pd.DataFrame | None = No
             peak = mlp.loc[mlp["indirect_effect"].idxmax()]
             summary["mlp_trace_peak_layer"] = int(peak["layer"])
             summary["mlp_trace_peak_effect"] = float(peak["indirect_effect"])
+            for name, column in (("layer", "peak_layer"), ("effect", "peak_effect")):
+                if f"{column}_low" in peak:
+                    summary[f"mlp_trace_peak_{name}_ci"] = [None if pd.isna(peak[f"{column}_{end}"]) else float(peak[f"{column}_{end}"])
+                                                            for end in ("low", "high")]
+            split = mlp0_split(trace)
+            if split is not None:
+                summary["mlp0"] = split
     return summary
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Bool, Float
@@ -113,6 +114,8 @@ def knockout(
     `n_heads`, `blocked`, `n_prompts`, mean `p_before`/`p_after`, `rel_change_p` (mean of
     (p_after − p_before)/p_before), `delta_logit` (mean change in a's logit), `accuracy_before`/`accuracy_after`.
     "relation" means the relation tokens other than END itself; `blocked` names are as `blocked_keys` takes them.
+    On the window rows, per blocked group, `worst_layer_low`..`worst_rel_change_p_high`: the intervals of the worst
+    window's centre and size, re-picked in every resample (`worst_window_intervals`).
     Passes: `knockout_passes`.
     """
     batch = make_batch(model, encoded)
@@ -133,9 +136,11 @@ def knockout(
             conditions.append(("window", "window", center, first, last, pairs))
     records = []
     for spec in blocked:
+        changes = []
         for condition, name, center, first, last, pairs in conditions:
             after = _knockout_scores(model, batch, spec, pairs, engine)
             tick(progress)
+            changes.append((after["prob"] - before["prob"]) / before["prob"])
             records.append(
                 {
                     "condition": condition, "head_set": name, "layer": center, "first_layer": first,
@@ -143,7 +148,29 @@ def knockout(
                     **_before_after(before, after),
                 }
             )
+        if heads is None:  # the windows of this group: the worst one is picked from them
+            picked = worst_window_intervals(np.stack(changes), np.array([c[2] for c in conditions]))
+            for record in records[-len(conditions):]:
+                record.update(picked)
     return pd.DataFrame.from_records(records)
+
+
+WORST_INTERVALS = ("worst_layer_low", "worst_layer_high", "worst_rel_change_p_low", "worst_rel_change_p_high")
+
+
+def worst_window_intervals(changes: np.ndarray, centres: np.ndarray) -> dict[str, float]:
+    """The worst window (the most negative mean relative change of p(a)) re-picked in every bootstrap resample of
+    the prompts (`bootstrap.resample_weights`): the percentile intervals of its centre layer and of its size.
+    changes: [window, prompt] each prompt's (p_after − p_before)/p_before (NaN where p_before is 0: left out)."""
+    finite = np.isfinite(changes)
+    weights = bootstrap.resample_weights(changes.shape[1])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        means = (weights @ np.where(finite, changes, 0).T) / (weights @ finite.T)  # [resample, window]
+    means = np.where(np.isfinite(means), means, np.inf)  # a window no resampled prompt has is never the worst
+    pick = means.argmin(1)
+    (layer_low, layer_high), (size_low, size_high) = (bootstrap.interval(centres[pick].astype(float)),
+                                                      bootstrap.interval(means[np.arange(len(pick)), pick]))
+    return dict(zip(WORST_INTERVALS, map(float, (layer_low, layer_high, size_low, size_high))))
 
 
 def _knockout_scores(model: LoadedModel, batch: Batch, blocked: GroupSpec | None, pairs: list[tuple[int, int]],
@@ -190,7 +217,10 @@ def _nan_if_none(value: float | None) -> float:
 
 
 def knockout_summary(table: pd.DataFrame) -> dict:
-    """Per blocked group, the window that hurts p(a) most; and each head-set knockout."""
+    """Per blocked group, the window that hurts p(a) most (its centre `layer`, and where the table has them
+    `layer_ci` and `picked_rel_change_p_ci`: the intervals of the worst window's centre and size re-picked in every
+    resample, `worst_window_intervals`; `rel_change_p_ci` is that one window's own interval, which ignores the
+    pick); and each head-set knockout."""
     out = {}
     for (condition, blocked), rows in table.groupby(["condition", "blocked"]):
         worst = rows.loc[rows["rel_change_p"].idxmin()]
@@ -200,6 +230,12 @@ def knockout_summary(table: pd.DataFrame) -> dict:
             "rel_change_p": float(worst["rel_change_p"]), "delta_logit": float(worst["delta_logit"]),
             "accuracy_after": float(worst["accuracy_after"]),
         }
+        if condition == "window" and "layer" in worst:
+            out[key]["layer"] = int(worst["layer"])
+            if "worst_layer_low" in worst:
+                out[key]["layer_ci"] = [_none_if_nan(worst["worst_layer_low"]), _none_if_nan(worst["worst_layer_high"])]
+                out[key]["picked_rel_change_p_ci"] = [_none_if_nan(worst["worst_rel_change_p_low"]),
+                                                      _none_if_nan(worst["worst_rel_change_p_high"])]
         for name in ("rel_change_p", "accuracy_after"):
             if f"{name}_low" in worst:  # a table from before the intervals has none
                 out[key][f"{name}_ci"] = [_none_if_nan(worst[f"{name}_low"]), _none_if_nan(worst[f"{name}_high"])]

@@ -32,11 +32,49 @@ def noise_draws(batch: Batch, seed: int, d_model: int) -> Float[torch.Tensor, "b
     return torch.randn((*batch.tokens.shape, d_model), generator=generator).to(batch.tokens.device)
 
 
+# a restoration kind → the sublayer whose state it restores: besides the windows of Meng et al., one MLP layer alone
+# (`mlp_single`) and the MLP window with MLP0 left out (`mlp_without_mlp0`), which tell MLP0 — whose clean output at
+# a corrupted token largely undoes the embedding noise itself — from the MLPs above it
+SUBLAYER = {"resid": "resid", "attn": "attn", "mlp": "mlp", "mlp_single": "mlp", "mlp_without_mlp0": "mlp"}
+
+
 def restored_blocks(kind: str, layer: int, window: int, n_layers: int) -> tuple[int, int]:
     """What a restoration at `layer` puts back, as blocks: a `resid` restoration sets the residual stream entering
     block `layer` + 1 (first = last = layer + 1); an `attn` / `mlp` restoration sets that sublayer's output in
-    blocks first..last (`layer_window`). Either way the pass is the corrupted one below block `first`."""
-    return (layer + 1, layer + 1) if kind == "resid" else layer_window(layer, window, n_layers)
+    blocks first..last (`layer_window`); `mlp_single` the MLP output of block `layer` alone; `mlp_without_mlp0` the
+    `mlp` window's blocks but block 0 (first > last, nothing restored, where the window is MLP0 alone). Either way
+    the pass is the corrupted one below block `first`."""
+    if kind == "resid":
+        return layer + 1, layer + 1
+    if kind == "mlp_single":
+        return layer, layer
+    first, last = layer_window(layer, window, n_layers)
+    return (max(first, 1), last) if kind == "mlp_without_mlp0" else (first, last)
+
+
+def restoration_site(kind: str, layer: int, window: int, n_layers: int) -> tuple[str, int, int]:
+    """What a restoration is, whatever its kind is called: (sublayer, first, last) — two kinds that restore the same
+    states (an `mlp_without_mlp0` window that never held MLP0 and its `mlp` window; `mlp_single` and a one-layer
+    `mlp` window) are one site, run once (`trace_sites`)."""
+    return (SUBLAYER[kind], *restored_blocks(kind, layer, window, n_layers))
+
+
+def trace_sites(kinds: Sequence[str], window: int, n_layers: int) -> tuple[list[tuple[str, int]], list[int | None]]:
+    """The restorations a trace runs for `kinds` × layers: one (kind, layer) per distinct site
+    (`restoration_site`), in order, and for every (kind, layer) (kind-major) the index of the site it reads (None:
+    an empty restoration, an effect of exactly zero)."""
+    sites, index, of = [], {}, []
+    for kind in kinds:
+        for layer in range(n_layers):
+            site = restoration_site(kind, layer, window, n_layers)
+            if site[1] > site[2]:
+                of.append(None)
+                continue
+            if site not in index:
+                index[site] = len(sites)
+                sites.append((kind, layer))
+            of.append(index[site])
+    return sites, of
 
 
 def resumed_block(kind: str, layer: int, window: int, n_layers: int, sequential: bool) -> int:
@@ -46,13 +84,13 @@ def resumed_block(kind: str, layer: int, window: int, n_layers: int, sequential:
     corrupted states and its MLP acts per position, so the residual leaving it is the corrupted one but at the
     restored position: the corrupted `resid_mid` plus the clean MLP output, the block's own addition."""
     first = restored_blocks(kind, layer, window, n_layers)[0]
-    return first + 1 if sequential and kind == "mlp" and first < n_layers - 1 else first
+    return first + 1 if sequential and SUBLAYER[kind] == "mlp" and first < n_layers - 1 else first
 
 
 def restored_layers(kind: str, layer: int, window: int, n_layers: int) -> tuple[int, int]:
     """The layers whose states a restoration at `layer` puts back (first, last): the layer's own residual stream
     (`resid`), or the window of attention / MLP outputs around it."""
-    return (layer, layer) if kind == "resid" else layer_window(layer, window, n_layers)
+    return (layer, layer) if kind == "resid" else restored_blocks(kind, layer, window, n_layers)
 
 
 def last_resid(batch: Batch, rows: Restorations, p_clean: Float[torch.Tensor, " batch"],
@@ -101,7 +139,7 @@ def engine_restorations(model, batch: Batch, engine, noise: float, seed: int,
     and row."""
     n_layers = model.cfg.n_layers
     passing = [j for j, (kind, layer, _) in enumerate(jobs) if not (kind == "resid" and layer == n_layers - 1)]
-    sites = [(jobs[j][0], *restored_blocks(jobs[j][0], jobs[j][1], window, n_layers)) for j in passing]
+    sites = [restoration_site(jobs[j][0], jobs[j][1], window, n_layers) for j in passing]
     restorations = [(jobs[j][2].prompts.cpu(), jobs[j][2].positions.cpu(), restoration_chunks(batch, jobs[j][2], max_rows))
                     for j in passing]
     draws = noise_draws(batch, seed, model.cfg.d_model)[batch.subject]

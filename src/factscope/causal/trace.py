@@ -6,6 +6,12 @@ added at `hook_embed` on subject positions only; a restored `resid` state is the
 layer at one position, a restored `attn` / `mlp` state is that sublayer's output at one position for a window
 of layers around it; the indirect effect is p_restored(a) − p_corrupted(a).
 
+Beside the windows, two kinds tell MLP0 from the MLPs above it (restoring MLP0's clean output at a corrupted subject
+token largely undoes the embedding noise itself, and every window centred on the first layers holds it):
+`mlp_single`, one MLP layer's output restored alone at every layer, and `mlp_without_mlp0`, every MLP window with
+MLP0 left out. The table carries, per token, MLP0 alone and the peak MLP window without MLP0 with bootstrap
+intervals in which the peak is re-picked in every resample (`mlp0_split`).
+
 Bookkeeping, as ROME's `read_knowlege` (experiments/causal_trace.py):
 - position kinds: the first subsequent token is the token after the subject even when it is END (it is then
   counted as both `first_subsequent` and `last_token`, as in ROME); `further_tokens` are the tokens between it and END;
@@ -32,6 +38,7 @@ The `trace` command's check — exact patching, attribution patching or both —
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -43,18 +50,21 @@ from jaxtyping import Bool, Float, Int
 from .. import bootstrap
 from ..data import Encoded
 from ..trace_maths import add_noise, restore_rows
+from ..causal_readings import MLP0_COLUMNS, MLP0_KINDS, mlp0_split
 from ..errors import FactscopeError
 from ..forward import Batch, act_name, capture, end_logits, make_batch
 from ..models import LoadedModel
 from ..taxonomy import GROUPS
 from .restorations import (
-    Restorations, engine_restorations, known_cells, last_resid, restoration_chunks, restoration_session_cost,
-    restored_blocks, restored_layers, resumed_block, subject_noise, trace_rows,
+    SUBLAYER, Restorations, engine_restorations, known_cells, last_resid, restoration_chunks, restoration_session_cost,
+    restored_blocks, restored_layers, resumed_block, subject_noise, trace_rows, trace_sites,
 )
 from .resume import States, bridge_reads_cache, corrupted_tails, resume, shared_passes
 from .scores import Progress, tick
 
-TRACE_KINDS = ("resid", "attn", "mlp")
+TRACE_KINDS = ("resid", "attn", "mlp")  # the sublayers restored (and the kinds attribution patching estimates)
+# beside the MLP windows, MLP0_KINDS: every MLP layer alone, and every MLP window with MLP0 left out
+EXACT_KINDS = (*TRACE_KINDS, *MLP0_KINDS)  # what exact tracing restores by default
 SEEDS = (0, 1, 2)
 NOISE = 3.0
 WINDOW = 10
@@ -104,7 +114,7 @@ def trace_effects(
     noise: float = NOISE,
     seeds: Sequence[int] = SEEDS,
     window: int = WINDOW,
-    kinds: Sequence[str] = TRACE_KINDS,
+    kinds: Sequence[str] = EXACT_KINDS,
     max_rows: int = 1024,
     progress: Progress = None,
     kv_cache: bool = True,
@@ -113,20 +123,22 @@ def trace_effects(
     """Causal tracing, per prompt and position: corrupt the subject's token embeddings with Gaussian noise
     (`noise` × the std of the subjects' token embeddings over the dataset; one seeded draw per seed), then
     restore one clean state at (layer, position) — the residual stream after that layer (`resid`), or the
-    attention / MLP outputs of a `window` of layers around it — and record p_restored(a) − p_corrupted(a).
+    attention / MLP outputs of a `window` of layers around it, one MLP layer's output alone (`mlp_single`), or the
+    MLP window without MLP0 (`mlp_without_mlp0`) — and record p_restored(a) − p_corrupted(a). Kinds that restore
+    the same states (`restorations.trace_sites`) are run once and share the result.
 
     Restorations are stacked into the batch dimension (in chunks of at most `max_rows` rows) and run from the first
     block they change; with `kv_cache`, from the restored position on, the earlier positions read from the corrupted
     run's keys and values, and every (kind, layer) resuming at the same block in the same passes (same results, up
-    to float rounding; module docstring). Progress ticks: `trace_passes`, one per (kind, layer) once its rows are
-    done.
+    to float rounding; module docstring). Progress ticks: `trace_passes`, one per distinct restoration once its rows
+    are done.
 
     `engine`: an nnsight engine (`NnsightEngine.causal_trace`, on NDIF with `trace --remote`) runs each seed in
     one session, full-width as with `kv_cache=False`, from the same noise draws, and sends back p(a) only.
     """
-    unknown = [kind for kind in kinds if kind not in TRACE_KINDS]
+    unknown = [kind for kind in kinds if kind not in EXACT_KINDS]
     if unknown:
-        raise FactscopeError(f"unknown trace kind {unknown[0]!r} (use {', '.join(TRACE_KINDS)})")
+        raise FactscopeError(f"unknown trace kind {unknown[0]!r} (use {', '.join(EXACT_KINDS)})")
     batch = make_batch(model, encoded)
     if engine is not None:
         return _engine_trace_effects(model, batch, engine, noise, seeds, window, kinds, max_rows, progress)
@@ -136,14 +148,15 @@ def trace_effects(
     rows = trace_rows(batch)
     prompts, positions = rows.prompts, rows.positions
     effects = torch.zeros((len(seeds), len(kinds), n_layers, *batch.tokens.shape))  # zero where not restored
+    sites, of = trace_sites(kinds, window, n_layers)
     p_corrupted = []
     for s, seed in enumerate(seeds):
         states = _corrupted_states(model, batch, subject_noise(batch, noise * std, seed, model.cfg.d_model), clean, kv_cache,
-                                   resid_mid=kv_cache and "mlp" in kinds)
+                                   resid_mid=kv_cache and "mlp" in {SUBLAYER[kind] for kind in kinds})
         tick(progress)
         p_corrupt = states.p_corrupt
         p_corrupted.append(p_corrupt.cpu())
-        jobs = [(kind, layer, rows) for kind in kinds for layer in range(n_layers)]
+        jobs = [(kind, layer, rows) for kind, layer in sites]
         if kv_cache:
             restored = _restored_probs_cached(model, batch, jobs, states, window, max_rows, progress)
         else:
@@ -151,9 +164,17 @@ def trace_effects(
             for kind, layer, _ in jobs:
                 restored.append(_restored_probs(model, batch, rows, states, kind, layer, window, max_rows))
                 tick(progress)
-        for (kind, layer, _), probs in zip(jobs, restored):
-            effects[s, kinds.index(kind), layer, prompts.cpu(), positions.cpu()] = (probs - p_corrupt[prompts]).cpu()
+        _fill(effects[s], of, [(probs - p_corrupt[prompts]).cpu() for probs in restored], prompts.cpu(), positions.cpu())
     return TraceEffects(effects, clean["p"].cpu(), torch.stack(p_corrupted), noise * std, tuple(kinds), window, batch)
+
+
+def _fill(effects: Float[torch.Tensor, "kind layer batch pos"], of: list[int | None], per_site: list[torch.Tensor],
+          prompts: Int[torch.Tensor, " rows"], positions: Int[torch.Tensor, " rows"]) -> None:
+    """Every (kind, layer) of one seed's effects from the site it reads (`trace_sites`; None stays zero)."""
+    n_layers = effects.shape[1]
+    for cell, site in enumerate(of):
+        if site is not None:
+            effects[cell // n_layers, cell % n_layers, prompts, positions] = per_site[site]
 
 
 def _engine_trace_effects(model, batch: Batch, engine, noise: float, seeds: Sequence[int], window: int,
@@ -163,32 +184,36 @@ def _engine_trace_effects(model, batch: Batch, engine, noise: float, seeds: Sequ
     n_layers = model.cfg.n_layers
     rows = trace_rows(batch)
     prompts, positions = rows.prompts.cpu(), rows.positions.cpu()
-    jobs = [(kind, layer, rows) for kind in kinds for layer in range(n_layers)]
+    sites, of = trace_sites(kinds, window, n_layers)
+    jobs = [(kind, layer, rows) for kind, layer in sites]
     effects = torch.zeros((len(seeds), len(kinds), n_layers, *batch.tokens.shape))
     p_corrupted, got = [], {}
     for s, seed in enumerate(seeds):
         got, restored = engine_restorations(model, batch, engine, noise, seed, jobs, window, max_rows)
         p_corrupted.append(got["p_corrupt"])
-        for (kind, layer, _), probs in zip(jobs, restored):
-            effects[s, kinds.index(kind), layer, prompts, positions] = probs - got["p_corrupt"][prompts]
+        _fill(effects[s], of, [probs - got["p_corrupt"][prompts] for probs in restored], prompts, positions)
         if progress:  # as many ticks as the local passes: the clean pass once, then the seed's passes
-            progress((s == 0) + 1 + len(kinds) * n_layers)
+            progress((s == 0) + 1 + len(jobs))
     return TraceEffects(effects, got["p_clean"], torch.stack(p_corrupted), noise * float(got["std"]), tuple(kinds),
                         window, batch)
 
 
 def trace_remote_cost(n_layers: int, known: list[Encoded], seeds: Sequence[int], d_model: int,
-                      kinds: Sequence[str] = TRACE_KINDS) -> tuple[int, int, int]:
-    """`trace_effects(engine=...)`: one session per seed restoring every cell at every (kind, layer) but the
-    residual after the last block (`last_resid`: no pass). (requests, bytes back, bytes sent)."""
+                      kinds: Sequence[str] = EXACT_KINDS, window: int = WINDOW) -> tuple[int, int, int]:
+    """`trace_effects(engine=...)`: one session per seed restoring every cell at every distinct restoration
+    (`restorations.trace_sites`) but the residual after the last block (`last_resid`: no pass). (requests, bytes
+    back, bytes sent)."""
     cells, subject = known_cells(known)
-    sites = len(kinds) * n_layers - ("resid" in kinds)
+    distinct, _ = trace_sites(kinds, window, n_layers)
+    sites = len(distinct) - ("resid" in kinds)
     return tuple(len(seeds) * part for part in restoration_session_cost(len(known), sites * cells, subject, d_model))
 
 
-def trace_passes(n_layers: int, seeds: Sequence[int] = SEEDS, kinds: Sequence[str] = TRACE_KINDS) -> int:
-    """How many times `trace_effects` calls `progress(1)`."""
-    return 1 + len(seeds) * (1 + len(kinds) * n_layers)
+def trace_passes(n_layers: int, seeds: Sequence[int] = SEEDS, kinds: Sequence[str] = EXACT_KINDS,
+                 window: int = WINDOW) -> int:
+    """How many times `trace_effects` calls `progress(1)`: the clean pass, and per seed the corrupted pass and one
+    per distinct restoration (`restorations.trace_sites`)."""
+    return 1 + len(seeds) * (1 + len(trace_sites(kinds, window, n_layers)[0]))
 
 
 def trace_table(trace: TraceEffects) -> pd.DataFrame:
@@ -196,10 +221,13 @@ def trace_table(trace: TraceEffects) -> pd.DataFrame:
 
     One row per (kind, layer, token): `token` is a position kind (`level="position"`: first_subject,
     mid_subject, last_subject, first_subsequent, further_tokens, last_token, after Meng et al.) or a token
-    group (`level="group"`: bos, prefix, subject, relation); `indirect_effect` is the seed-averaged effect
+    group (`level="group"`: bos, prefix, subject, relation); `kind` is resid, attn, mlp (windows), mlp_single (one
+    MLP layer) or mlp_without_mlp0 (the mlp window less MLP0); `indirect_effect` is the seed-averaged effect
     pooled over every (prompt, token) of that kind (as ROME), `sem` its standard error with prompts as clusters,
     `sem_draws` the part of `sem` due to the noise draws (`sem_at_draws`); `n_tokens` the pooled tokens;
-    `first_layer`..`last_layer` is the restored window; `p_clean` and `p_corrupted` are means.
+    `first_layer`..`last_layer` is the restored window; `p_clean` and `p_corrupted` are means; `peak_*` the
+    re-picked bootstrap intervals of each (kind, token)'s peak (`_peak_intervals`), and MLP0 apart from the peak
+    MLP window (`_mlp0_columns`).
     """
     n_layers = trace.effects.shape[2]
     table = _trace_table(trace.effects, trace_labels(trace.batch), trace.kinds, trace.window, n_layers)
@@ -217,8 +245,9 @@ def _clean_states(model: LoadedModel, batch: Batch, kinds: Sequence[str], kv_cac
 
     store: dict = {}
     hooks = [capture(store, act_name("embed"))]
+    sublayers = {SUBLAYER[kind] for kind in kinds}
     for layer in range(model.cfg.n_layers):
-        hooks += [capture(store, act_name(_RESTORED[kind], layer)) for kind in TRACE_KINDS if kind in kinds]
+        hooks += [capture(store, act_name(_RESTORED[kind], layer)) for kind in TRACE_KINDS if kind in sublayers]
     cache = DynamicCache() if kv_cache else None  # without the model's config: see `_corrupted_states`
     with bridge_reads_cache(model.bridge, kv_cache):
         logits = end_logits(model, batch.tokens, batch.mask, batch.ends, hooks, past_key_values=cache)
@@ -288,7 +317,7 @@ def _restored_probs_cached(
     job, firsts, lasts = per_row(passing), per_row([w[0] for w in windows]), per_row([w[1] for w in windows])
     starts = per_row([resumed_block(jobs[j][0], jobs[j][1], window, n_layers, states.corrupt_mid is not None)
                       for j in passing])
-    kinds = per_row([TRACE_KINDS.index(jobs[j][0]) for j in passing])
+    kinds = per_row([TRACE_KINDS.index(SUBLAYER[jobs[j][0]]) for j in passing])
     row = torch.cat([torch.arange(n) for n in sizes])
     prompts = torch.cat([jobs[j][2].prompts for j in passing])
     positions = torch.cat([jobs[j][2].positions for j in passing])
@@ -360,7 +389,7 @@ def _restored_probs(
         if kind == "resid":
             resid = restore_rows(resid, clean[act_name("resid_post", layer)], p, i)
         else:
-            names = [act_name(_RESTORED[kind], j) for j in range(first, last + 1)]
+            names = [act_name(_RESTORED[SUBLAYER[kind]], j) for j in range(first, last + 1)]
             hooks = [(name, _restore(clean[name], p, i)) for name in names]
         logits = end_logits(model, None, batch.mask[p, :width], batch.ends[p], hooks, resid=resid, start=first)
         out[chunk] = logits.softmax(-1)[torch.arange(len(chunk), device=p.device), batch.answers[p]]
@@ -399,6 +428,7 @@ def _trace_table(
             sem = torch.full_like(mean, float("nan"))
         draws = (per_seed.var(0).sum(-1) / n_seeds).sqrt() / total if n_seeds > 1 else torch.full_like(mean, float("nan"))
         peak = _peak_intervals(summed.cpu().numpy(), counts.cpu().numpy())
+        split = _mlp0_columns(summed.cpu().numpy(), counts.cpu().numpy(), kinds)
         for k, kind in enumerate(kinds):
             for layer in range(n_layers):
                 first, last = restored_layers(kind, layer, window, n_layers)
@@ -407,7 +437,7 @@ def _trace_table(
                         "kind": kind, "layer": layer, "first_layer": first, "last_layer": last, "token": token,
                         "level": level, "indirect_effect": float(mean[k, layer]), "sem": float(sem[k, layer]),
                         "sem_draws": float(draws[k, layer]), "n_prompts": n_prompts, "n_tokens": int(total),
-                        **{name: float(values[k]) for name, values in peak.items()},
+                        **{name: float(values[k]) for name, values in peak.items()}, **split,
                     }
                 )
     return pd.DataFrame.from_records(records)
@@ -429,6 +459,41 @@ def _peak_intervals(summed: np.ndarray, counts: np.ndarray) -> dict[str, np.ndar
     return dict(zip(PEAK_INTERVALS, (layer_low, layer_high, effect_low, effect_high)))
 
 
+
+
+def _mlp0_columns(summed: np.ndarray, counts: np.ndarray, kinds: Sequence[str]) -> dict[str, float]:
+    """MLP0 apart from the MLP window that peaks (one token's rows; every row of the token carries them): restoring
+    MLP0 alone (`mlp0_alone`), the peak `mlp` window restored without MLP0 (`peak_without_mlp0`) and the share of
+    the window's effect that this keeps (`peak_kept_without_mlp0`), each with a bootstrap interval (`_low`,
+    `_high`) over prompts in which the peak's layer is re-picked in every resample (as `_peak_intervals`). Nothing
+    where the trace lacks the `mlp`, `mlp_single` or `mlp_without_mlp0` kind.
+
+    summed: [kind, layer, prompt] each prompt's seed-averaged effect summed over its tokens; counts: [prompt]."""
+    if not {"mlp", *MLP0_KINDS} <= set(kinds):
+        return {}
+    window, single, without = (kinds.index(kind) for kind in ("mlp", "mlp_single", "mlp_without_mlp0"))
+    weights = bootstrap.resample_weights(summed.shape[-1])  # [resample, prompt]
+
+    def split(means: np.ndarray) -> np.ndarray:
+        """[..., kind, layer] pooled means → [..., 3]: MLP0 alone, the peak window without MLP0, the share kept."""
+        peak = means[..., window, :].argmax(-1)[..., None]
+        whole = np.take_along_axis(means[..., window, :], peak, -1)[..., 0]
+        kept = np.take_along_axis(means[..., without, :], peak, -1)[..., 0]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            share = np.where(whole > 0, kept / whole, np.nan)  # no share of a window that recovers nothing
+        return np.stack([means[..., single, 0], kept, share], -1)
+
+    point = split(summed.sum(-1) / counts.sum())
+    resampled = split(np.einsum("rp,klp->rkl", weights, summed) / (weights @ counts)[:, None, None])
+    with warnings.catch_warnings():  # a share no resample has (the window never recovers anything) is NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        low, high = bootstrap.interval(resampled)
+    out = {}
+    for c, name in enumerate(MLP0_COLUMNS):
+        out[name], out[f"{name}_low"], out[f"{name}_high"] = float(point[c]), float(low[c]), float(high[c])
+    return out
+
+
 def sem_at_draws(table: pd.DataFrame, n_draws: int) -> pd.Series:
     """Each row's standard error had the run used `n_draws` noise draws instead of its own `n_seeds`: the draws'
     part of the variance scales as 1/draws, the prompts' part stays (clipped at zero where, on few prompts, the
@@ -446,7 +511,8 @@ def trace_peaks(trace: pd.DataFrame) -> pd.DataFrame:
 
 
 def trace_summary(table: pd.DataFrame, peaks: pd.DataFrame) -> dict:
-    """p(a) clean and corrupted (means over prompts and seeds), the peak of every (kind, token), and what the
+    """p(a) clean and corrupted (means over prompts and seeds), the peak of every (kind, token), MLP0 apart from
+    the peak MLP window at the last subject token (`mlp0_split`, where the trace has the kinds), and what the
     number of noise draws does to the standard errors (medians over the rows with an effect; NaN → None)."""
     live = table[table["sem"] > 0]
     draws = {"n_draws": int(table["n_seeds"].iloc[0])}
@@ -454,5 +520,9 @@ def trace_summary(table: pd.DataFrame, peaks: pd.DataFrame) -> dict:
                          ("sem_at_1_draw", sem_at_draws(live, 1)), ("sem_at_10_draws", sem_at_draws(live, 10))):
         median = float(values.median()) if len(values) else float("nan")
         draws[f"median_{name}"] = median if median == median else None
-    return {"p_clean": float(table["p_clean"].iloc[0]), "p_corrupted": float(table["p_corrupted"].iloc[0]),
-            "peaks": peaks.to_dict(orient="records"), "draws": draws}
+    out = {"p_clean": float(table["p_clean"].iloc[0]), "p_corrupted": float(table["p_corrupted"].iloc[0]),
+           "peaks": peaks.to_dict(orient="records"), "draws": draws}
+    split = mlp0_split(table)
+    if split is not None:
+        out["mlp0"] = split
+    return out

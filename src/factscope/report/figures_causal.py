@@ -92,9 +92,9 @@ def fig_causal_trace(run: Run) -> go.Figure:
     table = require(run, "causal_trace")
     if "level" in table and (table["level"] == "position").any():
         table = table[table["level"] == "position"]
-    kinds = [k for k in ("resid", "attn", "mlp") if k in set(table["kind"])]
+    kinds = [k for k in TRACE_KIND_LABELS if k in set(table["kind"])]
     fig = make_subplots(rows=1, cols=len(kinds), shared_yaxes=True, horizontal_spacing=0.03,
-                        subplot_titles=[{"resid": "residual stream", "attn": "attention (window)", "mlp": "MLP (window)"}[k] for k in kinds])
+                        subplot_titles=[TRACE_KIND_LABELS[k] for k in kinds])
     tokens = [t for t in TRACE_ORDER if t in set(table["token"])] + sorted(set(table["token"]) - set(TRACE_ORDER))
     top = float(table["indirect_effect"].max()) or 1.0
     for col, kind in enumerate(kinds, start=1):
@@ -104,7 +104,8 @@ def fig_causal_trace(run: Run) -> go.Figure:
         fig.update_xaxes(title_text="layer", row=1, col=col, **layer_ticks(table["layer"]))
     fig.update_yaxes(autorange="reversed", showgrid=False)
     fig.update_layout(coloraxis=dict(colorscale="Purples", cmin=0, cmax=top, colorbar=dict(title=dict(text="Δp(a)", side="top"))))
-    style_figure(fig, "Causal tracing", "Noise on the subject embeddings, one clean state restored: the recovered p(a).",
+    style_figure(fig, "Causal tracing", "Noise on the subject embeddings, one clean state restored: the recovered p(a)"
+                 + (" — MLP0 apart: one MLP layer alone, and each MLP window without MLP0." if len(kinds) > 3 else "."),
                  height=max(360, 40 * len(tokens) + 200), extra_top=24)
     return fig
 
@@ -169,6 +170,8 @@ def fig_noise_robustness(run: Run) -> go.Figure:
                             line=dict(color=color, width=2.5), legendgroup=mechanism)
             fig.add_scatter(x=rows["noise_scale"], y=rows["alone_first_among_r"], mode="lines", name=f"{label} alone",
                             line=dict(color=color, width=1.5, dash="dot"), legendgroup=mechanism)
+            if "halved_scale" in rows and pd.notna(rows["halved_scale"].iloc[0]):  # where the rule reads it
+                fig.add_vline(x=float(rows["halved_scale"].iloc[0]), line=dict(color=color, width=1, dash="dash"))
         else:
             fig.add_scatter(
                 x=rows["noise_scale"], y=rows["accuracy"], mode="lines+markers", name=label,
@@ -178,7 +181,8 @@ def fig_noise_robustness(run: Run) -> go.Figure:
     if prediction:
         style_figure(fig, "Robustness to noise", "Noise on one mechanism's paths at END: how often the full model (solid) "
                      "and that mechanism alone under the same noise (dotted) rank a first among R_r. Additive parts "
-                     "predict solid far above dotted.", height=440)
+                     "predict solid far above dotted. Dashed: the scale where the full model's accuracy has halved, "
+                     "where each is read.", height=440)
         fig.update_xaxes(title_text="noise norm (× END's clean residual norm, spread over the mechanism's paths)")
         fig.update_yaxes(title_text="a first among R_r", tickformat=".0%", range=[0, 1.02])
     else:
@@ -189,7 +193,8 @@ def fig_noise_robustness(run: Run) -> go.Figure:
     return fig
 
 
-TRACE_KIND_LABELS = {"resid": "residual stream", "attn": "attention (window)", "mlp": "MLP (window)"}
+TRACE_KIND_LABELS = {"resid": "residual stream", "attn": "attention (window)", "mlp": "MLP (window)",
+                     "mlp_single": "MLP (one layer)", "mlp_without_mlp0": "MLP (window without MLP0)"}
 
 
 def fig_atp_trace(run: Run) -> go.Figure:
@@ -200,7 +205,7 @@ def fig_atp_trace(run: Run) -> go.Figure:
     methods = [("exact patching", exact)] if exact is not None and not exact.empty else []
     methods.append(("attribution patching (AtP)", estimate))
     methods = [(label, t[t["level"] == "position"] if "level" in t else t) for label, t in methods]
-    kinds = [k for k in ("resid", "attn", "mlp") if k in set(methods[-1][1]["kind"])]
+    kinds = [k for k in ("resid", "attn", "mlp") if k in set(methods[-1][1]["kind"])]  # the kinds AtP estimates
     present = set(methods[-1][1]["token"])  # position kinds only: the token-group rows are another level
     tokens = [t for t in TRACE_ORDER if t in present] + sorted(present - set(TRACE_ORDER))
     fig = make_subplots(rows=len(kinds), cols=len(methods), shared_yaxes=True, horizontal_spacing=0.04, vertical_spacing=0.08,

@@ -18,7 +18,7 @@ from .figures_dla import lens_table
 from .figures_heads import top_heads
 from .prose import Finding, Verdict, interval_text, names_list, pct, plural, verb
 from .style import MECHANISM_LABELS, SHOWN_CLASSES
-from .text_causal import MIN_ABLATION_PROMPTS, ablation_effects, causal_findings
+from .text_causal import MIN_ABLATION_PROMPTS, ablation_effects, causal_findings, causal_verdicts
 
 if TYPE_CHECKING:
     from ..rundir import Run
@@ -409,7 +409,8 @@ def departures(run: Run) -> list[Verdict]:
     if run.has("ablations") and "n_prompts" in run.ablations:
         ablated = (int(run.ablations["n_prompts"].min()),
                    int(run.ablations["n_relations"].iloc[0]) if "n_relations" in run.ablations else None)
-    return [sized(verdict, *(ablated if verdict.key == "ablation" else analysed)) for verdict in verdicts]
+    # 10–11 (additivity under noise; MLP enrichment beyond MLP0) state their own samples
+    return [sized(verdict, *(ablated if verdict.key == "ablation" else analysed)) for verdict in verdicts] + causal_verdicts(run)
 
 
 MIN_VERDICT_PROMPTS = 30  # below this many prompts (or bootstrap.MIN_RELATIONS relations) no verdict is firm
