@@ -21,7 +21,12 @@ def test_extraction_rate(model_dirs):
     for suffix in ("", "_normed"):
         assert table[f"extraction_rate{suffix}"].between(0, 1).all() and table[f"attribute_rate{suffix}"].between(0, 1).all()
         assert (table[f"extraction_rate_top_k{suffix}"] >= table[f"extraction_rate{suffix}"]).all()
-    everything = extraction_rate(model, encoded, top_k=model.bridge.W_U.shape[1])
+    # Geva et al.'s per-example rate: extracted at some layer — at least the best layer's rate, one value per sublayer
+    for _, rows in table.groupby("sublayer"):
+        assert rows["any_layer_rate"].nunique() == 1 and rows["any_layer_rate"].iloc[0] <= 1
+        assert rows["any_layer_rate"].iloc[0] >= rows["extraction_rate"].max() - 1e-6  # the table is float32
+        assert rows["any_layer_rate"].iloc[0] <= rows["extraction_rate"].sum() + 1e-9  # a union is at most the sum
+        everything = extraction_rate(model, encoded, top_k=model.bridge.W_U.shape[1])
     assert (everything["extraction_rate_top_k"] == 1.0).all() and (everything["extraction_rate_top_k_normed"] == 1.0).all()
 
 

@@ -282,6 +282,8 @@ def _print_causal(causal: dict, keys: tuple[str, ...]) -> None:
         best = (f"best layer {entry['layer']}{_ci(entry.get('layer_ci'), '.0f').replace(', ', '–')}: "
                 f"{entry['extraction_rate']:.1%}{_ci(entry.get('extraction_rate_ci'), '.1%')}"
                 if entry["layer"] is not None else "no layer extracts the prediction (0% everywhere)")
+        if "any_layer_rate" in entry:  # Geva et al.'s per-example rate
+            best += f"; at any layer {entry['any_layer_rate']:.1%}{_ci(entry.get('any_layer_rate_ci'), '.1%')}"
         table.add_row(f"extraction rate ({sublayer})", best)
     for mechanism, entry in summary.get("noise_robustness", {}).items():
         if "at_halved" in entry and mechanism != "all":

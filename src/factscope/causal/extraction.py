@@ -39,6 +39,9 @@ def extraction_rate(model: LoadedModel, encoded: list[Encoded], top_k: int = TOP
     unembedding, has the model's own top-1 prediction at top-1 (`extraction_rate`, Geva et al.'s event), the
     attribute a at top-1 (`attribute_rate`), and the prediction among its `top_k` tokens
     (`extraction_rate_top_k`: small models often rank it a few places down); the same through the final norm
+    (`*_normed`); per sublayer, on each of its rows, Geva et al.'s per-example rate `any_layer_rate` — the fraction
+    of prompts on which the sublayer's output names the prediction at some layer — with its interval
+    (`any_layer_rate_low/high`, relations then prompts); the same through the final norm
     (`*_normed`); per sublayer, on each of its rows, `best_layer_low`..`best_rate_high`, the intervals of the best
     layer and its rate re-picked in every resample (`best_layer_intervals`). One pass. `engine`: an nnsight engine (`NnsightEngine.read_pass`, on NDIF with
     `ablate --remote`) runs it, and only the events per prompt come back (`end_maths.extraction_events`)."""
@@ -51,10 +54,12 @@ def extraction_rate(model: LoadedModel, encoded: list[Encoded], top_k: int = TOP
     tick(progress)
     raw, event = PROJECTIONS.index("raw"), EXTRACTION_EVENTS.index("extraction_rate")
     picked = [best_layer_intervals(events[:, s, raw, event].float().cpu().numpy()) for s in range(len(SUBLAYER_OUTPUTS))]
+    relations = [item.fact.relation for item in encoded]
+    any_layer = [_any_layer(events[:, s, raw, event].cpu().numpy(), relations) for s in range(len(SUBLAYER_OUTPUTS))]
     records = []
     for layer in range(model.cfg.n_layers):
         for s, sublayer in enumerate(SUBLAYER_OUTPUTS):
-            record = {"layer": layer, "sublayer": sublayer, "n_prompts": len(batch), **picked[s]}
+            record = {"layer": layer, "sublayer": sublayer, "n_prompts": len(batch), **picked[s], **any_layer[s]}
             for p, projection in enumerate(PROJECTIONS):
                 for e, event in enumerate(EXTRACTION_EVENTS):
                     record[f"{event}{SUFFIXES[projection]}"] = float(events[layer, s, p, e].float().mean())
@@ -70,6 +75,14 @@ def _local_events(model: LoadedModel, batch: Batch, top_k: int) -> Bool[torch.Te
     reads = {sublayer: [store[name] for name in names[sublayer]] for sublayer in SUBLAYER_OUTPUTS}
     with torch.inference_mode():
         return extraction_events({**reads, "logits": logits}, model_lens(model), batch.answers, top_k)["events"]
+
+
+def _any_layer(events: np.ndarray, relations: list[str]) -> dict[str, float]:
+    """events: [layer, prompt]; the fraction of prompts extracted at some layer, and its bootstrap interval."""
+    extracted = events.any(axis=0).astype(float)
+    low, high = bootstrap.mean_interval(extracted, relations=relations)
+    return {"any_layer_rate": float(extracted.mean()), "any_layer_rate_low": np.nan if low is None else low,
+            "any_layer_rate_high": np.nan if high is None else high}
 
 
 BEST_INTERVALS = ("best_layer_low", "best_layer_high", "best_rate_low", "best_rate_high")
@@ -105,6 +118,10 @@ def extraction_summary(table: pd.DataFrame) -> dict:
         best = rows.loc[rows["extraction_rate"].idxmax()]
         out[sublayer] = {"layer": int(best["layer"]) if best["extraction_rate"] > 0 else None,
                          "extraction_rate": float(best["extraction_rate"]), "attribute_rate": float(best["attribute_rate"])}
+        if "any_layer_rate" in rows:
+            out[sublayer]["any_layer_rate"] = float(rows["any_layer_rate"].iloc[0])
+            out[sublayer]["any_layer_rate_ci"] = [_none_if_nan(rows["any_layer_rate_low"].iloc[0]),
+                                                  _none_if_nan(rows["any_layer_rate_high"].iloc[0])]
         if "best_layer_low" in rows:
             out[sublayer]["layer_ci"] = [_none_if_nan(best["best_layer_low"]), _none_if_nan(best["best_layer_high"])]
             out[sublayer]["extraction_rate_ci"] = [_none_if_nan(best["best_rate_low"]), _none_if_nan(best["best_rate_high"])]

@@ -165,10 +165,18 @@ def _extraction_finding(run: Run) -> list[Finding]:
         top = table.loc[table["extraction_rate_normed"].idxmax()]
         normed = (f" Through the final norm instead, that sublayer's rate is {pct(best['extraction_rate_normed'])}, the "
                   f"highest {pct(top['extraction_rate_normed'])} ({top['sublayer']}, layer {int(top['layer'])}).")
+    any_layer = ""
+    if "any_layer_rate" in table:
+        per_sublayer = table.groupby("sublayer")[["any_layer_rate", "any_layer_rate_low", "any_layer_rate_high"]].first()
+        any_layer = " Per example, as Geva et al. count it (the prediction named by that sublayer at some layer): " + ", ".join(
+            f"{name} {pct(row['any_layer_rate'])}"
+            + (f" [95% CI {pct(row['any_layer_rate_low'])}, {pct(row['any_layer_rate_high'])}]"
+               if np.isfinite(row["any_layer_rate_low"]) else "")
+            for name, row in per_sublayer.iterrows()) + " of prompts."
     return [Finding("extraction_rate", (
         f"Attribute extraction (sublayer outputs projected with the unembedding matrix, as Geva et al.): the highest "
         f"rate is {pct(best['extraction_rate'])}{picked} for the {best['sublayer']} sublayer of layer {int(best['layer'])}."
-        + normed
+        + any_layer + normed
     ))]
 
 
