@@ -259,6 +259,11 @@ class Batch:
     def __len__(self) -> int:
         return len(self.items)
 
+    @property
+    def relations(self) -> list[str]:
+        """Each prompt's relation: what intervals over these prompts resample first (`bootstrap`)."""
+        return [item.fact.relation for item in self.items]
+
     def logits(self, model: LoadedModel, hooks: Sequence[Hook] = ()) -> Float[torch.Tensor, "batch vocab"]:
         """One pass of the whole batch with `hooks` → logits at END (see `end_logits`)."""
         return end_logits(model, self.tokens, self.mask, self.ends, hooks)

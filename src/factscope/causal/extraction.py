@@ -53,8 +53,9 @@ def extraction_rate(model: LoadedModel, encoded: list[Encoded], top_k: int = TOP
                                   answers=batch.answers, top_k=top_k)["events"]
     tick(progress)
     raw, event = PROJECTIONS.index("raw"), EXTRACTION_EVENTS.index("extraction_rate")
-    picked = [best_layer_intervals(events[:, s, raw, event].float().cpu().numpy()) for s in range(len(SUBLAYER_OUTPUTS))]
-    relations = [item.fact.relation for item in encoded]
+    relations = batch.relations
+    picked = [best_layer_intervals(events[:, s, raw, event].float().cpu().numpy(), relations)
+              for s in range(len(SUBLAYER_OUTPUTS))]
     any_layer = [_any_layer(events[:, s, raw, event].cpu().numpy(), relations) for s in range(len(SUBLAYER_OUTPUTS))]
     records = []
     for layer in range(model.cfg.n_layers):
@@ -88,12 +89,12 @@ def _any_layer(events: np.ndarray, relations: list[str]) -> dict[str, float]:
 BEST_INTERVALS = ("best_layer_low", "best_layer_high", "best_rate_low", "best_rate_high")
 
 
-def best_layer_intervals(events: np.ndarray) -> dict[str, float]:
+def best_layer_intervals(events: np.ndarray, relations: list[str] | None = None) -> dict[str, float]:
     """The layer with the highest extraction rate re-picked in every bootstrap resample of the prompts
     (`bootstrap.resample_weights`): the percentile intervals of that layer and of its rate. A resample in which
     no layer extracts anything has no best layer (its layer is NaN, left out of the layer's interval).
     events: [layer, prompt], 1 where the sublayer's output names the prediction."""
-    rates = bootstrap.resample_weights(events.shape[1]) @ events.T  # [resample, layer]
+    rates = bootstrap.resample_weights(events.shape[1], relations=relations) @ events.T  # [resample, layer]
     best = rates.max(1)
     layer = np.where(best > 0, rates.argmax(1), np.nan)
     with warnings.catch_warnings():  # no resample with a best layer: its interval is NaN

@@ -145,11 +145,11 @@ def knockout(
                 {
                     "condition": condition, "head_set": name, "layer": center, "first_layer": first,
                     "last_layer": last, "n_heads": len(pairs), "blocked": _group_name(spec), "n_prompts": len(batch),
-                    **_before_after(before, after),
+                    "n_relations": bootstrap.count_relations(batch.relations), **_before_after(before, after, batch.relations),
                 }
             )
         if heads is None:  # the windows of this group: the worst one is picked from them
-            picked = worst_window_intervals(np.stack(changes), np.array([c[2] for c in conditions]))
+            picked = worst_window_intervals(np.stack(changes), np.array([c[2] for c in conditions]), batch.relations)
             for record in records[-len(conditions):]:
                 record.update(picked)
     return pd.DataFrame.from_records(records)
@@ -158,12 +158,13 @@ def knockout(
 WORST_INTERVALS = ("worst_layer_low", "worst_layer_high", "worst_rel_change_p_low", "worst_rel_change_p_high")
 
 
-def worst_window_intervals(changes: np.ndarray, centres: np.ndarray) -> dict[str, float]:
+def worst_window_intervals(changes: np.ndarray, centres: np.ndarray, relations: list[str] | None = None) -> dict[str, float]:
     """The worst window (the most negative mean relative change of p(a)) re-picked in every bootstrap resample of
-    the prompts (`bootstrap.resample_weights`): the percentile intervals of its centre layer and of its size.
+    the prompts (`bootstrap.resample_weights`: relations, then prompts, given enough `relations`): the percentile
+    intervals of its centre layer and of its size.
     changes: [window, prompt] each prompt's (p_after − p_before)/p_before (NaN where p_before is 0: left out)."""
     finite = np.isfinite(changes)
-    weights = bootstrap.resample_weights(changes.shape[1])
+    weights = bootstrap.resample_weights(changes.shape[1], relations=relations)
     with np.errstate(divide="ignore", invalid="ignore"):
         means = (weights @ np.where(finite, changes, 0).T) / (weights @ finite.T)  # [resample, window]
     means = np.where(np.isfinite(means), means, np.inf)  # a window no resampled prompt has is never the worst
@@ -192,7 +193,7 @@ def _group_name(spec: GroupSpec) -> str:
     return spec if isinstance(spec, str) else "+".join(spec)
 
 
-def _before_after(before: dict, after: dict) -> dict:
+def _before_after(before: dict, after: dict, relations: list[str] | None = None) -> dict:
     """Means over prompts, and a bootstrap interval (`bootstrap.mean_interval`) of each change and of the accuracy
     after: paired, every prompt against its own clean run."""
     changes = {
@@ -207,7 +208,7 @@ def _before_after(before: dict, after: dict) -> dict:
         "accuracy_before": finite_mean(before["correct"]),
     }
     for name, values in changes.items():
-        low, high = bootstrap.mean_interval(values)
+        low, high = bootstrap.mean_interval(values, relations=relations)
         out[f"{name}_low"], out[f"{name}_high"] = _nan_if_none(low), _nan_if_none(high)
     return out
 
@@ -240,7 +241,7 @@ def knockout_summary(table: pd.DataFrame) -> dict:
             if f"{name}_low" in worst:  # a table from before the intervals has none
                 out[key][f"{name}_ci"] = [_none_if_nan(worst[f"{name}_low"]), _none_if_nan(worst[f"{name}_high"])]
     if out:
-        out["bootstrap"] = bootstrap.record()
+        out["bootstrap"] = bootstrap.record(int(table["n_relations"].iloc[0]) if "n_relations" in table else None)
     return out
 
 

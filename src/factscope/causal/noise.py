@@ -133,14 +133,15 @@ def noise_robustness(
         # per scale and prompt, over the seeds
         curves = {key: np.stack([np.mean([run[key] for run in runs], axis=0) for runs in per_scale]).astype(float)
                   for key in ("correct", "model_first", "alone_first")}
-        rule = halving_columns(np.asarray(scales, dtype=float), curves["correct"], curves["model_first"], curves["alone_first"])
+        rule = halving_columns(np.asarray(scales, dtype=float), curves["correct"], curves["model_first"], curves["alone_first"],
+                               batch.relations)
         for k, scale in enumerate(scales):
             runs = per_scale[k]
             accuracy = np.array([finite_mean(run["correct"]) for run in runs])
             model_first, alone_first = [run["model_first"] for run in runs], [run["alone_first"] for run in runs]
             # per prompt, over the seeds: how much more often the full model keeps a first than the part alone
             margin = np.mean(model_first, axis=0) - np.mean(alone_first, axis=0)
-            low, high = bootstrap.mean_interval(margin)
+            low, high = bootstrap.mean_interval(margin, relations=batch.relations)
             records.append(
                 {
                     "mechanism": name, "noise_scale": float(scale), "accuracy": float(accuracy.mean()),
@@ -157,14 +158,15 @@ def noise_robustness(
     return pd.DataFrame.from_records(records)
 
 
-def halving_columns(scales: np.ndarray, correct: np.ndarray, model_first: np.ndarray, alone_first: np.ndarray) -> dict:
+def halving_columns(scales: np.ndarray, correct: np.ndarray, model_first: np.ndarray, alone_first: np.ndarray,
+                    relations: list[str] | None = None) -> dict:
     """One mechanism's summary by `HALVING_RULE`, from [scale, prompt] arrays (each prompt's mean over the seeds:
     top-1 correct, the full model's and the mechanism alone's a first among R_r; NaN where a prompt's R_r has no
     other attribute): `halved_scale` (the scale the rule picks), `accuracy_halved` (whether the accuracy halves on
     the grid at all), `margin_at_halved` (the mean of model_first − alone_first there) and `margin_area` (the area
     between the curves from 0 to that scale, by the trapezoid rule, divided by the scale: the mean margin over the
-    informative range), each with `_low`/`_high`: the bootstrap interval over prompts (`bootstrap.resample_weights`,
-    the same resamples for all three), the scale re-picked in every resample. All NaN where the grid has no scale 0
+    informative range), each with `_low`/`_high`: the bootstrap interval (`bootstrap.resample_weights`: relations,
+    then prompts, given enough `relations`; the same resamples for all three), the scale re-picked in every resample. All NaN where the grid has no scale 0
     (no clean accuracy to halve)."""
     order = np.argsort(scales, kind="stable")
     scales, correct, model_first, alone_first = scales[order], correct[order], model_first[order], alone_first[order]
@@ -174,7 +176,7 @@ def halving_columns(scales: np.ndarray, correct: np.ndarray, model_first: np.nda
     margin = model_first - alone_first  # [scale, prompt]
     finite = np.isfinite(margin)
     # a prompt counts towards the margin where its R_r has a second attribute (at every scale alike)
-    weights = np.vstack([np.full((1, correct.shape[1]), 1.0 / correct.shape[1]), bootstrap.resample_weights(correct.shape[1])])
+    weights = np.vstack([np.full((1, correct.shape[1]), 1.0 / correct.shape[1]), bootstrap.resample_weights(correct.shape[1], relations=relations)])
     accuracy = weights @ correct.T  # [1 + resample, scale]: the sample itself first
     with np.errstate(divide="ignore", invalid="ignore"):
         margins = (weights @ np.where(finite, margin, 0).T) / (weights @ finite.T)

@@ -230,7 +230,8 @@ def trace_table(trace: TraceEffects) -> pd.DataFrame:
     MLP window (`_mlp0_columns`).
     """
     n_layers = trace.effects.shape[2]
-    table = _trace_table(trace.effects, trace_labels(trace.batch), trace.kinds, trace.window, n_layers)
+    table = _trace_table(trace.effects, trace_labels(trace.batch), trace.kinds, trace.window, n_layers,
+                         trace.batch.relations)
     table["p_clean"] = float(trace.p_clean.mean())
     table["p_corrupted"] = float(trace.p_corrupted.mean())
     table["noise_std"] = trace.noise_std
@@ -407,6 +408,7 @@ def _trace_table(
     kinds: Sequence[str],
     window: int,
     n_layers: int,
+    relations: list[str] | None = None,
 ) -> pd.DataFrame:
     """Per (kind, layer, label) the seed-averaged effect pooled over every (prompt, token) of the label, its cluster
     standard error over prompts, and the part of it that the noise draws contribute (module docstring)."""
@@ -427,8 +429,10 @@ def _trace_table(
         else:
             sem = torch.full_like(mean, float("nan"))
         draws = (per_seed.var(0).sum(-1) / n_seeds).sqrt() / total if n_seeds > 1 else torch.full_like(mean, float("nan"))
-        peak = _peak_intervals(summed.cpu().numpy(), counts.cpu().numpy())
-        split = _mlp0_columns(summed.cpu().numpy(), counts.cpu().numpy(), kinds)
+        # the intervals resample the relations of the prompts that have this label, then those prompts
+        kept = None if relations is None else [relation for relation, keep in zip(relations, has.tolist()) if keep]
+        peak = _peak_intervals(summed.cpu().numpy(), counts.cpu().numpy(), kept)
+        split = _mlp0_columns(summed.cpu().numpy(), counts.cpu().numpy(), kinds, kept)
         for k, kind in enumerate(kinds):
             for layer in range(n_layers):
                 first, last = restored_layers(kind, layer, window, n_layers)
@@ -446,13 +450,13 @@ def _trace_table(
 PEAK_INTERVALS = ("peak_layer_low", "peak_layer_high", "peak_effect_low", "peak_effect_high")
 
 
-def _peak_intervals(summed: np.ndarray, counts: np.ndarray) -> dict[str, np.ndarray]:
-    """Bootstrap intervals (over prompts, `bootstrap`'s seed) of each kind's peak: the layer where the pooled effect
+def _peak_intervals(summed: np.ndarray, counts: np.ndarray, relations: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Bootstrap intervals (relations then prompts given enough `relations`, else prompts; `bootstrap`'s seed) of each kind's peak: the layer where the pooled effect
     is largest, and that largest effect, recomputed on every resample of the prompts.
 
     summed: [kind, layer, prompt] each prompt's seed-averaged effect summed over its tokens; counts: [prompt].
     """
-    weights = bootstrap.resample_weights(summed.shape[-1])  # [resample, prompt]
+    weights = bootstrap.resample_weights(summed.shape[-1], relations=relations)  # [resample, prompt]
     means = np.einsum("rp,klp->rkl", weights, summed) / (weights @ counts)[:, None, None]
     (layer_low, layer_high), (effect_low, effect_high) = (bootstrap.interval(means.argmax(-1).astype(float)),
                                                           bootstrap.interval(means.max(-1)))
@@ -461,7 +465,8 @@ def _peak_intervals(summed: np.ndarray, counts: np.ndarray) -> dict[str, np.ndar
 
 
 
-def _mlp0_columns(summed: np.ndarray, counts: np.ndarray, kinds: Sequence[str]) -> dict[str, float]:
+def _mlp0_columns(summed: np.ndarray, counts: np.ndarray, kinds: Sequence[str],
+                  relations: list[str] | None = None) -> dict[str, float]:
     """MLP0 apart from the MLP window that peaks (one token's rows; every row of the token carries them): restoring
     MLP0 alone (`mlp0_alone`), the peak `mlp` window restored without MLP0 (`peak_without_mlp0`) and the share of
     the window's effect that this keeps (`peak_kept_without_mlp0`), each with a bootstrap interval (`_low`,
@@ -472,7 +477,7 @@ def _mlp0_columns(summed: np.ndarray, counts: np.ndarray, kinds: Sequence[str]) 
     if not {"mlp", *MLP0_KINDS} <= set(kinds):
         return {}
     window, single, without = (kinds.index(kind) for kind in ("mlp", "mlp_single", "mlp_without_mlp0"))
-    weights = bootstrap.resample_weights(summed.shape[-1])  # [resample, prompt]
+    weights = bootstrap.resample_weights(summed.shape[-1], relations=relations)  # [resample, prompt]
 
     def split(means: np.ndarray) -> np.ndarray:
         """[..., kind, layer] pooled means → [..., 3]: MLP0 alone, the peak window without MLP0, the share kept."""
