@@ -65,7 +65,7 @@ def test_no_module_is_over_600_lines():
 
 def test_torch_free_modules_import_without_torch():
     torch_free = ["factscope", "factscope.taxonomy", "factscope.data", "factscope.rundir", "factscope.mechanisms",
-                  "factscope.bootstrap", "factscope.report", "factscope.cli", "factscope.causal_readings"]
+                  "factscope.bootstrap", "factscope.breadth", "factscope.report", "factscope.cli", "factscope.causal_readings"]
     code = f"import sys; import {', '.join(torch_free)}; assert 'torch' not in sys.modules, 'torch imported'"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
